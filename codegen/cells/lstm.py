@@ -1,0 +1,70 @@
+"""LSTM, gates ``i, f, c, o``; optional peepholes, cell clip, output projection, runtime forget bias."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from codegen.cells.common import LayerContext, activation_expr, emit_store_output, row_loop
+from codegen.emit import Emitter
+from codegen.spec import CellSpec
+
+
+def recurrent_names(cell: CellSpec) -> list[str]:
+    """Packed arrays the time loop reads, in argument order."""
+    return ["wh"] + (["wp"] if cell.peephole else []) + (["wr"] if cell.proj_units else [])
+
+
+def pack_recurrent(cell: CellSpec, logical: dict) -> dict[str, np.ndarray]:
+    """Recurrent arrays from the logical (Keras-layout) weights."""
+    packed = {"wh": logical["recurrent_kernel"]}
+    if cell.peephole:
+        packed["wp"] = logical["peephole"]
+    if cell.proj_units:
+        packed["wr"] = logical["projection"]
+    return packed
+
+
+def scratch_names(cell: CellSpec) -> list[str]:
+    """Buffers :func:`emit_scratch` allocates, in the order a step function takes them."""
+    return ["rh"] + (["hn"] if cell.proj_units else [])
+
+
+def emit_scratch(em: Emitter, ctx: LayerContext, dtype: str) -> None:
+    """Per-layer buffers, allocated once before the time loop."""
+    em(f"rh = np.empty((B, {4 * ctx.units}), dtype=np.{dtype})")
+    if ctx.cell.proj_units:
+        em(f"hn = np.empty({ctx.units}, dtype=np.{dtype})")
+
+
+def emit_step(em: Emitter, ctx: LayerContext) -> None:
+    """One time step for every row."""
+    cell, u = ctx.cell, ctx.units
+    act = lambda v: activation_expr(cell.activation, v)  # noqa: E731
+    ract = lambda v: activation_expr(cell.recurrent_activation, v)  # noqa: E731
+    em("np.dot(h, wh, rh)")
+    with row_loop(em, ctx, final=True):
+        with em.block(f"for j in range({u}):"):
+            em("cp = c[b, j]")
+            peep = (" + wp[0, j] * cp", " + wp[1, j] * cp") if cell.peephole else ("", "")
+            forget_bias = f" + {cell.forget_bias!r}" if cell.forget_bias else ""
+            em(
+                f"ai = xw[t, b, j] + rh[b, j]{peep[0]}",
+                f"af = xw[t, b, {u} + j] + rh[b, {u} + j]{forget_bias}{peep[1]}",
+                f"ac = xw[t, b, {2 * u} + j] + rh[b, {2 * u} + j]",
+                f"ao = xw[t, b, {3 * u} + j] + rh[b, {3 * u} + j]",
+                f"cn = ({ract('af')}) * cp + ({ract('ai')}) * ({act('ac')})",
+            )
+            if cell.cell_clip is not None:
+                em(f"cn = min(max(cn, {-cell.cell_clip!r}), {cell.cell_clip!r})")
+            if cell.peephole:
+                em("ao = ao + wp[2, j] * cn")
+            em("c[b, j] = cn")
+            target = "hn[j]" if cell.proj_units else "h[b, j]"
+            em(f"{target} = ({ract('ao')}) * ({act('cn')})")
+        if cell.proj_units:
+            with em.block(f"for p in range({cell.proj_units}):"):
+                em("acc = 0.0")
+                with em.block(f"for j in range({u}):"):
+                    em("acc += hn[j] * wr[j, p]")
+                em("h[b, p] = acc")
+        emit_store_output(em, ctx)

@@ -1,0 +1,1 @@
+"""Code-generation targets: ``cpu`` (numba ``@njit``) and ``cuda`` (numba.cuda)."""

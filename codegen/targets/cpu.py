@@ -1,0 +1,213 @@
+"""CPU target: one ``@njit`` module per spec.
+
+The module holds one function per layer (a cell run over time in one
+direction: its recurrence, dynamic loop or static unroll) and the kernel,
+which runs the blocks and directions layer by layer. Executing a stack layer
+by layer rather than step by step is exact for every masking mode, because a
+masked step keeps the state of every cell of the stack; it lets each layer's
+input projection be one GEMM over all ``T * B`` rows, hoisted out of the loop.
+
+Kernel signature (all arrays C-contiguous, time-major)::
+
+    kernel(x (T, B, D), [mask (T, B) bool | lengths (B,) int64],
+           <states: per cell h[, c], updated in place>,
+           <weights: per cell, codegen.cells.packed_names order>,
+           y (T or 1, B, output_size))
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from codegen.cells import emitter_for, packed_names
+from codegen.cells.common import LayerContext, emit_scratch_for_output, emit_step_times
+from codegen.emit import Emitter
+from codegen.spec import CODEGEN_VERSION, CellSpec, StackSpec
+
+JIT_OPTIONS = "cache=True, nogil=True"
+
+
+@dataclass(frozen=True)
+class Layer:
+    """One cell of the spec placed in its block and direction, with generated names."""
+
+    index: int
+    block: int
+    direction: int
+    cell: CellSpec
+    input_size: int
+    context: LayerContext
+
+    @property
+    def function(self) -> str:
+        """Name of the generated layer function."""
+        return f"_layer{self.index}_{self.cell.short_name()}"
+
+    def state_args(self) -> list[str]:
+        """Kernel argument names of this cell's states."""
+        return [f"s{self.index}_{name}" for name in self.cell.state_names]
+
+    def weight_args(self) -> list[str]:
+        """Kernel argument names of this cell's packed weights."""
+        return [f"w{self.index}_{name}" for name in packed_names(self.cell)]
+
+
+def condition_args(spec: StackSpec) -> list[str]:
+    """The masking argument of the kernel and layer functions, if any."""
+    return {"none": [], "carry": ["mask"], "zero": ["mask"], "lengths": ["lengths"]}[spec.masking]
+
+
+def layers_of(spec: StackSpec) -> list[Layer]:
+    """Every cell of the spec as a :class:`Layer`, in weight order."""
+    layers, input_sizes = [], spec.input_sizes()
+    for bi, block in enumerate(spec.blocks):
+        last_block = bi == len(spec.blocks) - 1
+        offset = 0
+        for di, direction in enumerate(block.directions):
+            for ci, cell in enumerate(direction.cells):
+                last_cell = ci == len(direction.cells) - 1
+                index = len(layers)
+                ctx = LayerContext(
+                    cell=cell,
+                    masking=spec.masking,
+                    reverse=direction.reverse,
+                    last_only=last_block and last_cell and not spec.return_sequences,
+                    out_offset=offset if last_cell and _writes_side_by_side(block) else 0,
+                )
+                layers.append(Layer(index, bi, di, cell, input_sizes[index], ctx))
+            offset += direction.output_size
+    return layers
+
+
+def kernel_arguments(spec: StackSpec) -> list[str]:
+    """The kernel's parameter names, in order."""
+    layers = layers_of(spec)
+    states = [a for layer in layers for a in layer.state_args()]
+    weights = [a for layer in layers for a in layer.weight_args()]
+    return ["x", *condition_args(spec), *states, *weights, "y"]
+
+
+def _writes_side_by_side(block) -> bool:
+    return len(block.directions) == 2
+
+
+def _needs_merge(block) -> bool:
+    return len(block.directions) == 2 and block.merge in ("sum", "mul", "ave")
+
+
+def generate(spec: StackSpec) -> str:
+    """Python source of the module for ``spec``."""
+    em = Emitter()
+    em(
+        f'"""numrnn kernel {spec.kernel_name()} (codegen v{CODEGEN_VERSION}, key {spec.cache_key()}).',
+        "",
+        "Generated from this spec; do not edit:",
+        f"{spec.to_json()}",
+        '"""',
+        "",
+        "import math",
+        "",
+        "import numpy as np",
+        "from numba import njit",
+    )
+    layers = layers_of(spec)
+    for layer in layers:
+        em.blank()
+        em.blank()
+        _emit_layer_function(em, spec, layer)
+    em.blank()
+    em.blank()
+    _emit_kernel(em, spec, layers)
+    return em.source()
+
+
+def _emit_layer_function(em: Emitter, spec: StackSpec, layer: Layer) -> None:
+    """The layer's recurrence: a dynamic ``for s`` loop, or a static unroll.
+
+    A static unroll calls a per-step function once per step with literal
+    indices. Inlining the step body T times instead made LLVM's compile time
+    grow steeply (3xGRU(120), T=32: 23 s, versus about a second per layer this way).
+    """
+    cell, ctx = layer.cell, layer.context
+    emitter = emitter_for(cell)
+    params = ["xw", *emitter.recurrent_names(cell), *cell.state_names, *condition_args(spec), "out"]
+    scratch = emitter.scratch_names(cell) + (["op"] if ctx.carries_output else [])
+    step_params = ["s", "T", "B", *params, *scratch]
+    if spec.unroll is not None:
+        em(f"@njit({JIT_OPTIONS})")
+        with em.block(f"def {layer.function}_step({', '.join(step_params)}):"):
+            emit_step_times(em, ctx)
+            emitter.emit_step(em, ctx)
+        em.blank()
+        em.blank()
+    em(f"@njit({JIT_OPTIONS})")
+    with em.block(f"def {layer.function}({', '.join(params)}):"):
+        em(f"T = {spec.unroll}" if spec.unroll is not None else "T = xw.shape[0]", "B = xw.shape[1]")
+        emitter.emit_scratch(em, ctx, spec.dtype)
+        emit_scratch_for_output(em, ctx, spec.dtype)
+        if spec.unroll is None:
+            with em.block("for s in range(T):"):
+                emit_step_times(em, ctx)
+                emitter.emit_step(em, ctx)
+        else:
+            rest = ", ".join(step_params[1:])
+            for step in range(spec.unroll):
+                em(f"{layer.function}_step({step}, {rest})")
+
+
+def _emit_kernel(em: Emitter, spec: StackSpec, layers: list[Layer]) -> None:
+    dt = f"np.{spec.dtype}"
+    em(f"@njit({JIT_OPTIONS})")
+    with em.block(f"def {spec.kernel_name()}({', '.join(kernel_arguments(spec))}):"):
+        em("T = x.shape[0]", "B = x.shape[1]", "T_out = y.shape[0]", "inp = x")
+        by_block = {}
+        for layer in layers:
+            by_block.setdefault(layer.block, []).append(layer)
+        for bi, block in enumerate(spec.blocks):
+            last_block = bi == len(spec.blocks) - 1
+            em(f"# block {bi}")
+            if _needs_merge(block):
+                width = sum(d.output_size for d in block.directions)
+                rows = "T_out" if last_block else "T"
+                em(f"dest = np.empty(({rows}, B, {width}), dtype={dt})")
+            elif last_block:
+                em("dest = y")
+            else:
+                em(f"dest = np.empty((T, B, {block.output_size}), dtype={dt})")
+            for di, direction in enumerate(block.directions):
+                chain = [layer for layer in by_block[bi] if layer.direction == di]
+                em(f"# block {bi}, direction {di} ({direction.reverse})", "src = inp")
+                for k, layer in enumerate(chain):
+                    _emit_layer_call(em, spec, layer, is_last=k == len(chain) - 1)
+            if _needs_merge(block):
+                _emit_merge(em, block, "y" if last_block else "merged", dt)
+                if not last_block:
+                    em("inp = merged")
+            elif not last_block:
+                em("inp = dest")
+
+
+def _emit_layer_call(em: Emitter, spec: StackSpec, layer: Layer, *, is_last: bool) -> None:
+    cell = layer.cell
+    gu = cell.gates * cell.units
+    weights = dict(zip(packed_names(cell), layer.weight_args()))
+    em(f"xw = np.dot(src.reshape(T * B, {layer.input_size}), {weights['wx']})")
+    if cell.use_bias:
+        em(f"xw += {weights['b']}")
+    out = "dest" if is_last else "seq"
+    if not is_last:
+        em(f"seq = np.empty((T, B, {cell.output_size}), dtype=np.{spec.dtype})")
+    recurrent = [weights[name] for name in emitter_for(cell).recurrent_names(cell)]
+    args = [f"xw.reshape(T, B, {gu})", *recurrent, *layer.state_args(), *condition_args(spec), out]
+    em(f"{layer.function}({', '.join(args)})")
+    if not is_last:
+        em("src = seq")
+
+
+def _emit_merge(em: Emitter, block, target: str, dt: str) -> None:
+    w = block.directions[0].output_size
+    fw, bw = f"dest[:, :, :{w}]", f"dest[:, :, {w}:]"
+    expr = {"sum": f"{fw} + {bw}", "mul": f"{fw} * {bw}", "ave": f"({fw} + {bw}) * 0.5"}[block.merge]
+    if target != "y":
+        em(f"{target} = np.empty((T, B, {w}), dtype={dt})")
+    em(f"{target}[:, :, :] = {expr}")

@@ -1,0 +1,303 @@
+"""Keras-style cells: ``SimpleRNNCell``, ``LSTMCell``, ``GRUCell`` and ``StackedRNNCells``.
+
+A cell holds its weights (logical layout, see ``codegen.spec``) and its
+options; calling it runs one time step through a generated kernel unrolled
+for one step, the same code path as a whole sequence.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from codegen.spec import ACTIVATIONS, CellSpec, simple_stack
+from numrnn.compat.weights import keras_cell_arrays, keras_cell_weights
+from numrnn.layers.initializers import glorot_uniform, orthogonal
+from numrnn.runtime import get_kernel, pack_weights
+from numrnn.validation import as_real_array, check_finite, check_ndim
+
+DTYPES = ("float32", "float64")
+
+
+def normalize_dtype(owner: str, dtype) -> str:
+    """``"float32"`` or ``"float64"`` from any NumPy spelling; ValueError otherwise."""
+    try:
+        name = np.dtype(dtype).name
+    except TypeError:
+        name = repr(dtype)
+    if name not in DTYPES:
+        raise ValueError(f"{owner}: dtype must be 'float32' or 'float64'; got {dtype!r}")
+    return name
+
+
+def normalize_activation(owner: str, name: str, value) -> str:
+    """A Keras activation name (``None`` means ``"linear"``); ValueError for unknown ones."""
+    value = "linear" if value is None else value
+    if value not in ACTIVATIONS:
+        raise ValueError(f"{owner}: {name} must be one of {', '.join(map(repr, ACTIVATIONS))}; got {value!r}")
+    return value
+
+
+def _positive_units(owner: str, units) -> int:
+    if isinstance(units, bool) or not isinstance(units, (int, np.integer)) or units <= 0:
+        raise ValueError(f"{owner}: units must be a positive integer; got {units!r}")
+    return int(units)
+
+
+class RNNCell:
+    """Base of the Keras-style cells: weights, build, one-step call, config."""
+
+    kind = ""
+
+    def __init__(self, units, *, activation="tanh", recurrent_activation="sigmoid", use_bias=True,
+                 dtype="float32", reset_after=True, name=None):
+        owner = type(self).__name__
+        self.units = _positive_units(owner, units)
+        self.activation = normalize_activation(owner, "activation", activation)
+        self.recurrent_activation = normalize_activation(owner, "recurrent_activation", recurrent_activation)
+        self.use_bias = bool(use_bias)
+        self.reset_after = bool(reset_after)
+        self.dtype = normalize_dtype(owner, dtype)
+        self.name = name or owner.lower()
+        self.input_size: int | None = None
+        self._logical: dict | None = None
+        #: bumped by every weight change, so holders of packed copies know to repack
+        self.weights_version = 0
+
+    # -- description -------------------------------------------------------------------------
+    def cell_spec(self) -> CellSpec:
+        """This cell as a :class:`codegen.spec.CellSpec`."""
+        return CellSpec(self.kind, self.units, self.activation, self.recurrent_activation, self.use_bias,
+                        self.reset_after if self.kind == "gru" else True)
+
+    @property
+    def state_size(self):
+        """Keras's ``state_size``: ``units``, or ``[units, units]`` for LSTM."""
+        return self.units
+
+    @property
+    def output_size(self) -> int:
+        """Width of the output."""
+        return self.units
+
+    @property
+    def built(self) -> bool:
+        """Whether the weights exist."""
+        return self._logical is not None
+
+    # -- weights -----------------------------------------------------------------------------
+    def build(self, input_shape) -> None:
+        """Create Keras-default weights for inputs whose last dimension is the feature size."""
+        size = input_shape if isinstance(input_shape, (int, np.integer)) else tuple(input_shape)[-1]
+        size = _positive_units(f"{type(self).__name__}.build", size)
+        rng = np.random.default_rng()
+        shapes = self.cell_spec().weight_shapes(size)
+        logical = {
+            "kernel": glorot_uniform(rng, shapes["kernel"]),
+            "recurrent_kernel": orthogonal(rng, shapes["recurrent_kernel"]),
+        }
+        for name in ("bias", "recurrent_bias"):
+            if name in shapes:
+                logical[name] = self._initial_bias()
+        self._assign(size, logical)
+
+    def _initial_bias(self) -> np.ndarray:
+        return np.zeros(self.cell_spec().gates * self.units)
+
+    def _assign(self, input_size: int, logical: dict) -> None:
+        self.input_size = input_size
+        self._logical = {k: np.ascontiguousarray(v, dtype=self.dtype) for k, v in logical.items()}
+        self.weights_version += 1
+
+    def get_weights(self) -> list[np.ndarray]:
+        """Keras order and shapes: kernel, recurrent_kernel[, bias]."""
+        self._require_built("get_weights")
+        return keras_cell_arrays(self.cell_spec(), self._logical)
+
+    def set_weights(self, weights) -> None:
+        """Set weights from Keras order and shapes; builds the cell if needed (feature size from the kernel)."""
+        logical = self.convert_keras_weights(weights, f"{type(self).__name__}.set_weights", self.input_size)
+        self.assign_logical(logical)
+
+    def convert_keras_weights(self, weights, owner: str, input_size: int | None) -> dict:
+        """Validate Keras-order arrays (count, shapes, finiteness) into logical weights, without assigning."""
+        arrays = [as_real_array(f"{owner}: weights[{i}]", w, self.dtype) for i, w in enumerate(weights)]
+        if input_size is not None and arrays and arrays[0].ndim == 2 and arrays[0].shape[0] != input_size:
+            expected = self.cell_spec().weight_shapes(input_size)["kernel"]
+            raise ValueError(f"{owner}: kernel has shape {arrays[0].shape}; expected {expected}")
+        try:
+            logical = keras_cell_weights(self.cell_spec(), arrays)
+        except ValueError as exc:
+            raise ValueError(f"{owner}: {str(exc).split(': ', 1)[-1]}") from None
+        for name, array in logical.items():
+            check_finite(owner, name, array)
+        return logical
+
+    def assign_logical(self, logical: dict) -> None:
+        """Adopt already-validated logical weights (the input size is read from the kernel)."""
+        self._assign(logical["kernel"].shape[0], logical)
+
+    def logical_weights(self) -> dict:
+        """The weights in numrnn's logical layout (read-only view of what the kernels use)."""
+        self._require_built("logical_weights")
+        return self._logical
+
+    def count_params(self) -> int:
+        """Number of scalar weights."""
+        self._require_built("count_params")
+        return int(sum(a.size for a in self._logical.values()))
+
+    def _require_built(self, what: str) -> None:
+        if not self.built:
+            raise ValueError(f"{type(self).__name__}.{what}: the cell has no weights yet; call build(input_shape) "
+                             "or set_weights() first")
+
+    # -- running -----------------------------------------------------------------------------
+    def get_initial_state(self, batch_size: int) -> list[np.ndarray]:
+        """Zero states, one array per entry of :attr:`state_size`."""
+        sizes = self.state_size if isinstance(self.state_size, list) else [self.state_size]
+        return [np.zeros((batch_size, n), dtype=self.dtype) for n in sizes]
+
+    def __call__(self, inputs, states):
+        """One time step: ``(output, new_states)``, like Keras's ``cell(inputs, states)``.
+
+        ``states`` is a list (``[h]``, or ``[h, c]`` for LSTM) or, for one-state
+        cells, a bare array; the new states come back in the same form.
+        """
+        owner = type(self).__name__
+        x = as_real_array(f"{owner}: inputs", inputs, self.dtype)
+        check_ndim(f"{owner}: inputs", x, 2, "(batch, features)")
+        if not self.built:
+            self.build(x.shape)
+        if x.shape[1] != self.input_size:
+            raise ValueError(f"{owner}: inputs: expected {self.input_size} features; got {x.shape[1]}")
+        nested = isinstance(states, (list, tuple))
+        state_list = list(states) if nested else [states]
+        expected = self.get_initial_state(x.shape[0])
+        if len(state_list) != len(expected):
+            raise ValueError(f"{owner}: states: expected {len(expected)} arrays; got {len(state_list)}")
+        fresh = []
+        for i, (given, zero) in enumerate(zip(state_list, expected)):
+            array = as_real_array(f"{owner}: states[{i}]", given, self.dtype)
+            if array.shape != zero.shape:
+                raise ValueError(f"{owner}: states[{i}]: expected shape {zero.shape}; got {array.shape}")
+            fresh.append(np.array(array, order="C", copy=True))
+        spec = simple_stack([self.cell_spec()], self.input_size, dtype=self.dtype, return_sequences=False, unroll=1)
+        kernel = get_kernel(spec)
+        output = kernel(np.ascontiguousarray(x[None]), None, fresh, pack_weights(spec, [self._logical]))
+        return output, (fresh if nested or len(fresh) > 1 else fresh[0])
+
+    # -- config ------------------------------------------------------------------------------
+    def get_config(self) -> dict:
+        """Constructor arguments (Keras names)."""
+        return {"units": self.units, "activation": self.activation, "use_bias": self.use_bias,
+                "dtype": self.dtype, "name": self.name}
+
+    @classmethod
+    def from_config(cls, config: dict):
+        """Inverse of :meth:`get_config` (weights are not part of the config)."""
+        return cls(**config)
+
+
+class SimpleRNNCell(RNNCell):
+    """Fully-connected recurrence ``h = activation(x W + h U + b)``."""
+
+    kind = "simple"
+
+    def __init__(self, units, activation="tanh", use_bias=True, dtype="float32", name=None):
+        super().__init__(units, activation=activation, use_bias=use_bias, dtype=dtype, name=name)
+
+
+class LSTMCell(RNNCell):
+    """Long short-term memory cell, Keras gate order ``i, f, c, o``; states ``[h, c]``."""
+
+    kind = "lstm"
+
+    def __init__(self, units, activation="tanh", recurrent_activation="sigmoid", use_bias=True,
+                 dtype="float32", name=None):
+        super().__init__(units, activation=activation, recurrent_activation=recurrent_activation,
+                         use_bias=use_bias, dtype=dtype, name=name)
+
+    @property
+    def state_size(self):
+        """``[units, units]`` (h, c)."""
+        return [self.units, self.units]
+
+    def _initial_bias(self) -> np.ndarray:
+        # Keras's unit_forget_bias: the forget gate starts open.
+        bias = np.zeros(4 * self.units)
+        bias[self.units: 2 * self.units] = 1.0
+        return bias
+
+    def get_config(self) -> dict:
+        """Constructor arguments (Keras names)."""
+        return {**super().get_config(), "recurrent_activation": self.recurrent_activation}
+
+
+class GRUCell(RNNCell):
+    """Gated recurrent unit, Keras gate order ``z, r, h``; ``reset_after`` as in Keras 3 (default) or not."""
+
+    kind = "gru"
+
+    def __init__(self, units, activation="tanh", recurrent_activation="sigmoid", use_bias=True,
+                 reset_after=True, dtype="float32", name=None):
+        super().__init__(units, activation=activation, recurrent_activation=recurrent_activation,
+                         use_bias=use_bias, reset_after=reset_after, dtype=dtype, name=name)
+
+    def get_config(self) -> dict:
+        """Constructor arguments (Keras names)."""
+        return {**super().get_config(), "recurrent_activation": self.recurrent_activation,
+                "reset_after": self.reset_after}
+
+
+CELL_CLASSES = {cls.__name__: cls for cls in (SimpleRNNCell, LSTMCell, GRUCell)}
+
+
+def serialize_cell(cell: RNNCell) -> dict:
+    """``{"class_name": ..., "config": ...}`` like Keras's serialization."""
+    return {"class_name": type(cell).__name__, "config": cell.get_config()}
+
+
+def deserialize_cell(data: dict):
+    """Inverse of :func:`serialize_cell` (also for ``StackedRNNCells``)."""
+    name = data.get("class_name")
+    if name == "StackedRNNCells":
+        return StackedRNNCells.from_config(data["config"])
+    if name not in CELL_CLASSES:
+        raise ValueError(f"from_config: unknown cell class {name!r}; expected one of {sorted(CELL_CLASSES)}")
+    return CELL_CLASSES[name].from_config(data["config"])
+
+
+class StackedRNNCells:
+    """A list of cells used as one: ``RNN(StackedRNNCells(cells))`` is ``RNN(cells)``."""
+
+    def __init__(self, cells):
+        cells = list(cells)
+        if not cells:
+            raise ValueError("StackedRNNCells: cells must hold at least one cell")
+        for i, cell in enumerate(cells):
+            if not isinstance(cell, RNNCell):
+                raise TypeError(f"StackedRNNCells: cells[{i}] must be a SimpleRNNCell, LSTMCell or GRUCell; "
+                                f"got {type(cell).__name__}")
+        dtypes = {cell.dtype for cell in cells}
+        if len(dtypes) > 1:
+            raise ValueError(f"StackedRNNCells: all cells must share one dtype; got {sorted(dtypes)}")
+        self.cells = cells
+
+    @property
+    def state_size(self) -> list:
+        """Per-cell state sizes."""
+        return [cell.state_size for cell in self.cells]
+
+    @property
+    def output_size(self) -> int:
+        """Width of the last cell's output."""
+        return self.cells[-1].output_size
+
+    def get_config(self) -> dict:
+        """``{"cells": [serialized cell, ...]}``."""
+        return {"cells": [serialize_cell(cell) for cell in self.cells]}
+
+    @classmethod
+    def from_config(cls, config: dict):
+        """Inverse of :meth:`get_config`."""
+        return cls([deserialize_cell(c) for c in config["cells"]])

@@ -1,0 +1,409 @@
+"""Keras-style recurrent layers: ``RNN``, its shorthands ``SimpleRNN``/``LSTM``/``GRU``, and ``Bidirectional``.
+
+Both layer kinds share one pipeline (:class:`RecurrentLayer`): validate the
+input, lower the layer to a :class:`codegen.spec.StackSpec`, run the generated
+kernel on packed weights, and return Keras 3's structure.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from codegen.spec import UNROLL_CEILING, BlockSpec, DirectionSpec, StackSpec
+from numrnn.layers.cells import (
+    GRUCell,
+    LSTMCell,
+    RNNCell,
+    SimpleRNNCell,
+    StackedRNNCells,
+    deserialize_cell,
+    serialize_cell,
+)
+from numrnn.runtime import get_kernel, pack_weights
+from numrnn.validation import as_mask, as_real_array, check_sequence_input
+
+
+def _flatten(structure) -> list:
+    if isinstance(structure, (list, tuple)):
+        return [leaf for item in structure for leaf in _flatten(item)]
+    return [structure]
+
+
+class RecurrentLayer:
+    """What ``RNN`` and ``Bidirectional`` share: weights, states, the kernel call."""
+
+    def __init__(self, *, return_sequences, return_state, stateful, unroll, time_major):
+        self.return_sequences = bool(return_sequences)
+        self.return_state = bool(return_state)
+        self.stateful = bool(stateful)
+        self.unroll = bool(unroll)
+        self.time_major = bool(time_major)
+        self.states: list[np.ndarray] | None = None
+        self._packed_for = None
+        self._packed: list[np.ndarray] = []
+
+    # -- to be provided by the subclass ---------------------------------------------------------
+    def _directions(self) -> list[tuple[list[RNNCell], str]]:
+        """``(cells, reverse)`` per direction."""
+        raise NotImplementedError
+
+    def _merge(self):
+        return "concat"
+
+    def _masking(self, has_mask: bool) -> str:
+        raise NotImplementedError
+
+    def _structure(self, output: np.ndarray, states: list[np.ndarray]):
+        raise NotImplementedError
+
+    # -- structure -----------------------------------------------------------------------------
+    @property
+    def all_cells(self) -> list[RNNCell]:
+        """Every cell, in weight order."""
+        return [cell for cells, _ in self._directions() for cell in cells]
+
+    @property
+    def dtype(self) -> str:
+        """The cells' dtype."""
+        return self.all_cells[0].dtype
+
+    @property
+    def input_size(self) -> int | None:
+        """Feature size the layer was built for, or ``None``."""
+        return self.all_cells[0].input_size
+
+    @property
+    def built(self) -> bool:
+        """Whether every cell has weights."""
+        return all(cell.built for cell in self.all_cells)
+
+    def build(self, input_shape) -> None:
+        """Create Keras-default weights for inputs whose last dimension is the feature size."""
+        features = input_shape if isinstance(input_shape, (int, np.integer)) else tuple(input_shape)[-1]
+        for cells, _ in self._directions():
+            width = features
+            for cell in cells:
+                cell.build(width)
+                width = cell.output_size
+
+    def spec(self, steps: int, masking: str = "none") -> StackSpec:
+        """The spec this layer runs for ``steps`` time steps under ``masking``."""
+        if self.unroll and steps > UNROLL_CEILING:
+            raise ValueError(
+                f"{type(self).__name__}: unroll=True needs at most {UNROLL_CEILING} time steps (the static unroll "
+                f"ceiling); got {steps}. Use unroll=False (the dynamic loop) for longer sequences."
+            )
+        directions = tuple(DirectionSpec(tuple(c.cell_spec() for c in cells), reverse)
+                           for cells, reverse in self._directions())
+        return StackSpec(
+            blocks=(BlockSpec(directions, self._merge()),),
+            input_size=self.input_size,
+            dtype=self.dtype,
+            masking=masking,
+            return_sequences=self.return_sequences,
+            unroll=steps if self.unroll else None,
+        )
+
+    def source(self, steps: int = 1, masking: str = "none") -> str:
+        """The generated kernel source for ``steps`` steps (only matters when unrolled) and ``masking``."""
+        self._require_built("source")
+        return get_kernel(self.spec(steps, masking)).source
+
+    # -- weights -------------------------------------------------------------------------------
+    def get_weights(self) -> list[np.ndarray]:
+        """Every cell's Keras weights, cell after cell."""
+        self._require_built("get_weights")
+        return [w for cell in self.all_cells for w in cell.get_weights()]
+
+    def set_weights(self, weights) -> None:
+        """Set every cell's weights from Keras order and shapes (builds the layer if needed)."""
+        owner = f"{type(self).__name__}.set_weights"
+        weights = list(weights)
+        counts = [2 + cell.use_bias for cell in self.all_cells]
+        if len(weights) != sum(counts):
+            raise ValueError(f"{owner}: expected {sum(counts)} arrays ({' + '.join(map(str, counts))} for the "
+                             f"{len(counts)} cells); got {len(weights)}")
+        converted, start = [], 0
+        for cells, _ in self._directions():
+            width = self.input_size
+            for cell in cells:
+                n = 2 + cell.use_bias
+                logical = cell.convert_keras_weights(weights[start: start + n], f"{owner}: {cell.name}", width)
+                converted.append(logical)
+                width, start = cell.output_size, start + n
+        for cell, logical in zip(self.all_cells, converted):
+            cell.assign_logical(logical)
+
+    def count_params(self) -> int:
+        """Number of scalar weights (Keras's count)."""
+        self._require_built("count_params")
+        return sum(cell.count_params() for cell in self.all_cells)
+
+    def _packed_weights(self, spec: StackSpec) -> list[np.ndarray]:
+        version = tuple((id(cell), cell.weights_version) for cell in self.all_cells)
+        if version != self._packed_for:
+            self._packed = pack_weights(spec, [cell.logical_weights() for cell in self.all_cells])
+            self._packed_for = version
+        return self._packed
+
+    def _require_built(self, what: str) -> None:
+        if not self.built:
+            raise ValueError(f"{type(self).__name__}.{what}: the layer has no weights yet; call it, build(input_shape) "
+                             "or set_weights() first")
+
+    # -- states --------------------------------------------------------------------------------
+    def _state_shapes(self, batch: int) -> list[tuple[int, int]]:
+        sizes = [s for cell in self.all_cells for s in cell.cell_spec().state_sizes]
+        return [(batch, size) for size in sizes]
+
+    def _states_from(self, given, batch: int, name: str) -> list[np.ndarray]:
+        shapes = self._state_shapes(batch)
+        leaves = _flatten(given)
+        if len(leaves) != len(shapes):
+            raise ValueError(f"{name}: expected {len(shapes)} state arrays (per cell h, or h and c for LSTM); "
+                             f"got {len(leaves)}")
+        states = []
+        for i, (leaf, shape) in enumerate(zip(leaves, shapes)):
+            array = as_real_array(f"{name}[{i}]", leaf, self.dtype)
+            if array.shape != shape:
+                raise ValueError(f"{name}[{i}]: expected shape {shape}; got {array.shape}")
+            states.append(np.array(array, order="C", copy=True))
+        return states
+
+    def reset_states(self, states=None) -> None:
+        """Stateful layers: zero the kept states, or set them to ``states`` (Keras nesting or flat)."""
+        if not self.stateful:
+            raise ValueError(f"{type(self).__name__}.reset_states: the layer is not stateful (stateful=False)")
+        if states is not None:
+            leaves = _flatten(states)
+            batch = np.shape(leaves[0])[0] if leaves and np.ndim(leaves[0]) == 2 else 0
+            self.states = self._states_from(states, batch, "reset_states: states")
+        elif self.states is not None:
+            self.states = [np.zeros_like(s) for s in self.states]
+
+    def _initial_states(self, initial_state, batch: int) -> list[np.ndarray]:
+        if initial_state is not None:
+            return self._states_from(initial_state, batch, "initial_state")
+        if self.stateful and self.states is not None:
+            kept = self.states[0].shape[0]
+            if kept != batch:
+                raise ValueError(f"x: this stateful layer keeps states for batch size {kept}; got batch size "
+                                 f"{batch}. Call reset_states(states) with states of the new batch size first.")
+            return [s.copy() for s in self.states]
+        return [np.zeros(shape, dtype=self.dtype) for shape in self._state_shapes(batch)]
+
+    # -- running -------------------------------------------------------------------------------
+    def __call__(self, x, mask=None, initial_state=None):
+        """Run the layer on ``x`` (``(batch, time, features)``, or ``(time, batch, features)`` if time_major).
+
+        ``mask``: optional boolean ``(batch, time)``. ``initial_state``: Keras
+        nesting (per cell ``h`` or ``[h, c]``; per-cell lists for a stack) or a
+        flat list. Returns Keras 3's structure.
+        """
+        name = type(self).__name__
+        layout = "(time, batch, features)" if self.time_major else "(batch, time, features)"
+        x = as_real_array(f"{name}: x", x, self.dtype if self.built else "float32")
+        check_sequence_input(f"{name}: x", x, layout, self.input_size)
+        if not self.built:
+            self.build(x.shape)
+            x = x.astype(self.dtype, copy=False)
+        xt = np.ascontiguousarray(x if self.time_major else x.transpose(1, 0, 2))
+        steps, batch = xt.shape[0], xt.shape[1]
+        condition = None
+        if mask is not None:
+            condition = np.ascontiguousarray(as_mask(mask, batch, steps).T)
+        spec = self.spec(steps, self._masking(mask is not None))
+        states = self._initial_states(initial_state, batch)
+        output = get_kernel(spec)(xt, condition, states, self._packed_weights(spec))
+        if self.stateful:
+            self.states = [s.copy() for s in states]
+        if self.return_sequences and not self.time_major:
+            output = np.ascontiguousarray(output.transpose(1, 0, 2))
+        return self._structure(output, states)
+
+    def _cell_states(self, cells: list[RNNCell], states: list[np.ndarray], nested: bool) -> list:
+        """Flat states -> Keras's return structure: per cell ``[h]``/``[h, c]`` for a stack, else flat."""
+        if not nested:
+            return list(states)
+        grouped, start = [], 0
+        for cell in cells:
+            n = len(cell.cell_spec().state_names)
+            grouped.append(states[start: start + n])
+            start += n
+        return grouped
+
+
+class RNN(RecurrentLayer):
+    """Keras ``RNN``: a cell, a list of cells or ``StackedRNNCells`` run over time."""
+
+    def __init__(self, cell, return_sequences=False, return_state=False, go_backwards=False, stateful=False,
+                 unroll=False, time_major=False, zero_output_for_mask=False):
+        super().__init__(return_sequences=return_sequences, return_state=return_state, stateful=stateful,
+                         unroll=unroll, time_major=time_major)
+        if isinstance(cell, (list, tuple)):
+            cell = StackedRNNCells(cell)
+        if not isinstance(cell, (RNNCell, StackedRNNCells)):
+            raise TypeError(f"RNN: cell must be a SimpleRNNCell, LSTMCell, GRUCell, a list of them or "
+                            f"StackedRNNCells; got {type(cell).__name__}")
+        self.cell = cell
+        self.go_backwards = bool(go_backwards)
+        self.zero_output_for_mask = bool(zero_output_for_mask)
+
+    @property
+    def cells(self) -> list[RNNCell]:
+        """The cells, bottom to top."""
+        return self.cell.cells if isinstance(self.cell, StackedRNNCells) else [self.cell]
+
+    def _directions(self):
+        return [(self.cells, "full" if self.go_backwards else "none")]
+
+    def _masking(self, has_mask: bool) -> str:
+        if not has_mask:
+            return "none"
+        return "zero" if self.zero_output_for_mask else "carry"
+
+    def _structure(self, output, states):
+        # Keras returns a go_backwards sequence in processing order; the kernel stores it by input time.
+        if self.go_backwards and self.return_sequences:
+            axis = 0 if self.time_major else 1
+            output = np.ascontiguousarray(np.flip(output, axis=axis))
+        if not self.return_state:
+            return output
+        return (output, *self.keras_states(states))
+
+    def keras_states(self, states: list[np.ndarray]) -> list:
+        """Flat states in Keras's return nesting for this layer."""
+        return self._cell_states(self.cells, states, isinstance(self.cell, StackedRNNCells))
+
+    def get_config(self) -> dict:
+        """Constructor arguments, the cell serialized Keras-style."""
+        return {
+            "cell": serialize_cell(self.cell) if isinstance(self.cell, RNNCell)
+            else {"class_name": "StackedRNNCells", "config": self.cell.get_config()},
+            "return_sequences": self.return_sequences, "return_state": self.return_state,
+            "go_backwards": self.go_backwards, "stateful": self.stateful, "unroll": self.unroll,
+            "time_major": self.time_major, "zero_output_for_mask": self.zero_output_for_mask,
+        }
+
+    @classmethod
+    def from_config(cls, config: dict):
+        """Inverse of :meth:`get_config` (weights are not part of the config)."""
+        config = dict(config)
+        return cls(deserialize_cell(config.pop("cell")), **config)
+
+
+_RNN_KWARGS = ("return_sequences", "return_state", "go_backwards", "stateful", "unroll", "time_major",
+               "zero_output_for_mask")
+
+
+class _CellLayer(RNN):
+    """A layer shorthand: cell kwargs and RNN kwargs in one constructor."""
+
+    cell_class = RNNCell
+
+    def __init__(self, units, **kwargs):
+        rnn_kwargs = {k: kwargs.pop(k) for k in _RNN_KWARGS if k in kwargs}
+        super().__init__(self.cell_class(units, **kwargs), **rnn_kwargs)
+
+    def get_config(self) -> dict:
+        """Cell arguments and RNN arguments, flat (Keras style)."""
+        config = super().get_config()
+        return {**config.pop("cell")["config"], **config}
+
+    @classmethod
+    def from_config(cls, config: dict):
+        """Inverse of :meth:`get_config`."""
+        return cls(**config)
+
+
+class SimpleRNN(_CellLayer):
+    """``RNN(SimpleRNNCell(units, ...))``."""
+
+    cell_class = SimpleRNNCell
+
+
+class LSTM(_CellLayer):
+    """``RNN(LSTMCell(units, ...))``."""
+
+    cell_class = LSTMCell
+
+
+class GRU(_CellLayer):
+    """``RNN(GRUCell(units, ...))``."""
+
+    cell_class = GRUCell
+
+
+_LAYER_CLASSES = {cls.__name__: cls for cls in (RNN, SimpleRNN, LSTM, GRU)}
+
+
+class Bidirectional(RecurrentLayer):
+    """Keras ``Bidirectional``: the layer forward, a copy backward, outputs merged.
+
+    ``merge_mode``: ``"concat"`` (default), ``"sum"``, ``"mul"``, ``"ave"`` or
+    ``None`` (both outputs returned). As in Keras, masked steps give zero
+    outputs when ``return_sequences`` is true, and the backward output is
+    re-aligned with the input time axis.
+    """
+
+    def __init__(self, layer, merge_mode="concat", backward_layer=None):
+        if not isinstance(layer, RNN):
+            raise TypeError(f"Bidirectional: layer must be an RNN layer (RNN, SimpleRNN, LSTM, GRU); "
+                            f"got {type(layer).__name__}")
+        if merge_mode not in ("concat", "sum", "mul", "ave", None):
+            raise ValueError(f"Bidirectional: merge_mode must be 'concat', 'sum', 'mul', 'ave' or None; "
+                             f"got {merge_mode!r}")
+        if layer.go_backwards:
+            raise ValueError("Bidirectional: layer must run forward (go_backwards=False); the backward copy is "
+                             "made for you")
+        if backward_layer is None:
+            config = {**layer.get_config(), "go_backwards": True}
+            backward_layer = type(layer).from_config(config)
+        elif not isinstance(backward_layer, RNN) or not backward_layer.go_backwards:
+            raise ValueError("Bidirectional: backward_layer must be an RNN layer with go_backwards=True")
+        for attr in ("return_sequences", "return_state", "stateful", "time_major"):
+            if getattr(layer, attr) != getattr(backward_layer, attr):
+                raise ValueError(f"Bidirectional: layer and backward_layer must agree on {attr}")
+        super().__init__(return_sequences=layer.return_sequences, return_state=layer.return_state,
+                         stateful=layer.stateful, unroll=layer.unroll, time_major=layer.time_major)
+        self.forward_layer, self.backward_layer = layer, backward_layer
+        self.merge_mode = merge_mode
+
+    def _directions(self):
+        return [(self.forward_layer.cells, "none"), (self.backward_layer.cells, "full")]
+
+    def _merge(self):
+        return self.merge_mode
+
+    def _masking(self, has_mask: bool) -> str:
+        if not has_mask:
+            return "none"
+        # Keras forces zero_output_for_mask = return_sequences on both directions.
+        return "zero" if self.return_sequences else "carry"
+
+    def _structure(self, output, states):
+        if self.merge_mode is None:
+            width = self.forward_layer.cells[-1].output_size
+            outputs = (np.ascontiguousarray(output[..., :width]), np.ascontiguousarray(output[..., width:]))
+        else:
+            outputs = (output,)
+        if not self.return_state:
+            return outputs if self.merge_mode is None else output
+        n_forward = sum(len(c.cell_spec().state_names) for c in self.forward_layer.cells)
+        forward = self.forward_layer.keras_states(states[:n_forward])
+        backward = self.backward_layer.keras_states(states[n_forward:])
+        return (*outputs, *forward, *backward)
+
+    def get_config(self) -> dict:
+        """``{"layer": ..., "merge_mode": ...}`` with the layer serialized."""
+        return {"layer": {"class_name": type(self.forward_layer).__name__,
+                          "config": self.forward_layer.get_config()},
+                "merge_mode": self.merge_mode}
+
+    @classmethod
+    def from_config(cls, config: dict):
+        """Inverse of :meth:`get_config`."""
+        layer = config["layer"]
+        if layer.get("class_name") not in _LAYER_CLASSES:
+            raise ValueError(f"Bidirectional.from_config: unknown layer class {layer.get('class_name')!r}")
+        return cls(_LAYER_CLASSES[layer["class_name"]].from_config(layer["config"]), config.get("merge_mode"))

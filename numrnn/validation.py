@@ -1,0 +1,66 @@
+"""Input checks shared by every facade: each error names the argument, the expected and the received."""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def as_real_array(name: str, value, dtype: str) -> np.ndarray:
+    """``value`` as an array of ``dtype``; TypeError for non-numeric or complex data."""
+    try:
+        array = np.asarray(value)
+    except Exception as exc:  # ragged lists and the like
+        raise TypeError(f"{name}: expected a numeric array; got {type(value).__name__} ({exc})") from None
+    if array.dtype.kind not in "fiub":
+        raise TypeError(f"{name}: expected a real numeric array; got dtype {array.dtype}")
+    return array.astype(dtype, copy=False)
+
+
+def check_ndim(name: str, array: np.ndarray, ndim: int, layout: str) -> None:
+    """ValueError unless ``array`` has ``ndim`` dimensions (``layout`` describes them)."""
+    if array.ndim != ndim:
+        raise ValueError(f"{name}: expected a {ndim}-D array {layout}; got shape {array.shape}")
+
+
+def check_sequence_input(name: str, x: np.ndarray, layout: str, input_size: int | None) -> None:
+    """A 3-D input with at least one step and row and, once built, the built feature size."""
+    check_ndim(name, x, 3, layout)
+    if x.shape[0] == 0 or x.shape[1] == 0:
+        raise ValueError(f"{name}: batch and time sizes must be at least 1; got shape {x.shape}")
+    if input_size is not None and x.shape[2] != input_size:
+        raise ValueError(f"{name}: expected {input_size} features (the layer was built for them); got {x.shape[2]}")
+
+
+def as_mask(mask, batch: int, steps: int) -> np.ndarray:
+    """A ``(batch, time)`` boolean mask; integer 0/1 masks are accepted."""
+    array = np.asarray(mask)
+    if array.dtype.kind == "b":
+        pass
+    elif array.dtype.kind in "iu" and np.isin(array, (0, 1)).all():
+        array = array.astype(bool)
+    else:
+        raise TypeError(f"mask: expected a boolean (or 0/1 integer) array; got dtype {array.dtype}")
+    if array.shape != (batch, steps):
+        raise ValueError(f"mask: expected shape (batch, time) = {(batch, steps)}; got {array.shape}")
+    return array
+
+
+def as_lengths(name: str, lengths, batch: int, steps: int) -> np.ndarray:
+    """Per-sequence lengths: ``(batch,)`` integers in ``[0, steps]``."""
+    array = np.asarray(lengths)
+    if array.dtype.kind not in "iu":
+        if array.dtype.kind == "f" and array.size and np.all(np.mod(array, 1) == 0):
+            array = array.astype(np.int64)
+        else:
+            raise TypeError(f"{name}: expected integers; got dtype {array.dtype}")
+    if array.shape != (batch,):
+        raise ValueError(f"{name}: expected shape (batch,) = ({batch},); got {array.shape}")
+    if array.size and (array.min() < 0 or array.max() > steps):
+        raise ValueError(f"{name}: every length must lie in [0, {steps}] (the time size); got {array.tolist()}")
+    return np.ascontiguousarray(array, dtype=np.int64)
+
+
+def check_finite(owner: str, name: str, array: np.ndarray) -> None:
+    """ValueError if a weight holds NaN or infinity."""
+    if not np.all(np.isfinite(array)):
+        raise ValueError(f"{owner}: {name} holds NaN or infinite values; weights must be finite")
