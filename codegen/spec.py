@@ -253,7 +253,9 @@ class StackSpec:
         for block in self.blocks:
             for direction in block.directions:
                 if direction.reverse == "valid" and self.masking != "lengths":
-                    raise ValueError('StackSpec: reverse="valid" needs masking="lengths" (it reverses each valid prefix)')
+                    raise ValueError(
+                        'StackSpec: reverse="valid" needs masking="lengths" (it reverses each valid prefix)'
+                    )
 
     @property
     def cells(self) -> tuple[CellSpec, ...]:
