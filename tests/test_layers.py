@@ -168,3 +168,14 @@ def test_source_is_the_generated_kernel():
     assert "def gru8x3_fwd_none_dyn(" in source
     assert source.count("@njit") == 4
     compile(source, "<kernel>", "exec")
+
+
+def test_stacked_cells_step_like_the_layer():
+    stack = numrnn.StackedRNNCells([numrnn.LSTMCell(4), numrnn.GRUCell(3)])
+    layer = numrnn.RNN(stack, return_sequences=True)
+    sequence = layer(X)
+    states = stack.get_initial_state(3)
+    for t in range(X.shape[1]):
+        output, states = stack(X[:, t], states)
+        np.testing.assert_allclose(output, sequence[:, t], rtol=0, atol=1e-6)
+    assert [len(s) for s in states] == [2, 1]

@@ -43,6 +43,37 @@ def _positive_units(owner: str, units) -> int:
     return int(units)
 
 
+def one_step(owner: str, cells: list, inputs, states: list) -> tuple[np.ndarray, list[np.ndarray]]:
+    """Run ``cells`` (a stack, bottom first) for one time step through a one-step unrolled kernel.
+
+    ``states`` is flat (per cell ``h``, or ``h, c``); unbuilt cells are built
+    for the input's feature size. Returns the output and fresh state arrays.
+    """
+    dtype = cells[0].dtype
+    x = as_real_array(f"{owner}: inputs", inputs, dtype)
+    check_ndim(f"{owner}: inputs", x, 2, "(batch, features)")
+    width = x.shape[1]
+    for cell in cells:
+        if not cell.built:
+            cell.build(width)
+        width = cell.output_size
+    if x.shape[1] != cells[0].input_size:
+        raise ValueError(f"{owner}: inputs: expected {cells[0].input_size} features; got {x.shape[1]}")
+    expected = [zero for cell in cells for zero in cell.get_initial_state(x.shape[0])]
+    if len(states) != len(expected):
+        raise ValueError(f"{owner}: states: expected {len(expected)} arrays; got {len(states)}")
+    fresh = []
+    for i, (given, zero) in enumerate(zip(states, expected)):
+        array = as_real_array(f"{owner}: states[{i}]", given, dtype)
+        if array.shape != zero.shape:
+            raise ValueError(f"{owner}: states[{i}]: expected shape {zero.shape}; got {array.shape}")
+        fresh.append(np.array(array, order="C", copy=True))
+    spec = simple_stack([c.cell_spec() for c in cells], cells[0].input_size, dtype=dtype,
+                        return_sequences=False, unroll=1)
+    weights = pack_weights(spec, [c.logical_weights() for c in cells])
+    return get_kernel(spec)(np.ascontiguousarray(x[None]), None, fresh, weights), fresh
+
+
 class RNNCell:
     """Base of the Keras-style cells: weights, build, one-step call, config."""
 
@@ -163,27 +194,8 @@ class RNNCell:
         ``states`` is a list (``[h]``, or ``[h, c]`` for LSTM) or, for one-state
         cells, a bare array; the new states come back in the same form.
         """
-        owner = type(self).__name__
-        x = as_real_array(f"{owner}: inputs", inputs, self.dtype)
-        check_ndim(f"{owner}: inputs", x, 2, "(batch, features)")
-        if not self.built:
-            self.build(x.shape)
-        if x.shape[1] != self.input_size:
-            raise ValueError(f"{owner}: inputs: expected {self.input_size} features; got {x.shape[1]}")
         nested = isinstance(states, (list, tuple))
-        state_list = list(states) if nested else [states]
-        expected = self.get_initial_state(x.shape[0])
-        if len(state_list) != len(expected):
-            raise ValueError(f"{owner}: states: expected {len(expected)} arrays; got {len(state_list)}")
-        fresh = []
-        for i, (given, zero) in enumerate(zip(state_list, expected)):
-            array = as_real_array(f"{owner}: states[{i}]", given, self.dtype)
-            if array.shape != zero.shape:
-                raise ValueError(f"{owner}: states[{i}]: expected shape {zero.shape}; got {array.shape}")
-            fresh.append(np.array(array, order="C", copy=True))
-        spec = simple_stack([self.cell_spec()], self.input_size, dtype=self.dtype, return_sequences=False, unroll=1)
-        kernel = get_kernel(spec)
-        output = kernel(np.ascontiguousarray(x[None]), None, fresh, pack_weights(spec, [self._logical]))
+        output, fresh = one_step(type(self).__name__, [self], inputs, list(states) if nested else [states])
         return output, (fresh if nested or len(fresh) > 1 else fresh[0])
 
     # -- config ------------------------------------------------------------------------------
@@ -292,6 +304,24 @@ class StackedRNNCells:
     def output_size(self) -> int:
         """Width of the last cell's output."""
         return self.cells[-1].output_size
+
+    def get_initial_state(self, batch_size: int) -> list[list[np.ndarray]]:
+        """Per-cell zero states."""
+        return [cell.get_initial_state(batch_size) for cell in self.cells]
+
+    def __call__(self, inputs, states):
+        """One time step of the whole stack: ``(output, new_states)``, states per cell as given."""
+        if not isinstance(states, (list, tuple)) or len(states) != len(self.cells):
+            raise ValueError(f"StackedRNNCells: states: expected a list of {len(self.cells)} per-cell states; "
+                             f"got {type(states).__name__}")
+        per_cell = [list(s) if isinstance(s, (list, tuple)) else [s] for s in states]
+        output, fresh = one_step("StackedRNNCells", self.cells, inputs, [a for s in per_cell for a in s])
+        grouped, start = [], 0
+        for given, cell_states in zip(states, per_cell):
+            part = fresh[start: start + len(cell_states)]
+            grouped.append(part if isinstance(given, (list, tuple)) else part[0])
+            start += len(cell_states)
+        return output, grouped
 
     def get_config(self) -> dict:
         """``{"cells": [serialized cell, ...]}``."""
