@@ -18,12 +18,16 @@ Arguments that only steer TF1's graph building (``parallel_iterations``,
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 
 from codegen.spec import UNROLL_CEILING, BlockSpec, DirectionSpec, StackSpec
 from numrnn.compat.v1.cells import RNNCell, normalize_dtype
 from numrnn.runtime import get_kernel
 from numrnn.validation import as_lengths, as_real_array, check_ndim, check_sequence_input
+
+log = logging.getLogger("numrnn")
 
 
 def _check_cell(name: str, cell) -> RNNCell:
@@ -34,7 +38,7 @@ def _check_cell(name: str, cell) -> RNNCell:
 
 
 def _run_dtype(fn: str, dtype, cells) -> str:
-    """The dtype to compute in: ``dtype`` if given (TF1 requires it without an initial state), else the cells'."""
+    """The dtype to compute in: ``dtype`` if given, else the cells' (where TF1 would demand ``dtype``)."""
     return cells[0].dtype if dtype is None else normalize_dtype(f"{fn}: dtype", dtype)
 
 
@@ -57,6 +61,9 @@ def _run(directions, xt: np.ndarray, lengths, states: list, dtype: str, unroll: 
     block = BlockSpec(tuple(DirectionSpec(tuple(leaf.cell_spec() for leaf in cell.leaves()), reverse)
                             for cell, reverse in directions), merge=None if len(directions) == 2 else "concat")
     steps = xt.shape[0]
+    if unroll and steps > UNROLL_CEILING:
+        log.info("static_rnn: %d steps exceed the static unroll ceiling of %d; running the loop kernel", steps,
+                 UNROLL_CEILING)
     spec = StackSpec(blocks=(block,), input_size=xt.shape[2], dtype=dtype,
                      masking="none" if lengths is None else "lengths", return_sequences=True,
                      unroll=steps if unroll and steps <= UNROLL_CEILING else None)
