@@ -19,7 +19,7 @@ import numpy as np
 from codegen.spec import UNROLL_CEILING, BlockSpec, CellSpec, DirectionSpec, StackSpec
 from numrnn.compat.weights import torch_layer_weights
 from numrnn.runtime import get_kernel, pack_weights
-from numrnn.validation import as_lengths, as_real_array, check_finite, check_sequence_input, to_numpy
+from numrnn.validation import as_lengths, as_real_array, check_finite, check_sequence_input
 
 _PARAMS = ("weight_ih", "weight_hh", "bias_ih", "bias_hh", "weight_hr")
 
@@ -170,7 +170,7 @@ class RNNBase:
         for key, shape in shapes.items():
             if key not in state_dict:
                 continue
-            array = as_real_array(f"{owner}: state_dict[{key!r}]", to_numpy(state_dict[key]), self.dtype)
+            array = as_real_array(f"{owner}: state_dict[{key!r}]", state_dict[key], self.dtype)
             if array.shape != shape:
                 raise ValueError(f"{owner}: state_dict[{key!r}]: expected shape {shape}; got {array.shape}")
             check_finite(owner, f"state_dict[{key!r}]", array)

@@ -19,7 +19,7 @@ from codegen.spec import ACTIVATIONS, CellSpec, simple_stack
 from numrnn.compat.weights import tf1_cell_arrays, tf1_cell_weights, tf1_weight_names
 from numrnn.layers.initializers import glorot_uniform
 from numrnn.runtime import get_kernel
-from numrnn.validation import as_real_array, check_finite, check_ndim, to_numpy
+from numrnn.validation import as_real_array, check_finite, check_ndim
 
 DTYPES = ("float32", "float64")
 
@@ -285,7 +285,7 @@ class LeafCell(RNNCell):
         minus the output size; ``first`` numbers the arrays in messages.
         """
         spec, names = self.cell_spec(), tf1_weight_names(self.cell_spec())
-        arrays = [as_real_array(f"{owner}: weights[{first + i}]", to_numpy(a), self._dtype)
+        arrays = [as_real_array(f"{owner}: weights[{first + i}]", a, self._dtype)
                   for i, a in enumerate(arrays)]
         kernel = arrays[0]
         if input_size is None:
