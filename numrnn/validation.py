@@ -5,10 +5,20 @@ from __future__ import annotations
 import numpy as np
 
 
+def to_numpy(value):
+    """A torch tensor (duck-typed: ``.detach().cpu().numpy()``) as an ndarray; anything else unchanged.
+
+    Duck typing keeps torch an optional dependency: numrnn never imports it.
+    """
+    if hasattr(value, "detach") and hasattr(value, "cpu") and hasattr(value, "numpy"):
+        return value.detach().cpu().numpy()
+    return value
+
+
 def as_real_array(name: str, value, dtype: str) -> np.ndarray:
-    """``value`` as an array of ``dtype``; TypeError for non-numeric or complex data."""
+    """``value`` (array-like or torch tensor) as an array of ``dtype``; TypeError for non-numeric or complex data."""
     try:
-        array = np.asarray(value)
+        array = np.asarray(to_numpy(value))
     except Exception as exc:  # ragged lists and the like
         raise TypeError(f"{name}: expected a numeric array; got {type(value).__name__} ({exc})") from None
     if array.dtype.kind not in "fiub":
@@ -45,9 +55,9 @@ def as_mask(mask, batch: int, steps: int) -> np.ndarray:
     return array
 
 
-def as_lengths(name: str, lengths, batch: int, steps: int) -> np.ndarray:
-    """Per-sequence lengths: ``(batch,)`` integers in ``[0, steps]``."""
-    array = np.asarray(lengths)
+def as_lengths(name: str, lengths, batch: int, steps: int, minimum: int = 0) -> np.ndarray:
+    """Per-sequence lengths: ``(batch,)`` integers in ``[minimum, steps]`` (torch tensors accepted)."""
+    array = np.asarray(to_numpy(lengths))
     if array.dtype.kind not in "iu":
         if array.dtype.kind == "f" and array.size and np.all(np.mod(array, 1) == 0):
             array = array.astype(np.int64)
@@ -55,8 +65,10 @@ def as_lengths(name: str, lengths, batch: int, steps: int) -> np.ndarray:
             raise TypeError(f"{name}: expected integers; got dtype {array.dtype}")
     if array.shape != (batch,):
         raise ValueError(f"{name}: expected shape (batch,) = ({batch},); got {array.shape}")
-    if array.size and (array.min() < 0 or array.max() > steps):
-        raise ValueError(f"{name}: every length must lie in [0, {steps}] (the time size); got {array.tolist()}")
+    if array.size and (array.min() < minimum or array.max() > steps):
+        raise ValueError(
+            f"{name}: every length must lie in [{minimum}, {steps}] (the time size is {steps}); got {array.tolist()}"
+        )
     return np.ascontiguousarray(array, dtype=np.int64)
 
 

@@ -1,0 +1,352 @@
+"""PyTorch-style recurrent modules: ``RNN``, ``LSTM``, ``GRU`` with PyTorch's kwargs, state_dict and layouts.
+
+``num_layers`` layers of one or two directions lower to that many blocks of a
+:class:`codegen.spec.StackSpec` (each block reads the previous block's
+concatenated output). Weights are kept under PyTorch's ``state_dict`` keys and
+shapes, as NumPy arrays; torch tensors are accepted wherever arrays are (duck
+typed, torch is never imported). Calls are inference only: ``dropout`` is
+accepted and ignored, as in ``module.eval()``.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Mapping
+from typing import NamedTuple
+
+import numpy as np
+
+from codegen.spec import UNROLL_CEILING, BlockSpec, CellSpec, DirectionSpec, StackSpec
+from numrnn.compat.weights import torch_layer_weights
+from numrnn.runtime import get_kernel, pack_weights
+from numrnn.validation import as_lengths, as_real_array, check_finite, check_sequence_input
+
+_PARAMS = ("weight_ih", "weight_hh", "bias_ih", "bias_hh", "weight_hr")
+
+
+class IncompatibleKeys(NamedTuple):
+    """What :meth:`RNNBase.load_state_dict` returns, like PyTorch's: keys it lacked and keys it did not use."""
+
+    missing_keys: list
+    unexpected_keys: list
+
+
+def _normalize_dtype(owner: str, dtype) -> str:
+    """``float32``/``float64`` from ``None``, a NumPy spelling or a torch dtype (``torch.float64``)."""
+    if dtype is None:
+        return "float32"
+    try:
+        name = np.dtype(dtype).name
+    except TypeError:
+        short = str(dtype).rsplit(".", 1)[-1]  # torch.float64 -> float64
+        name = {"float": "float32", "double": "float64"}.get(short, short)
+    if name not in ("float32", "float64"):
+        raise ValueError(f"{owner}: dtype must be float32 or float64; got {dtype!r}")
+    return name
+
+
+def _int_at_least(owner: str, name: str, value, low: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
+        raise ValueError(f"{owner}: {name} must be an integer >= {low}; got {value!r}")
+    return int(value)
+
+
+class RNNBase:
+    """What ``RNN``, ``LSTM`` and ``GRU`` share: constructor checks, state_dict, the kernel call."""
+
+    kind = ""
+
+    def __init__(self, input_size, hidden_size, num_layers=1, bias=True, batch_first=False, dropout=0.0,
+                 bidirectional=False, proj_size=0, device=None, dtype=None, *, nonlinearity="tanh", unroll=False):
+        owner = type(self).__name__
+        self.input_size = _int_at_least(owner, "input_size", input_size, 1)
+        self.hidden_size = _int_at_least(owner, "hidden_size", hidden_size, 1)
+        self.num_layers = _int_at_least(owner, "num_layers", num_layers, 1)
+        self.proj_size = _int_at_least(owner, "proj_size", proj_size, 0)
+        if self.proj_size and self.kind != "lstm":
+            raise ValueError(f"{owner}: proj_size argument is only supported for LSTM, not RNN or GRU; "
+                             f"got proj_size={proj_size!r}")
+        if self.proj_size >= self.hidden_size:
+            raise ValueError(f"{owner}: proj_size has to be smaller than hidden_size ({self.hidden_size}); "
+                             f"got {proj_size!r}")
+        if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout <= 1:
+            raise ValueError(f"{owner}: dropout must be a number in [0, 1]; got {dropout!r}")
+        if nonlinearity not in ("tanh", "relu"):
+            raise ValueError(f"{owner}: nonlinearity must be 'tanh' or 'relu'; got {nonlinearity!r}")
+        if device is not None and not str(device).startswith("cpu"):
+            raise ValueError(f"{owner}: device must be None or 'cpu' (numrnn runs these modules on the CPU); "
+                             f"got {device!r}")
+        self.bias = bool(bias)
+        self.batch_first = bool(batch_first)
+        self.dropout = float(dropout)  # inference only: never applied
+        self.bidirectional = bool(bidirectional)
+        self.nonlinearity = nonlinearity
+        self.unroll = bool(unroll)
+        self.dtype = _normalize_dtype(owner, dtype)
+        self.training = False
+        self._params = self._initial_params()
+        self._version = 0
+        self._packed_for = None
+        self._packed: list[np.ndarray] = []
+
+    # -- structure -----------------------------------------------------------------------------
+    @property
+    def num_directions(self) -> int:
+        """2 if bidirectional, else 1."""
+        return 2 if self.bidirectional else 1
+
+    @property
+    def output_size(self) -> int:
+        """Width of ``h`` (``proj_size`` if set, else ``hidden_size``)."""
+        return self.proj_size or self.hidden_size
+
+    def cell_spec(self) -> CellSpec:
+        """The cell every layer and direction runs."""
+        if self.kind == "simple":
+            return CellSpec("simple", self.hidden_size, activation=self.nonlinearity, use_bias=self.bias)
+        if self.kind == "lstm":
+            return CellSpec("lstm", self.hidden_size, use_bias=self.bias, proj_units=self.proj_size or None)
+        return CellSpec("gru", self.hidden_size, use_bias=self.bias, reset_after=True)
+
+    def spec(self, steps: int = 1, packed: bool = False) -> StackSpec:
+        """The spec this module runs: one block per layer; ``packed`` (lengths given) reverses valid prefixes."""
+        cell = self.cell_spec()
+        reverses = ("none", "valid" if packed else "full")[: self.num_directions]
+        block = BlockSpec(tuple(DirectionSpec((cell,), reverse) for reverse in reverses))
+        return StackSpec(blocks=(block,) * self.num_layers, input_size=self.input_size, dtype=self.dtype,
+                         masking="lengths" if packed else "none", return_sequences=True,
+                         unroll=steps if self.unroll else None)
+
+    def _suffixes(self) -> list[str]:
+        """``l0``, ``l0_reverse``, ``l1``, ... in PyTorch's (and the spec's cell) order."""
+        return [f"l{layer}" + ("_reverse" if d else "") for layer in range(self.num_layers)
+                for d in range(self.num_directions)]
+
+    def param_shapes(self) -> OrderedDict:
+        """Every ``state_dict`` key with its shape, in PyTorch's order."""
+        gh = self.cell_spec().gates * self.hidden_size
+        shapes = OrderedDict()
+        for suffix in self._suffixes():
+            layer_in = self.input_size if suffix.startswith("l0") else self.num_directions * self.output_size
+            shapes[f"weight_ih_{suffix}"] = (gh, layer_in)
+            shapes[f"weight_hh_{suffix}"] = (gh, self.output_size)
+            if self.bias:
+                shapes[f"bias_ih_{suffix}"] = (gh,)
+                shapes[f"bias_hh_{suffix}"] = (gh,)
+            if self.proj_size:
+                shapes[f"weight_hr_{suffix}"] = (self.proj_size, self.hidden_size)
+        return shapes
+
+    def _initial_params(self) -> OrderedDict:
+        # PyTorch's reset_parameters: every weight uniform in +-1/sqrt(hidden_size)
+        rng, k = np.random.default_rng(), 1.0 / np.sqrt(self.hidden_size)
+        return OrderedDict((key, rng.uniform(-k, k, shape).astype(self.dtype))
+                           for key, shape in self.param_shapes().items())
+
+    # -- weights -------------------------------------------------------------------------------
+    def state_dict(self) -> OrderedDict:
+        """PyTorch's keys and shapes, values as NumPy arrays (copies)."""
+        return OrderedDict((key, value.copy()) for key, value in self._params.items())
+
+    def load_state_dict(self, state_dict, strict=True, assign=False) -> IncompatibleKeys:
+        """Load PyTorch ``state_dict`` values (NumPy arrays or torch tensors).
+
+        ``strict``: missing or unexpected keys are a ValueError (otherwise
+        missing keys keep their values and unexpected ones are ignored, and
+        both are reported in the result). A mis-shaped or non-finite value is
+        always a ValueError; nothing is assigned unless everything is valid.
+        """
+        owner = f"{type(self).__name__}.load_state_dict"
+        if not isinstance(state_dict, Mapping):
+            raise TypeError(f"{owner}: state_dict must be a mapping of PyTorch keys to arrays; "
+                            f"got {type(state_dict).__name__}")
+        shapes = self.param_shapes()
+        missing = [k for k in shapes if k not in state_dict]
+        unexpected = [k for k in state_dict if k not in shapes]
+        if strict and (missing or unexpected):
+            raise ValueError(f"{owner}: state_dict keys do not match this {type(self).__name__} "
+                             f"(expected {list(shapes)}); missing keys: {missing}; unexpected keys: {unexpected}")
+        loaded = {}
+        for key, shape in shapes.items():
+            if key not in state_dict:
+                continue
+            array = as_real_array(f"{owner}: state_dict[{key!r}]", state_dict[key], self.dtype)
+            if array.shape != shape:
+                raise ValueError(f"{owner}: state_dict[{key!r}]: expected shape {shape}; got {array.shape}")
+            check_finite(owner, f"state_dict[{key!r}]", array)
+            loaded[key] = np.array(array, order="C", copy=True)
+        self._params.update(loaded)
+        self._version += 1
+        return IncompatibleKeys(missing, unexpected)
+
+    def logical_weights(self) -> list[dict]:
+        """Logical weights per layer and direction (the spec's cell order)."""
+        cell, out = self.cell_spec(), []
+        for suffix in self._suffixes():
+            arrays = {name: self._params[f"{name}_{suffix}"] for name in _PARAMS if f"{name}_{suffix}" in self._params}
+            out.append(torch_layer_weights(cell, **arrays))
+        return out
+
+    def _packed_weights(self, spec: StackSpec) -> list[np.ndarray]:
+        if self._packed_for != self._version:
+            self._packed = pack_weights(spec, self.logical_weights())
+            self._packed_for = self._version
+        return self._packed
+
+    def __getattr__(self, name):
+        params = self.__dict__.get("_params", {})
+        if name in params:
+            view = params[name].view()
+            view.flags.writeable = False  # writes must go through load_state_dict (it repacks)
+            return view
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
+    # -- PyTorch conveniences ------------------------------------------------------------------
+    def eval(self):
+        """Inference mode (the only mode): returns ``self``."""
+        return self
+
+    def train(self, mode=True):
+        """Accepted for ported code; dropout is never applied. Returns ``self``."""
+        self.training = bool(mode)
+        return self
+
+    def flatten_parameters(self) -> None:
+        """No-op (weights are already packed for the kernel)."""
+
+    # -- running -------------------------------------------------------------------------------
+    def forward(self, input, hx=None, *, lengths=None):
+        """Same as calling the module."""
+        return self(input, hx, lengths=lengths)
+
+    def __call__(self, input, hx=None, *, lengths=None):
+        """Run the module; returns ``(output, h_n)`` (``(output, (h_n, c_n))`` for LSTM).
+
+        ``input``: ``(T, B, input_size)``, ``(B, T, input_size)`` if
+        ``batch_first``, or unbatched ``(T, input_size)``. ``hx``: ``h_0``
+        ``(num_layers * num_directions, B, output_size)`` (LSTM: the pair
+        ``(h_0, c_0)``, ``c_0`` with ``hidden_size`` columns), zeros if omitted.
+        ``lengths``: ``(B,)`` valid lengths in ``[1, T]``, the semantics of
+        ``pack_padded_sequence(..., enforce_sorted=False)`` then
+        ``pad_packed_sequence(..., total_length=T)``: outputs past a length are
+        zero, ``h_n``/``c_n`` are taken at each sequence's end, and the reverse
+        direction starts at each sequence's last valid step.
+        """
+        name = type(self).__name__
+        x = as_real_array(f"{name}: input", input, self.dtype)
+        unbatched = x.ndim == 2
+        if unbatched:
+            if lengths is not None:
+                raise ValueError(f"{name}: lengths needs a batched 3-D input; got an unbatched input of shape "
+                                 f"{x.shape}")
+            x = x[:, None, :]
+        layout = "(batch, time, input_size)" if self.batch_first else "(time, batch, input_size)"
+        check_sequence_input(f"{name}: input", x, layout, self.input_size)
+        xt = np.ascontiguousarray(x.transpose(1, 0, 2) if self.batch_first and not unbatched else x)
+        steps, batch = xt.shape[0], xt.shape[1]
+        if self.unroll and steps > UNROLL_CEILING:
+            raise ValueError(f"{name}: unroll=True needs at most {UNROLL_CEILING} time steps (the static unroll "
+                             f"ceiling); got {steps}")
+        condition = None if lengths is None else as_lengths(f"{name}: lengths", lengths, batch, steps, minimum=1)
+        states = self._initial_states(hx, batch, unbatched)
+        spec = self.spec(steps, packed=condition is not None)
+        y = get_kernel(spec)(xt, condition, states, self._packed_weights(spec))
+        return self._structure(y, states, unbatched)
+
+    def _state_shapes(self, batch: int) -> list[tuple]:
+        n = self.num_layers * self.num_directions
+        shapes = [(n, batch, self.output_size)]
+        if self.kind == "lstm":
+            shapes.append((n, batch, self.hidden_size))
+        return shapes
+
+    def _initial_states(self, hx, batch: int, unbatched: bool) -> list[np.ndarray]:
+        """``hx`` (PyTorch layout) -> per layer and direction ``[h]`` or ``[h, c]`` engine arrays."""
+        name = type(self).__name__
+        shapes = self._state_shapes(batch)
+        names = ["h_0", "c_0"][: len(shapes)]
+        if hx is None:
+            given = [np.zeros(s, dtype=self.dtype) for s in shapes]
+        else:
+            if self.kind == "lstm":
+                if not isinstance(hx, (tuple, list)) or len(hx) != 2:
+                    got = f"a {type(hx).__name__} of {len(hx)} items" if isinstance(hx, (tuple, list)) else \
+                        type(hx).__name__
+                    raise ValueError(f"{name}: hx must be a tuple (h_0, c_0) for LSTM; got {got}")
+                parts = list(hx)
+            else:
+                if isinstance(hx, (tuple, list)):
+                    raise ValueError(f"{name}: hx must be one array h_0 for {name} (not a tuple); got a "
+                                     f"{type(hx).__name__} of {len(hx)} items")
+                parts = [hx]
+            given = []
+            for part, label, shape in zip(parts, names, shapes):
+                array = as_real_array(f"{name}: hx {label}", part, self.dtype)
+                expected = (shape[0], shape[2]) if unbatched else shape
+                if array.shape != expected:
+                    raise ValueError(f"{name}: hx {label}: expected shape {expected}; got {array.shape}")
+                given.append(array[:, None, :] if unbatched else array)
+        return [np.array(g[k], order="C", copy=True) for k in range(shapes[0][0]) for g in given]
+
+    def _structure(self, y: np.ndarray, states: list[np.ndarray], unbatched: bool):
+        per = 2 if self.kind == "lstm" else 1
+        h_n = np.stack(states[0::per])
+        output = y.transpose(1, 0, 2) if self.batch_first and not unbatched else y
+        if unbatched:
+            output, h_n = output[:, 0], h_n[:, 0]
+        output = np.ascontiguousarray(output)
+        if self.kind != "lstm":
+            return output, np.ascontiguousarray(h_n)
+        c_n = np.stack(states[1::per])
+        if unbatched:
+            c_n = c_n[:, 0]
+        return output, (np.ascontiguousarray(h_n), np.ascontiguousarray(c_n))
+
+    def extra_repr(self) -> str:
+        """PyTorch-style summary of the constructor arguments."""
+        parts = [f"{self.input_size}, {self.hidden_size}"]
+        if self.proj_size:
+            parts.append(f"proj_size={self.proj_size}")
+        for key, default in (("num_layers", 1), ("bias", True), ("batch_first", False), ("dropout", 0.0),
+                             ("bidirectional", False)):
+            if getattr(self, key) != default:
+                parts.append(f"{key}={getattr(self, key)}")
+        if self.kind == "simple" and self.nonlinearity != "tanh":
+            parts.append(f"nonlinearity={self.nonlinearity!r}")
+        return ", ".join(parts)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.extra_repr()})"
+
+
+class RNN(RNNBase):
+    """PyTorch ``nn.RNN``: ``h = nonlinearity(x W_ih^T + b_ih + h W_hh^T + b_hh)``, ``nonlinearity`` tanh or relu."""
+
+    kind = "simple"
+
+    def __init__(self, input_size, hidden_size, num_layers=1, nonlinearity="tanh", bias=True, batch_first=False,
+                 dropout=0.0, bidirectional=False, device=None, dtype=None, *, proj_size=0, unroll=False):
+        super().__init__(input_size, hidden_size, num_layers, bias, batch_first, dropout, bidirectional,
+                         proj_size, device, dtype, nonlinearity=nonlinearity, unroll=unroll)
+
+
+class LSTM(RNNBase):
+    """PyTorch ``nn.LSTM``: gates ``i, f, g, o``; with ``proj_size`` ``h`` is projected by ``weight_hr``."""
+
+    kind = "lstm"
+
+    def __init__(self, input_size, hidden_size, num_layers=1, bias=True, batch_first=False, dropout=0.0,
+                 bidirectional=False, proj_size=0, device=None, dtype=None, *, unroll=False):
+        super().__init__(input_size, hidden_size, num_layers, bias, batch_first, dropout, bidirectional,
+                         proj_size, device, dtype, unroll=unroll)
+
+
+class GRU(RNNBase):
+    """PyTorch ``nn.GRU``: gates ``r, z, n``, reset applied after the recurrent product (``r * (h W_hn^T + b_hn)``)."""
+
+    kind = "gru"
+
+    def __init__(self, input_size, hidden_size, num_layers=1, bias=True, batch_first=False, dropout=0.0,
+                 bidirectional=False, device=None, dtype=None, *, proj_size=0, unroll=False):
+        super().__init__(input_size, hidden_size, num_layers, bias, batch_first, dropout, bidirectional,
+                         proj_size, device, dtype, unroll=unroll)
