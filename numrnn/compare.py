@@ -1,0 +1,459 @@
+"""``numrnn compare``: the dynamic loop, partial unroll and full static unroll of one stack, measured over T.
+
+For every mode and sequence length this measures code generation, cold
+compile (empty cache, fresh process), cached load (a second fresh process on
+the warm cache), steady-state run time (median), peak memory while compiling
+and while running, generated source size, compiled artifact size on disk, and
+whether the kernel accepts another T without recompiling.
+
+Every measurement runs in a fresh subprocess (:func:`worker_main`): numba keeps
+compiled functions in-process, so only a new process with a new
+``NUMRNN_CACHE_DIR`` sees a truly cold cache. Memory is the peak resident set
+size during a phase minus the resident set size when the phase began: Linux
+lets a process reset its high-water mark (``/proc/self/clear_refs``), so each
+phase gets its own peak; elsewhere the process-lifetime ``ru_maxrss`` is used
+and said so in the JSON. RSS counts what numba/LLVM allocate natively, which
+``tracemalloc`` would miss.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from codegen.spec import UNROLL_CEILING, BlockSpec, CellSpec, DirectionSpec, StackSpec
+
+DEFAULT_STACK = "gru:120,gru:120,gru:120"
+DEFAULT_STEPS = (4, 8, 16, 32, 64, 128, 196)
+DEFAULT_UNROLL_STEPS = 4
+MODES = ("dynamic", "partial", "static")
+DIRECTIONS = ("forward", "backward", "bidirectional")
+_KINDS = {"simple": "simple", "rnn": "simple", "simplernn": "simple", "lstm": "lstm", "gru": "gru"}
+
+#: Columns of the CSV (and keys of each JSON row), in order.
+FIELDS = (
+    "mode", "steps", "kernel", "codegen_s", "compile_s", "cached_load_s", "run_ms", "run_repeats",
+    "compile_peak_mib", "run_peak_mib", "source_lines", "source_bytes", "artifact_bytes", "accepts_other_steps",
+)
+
+
+# -- the stack ---------------------------------------------------------------------------------------
+def parse_stack(text: str) -> tuple[CellSpec, ...]:
+    """``"lstm:128,gru:256"`` -> cells, bottom to top (kinds: simple/rnn, lstm, gru)."""
+    cells = []
+    for item in (part.strip() for part in text.split(",")):
+        kind, _, units = item.partition(":")
+        if kind.lower() not in _KINDS or not units.isdigit() or int(units) <= 0:
+            raise ValueError(f"stack: expected comma-separated kind:units items such as 'lstm:128,gru:256' "
+                             f"(kinds: simple, lstm, gru); got {item!r} in {text!r}")
+        cells.append(CellSpec(_KINDS[kind.lower()], int(units)))
+    return tuple(cells)
+
+
+@dataclass(frozen=True)
+class StackOptions:
+    """What ``numrnn compare`` / ``numrnn show`` are told about the stack (everything but the loop mode)."""
+
+    stack: str = DEFAULT_STACK
+    input_size: int = 2
+    batch: int = 128
+    direction: str = "forward"
+    masking: str = "none"
+    dtype: str = "float32"
+
+    def spec(self, *, unroll: int | None = None, unroll_steps: int = 1) -> StackSpec:
+        """The stack as a spec with the given loop mode (always ``return_sequences``, like seed 000)."""
+        if self.direction not in DIRECTIONS:
+            raise ValueError(f"direction must be one of {', '.join(DIRECTIONS)}; got {self.direction!r}")
+        cells = parse_stack(self.stack)
+        backward = "valid" if self.masking == "lengths" else "full"
+        reverses = {"forward": ("none",), "backward": (backward,), "bidirectional": ("none", backward)}
+        directions = tuple(DirectionSpec(cells, reverse) for reverse in reverses[self.direction])
+        return StackSpec(blocks=(BlockSpec(directions),), input_size=self.input_size, dtype=self.dtype,
+                         masking=self.masking, unroll=unroll, unroll_steps=unroll_steps)
+
+    def mode_spec(self, mode: str, steps: int, unroll_steps: int = DEFAULT_UNROLL_STEPS) -> StackSpec:
+        """The spec of ``mode`` (``dynamic``, ``partial``, ``static``) for sequences of ``steps``."""
+        if mode == "static":
+            return self.spec(unroll=steps)
+        return self.spec(unroll_steps=unroll_steps if mode == "partial" else 1)
+
+
+# -- the worker: one fresh process per measurement ---------------------------------------------------------
+def _read_status_kib(key: str) -> int | None:
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+class _PhaseMemory:
+    """Peak RSS above the starting RSS over a phase (see the module docstring)."""
+
+    def __init__(self):
+        try:
+            with open("/proc/self/clear_refs", "w", encoding="ascii") as refs:
+                refs.write("5")
+            self.method = "VmHWM reset via /proc/self/clear_refs"
+        except OSError:
+            self.method = "ru_maxrss (process lifetime peak)"
+        self.start_kib = _read_status_kib("VmRSS") or self._maxrss_kib()
+
+    @staticmethod
+    def _maxrss_kib() -> int:
+        import resource
+
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return peak // 1024 if sys.platform == "darwin" else peak
+
+    def peak_mib(self) -> float:
+        """MiB of peak RSS above the phase's starting RSS."""
+        peak = _read_status_kib("VmHWM") if self.method.startswith("VmHWM") else None
+        return max(0, (peak or self._maxrss_kib()) - self.start_kib) / 1024
+
+
+def _inputs(spec: StackSpec, steps: int, batch: int):
+    import numpy as np
+
+    from numrnn.runtime import pack_weights
+
+    rng = np.random.default_rng(steps)
+    x = rng.standard_normal((steps, batch, spec.input_size)).astype(spec.dtype)
+    logical = [{name: rng.uniform(-0.1, 0.1, shape) for name, shape in cell.weight_shapes(width).items()}
+               for cell, width in zip(spec.cells, spec.input_sizes())]
+    states = [np.zeros((batch, n), dtype=spec.dtype) for cell in spec.cells for n in cell.state_sizes]
+    condition = None
+    if spec.masking in ("carry", "zero"):
+        condition = rng.random((steps, batch)) < 0.9
+    elif spec.masking == "lengths":
+        condition = rng.integers(1, steps + 1, batch).astype(np.int64)
+    return x, condition, states, pack_weights(spec, logical)
+
+
+def _artifact_bytes(module_path: str) -> int:
+    path = Path(module_path)
+    return sum(f.stat().st_size for f in (path.parent / "__pycache__").glob(path.stem + ".*") if f.is_file())
+
+
+def _time_runs(kernel, args, repeat: int, budget_s: float) -> tuple[float, int]:
+    times: list[float] = []
+    while len(times) < repeat and (len(times) < 3 or sum(times) < budget_s):
+        start = time.perf_counter()
+        kernel(*args)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times), len(times)
+
+
+def measure(job: dict) -> dict:
+    """One measurement in this process: build and first-call ``job["spec"]``; in phase ``"warm"`` also run it.
+
+    Keys of ``job``: ``spec`` (JSON), ``steps`` (the T values to run; the
+    first one is used for the first call), ``batch``, ``phase`` (``"cold"`` or
+    ``"warm"``), ``repeat`` (most runs per T) and ``budget_s`` (stop repeating
+    after this much run time, with at least 3 runs).
+    """
+    from numrnn.runtime import get_kernel
+
+    spec = StackSpec.from_json(job["spec"])
+    args = _inputs(spec, job["steps"][0], job["batch"])
+    memory = _PhaseMemory()
+    kernel = get_kernel(spec)
+    kernel(*args)
+    result = {"codegen_s": kernel.codegen_seconds, "first_call_s": kernel.compile_seconds,
+              "first_call_peak_mib": memory.peak_mib(), "memory_method": memory.method,
+              "source_lines": kernel.source.count("\n"), "source_bytes": len(kernel.source.encode()),
+              "artifact_bytes": _artifact_bytes(kernel.path), "runs": []}
+    if job["phase"] == "warm":
+        for steps in job["steps"]:
+            args = _inputs(spec, steps, job["batch"])
+            kernel(*args)
+            memory = _PhaseMemory()
+            median, count = _time_runs(kernel, args, job["repeat"], job["budget_s"])
+            result["runs"].append({"steps": steps, "run_s": median, "repeats": count,
+                                   "run_peak_mib": memory.peak_mib()})
+        result["signatures"] = len(kernel.function.signatures)
+    return result
+
+
+def worker_main() -> None:
+    """Subprocess entry point: a JSON job on stdin, the JSON result of :func:`measure` on stdout."""
+    json.dump(measure(json.load(sys.stdin)), sys.stdout)
+
+
+def _run_worker(job: dict, cache: Path) -> dict:
+    root = str(Path(__file__).resolve().parent.parent)
+    env = {k: v for k, v in os.environ.items() if k not in ("NUMBA_CACHE_DIR", "NUMBA_DISABLE_JIT")}
+    env["NUMRNN_CACHE_DIR"] = str(cache)
+    env["PYTHONPATH"] = os.pathsep.join([root, *filter(None, [env.get("PYTHONPATH")])])
+    code = "from numrnn.compare import worker_main; worker_main()"
+    proc = subprocess.run([sys.executable, "-c", code], input=json.dumps(job), env=env,
+                          capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        raise RuntimeError(f"numrnn compare: measuring {job['kernel']} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout)
+
+
+# -- the sweep ---------------------------------------------------------------------------------------
+@dataclass
+class Comparison:
+    """A finished sweep: one row per mode and T, plus where and on what it ran."""
+
+    options: StackOptions
+    unroll_steps: int
+    rows: list[dict]
+    skipped: list[str] = field(default_factory=list)
+    machine: dict = field(default_factory=dict)
+    memory_method: str = ""
+    elapsed_s: float = 0.0
+
+
+def _tasks(options: StackOptions, steps: list[int], modes: list[str], unroll_steps: int):
+    """``(mode, spec, steps served)``: the loop modes compile one kernel for every T, static one per T."""
+    tasks = []
+    for mode in modes:
+        if mode == "static":
+            tasks += [(mode, options.mode_spec(mode, t), [t]) for t in steps if t <= UNROLL_CEILING]
+        else:
+            tasks.append((mode, options.mode_spec(mode, steps[0], unroll_steps), list(steps)))
+    return tasks
+
+
+def machine_info() -> dict:
+    """CPU model, core count, Python and library versions."""
+    import numba
+    import numpy
+
+    model = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as info:
+            model = next(line.split(":", 1)[1].strip() for line in info if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return {"cpu": model, "cores": os.cpu_count(), "platform": platform.platform(),
+            "python": platform.python_version(), "numba": numba.__version__, "numpy": numpy.__version__}
+
+
+def run_comparison(options: StackOptions, steps: list[int], modes: list[str], *,
+                   unroll_steps: int = DEFAULT_UNROLL_STEPS, repeat: int = 7, budget_s: float = 1.5,
+                   progress: Callable[[str], None] = lambda message: None) -> Comparison:
+    """Measure every mode over ``steps``; ``progress`` gets one line per finished phase."""
+    unknown = sorted(set(modes) - set(MODES))
+    if unknown:
+        raise ValueError(f"modes must be among {', '.join(MODES)}; got {', '.join(unknown)}")
+    steps = sorted(set(steps))
+    started = time.perf_counter()
+    comparison = Comparison(options, unroll_steps, [], machine=machine_info())
+    comparison.skipped = [f"static T={t}: past the static unroll ceiling ({UNROLL_CEILING})"
+                          for t in steps if "static" in modes and t > UNROLL_CEILING]
+    tasks = _tasks(options, steps, modes, unroll_steps)
+    for i, (mode, spec, served) in enumerate(tasks, 1):
+        label = f"[{i}/{len(tasks)}] {mode:<7} {spec.kernel_name()}"
+        job = {"spec": spec.to_json(), "kernel": spec.kernel_name(), "steps": served, "batch": options.batch,
+               "repeat": repeat, "budget_s": budget_s}
+        cache = Path(tempfile.mkdtemp(prefix="numrnn-compare-"))
+        try:
+            cold = _run_worker({**job, "phase": "cold"}, cache)
+            progress(f"{label}: cold compile {cold['first_call_s']:.2f} s "
+                     f"({time.perf_counter() - started:.0f} s elapsed)")
+            warm = _run_worker({**job, "phase": "warm"}, cache)
+            progress(f"{label}: cached load {warm['first_call_s']:.2f} s, ran T={','.join(map(str, served))}")
+        finally:
+            shutil.rmtree(cache, ignore_errors=True)
+        comparison.memory_method = cold["memory_method"]
+        comparison.rows += _rows(mode, spec, cold, warm)
+    comparison.rows.sort(key=lambda row: (row["steps"], MODES.index(row["mode"])))
+    comparison.elapsed_s = time.perf_counter() - started
+    return comparison
+
+
+def _rows(mode: str, spec: StackSpec, cold: dict, warm: dict) -> list[dict]:
+    accepts = spec.unroll is None and warm["signatures"] == 1
+    return [{
+        "mode": mode, "steps": run["steps"], "kernel": spec.kernel_name(),
+        "codegen_s": cold["codegen_s"], "compile_s": cold["first_call_s"], "cached_load_s": warm["first_call_s"],
+        "run_ms": run["run_s"] * 1e3, "run_repeats": run["repeats"],
+        "compile_peak_mib": cold["first_call_peak_mib"], "run_peak_mib": run["run_peak_mib"],
+        "source_lines": cold["source_lines"], "source_bytes": cold["source_bytes"],
+        "artifact_bytes": cold["artifact_bytes"], "accepts_other_steps": accepts,
+    } for run in warm["runs"]]
+
+
+# -- what the numbers say ------------------------------------------------------------------------------
+def _by_mode(rows: list[dict]) -> dict[str, dict[int, dict]]:
+    table: dict[str, dict[int, dict]] = {}
+    for row in rows:
+        table.setdefault(row["mode"], {})[row["steps"]] = row
+    return table
+
+
+def summarize(rows: list[dict]) -> dict:
+    """Static unroll against the dynamic loop, per T and as one crossover.
+
+    ``crossover_steps``: the largest T of the sweep up to which (for every
+    smaller T too) the static unroll compiles in no more than
+    ``1.25 ×`` the loop's cold compile time, i.e. where it stops being
+    nearly free to build; ``None`` if it never is. ``break_even_calls[T]``:
+    calls after which the static unroll's faster runs repay its extra compile
+    time (``None``: its runs are not faster, so never).
+    """
+    table = _by_mode(rows)
+    dynamic, static = table.get("dynamic", {}), table.get("static", {})
+    common = sorted(set(dynamic) & set(static))
+    if not common:
+        return {}
+    speedup, break_even = {}, {}
+    for t in common:
+        d, s = dynamic[t], static[t]
+        speedup[t] = d["run_ms"] / s["run_ms"]
+        extra_s, saved_s = s["compile_s"] - d["compile_s"], (d["run_ms"] - s["run_ms"]) / 1e3
+        break_even[t] = max(0, math.ceil(extra_s / saved_s)) if saved_s > 0 else None
+    crossover = None
+    for t in common:
+        if static[t]["compile_s"] > 1.25 * dynamic[t]["compile_s"]:
+            break
+        crossover = t
+    return {"crossover_steps": crossover, "run_speedup_static": speedup, "break_even_calls": break_even}
+
+
+# -- output --------------------------------------------------------------------------------------------
+def _fmt(value, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def format_table(comparison: Comparison) -> str:
+    """Two plain-text tables: times (modes side by side per T), then memory and sizes."""
+    table, steps = _by_mode(comparison.rows), sorted({row["steps"] for row in comparison.rows})
+    modes = [m for m in MODES if m in table]
+    names = {"dynamic": "dynamic", "partial": f"partial{comparison.unroll_steps}", "static": "static"}
+    head1 = f"{'':>5} " + " ".join(f"| {names[m]:^28} " for m in modes)
+    head2 = f"{'T':>5} " + " ".join(f"| {'compile s':>9} {'load s':>7} {'run ms':>10} " for m in modes)
+    lines = ["Time (cold compile with an empty cache, cached load in a fresh process, median run)", head1, head2]
+    for t in steps:
+        cells = []
+        for m in modes:
+            row = table[m].get(t)
+            cells.append(f"| {'n/a':>9} {'':>7} {'':>10} " if row is None else
+                         f"| {row['compile_s']:9.2f} {row['cached_load_s']:7.2f} {row['run_ms']:10.3g} ")
+        lines.append(f"{t:>5} " + " ".join(cells))
+    lines += ["", "Memory (peak RSS above the phase's start, MiB) and size (generated lines, compiled KiB on disk)",
+              f"{'T':>5} " + " ".join(f"| {names[m] + ' compile':>15} {'run':>5} {'lines':>6} {'KiB':>6} "
+                                      for m in modes)]
+    for t in steps:
+        cells = []
+        for m in modes:
+            row = table[m].get(t)
+            cells.append(f"| {'n/a':>15} {'':>5} {'':>6} {'':>6} " if row is None else
+                         f"| {row['compile_peak_mib']:15.0f} {row['run_peak_mib']:5.0f} "
+                         f"{row['source_lines']:6d} {row['artifact_bytes'] / 1024:6.0f} ")
+        lines.append(f"{t:>5} " + " ".join(cells))
+    accepts = {m: all(r["accepts_other_steps"] for r in table[m].values()) for m in modes}
+    lines += ["", "Accepts another T without recompiling: "
+              + ", ".join(f"{names[m]} {'yes' if accepts[m] else 'no (one kernel per T)'}" for m in modes)]
+    return "\n".join(lines)
+
+
+def format_summary(summary: dict) -> str:
+    """The crossover and per-T verdicts in words."""
+    if not summary:
+        return "No crossover: the sweep needs both the dynamic and the static mode."
+    lines = []
+    crossover = summary["crossover_steps"]
+    lines.append("Crossover: static unroll compiles within 1.25x of the loop up to T="
+                 f"{crossover}" if crossover else "Crossover: static unroll never compiles within 1.25x of the loop")
+    for t, speedup in summary["run_speedup_static"].items():
+        calls = summary["break_even_calls"][t]
+        verdict = "never repays its compile" if calls is None else f"repays its extra compile after {calls} calls"
+        lines.append(f"  T={t:<4} static runs {speedup:5.2f}x the loop's speed; {verdict}")
+    return "\n".join(lines)
+
+
+def write_csv(comparison: Comparison, path: Path) -> None:
+    """One row per mode and T, columns :data:`FIELDS`."""
+    with open(path, "w", newline="", encoding="utf-8") as handle:
+        writer = csv.DictWriter(handle, fieldnames=FIELDS)
+        writer.writeheader()
+        writer.writerows(comparison.rows)
+
+
+def write_json(comparison: Comparison, summary: dict, path: Path) -> None:
+    """Rows, summary, stack options, machine and method notes."""
+    payload = {"machine": comparison.machine, "options": asdict(comparison.options),
+               "unroll_steps": comparison.unroll_steps, "memory_method": comparison.memory_method,
+               "elapsed_s": comparison.elapsed_s, "skipped": comparison.skipped, "rows": comparison.rows,
+               "summary": summary}
+    path.write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
+
+
+def write_plot(comparison: Comparison, summary: dict, path: Path) -> str | None:
+    """Compile time and run time against T for every mode (log-log) as a PNG; returns a note if it cannot."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        from matplotlib import pyplot
+    except ImportError:
+        return f"no plot: matplotlib is not installed (python -m pip install 'numrnn[plot]' to get {path.name})"
+    table = _by_mode(comparison.rows)
+    figure, (left, right) = pyplot.subplots(1, 2, figsize=(11, 4.5))
+    for mode, rows in table.items():
+        steps = sorted(rows)
+        label = f"partial{comparison.unroll_steps}" if mode == "partial" else mode
+        line = left.plot(steps, [rows[t]["compile_s"] for t in steps], marker="o", label=f"{label} cold compile")
+        left.plot(steps, [rows[t]["cached_load_s"] for t in steps], linestyle="--", marker=".",
+                  color=line[0].get_color(), label=f"{label} cached load")
+        right.plot(steps, [rows[t]["run_ms"] for t in steps], marker="o", label=label)
+    crossover = summary.get("crossover_steps")
+    for axis, title, unit in ((left, "Compile time", "seconds"), (right, "Run time (median)", "milliseconds")):
+        axis.set_xscale("log", base=2)
+        axis.set_yscale("log")
+        axis.set_xlabel("sequence length T")
+        axis.set_ylabel(unit)
+        axis.set_title(title)
+        axis.grid(True, which="both", alpha=0.3)
+        if crossover:
+            axis.axvline(crossover, color="grey", linestyle=":", label=f"crossover T={crossover}")
+        axis.legend(fontsize=8)
+    o = comparison.options
+    figure.suptitle(f"numrnn compare: {o.stack}, input {o.input_size}, batch {o.batch}, {o.direction}, "
+                    f"masking {o.masking}, {o.dtype} — {comparison.machine.get('cpu', '')}", fontsize=9)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    pyplot.close(figure)
+    return None
+
+
+def report(comparison: Comparison, out: Path) -> str:
+    """Write ``compare.csv``, ``compare.json`` and ``compare.png`` into ``out``; returns the text to print."""
+    out.mkdir(parents=True, exist_ok=True)
+    summary = summarize(comparison.rows)
+    write_csv(comparison, out / "compare.csv")
+    write_json(comparison, summary, out / "compare.json")
+    note = write_plot(comparison, summary, out / "compare.png")
+    m = comparison.machine
+    o = comparison.options
+    parts = [f"numrnn compare: {o.stack} on {o.input_size} features, batch {o.batch}, {o.direction}, "
+             f"masking {o.masking}, {o.dtype}",
+             f"machine: {m.get('cpu')}, {m.get('cores')} cores, Python {m.get('python')}, numba {m.get('numba')}",
+             "", format_table(comparison), "", format_summary(summary), ""]
+    parts += comparison.skipped
+    written = ["compare.csv", "compare.json"] + ([] if note else ["compare.png"])
+    parts.append(f"wrote {', '.join(str(out / name) for name in written)} ({comparison.elapsed_s:.0f} s)")
+    if note:
+        parts.append(note)
+    return "\n".join(parts)
