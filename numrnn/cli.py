@@ -59,7 +59,7 @@ def _stack_options(args, **extra):
 
 
 def _configure_compare(parser: argparse.ArgumentParser) -> None:
-    from numrnn.compare import DEFAULT_STEPS, DEFAULT_UNROLL_STEPS, MODES
+    from numrnn.compare import DEFAULT_BLAS_THREADS, DEFAULT_STEPS, DEFAULT_UNROLL_STEPS, MODES
 
     _add_stack_arguments(parser)
     parser.add_argument("--batch", type=int, default=128, help="batch size (default 128)")
@@ -70,6 +70,9 @@ def _configure_compare(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--unroll-steps", type=int, default=DEFAULT_UNROLL_STEPS,
                         help=f"k of the partial mode: steps per loop iteration (default {DEFAULT_UNROLL_STEPS})")
     parser.add_argument("--repeat", type=int, default=7, help="most timed runs per T; the median is reported")
+    parser.add_argument("--blas-threads", type=int, default=DEFAULT_BLAS_THREADS,
+                        help=f"BLAS threads in the measuring processes, 0 for the environment's default "
+                             f"(default {DEFAULT_BLAS_THREADS}: reproducible medians on a busy machine)")
     parser.add_argument("--out", type=Path, default=Path.cwd(),
                         help="folder for compare.csv, compare.json, compare.png (default: current directory)")
 
@@ -82,6 +85,7 @@ def _compare(args) -> int:
     print(f"numrnn compare: {len(args.modes)} modes x {len(args.steps)} sequence lengths; every compile runs in a "
           "fresh process with an empty cache (a few seconds each)", file=sys.stderr, flush=True)
     comparison = run_comparison(options, args.steps, args.modes, unroll_steps=args.unroll_steps, repeat=args.repeat,
+                                blas_threads=args.blas_threads or None,
                                 progress=lambda line: print(line, file=sys.stderr, flush=True))
     print(report(comparison, args.out))
     return 0

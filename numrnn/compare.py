@@ -40,6 +40,11 @@ DEFAULT_STEPS = (4, 8, 16, 32, 64, 128, 196)
 DEFAULT_UNROLL_STEPS = 4
 MODES = ("dynamic", "partial", "static")
 DIRECTIONS = ("forward", "backward", "bidirectional")
+#: The per-step products are small (B x H by H x 3H); a multithreaded BLAS gains little on them
+#: and, on a machine where other processes compete for the cores, makes single calls 10x slower
+#: at random. One BLAS thread per worker keeps the medians reproducible.
+DEFAULT_BLAS_THREADS = 1
+_BLAS_THREAD_VARIABLES = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
 _KINDS = {"simple": "simple", "rnn": "simple", "simplernn": "simple", "lstm": "lstm", "gru": "gru"}
 
 #: Columns of the CSV (and keys of each JSON row), in order.
@@ -128,7 +133,8 @@ class _PhaseMemory:
         return max(0, (peak or self._maxrss_kib()) - self.start_kib) / 1024
 
 
-def _inputs(spec: StackSpec, steps: int, batch: int):
+def make_inputs(spec: StackSpec, steps: int, batch: int) -> tuple:
+    """Kernel arguments ``(x, condition, states, weights)``: random input and small random weights."""
     import numpy as np
 
     from numrnn.runtime import pack_weights
@@ -171,7 +177,7 @@ def measure(job: dict) -> dict:
     from numrnn.runtime import get_kernel
 
     spec = StackSpec.from_json(job["spec"])
-    args = _inputs(spec, job["steps"][0], job["batch"])
+    args = make_inputs(spec, job["steps"][0], job["batch"])
     memory = _PhaseMemory()
     kernel = get_kernel(spec)
     kernel(*args)
@@ -181,7 +187,7 @@ def measure(job: dict) -> dict:
               "artifact_bytes": _artifact_bytes(kernel.path), "runs": []}
     if job["phase"] == "warm":
         for steps in job["steps"]:
-            args = _inputs(spec, steps, job["batch"])
+            args = make_inputs(spec, steps, job["batch"])
             kernel(*args)
             memory = _PhaseMemory()
             median, count = _time_runs(kernel, args, job["repeat"], job["budget_s"])
@@ -196,10 +202,12 @@ def worker_main() -> None:
     json.dump(measure(json.load(sys.stdin)), sys.stdout)
 
 
-def _run_worker(job: dict, cache: Path) -> dict:
+def _run_worker(job: dict, cache: Path, blas_threads: int | None) -> dict:
     root = str(Path(__file__).resolve().parent.parent)
     env = {k: v for k, v in os.environ.items() if k not in ("NUMBA_CACHE_DIR", "NUMBA_DISABLE_JIT")}
     env["NUMRNN_CACHE_DIR"] = str(cache)
+    if blas_threads:
+        env.update(dict.fromkeys(_BLAS_THREAD_VARIABLES, str(blas_threads)))
     env["PYTHONPATH"] = os.pathsep.join([root, *filter(None, [env.get("PYTHONPATH")])])
     code = "from numrnn.compare import worker_main; worker_main()"
     proc = subprocess.run([sys.executable, "-c", code], input=json.dumps(job), env=env,
@@ -219,7 +227,7 @@ class Comparison:
     rows: list[dict]
     skipped: list[str] = field(default_factory=list)
     machine: dict = field(default_factory=dict)
-    memory_method: str = ""
+    method: dict = field(default_factory=dict)
     elapsed_s: float = 0.0
 
 
@@ -235,7 +243,7 @@ def _tasks(options: StackOptions, steps: list[int], modes: list[str], unroll_ste
 
 
 def machine_info() -> dict:
-    """CPU model, core count, Python and library versions."""
+    """CPU model, core count, load average, Python and library versions."""
     import numba
     import numpy
 
@@ -245,14 +253,46 @@ def machine_info() -> dict:
             model = next(line.split(":", 1)[1].strip() for line in info if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
-    return {"cpu": model, "cores": os.cpu_count(), "platform": platform.platform(),
-            "python": platform.python_version(), "numba": numba.__version__, "numpy": numpy.__version__}
+    load = os.getloadavg() if hasattr(os, "getloadavg") else None
+    return {"cpu": model, "cores": os.cpu_count(), "load_average_1m": load and round(load[0], 2),
+            "platform": platform.platform(), "python": platform.python_version(), "numba": numba.__version__,
+            "numpy": numpy.__version__}
+
+
+def _measure_kernel(options: StackOptions, mode: str, spec: StackSpec, served: list[int], *, repeat: int,
+                    budget_s: float, blas_threads: int | None, progress: Callable[[str], None], label: str):
+    """Cold process on an empty cache, then a warm process on that cache; returns ``(rows, memory method)``."""
+    job = {"spec": spec.to_json(), "kernel": spec.kernel_name(), "steps": served, "batch": options.batch,
+           "repeat": repeat, "budget_s": budget_s}
+    cache = Path(tempfile.mkdtemp(prefix="numrnn-compare-"))
+    try:
+        cold = _run_worker({**job, "phase": "cold"}, cache, blas_threads)
+        progress(f"{label}: cold compile {cold['first_call_s']:.2f} s")
+        warm = _run_worker({**job, "phase": "warm"}, cache, blas_threads)
+        progress(f"{label}: cached load {warm['first_call_s']:.2f} s, ran T={','.join(map(str, served))}")
+    finally:
+        shutil.rmtree(cache, ignore_errors=True)
+    return _rows(mode, spec, cold, warm), cold["memory_method"]
+
+
+def measure_mode(options: StackOptions, mode: str, steps: int, *, unroll_steps: int = DEFAULT_UNROLL_STEPS,
+                 repeat: int = 7, budget_s: float = 1.5, blas_threads: int | None = DEFAULT_BLAS_THREADS) -> dict:
+    """One row of the comparison (``mode`` at ``steps``), measured in two fresh processes."""
+    rows, _ = _measure_kernel(options, mode, options.mode_spec(mode, steps, unroll_steps), [steps], repeat=repeat,
+                              budget_s=budget_s, blas_threads=blas_threads, progress=lambda line: None, label="")
+    return rows[0]
 
 
 def run_comparison(options: StackOptions, steps: list[int], modes: list[str], *,
                    unroll_steps: int = DEFAULT_UNROLL_STEPS, repeat: int = 7, budget_s: float = 1.5,
+                   blas_threads: int | None = DEFAULT_BLAS_THREADS,
                    progress: Callable[[str], None] = lambda message: None) -> Comparison:
-    """Measure every mode over ``steps``; ``progress`` gets one line per finished phase."""
+    """Measure every mode over ``steps``; ``progress`` gets one line per finished phase.
+
+    ``repeat``: most timed runs per T (at least 3; stops early once the runs
+    took ``budget_s``); ``blas_threads``: BLAS threads in the workers
+    (``None``: the environment's default).
+    """
     unknown = sorted(set(modes) - set(MODES))
     if unknown:
         raise ValueError(f"modes must be among {', '.join(MODES)}; got {', '.join(unknown)}")
@@ -261,22 +301,14 @@ def run_comparison(options: StackOptions, steps: list[int], modes: list[str], *,
     comparison = Comparison(options, unroll_steps, [], machine=machine_info())
     comparison.skipped = [f"static T={t}: past the static unroll ceiling ({UNROLL_CEILING})"
                           for t in steps if "static" in modes and t > UNROLL_CEILING]
-    tasks = _tasks(options, steps, modes, unroll_steps)
+    tasks, memory_method = _tasks(options, steps, modes, unroll_steps), ""
     for i, (mode, spec, served) in enumerate(tasks, 1):
-        label = f"[{i}/{len(tasks)}] {mode:<7} {spec.kernel_name()}"
-        job = {"spec": spec.to_json(), "kernel": spec.kernel_name(), "steps": served, "batch": options.batch,
-               "repeat": repeat, "budget_s": budget_s}
-        cache = Path(tempfile.mkdtemp(prefix="numrnn-compare-"))
-        try:
-            cold = _run_worker({**job, "phase": "cold"}, cache)
-            progress(f"{label}: cold compile {cold['first_call_s']:.2f} s "
-                     f"({time.perf_counter() - started:.0f} s elapsed)")
-            warm = _run_worker({**job, "phase": "warm"}, cache)
-            progress(f"{label}: cached load {warm['first_call_s']:.2f} s, ran T={','.join(map(str, served))}")
-        finally:
-            shutil.rmtree(cache, ignore_errors=True)
-        comparison.memory_method = cold["memory_method"]
-        comparison.rows += _rows(mode, spec, cold, warm)
+        label = f"[{i}/{len(tasks)} {time.perf_counter() - started:4.0f} s] {mode:<7} {spec.kernel_name()}"
+        rows, memory_method = _measure_kernel(options, mode, spec, served, repeat=repeat, budget_s=budget_s,
+                                              blas_threads=blas_threads, progress=progress, label=label)
+        comparison.rows += rows
+    comparison.method = {"memory": memory_method, "blas_threads": blas_threads or "default", "repeat": repeat,
+                         "run_statistic": "median", "load_average_1m_end": machine_info()["load_average_1m"]}
     comparison.rows.sort(key=lambda row: (row["steps"], MODES.index(row["mode"])))
     comparison.elapsed_s = time.perf_counter() - started
     return comparison
@@ -332,8 +364,8 @@ def summarize(rows: list[dict]) -> dict:
 
 
 # -- output --------------------------------------------------------------------------------------------
-def _fmt(value, spec: str) -> str:
-    return "-" if value is None else format(value, spec)
+def _ms(value: float) -> str:
+    return f"{value:10.1f}" if value >= 10 else f"{value:10.3f}"
 
 
 def format_table(comparison: Comparison) -> str:
@@ -349,7 +381,7 @@ def format_table(comparison: Comparison) -> str:
         for m in modes:
             row = table[m].get(t)
             cells.append(f"| {'n/a':>9} {'':>7} {'':>10} " if row is None else
-                         f"| {row['compile_s']:9.2f} {row['cached_load_s']:7.2f} {row['run_ms']:10.3g} ")
+                         f"| {row['compile_s']:9.2f} {row['cached_load_s']:7.2f} {_ms(row['run_ms'])} ")
         lines.append(f"{t:>5} " + " ".join(cells))
     lines += ["", "Memory (peak RSS above the phase's start, MiB) and size (generated lines, compiled KiB on disk)",
               f"{'T':>5} " + " ".join(f"| {names[m] + ' compile':>15} {'run':>5} {'lines':>6} {'KiB':>6} "
@@ -394,7 +426,7 @@ def write_csv(comparison: Comparison, path: Path) -> None:
 def write_json(comparison: Comparison, summary: dict, path: Path) -> None:
     """Rows, summary, stack options, machine and method notes."""
     payload = {"machine": comparison.machine, "options": asdict(comparison.options),
-               "unroll_steps": comparison.unroll_steps, "memory_method": comparison.memory_method,
+               "unroll_steps": comparison.unroll_steps, "method": comparison.method,
                "elapsed_s": comparison.elapsed_s, "skipped": comparison.skipped, "rows": comparison.rows,
                "summary": summary}
     path.write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
@@ -449,7 +481,8 @@ def report(comparison: Comparison, out: Path) -> str:
     o = comparison.options
     parts = [f"numrnn compare: {o.stack} on {o.input_size} features, batch {o.batch}, {o.direction}, "
              f"masking {o.masking}, {o.dtype}",
-             f"machine: {m.get('cpu')}, {m.get('cores')} cores, Python {m.get('python')}, numba {m.get('numba')}",
+             f"machine: {m.get('cpu')}, {m.get('cores')} cores, load average {m.get('load_average_1m')} at start; "
+             f"Python {m.get('python')}, numba {m.get('numba')}; BLAS threads {comparison.method.get('blas_threads')}",
              "", format_table(comparison), "", format_summary(summary), ""]
     parts += comparison.skipped
     written = ["compare.csv", "compare.json"] + ([] if note else ["compare.png"])
