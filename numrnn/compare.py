@@ -13,7 +13,11 @@ size during a phase minus the resident set size when the phase began: Linux
 lets a process reset its high-water mark (``/proc/self/clear_refs``), so each
 phase gets its own peak; elsewhere the process-lifetime ``ru_maxrss`` is used
 and said so in the JSON. RSS counts what numba/LLVM allocate natively, which
-``tracemalloc`` would miss.
+``tracemalloc`` would miss. Both peaks are taken above the process's RSS after
+its imports, just before the kernel is built or loaded: the compile peak is
+what generating and compiling needs (LLVM), the run peak what a warm process
+holds while running (the loaded machine code, the buffers, the allocator's
+retained memory).
 """
 
 from __future__ import annotations
@@ -109,28 +113,33 @@ def _read_status_kib(key: str) -> int | None:
 
 
 class _PhaseMemory:
-    """Peak RSS above the starting RSS over a phase (see the module docstring)."""
+    """Peak RSS over a phase above a baseline RSS (see the module docstring)."""
 
-    def __init__(self):
+    def __init__(self, baseline_kib: int | None = None):
         try:
             with open("/proc/self/clear_refs", "w", encoding="ascii") as refs:
                 refs.write("5")
             self.method = "VmHWM reset via /proc/self/clear_refs"
         except OSError:
             self.method = "ru_maxrss (process lifetime peak)"
-        self.start_kib = _read_status_kib("VmRSS") or self._maxrss_kib()
-
-    @staticmethod
-    def _maxrss_kib() -> int:
-        import resource
-
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        return peak // 1024 if sys.platform == "darwin" else peak
+        self.baseline_kib = baseline_kib or current_rss_kib()
 
     def peak_mib(self) -> float:
-        """MiB of peak RSS above the phase's starting RSS."""
+        """MiB of peak RSS since construction, above the baseline."""
         peak = _read_status_kib("VmHWM") if self.method.startswith("VmHWM") else None
-        return max(0, (peak or self._maxrss_kib()) - self.start_kib) / 1024
+        return max(0, (peak or _maxrss_kib()) - self.baseline_kib) / 1024
+
+
+def _maxrss_kib() -> int:
+    import resource
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak // 1024 if sys.platform == "darwin" else peak
+
+
+def current_rss_kib() -> int:
+    """Resident set size of this process now (the lifetime peak where /proc is missing)."""
+    return _read_status_kib("VmRSS") or _maxrss_kib()
 
 
 def make_inputs(spec: StackSpec, steps: int, batch: int) -> tuple:
@@ -178,7 +187,8 @@ def measure(job: dict) -> dict:
 
     spec = StackSpec.from_json(job["spec"])
     args = make_inputs(spec, job["steps"][0], job["batch"])
-    memory = _PhaseMemory()
+    baseline_kib = current_rss_kib()
+    memory = _PhaseMemory(baseline_kib)
     kernel = get_kernel(spec)
     kernel(*args)
     result = {"codegen_s": kernel.codegen_seconds, "first_call_s": kernel.compile_seconds,
@@ -189,7 +199,7 @@ def measure(job: dict) -> dict:
         for steps in job["steps"]:
             args = make_inputs(spec, steps, job["batch"])
             kernel(*args)
-            memory = _PhaseMemory()
+            memory = _PhaseMemory(baseline_kib)
             median, count = _time_runs(kernel, args, job["repeat"], job["budget_s"])
             result["runs"].append({"steps": steps, "run_s": median, "repeats": count,
                                    "run_peak_mib": memory.peak_mib()})
@@ -337,10 +347,10 @@ def _by_mode(rows: list[dict]) -> dict[str, dict[int, dict]]:
 def summarize(rows: list[dict]) -> dict:
     """Static unroll against the dynamic loop, per T and as one crossover.
 
-    ``crossover_steps``: the largest T of the sweep up to which (for every
-    smaller T too) the static unroll compiles in no more than
-    ``1.25 ×`` the loop's cold compile time, i.e. where it stops being
-    nearly free to build; ``None`` if it never is. ``break_even_calls[T]``:
+    ``crossover_steps``: the largest T of the sweep at which the static
+    unroll compiles in no more than ``1.25 ×`` the loop's cold compile time:
+    past it, building a static kernel costs clearly more than building the
+    loop (compile time grows with T); ``None`` if it never is that cheap. ``break_even_calls[T]``:
     calls after which the static unroll's faster runs repay its extra compile
     time (``None``: its runs are not faster, so never).
     """
@@ -355,11 +365,8 @@ def summarize(rows: list[dict]) -> dict:
         speedup[t] = d["run_ms"] / s["run_ms"]
         extra_s, saved_s = s["compile_s"] - d["compile_s"], (d["run_ms"] - s["run_ms"]) / 1e3
         break_even[t] = max(0, math.ceil(extra_s / saved_s)) if saved_s > 0 else None
-    crossover = None
-    for t in common:
-        if static[t]["compile_s"] > 1.25 * dynamic[t]["compile_s"]:
-            break
-        crossover = t
+    within = [t for t in common if static[t]["compile_s"] <= 1.25 * dynamic[t]["compile_s"]]
+    crossover = max(within) if within else None
     return {"crossover_steps": crossover, "run_speedup_static": speedup, "break_even_calls": break_even}
 
 
@@ -383,7 +390,8 @@ def format_table(comparison: Comparison) -> str:
             cells.append(f"| {'n/a':>9} {'':>7} {'':>10} " if row is None else
                          f"| {row['compile_s']:9.2f} {row['cached_load_s']:7.2f} {_ms(row['run_ms'])} ")
         lines.append(f"{t:>5} " + " ".join(cells))
-    lines += ["", "Memory (peak RSS above the phase's start, MiB) and size (generated lines, compiled KiB on disk)",
+    lines += ["", "Memory (peak RSS above the process after its imports, MiB) and size (generated lines, "
+              "compiled KiB on disk)",
               f"{'T':>5} " + " ".join(f"| {names[m] + ' compile':>15} {'run':>5} {'lines':>6} {'KiB':>6} "
                                       for m in modes)]
     for t in steps:
@@ -406,8 +414,11 @@ def format_summary(summary: dict) -> str:
         return "No crossover: the sweep needs both the dynamic and the static mode."
     lines = []
     crossover = summary["crossover_steps"]
-    lines.append("Crossover: static unroll compiles within 1.25x of the loop up to T="
-                 f"{crossover}" if crossover else "Crossover: static unroll never compiles within 1.25x of the loop")
+    if crossover:
+        lines.append(f"Crossover: T={crossover} is the longest sequence at which the static unroll compiles within "
+                     "1.25x of the loop's time; beyond it, it costs clearly more to build")
+    else:
+        lines.append("Crossover: the static unroll never compiles within 1.25x of the loop's time")
     for t, speedup in summary["run_speedup_static"].items():
         calls = summary["break_even_calls"][t]
         verdict = "never repays its compile" if calls is None else f"repays its extra compile after {calls} calls"
