@@ -69,7 +69,8 @@ def _configure_compare(parser: argparse.ArgumentParser) -> None:
                         help=f"loop modes to measure (default {','.join(MODES)})")
     parser.add_argument("--unroll-steps", type=int, default=DEFAULT_UNROLL_STEPS,
                         help=f"k of the partial mode: steps per loop iteration (default {DEFAULT_UNROLL_STEPS})")
-    parser.add_argument("--repeat", type=int, default=7, help="most timed runs per T; the median is reported")
+    parser.add_argument("--repeat", type=int, default=5,
+                        help="timed rounds per mode and T, interleaved; the median is reported (default 5)")
     parser.add_argument("--blas-threads", type=int, default=DEFAULT_BLAS_THREADS,
                         help=f"BLAS threads in the measuring processes, 0 for the environment's default "
                              f"(default {DEFAULT_BLAS_THREADS}: reproducible medians on a busy machine)")

@@ -7,8 +7,11 @@ and while running, generated source size, compiled artifact size on disk, and
 whether the kernel accepts another T without recompiling.
 
 Every measurement runs in a fresh subprocess (:func:`worker_main`): numba keeps
-compiled functions in-process, so only a new process with a new
-``NUMRNN_CACHE_DIR`` sees a truly cold cache. Memory is the peak resident set
+compiled functions in-process, so only a new process sees a truly cold cache.
+The sweep uses a new temporary ``NUMRNN_CACHE_DIR`` in which every kernel has
+its own module file and numba index: a kernel's first process compiles it
+from nothing, its second loads it from the cache. The run times come from one
+more process that times all kernels interleaved (:func:`time_kernels`). Memory is the peak resident set
 size during a phase minus the resident set size when the phase began: Linux
 lets a process reset its high-water mark (``/proc/self/clear_refs``), so each
 phase gets its own peak; elsewhere the process-lifetime ``ru_maxrss`` is used
@@ -166,22 +169,12 @@ def _artifact_bytes(module_path: str) -> int:
     return sum(f.stat().st_size for f in (path.parent / "__pycache__").glob(path.stem + ".*") if f.is_file())
 
 
-def _time_runs(kernel, args, repeat: int, budget_s: float) -> tuple[float, int]:
-    times: list[float] = []
-    while len(times) < repeat and (len(times) < 3 or sum(times) < budget_s):
-        start = time.perf_counter()
-        kernel(*args)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times), len(times)
-
-
 def measure(job: dict) -> dict:
-    """One measurement in this process: build and first-call ``job["spec"]``; in phase ``"warm"`` also run it.
+    """Build and first-call ``job["spec"]`` in this process; in phase ``"warm"`` also call it once per T.
 
-    Keys of ``job``: ``spec`` (JSON), ``steps`` (the T values to run; the
-    first one is used for the first call), ``batch``, ``phase`` (``"cold"`` or
-    ``"warm"``), ``repeat`` (most runs per T) and ``budget_s`` (stop repeating
-    after this much run time, with at least 3 runs).
+    Keys of ``job``: ``spec`` (JSON), ``steps`` (the T values the kernel
+    serves; the first is used for the first call), ``batch``, ``phase``
+    (``"cold"``: empty cache, ``"warm"``: the cache the cold phase filled).
     """
     from numrnn.runtime import get_kernel
 
@@ -194,25 +187,52 @@ def measure(job: dict) -> dict:
     result = {"codegen_s": kernel.codegen_seconds, "first_call_s": kernel.compile_seconds,
               "first_call_peak_mib": memory.peak_mib(), "memory_method": memory.method,
               "source_lines": kernel.source.count("\n"), "source_bytes": len(kernel.source.encode()),
-              "artifact_bytes": _artifact_bytes(kernel.path), "runs": []}
+              "artifact_bytes": _artifact_bytes(kernel.path), "run_peak_mib": {}}
     if job["phase"] == "warm":
         for steps in job["steps"]:
             args = make_inputs(spec, steps, job["batch"])
-            kernel(*args)
             memory = _PhaseMemory(baseline_kib)
-            median, count = _time_runs(kernel, args, job["repeat"], job["budget_s"])
-            result["runs"].append({"steps": steps, "run_s": median, "repeats": count,
-                                   "run_peak_mib": memory.peak_mib()})
+            kernel(*args)
+            result["run_peak_mib"][steps] = memory.peak_mib()
         result["signatures"] = len(kernel.function.signatures)
     return result
 
 
+def time_kernels(job: dict) -> list[dict]:
+    """Steady-state run times of several warm kernels, interleaved in this one process.
+
+    ``job``: ``kernels`` (``{"spec": JSON, "steps": [...]}`` each), ``batch``,
+    ``repeat``. Every round calls every (kernel, T) once, same T side by side,
+    so a load that drifts during the sweep (a shared machine) hits every mode
+    alike; the median of the rounds is reported.
+    """
+    from numrnn.runtime import get_kernel
+
+    cases = []
+    for item in job["kernels"]:
+        kernel = get_kernel(StackSpec.from_json(item["spec"]))
+        for steps in item["steps"]:
+            args = make_inputs(kernel.spec, steps, job["batch"])
+            kernel(*args)
+            cases.append((steps, kernel.spec.kernel_name(), kernel, args))
+    cases.sort(key=lambda case: case[:2])
+    samples: dict[tuple[str, int], list[float]] = {(name, steps): [] for steps, name, _, _ in cases}
+    for _ in range(job["repeat"]):
+        for steps, name, kernel, args in cases:
+            start = time.perf_counter()
+            kernel(*args)
+            samples[(name, steps)].append(time.perf_counter() - start)
+    return [{"kernel": name, "steps": steps, "run_s": statistics.median(times), "repeats": len(times)}
+            for (name, steps), times in samples.items()]
+
+
 def worker_main() -> None:
-    """Subprocess entry point: a JSON job on stdin, the JSON result of :func:`measure` on stdout."""
-    json.dump(measure(json.load(sys.stdin)), sys.stdout)
+    """Subprocess entry point: a JSON job on stdin, the JSON result on stdout."""
+    job = json.load(sys.stdin)
+    json.dump(time_kernels(job) if job["phase"] == "timing" else measure(job), sys.stdout)
 
 
-def _run_worker(job: dict, cache: Path, blas_threads: int | None) -> dict:
+def _run_worker(job: dict, cache: Path, blas_threads: int | None):
     root = str(Path(__file__).resolve().parent.parent)
     env = {k: v for k, v in os.environ.items() if k not in ("NUMBA_CACHE_DIR", "NUMBA_DISABLE_JIT")}
     env["NUMRNN_CACHE_DIR"] = str(cache)
@@ -223,7 +243,7 @@ def _run_worker(job: dict, cache: Path, blas_threads: int | None) -> dict:
     proc = subprocess.run([sys.executable, "-c", code], input=json.dumps(job), env=env,
                           capture_output=True, text=True, check=False)
     if proc.returncode != 0:
-        raise RuntimeError(f"numrnn compare: measuring {job['kernel']} failed:\n{proc.stderr[-3000:]}")
+        raise RuntimeError(f"numrnn compare: the {job['phase']} measurement failed:\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout)
 
 
@@ -241,14 +261,25 @@ class Comparison:
     elapsed_s: float = 0.0
 
 
-def _tasks(options: StackOptions, steps: list[int], modes: list[str], unroll_steps: int):
-    """``(mode, spec, steps served)``: the loop modes compile one kernel for every T, static one per T."""
+@dataclass
+class _Task:
+    """One kernel to measure: its mode, spec, the T values it serves, and its cold and warm results."""
+
+    mode: str
+    spec: StackSpec
+    steps: list[int]
+    cold: dict = field(default_factory=dict)
+    warm: dict = field(default_factory=dict)
+
+
+def _tasks(options: StackOptions, steps: list[int], modes: list[str], unroll_steps: int) -> list[_Task]:
+    """The loop modes compile one kernel for every T, static one per T."""
     tasks = []
     for mode in modes:
         if mode == "static":
-            tasks += [(mode, options.mode_spec(mode, t), [t]) for t in steps if t <= UNROLL_CEILING]
+            tasks += [_Task(mode, options.mode_spec(mode, t), [t]) for t in steps if t <= UNROLL_CEILING]
         else:
-            tasks.append((mode, options.mode_spec(mode, steps[0], unroll_steps), list(steps)))
+            tasks.append(_Task(mode, options.mode_spec(mode, steps[0], unroll_steps), list(steps)))
     return tasks
 
 
@@ -269,39 +300,45 @@ def machine_info() -> dict:
             "numpy": numpy.__version__}
 
 
-def _measure_kernel(options: StackOptions, mode: str, spec: StackSpec, served: list[int], *, repeat: int,
-                    budget_s: float, blas_threads: int | None, progress: Callable[[str], None], label: str):
-    """Cold process on an empty cache, then a warm process on that cache; returns ``(rows, memory method)``."""
-    job = {"spec": spec.to_json(), "kernel": spec.kernel_name(), "steps": served, "batch": options.batch,
-           "repeat": repeat, "budget_s": budget_s}
+def _measure(tasks: list[_Task], batch: int, repeat: int, blas_threads: int | None,
+             progress: Callable[[str], None]) -> list[dict]:
+    """Cold then warm process per kernel (one cache dir, so each kernel meets an empty cache of its own),
+    then one process timing every kernel interleaved; returns the rows."""
+    started = time.perf_counter()
     cache = Path(tempfile.mkdtemp(prefix="numrnn-compare-"))
     try:
-        cold = _run_worker({**job, "phase": "cold"}, cache, blas_threads)
-        progress(f"{label}: cold compile {cold['first_call_s']:.2f} s")
-        warm = _run_worker({**job, "phase": "warm"}, cache, blas_threads)
-        progress(f"{label}: cached load {warm['first_call_s']:.2f} s, ran T={','.join(map(str, served))}")
+        for i, task in enumerate(tasks, 1):
+            job = {"spec": task.spec.to_json(), "steps": task.steps, "batch": batch}
+            label = f"[{i}/{len(tasks)}] {task.mode:<7} {task.spec.kernel_name()}"
+            task.cold = _run_worker({**job, "phase": "cold"}, cache, blas_threads)
+            task.warm = _run_worker({**job, "phase": "warm"}, cache, blas_threads)
+            progress(f"{label}: cold compile {task.cold['first_call_s']:.2f} s, cached load "
+                     f"{task.warm['first_call_s']:.2f} s ({time.perf_counter() - started:.0f} s elapsed)")
+        progress(f"timing {len(tasks)} kernels interleaved, {repeat} rounds ...")
+        kernels = [{"spec": task.spec.to_json(), "steps": task.steps} for task in tasks]
+        timing = _run_worker({"phase": "timing", "kernels": kernels, "batch": batch, "repeat": repeat}, cache,
+                             blas_threads)
     finally:
         shutil.rmtree(cache, ignore_errors=True)
-    return _rows(mode, spec, cold, warm), cold["memory_method"]
+    runs = {(run["kernel"], run["steps"]): run for run in timing}
+    return [row for task in tasks for row in _rows(task, runs)]
 
 
 def measure_mode(options: StackOptions, mode: str, steps: int, *, unroll_steps: int = DEFAULT_UNROLL_STEPS,
-                 repeat: int = 7, budget_s: float = 1.5, blas_threads: int | None = DEFAULT_BLAS_THREADS) -> dict:
-    """One row of the comparison (``mode`` at ``steps``), measured in two fresh processes."""
-    rows, _ = _measure_kernel(options, mode, options.mode_spec(mode, steps, unroll_steps), [steps], repeat=repeat,
-                              budget_s=budget_s, blas_threads=blas_threads, progress=lambda line: None, label="")
-    return rows[0]
+                 repeat: int = 5, blas_threads: int | None = DEFAULT_BLAS_THREADS) -> dict:
+    """One row of the comparison (``mode`` at ``steps``), measured in fresh processes."""
+    task = _Task(mode, options.mode_spec(mode, steps, unroll_steps), [steps])
+    return _measure([task], options.batch, repeat, blas_threads, lambda line: None)[0]
 
 
 def run_comparison(options: StackOptions, steps: list[int], modes: list[str], *,
-                   unroll_steps: int = DEFAULT_UNROLL_STEPS, repeat: int = 7, budget_s: float = 1.5,
+                   unroll_steps: int = DEFAULT_UNROLL_STEPS, repeat: int = 5,
                    blas_threads: int | None = DEFAULT_BLAS_THREADS,
                    progress: Callable[[str], None] = lambda message: None) -> Comparison:
-    """Measure every mode over ``steps``; ``progress`` gets one line per finished phase.
+    """Measure every mode over ``steps``; ``progress`` gets one line per measured kernel.
 
-    ``repeat``: most timed runs per T (at least 3; stops early once the runs
-    took ``budget_s``); ``blas_threads``: BLAS threads in the workers
-    (``None``: the environment's default).
+    ``repeat``: timed rounds per (mode, T), the median is reported;
+    ``blas_threads``: BLAS threads in the workers (``None``: the environment's).
     """
     unknown = sorted(set(modes) - set(MODES))
     if unknown:
@@ -311,29 +348,28 @@ def run_comparison(options: StackOptions, steps: list[int], modes: list[str], *,
     comparison = Comparison(options, unroll_steps, [], machine=machine_info())
     comparison.skipped = [f"static T={t}: past the static unroll ceiling ({UNROLL_CEILING})"
                           for t in steps if "static" in modes and t > UNROLL_CEILING]
-    tasks, memory_method = _tasks(options, steps, modes, unroll_steps), ""
-    for i, (mode, spec, served) in enumerate(tasks, 1):
-        label = f"[{i}/{len(tasks)} {time.perf_counter() - started:4.0f} s] {mode:<7} {spec.kernel_name()}"
-        rows, memory_method = _measure_kernel(options, mode, spec, served, repeat=repeat, budget_s=budget_s,
-                                              blas_threads=blas_threads, progress=progress, label=label)
-        comparison.rows += rows
-    comparison.method = {"memory": memory_method, "blas_threads": blas_threads or "default", "repeat": repeat,
-                         "run_statistic": "median", "load_average_1m_end": machine_info()["load_average_1m"]}
+    tasks = _tasks(options, steps, modes, unroll_steps)
+    if tasks:
+        comparison.rows = _measure(tasks, options.batch, repeat, blas_threads, progress)
+    comparison.method = {"memory": tasks[0].cold.get("memory_method") if tasks else None,
+                         "blas_threads": blas_threads or "default", "repeat": repeat, "run_statistic": "median",
+                         "load_average_1m_end": machine_info()["load_average_1m"]}
     comparison.rows.sort(key=lambda row: (row["steps"], MODES.index(row["mode"])))
     comparison.elapsed_s = time.perf_counter() - started
     return comparison
 
 
-def _rows(mode: str, spec: StackSpec, cold: dict, warm: dict) -> list[dict]:
-    accepts = spec.unroll is None and warm["signatures"] == 1
+def _rows(task: _Task, runs: dict) -> list[dict]:
+    name, cold, warm = task.spec.kernel_name(), task.cold, task.warm
+    accepts = task.spec.unroll is None and warm["signatures"] == 1
     return [{
-        "mode": mode, "steps": run["steps"], "kernel": spec.kernel_name(),
+        "mode": task.mode, "steps": t, "kernel": name,
         "codegen_s": cold["codegen_s"], "compile_s": cold["first_call_s"], "cached_load_s": warm["first_call_s"],
-        "run_ms": run["run_s"] * 1e3, "run_repeats": run["repeats"],
-        "compile_peak_mib": cold["first_call_peak_mib"], "run_peak_mib": run["run_peak_mib"],
+        "run_ms": runs[(name, t)]["run_s"] * 1e3, "run_repeats": runs[(name, t)]["repeats"],
+        "compile_peak_mib": cold["first_call_peak_mib"], "run_peak_mib": warm["run_peak_mib"][str(t)],
         "source_lines": cold["source_lines"], "source_bytes": cold["source_bytes"],
         "artifact_bytes": cold["artifact_bytes"], "accepts_other_steps": accepts,
-    } for run in warm["runs"]]
+    } for t in task.steps]
 
 
 # -- what the numbers say ------------------------------------------------------------------------------
@@ -462,8 +498,11 @@ def write_plot(comparison: Comparison, summary: dict, path: Path) -> str | None:
                   color=line[0].get_color(), label=f"{label} cached load")
         right.plot(steps, [rows[t]["run_ms"] for t in steps], marker="o", label=label)
     crossover = summary.get("crossover_steps")
+    all_steps = sorted({row["steps"] for row in comparison.rows})
     for axis, title, unit in ((left, "Compile time", "seconds"), (right, "Run time (median)", "milliseconds")):
         axis.set_xscale("log", base=2)
+        axis.set_xticks(all_steps, labels=[str(t) for t in all_steps])
+        axis.tick_params(axis="x", which="minor", bottom=False, labelbottom=False)
         axis.set_yscale("log")
         axis.set_xlabel("sequence length T")
         axis.set_ylabel(unit)

@@ -1,7 +1,7 @@
 """The ``numrnn`` command: ``compare`` on a tiny sweep (real subprocess measurements), ``show``, ``bench`` dispatch.
 
 The one real sweep (SimpleRNN(4), B=2, T in {2, 3}, dynamic and static: three
-small kernels, six worker processes) is shared by the tests that read its
+small kernels, seven worker processes) is shared by the tests that read its
 output. matplotlib is hidden from it, so it also covers the table-only path;
 the plot itself is checked on synthetic rows, with matplotlib faked and, where
 installed, real.
@@ -52,7 +52,7 @@ def test_compare_writes_one_csv_row_per_mode_and_length(tiny_sweep):
         for name in ("codegen_s", "compile_s", "cached_load_s", "run_ms"):
             assert float(row[name]) > 0, name
         assert int(row["source_lines"]) > 10 and int(row["artifact_bytes"]) > 1000
-        assert int(row["run_repeats"]) >= 3
+        assert int(row["run_repeats"]) == 3
     kernels = {(r["mode"], r["steps"]): r["kernel"] for r in rows}
     assert kernels[("dynamic", "2")] == kernels[("dynamic", "3")] == "simple4_fwd_none_dyn"
     assert kernels[("static", "3")] == "simple4_fwd_none_unroll3"
@@ -80,7 +80,8 @@ def test_compare_json_holds_rows_summary_and_machine(tiny_sweep):
 
 def test_compare_prints_the_table_progress_and_the_missing_plot_note(tiny_sweep):
     _, stdout, stderr, out = tiny_sweep
-    assert "[1/3" in stderr and "[3/3" in stderr and "cold compile" in stderr and "cached load" in stderr
+    assert "[1/3]" in stderr and "[3/3]" in stderr and "cold compile" in stderr and "cached load" in stderr
+    assert "timing 3 kernels interleaved, 3 rounds" in stderr
     assert "compile s" in stdout and "run ms" in stdout and "dynamic" in stdout and "static" in stdout
     table = stdout.split("Memory")[0]
     assert any(line.split()[0] == "2" for line in table.splitlines() if line.strip())
