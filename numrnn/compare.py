@@ -51,12 +51,15 @@ DIRECTIONS = ("forward", "backward", "bidirectional")
 #: and, on a machine where other processes compete for the cores, makes single calls 10x slower
 #: at random. One BLAS thread per worker keeps the medians reproducible.
 DEFAULT_BLAS_THREADS = 1
+#: Time a short case is run for per timing round (several calls), and the cap on its calls.
+_ROUND_SECONDS = 0.05
+_MAX_CALLS_PER_ROUND = 20
 _BLAS_THREAD_VARIABLES = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
 _KINDS = {"simple": "simple", "rnn": "simple", "simplernn": "simple", "lstm": "lstm", "gru": "gru"}
 
 #: Columns of the CSV (and keys of each JSON row), in order.
 FIELDS = (
-    "mode", "steps", "kernel", "codegen_s", "compile_s", "cached_load_s", "run_ms", "run_repeats",
+    "mode", "steps", "kernel", "codegen_s", "compile_s", "cached_load_s", "run_ms", "run_min_ms", "run_repeats",
     "compile_peak_mib", "run_peak_mib", "source_lines", "source_bytes", "artifact_bytes", "accepts_other_steps",
 )
 
@@ -202,9 +205,11 @@ def time_kernels(job: dict) -> list[dict]:
     """Steady-state run times of several warm kernels, interleaved in this one process.
 
     ``job``: ``kernels`` (``{"spec": JSON, "steps": [...]}`` each), ``batch``,
-    ``repeat``. Every round calls every (kernel, T) once, same T side by side,
-    so a load that drifts during the sweep (a shared machine) hits every mode
-    alike; the median of the rounds is reported.
+    ``repeat``. Every round calls every (kernel, T) in turn, same T side by
+    side, so a load that drifts during the sweep (a shared machine) hits every
+    mode alike; a short case is called several times per round (about
+    :data:`_ROUND_SECONDS` worth) so that it too gets enough samples. Reports
+    the median and the minimum of all calls.
     """
     from numrnn.runtime import get_kernel
 
@@ -214,16 +219,20 @@ def time_kernels(job: dict) -> list[dict]:
         for steps in item["steps"]:
             args = make_inputs(kernel.spec, steps, job["batch"])
             kernel(*args)
-            cases.append((steps, kernel.spec.kernel_name(), kernel, args))
-    cases.sort(key=lambda case: case[:2])
-    samples: dict[tuple[str, int], list[float]] = {(name, steps): [] for steps, name, _, _ in cases}
-    for _ in range(job["repeat"]):
-        for steps, name, kernel, args in cases:
             start = time.perf_counter()
             kernel(*args)
-            samples[(name, steps)].append(time.perf_counter() - start)
-    return [{"kernel": name, "steps": steps, "run_s": statistics.median(times), "repeats": len(times)}
-            for (name, steps), times in samples.items()]
+            calls = min(_MAX_CALLS_PER_ROUND, max(1, round(_ROUND_SECONDS / (time.perf_counter() - start))))
+            cases.append((steps, kernel.spec.kernel_name(), kernel, args, calls))
+    cases.sort(key=lambda case: case[:2])
+    samples: dict[tuple[str, int], list[float]] = {(name, steps): [] for steps, name, *_ in cases}
+    for _ in range(job["repeat"]):
+        for steps, name, kernel, args, calls in cases:
+            for _ in range(calls):
+                start = time.perf_counter()
+                kernel(*args)
+                samples[(name, steps)].append(time.perf_counter() - start)
+    return [{"kernel": name, "steps": steps, "run_s": statistics.median(times), "run_min_s": min(times),
+             "repeats": len(times)} for (name, steps), times in samples.items()]
 
 
 def worker_main() -> None:
@@ -365,7 +374,8 @@ def _rows(task: _Task, runs: dict) -> list[dict]:
     return [{
         "mode": task.mode, "steps": t, "kernel": name,
         "codegen_s": cold["codegen_s"], "compile_s": cold["first_call_s"], "cached_load_s": warm["first_call_s"],
-        "run_ms": runs[(name, t)]["run_s"] * 1e3, "run_repeats": runs[(name, t)]["repeats"],
+        "run_ms": runs[(name, t)]["run_s"] * 1e3, "run_min_ms": runs[(name, t)]["run_min_s"] * 1e3,
+        "run_repeats": runs[(name, t)]["repeats"],
         "compile_peak_mib": cold["first_call_peak_mib"], "run_peak_mib": warm["run_peak_mib"][str(t)],
         "source_lines": cold["source_lines"], "source_bytes": cold["source_bytes"],
         "artifact_bytes": cold["artifact_bytes"], "accepts_other_steps": accepts,
@@ -383,10 +393,10 @@ def _by_mode(rows: list[dict]) -> dict[str, dict[int, dict]]:
 def summarize(rows: list[dict]) -> dict:
     """Static unroll against the dynamic loop, per T and as one crossover.
 
-    ``crossover_steps``: the largest T of the sweep at which the static
-    unroll compiles in no more than ``1.25 ×`` the loop's cold compile time:
-    past it, building a static kernel costs clearly more than building the
-    loop (compile time grows with T); ``None`` if it never is that cheap. ``break_even_calls[T]``:
+    ``crossover_steps``: where the cold compile curves cross, the largest T
+    of the sweep at which the static unroll compiles no slower than the loop
+    (whose compile time does not depend on T; the static one grows with T);
+    ``None`` if it never does. ``break_even_calls[T]``:
     calls after which the static unroll's faster runs repay its extra compile
     time (``None``: its runs are not faster, so never).
     """
@@ -401,7 +411,7 @@ def summarize(rows: list[dict]) -> dict:
         speedup[t] = d["run_ms"] / s["run_ms"]
         extra_s, saved_s = s["compile_s"] - d["compile_s"], (d["run_ms"] - s["run_ms"]) / 1e3
         break_even[t] = max(0, math.ceil(extra_s / saved_s)) if saved_s > 0 else None
-    within = [t for t in common if static[t]["compile_s"] <= 1.25 * dynamic[t]["compile_s"]]
+    within = [t for t in common if static[t]["compile_s"] <= dynamic[t]["compile_s"]]
     crossover = max(within) if within else None
     return {"crossover_steps": crossover, "run_speedup_static": speedup, "break_even_calls": break_even}
 
@@ -451,10 +461,10 @@ def format_summary(summary: dict) -> str:
     lines = []
     crossover = summary["crossover_steps"]
     if crossover:
-        lines.append(f"Crossover: T={crossover} is the longest sequence at which the static unroll compiles within "
-                     "1.25x of the loop's time; beyond it, it costs clearly more to build")
+        lines.append(f"Crossover: T={crossover} is the longest sequence at which the static unroll compiles no "
+                     "slower than the dynamic loop; beyond it, it costs more to build")
     else:
-        lines.append("Crossover: the static unroll never compiles within 1.25x of the loop's time")
+        lines.append("Crossover: the static unroll compiles slower than the dynamic loop at every T")
     for t, speedup in summary["run_speedup_static"].items():
         calls = summary["break_even_calls"][t]
         verdict = "never repays its compile" if calls is None else f"repays its extra compile after {calls} calls"
