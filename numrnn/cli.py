@@ -71,6 +71,9 @@ def _configure_compare(parser: argparse.ArgumentParser) -> None:
                         help=f"k of the partial mode: steps per loop iteration (default {DEFAULT_UNROLL_STEPS})")
     parser.add_argument("--repeat", type=int, default=5,
                         help="timed rounds per mode and T, interleaved; the median is reported (default 5)")
+    parser.add_argument("--compile-repeat", type=int, default=1,
+                        help="cold compiles per kernel, each in a fresh process and cache; the median is reported "
+                             "(default 1: compile times on a busy machine vary by tens of percent)")
     parser.add_argument("--blas-threads", type=int, default=DEFAULT_BLAS_THREADS,
                         help=f"BLAS threads in the measuring processes, 0 for the environment's default "
                              f"(default {DEFAULT_BLAS_THREADS}: reproducible medians on a busy machine)")
@@ -86,7 +89,7 @@ def _compare(args) -> int:
     print(f"numrnn compare: {len(args.modes)} modes x {len(args.steps)} sequence lengths; every compile runs in a "
           "fresh process with an empty cache (a few seconds each)", file=sys.stderr, flush=True)
     comparison = run_comparison(options, args.steps, args.modes, unroll_steps=args.unroll_steps, repeat=args.repeat,
-                                blas_threads=args.blas_threads or None,
+                                compile_repeat=args.compile_repeat, blas_threads=args.blas_threads or None,
                                 progress=lambda line: print(line, file=sys.stderr, flush=True))
     print(report(comparison, args.out))
     return 0

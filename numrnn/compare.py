@@ -57,7 +57,7 @@ _MAX_CALLS_PER_ROUND = 20
 _BLAS_THREAD_VARIABLES = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
 _KINDS = {"simple": "simple", "rnn": "simple", "simplernn": "simple", "lstm": "lstm", "gru": "gru"}
 
-#: Columns of the CSV (and keys of each JSON row), in order.
+#: Columns of the CSV, in order (JSON rows also list every cold compile in ``compile_samples_s``).
 FIELDS = (
     "mode", "steps", "kernel", "codegen_s", "compile_s", "cached_load_s", "run_ms", "run_min_ms", "run_repeats",
     "compile_peak_mib", "run_peak_mib", "source_lines", "source_bytes", "artifact_bytes", "accepts_other_steps",
@@ -309,17 +309,31 @@ def machine_info() -> dict:
             "numpy": numpy.__version__}
 
 
+def _median_cold(results: list[dict]) -> dict:
+    """The first cold result with its times and compile memory replaced by the medians over ``results``."""
+    merged = dict(results[0])
+    for key in ("codegen_s", "first_call_s", "first_call_peak_mib"):
+        merged[key] = statistics.median(result[key] for result in results)
+    merged["cold_samples"] = [result["first_call_s"] for result in results]
+    return merged
+
+
 def _measure(tasks: list[_Task], batch: int, repeat: int, blas_threads: int | None,
-             progress: Callable[[str], None]) -> list[dict]:
-    """Cold then warm process per kernel (one cache dir, so each kernel meets an empty cache of its own),
-    then one process timing every kernel interleaved; returns the rows."""
+             progress: Callable[[str], None], compile_repeat: int = 1) -> list[dict]:
+    """Cold then warm process per kernel, then one process timing every kernel interleaved; returns the rows.
+
+    One cache dir serves the sweep (each kernel has its own module file and
+    numba index in it, so its first process meets an empty cache); repeated
+    cold compiles (``compile_repeat``) each get a fresh subfolder.
+    """
     started = time.perf_counter()
     cache = Path(tempfile.mkdtemp(prefix="numrnn-compare-"))
     try:
         for i, task in enumerate(tasks, 1):
             job = {"spec": task.spec.to_json(), "steps": task.steps, "batch": batch}
             label = f"[{i}/{len(tasks)}] {task.mode:<7} {task.spec.kernel_name()}"
-            task.cold = _run_worker({**job, "phase": "cold"}, cache, blas_threads)
+            task.cold = _median_cold([_run_worker({**job, "phase": "cold"}, cache / f"cold{k}" if k else cache,
+                                                  blas_threads) for k in range(compile_repeat)])
             task.warm = _run_worker({**job, "phase": "warm"}, cache, blas_threads)
             progress(f"{label}: cold compile {task.cold['first_call_s']:.2f} s, cached load "
                      f"{task.warm['first_call_s']:.2f} s ({time.perf_counter() - started:.0f} s elapsed)")
@@ -341,13 +355,15 @@ def measure_mode(options: StackOptions, mode: str, steps: int, *, unroll_steps: 
 
 
 def run_comparison(options: StackOptions, steps: list[int], modes: list[str], *,
-                   unroll_steps: int = DEFAULT_UNROLL_STEPS, repeat: int = 5,
+                   unroll_steps: int = DEFAULT_UNROLL_STEPS, repeat: int = 5, compile_repeat: int = 1,
                    blas_threads: int | None = DEFAULT_BLAS_THREADS,
                    progress: Callable[[str], None] = lambda message: None) -> Comparison:
     """Measure every mode over ``steps``; ``progress`` gets one line per measured kernel.
 
     ``repeat``: timed rounds per (mode, T), the median is reported;
-    ``blas_threads``: BLAS threads in the workers (``None``: the environment's).
+    ``compile_repeat``: cold compiles per kernel, each in a fresh process and
+    cache, the median is reported; ``blas_threads``: BLAS threads in the
+    workers (``None``: the environment's).
     """
     unknown = sorted(set(modes) - set(MODES))
     if unknown:
@@ -359,9 +375,10 @@ def run_comparison(options: StackOptions, steps: list[int], modes: list[str], *,
                           for t in steps if "static" in modes and t > UNROLL_CEILING]
     tasks = _tasks(options, steps, modes, unroll_steps)
     if tasks:
-        comparison.rows = _measure(tasks, options.batch, repeat, blas_threads, progress)
+        comparison.rows = _measure(tasks, options.batch, repeat, blas_threads, progress, compile_repeat)
     comparison.method = {"memory": tasks[0].cold.get("memory_method") if tasks else None,
-                         "blas_threads": blas_threads or "default", "repeat": repeat, "run_statistic": "median",
+                         "blas_threads": blas_threads or "default", "repeat": repeat,
+                         "compile_repeat": compile_repeat, "run_statistic": "median",
                          "load_average_1m_end": machine_info()["load_average_1m"]}
     comparison.rows.sort(key=lambda row: (row["steps"], MODES.index(row["mode"])))
     comparison.elapsed_s = time.perf_counter() - started
@@ -373,7 +390,8 @@ def _rows(task: _Task, runs: dict) -> list[dict]:
     accepts = task.spec.unroll is None and warm["signatures"] == 1
     return [{
         "mode": task.mode, "steps": t, "kernel": name,
-        "codegen_s": cold["codegen_s"], "compile_s": cold["first_call_s"], "cached_load_s": warm["first_call_s"],
+        "codegen_s": cold["codegen_s"], "compile_s": cold["first_call_s"], "compile_samples_s": cold["cold_samples"],
+        "cached_load_s": warm["first_call_s"],
         "run_ms": runs[(name, t)]["run_s"] * 1e3, "run_min_ms": runs[(name, t)]["run_min_s"] * 1e3,
         "run_repeats": runs[(name, t)]["repeats"],
         "compile_peak_mib": cold["first_call_peak_mib"], "run_peak_mib": warm["run_peak_mib"][str(t)],
@@ -475,7 +493,7 @@ def format_summary(summary: dict) -> str:
 def write_csv(comparison: Comparison, path: Path) -> None:
     """One row per mode and T, columns :data:`FIELDS`."""
     with open(path, "w", newline="", encoding="utf-8") as handle:
-        writer = csv.DictWriter(handle, fieldnames=FIELDS)
+        writer = csv.DictWriter(handle, fieldnames=FIELDS, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(comparison.rows)
 
