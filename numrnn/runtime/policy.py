@@ -9,6 +9,8 @@ beyond, announced once per process on the ``numrnn`` logger.
 
 Why that threshold: see the README section "Comparing static unroll and the
 dynamic loop" (``numrnn compare`` on the seed-000 stack, 3×GRU(120), B=128).
+A static kernel serves one T only, so ``"auto"`` on short sequences of many
+different lengths compiles one kernel per length; ``False`` compiles once.
 """
 
 from __future__ import annotations
@@ -20,9 +22,10 @@ import numpy as np
 
 from codegen.spec import UNROLL_CEILING, UNROLL_STEPS_CEILING
 
-#: Longest sequence ``unroll="auto"`` unrolls statically. Measured crossover:
-#: up to here a static unroll costs about as much compile time as the loop;
-#: beyond it its compile time grows linearly with T for no run-time gain.
+#: Longest sequence ``unroll="auto"`` unrolls statically: the crossover ``numrnn compare`` measured
+#: (seed-000 stack, median of 3 cold compiles). Up to T=16 a static unroll compiles within 1.25x of
+#: the loop (3.2-3.6 s against 2.7 s) and runs as fast; beyond, its compile time, compile memory and
+#: artifact grow with T (7.7 s at T=196) while its run time stays the loop's (within 4 %).
 AUTO_STATIC_MAX_STEPS = 16
 
 log = logging.getLogger("numrnn")
