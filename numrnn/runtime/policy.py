@@ -25,7 +25,7 @@ from codegen.spec import UNROLL_CEILING, UNROLL_STEPS_CEILING
 #: Longest sequence ``unroll="auto"`` unrolls statically: the crossover ``numrnn compare`` measured
 #: (seed-000 stack, median of 3 cold compiles). Up to T=16 a static unroll compiles within 1.25x of
 #: the loop (3.2-3.6 s against 2.7 s) and runs as fast; beyond, its compile time, compile memory and
-#: artifact grow with T (7.7 s at T=196) while its run time stays the loop's (within 4 %).
+#: artifact grow with T (7.7 s at T=196) while its run time stays the loop's (within 7 %).
 AUTO_STATIC_MAX_STEPS = 16
 
 log = logging.getLogger("numrnn")
