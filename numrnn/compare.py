@@ -521,7 +521,7 @@ def write_plot(comparison: Comparison, summary: dict, path: Path) -> str | None:
     except ImportError:
         return f"no plot: matplotlib is not installed (python -m pip install 'numrnn[plot]' to get {path.name})"
     table = _by_mode(comparison.rows)
-    figure, (left, right) = pyplot.subplots(1, 2, figsize=(11, 4.5))
+    figure, (left, right) = pyplot.subplots(1, 2, figsize=(11, 6))
     for mode, rows in table.items():
         steps = sorted(rows)
         label = f"partial{comparison.unroll_steps}" if mode == "partial" else mode
@@ -542,7 +542,8 @@ def write_plot(comparison: Comparison, summary: dict, path: Path) -> str | None:
         axis.grid(True, which="both", alpha=0.3)
         if crossover:
             axis.axvline(crossover, color="grey", linestyle=":", label=f"crossover T={crossover}")
-        axis.legend(fontsize=8)
+        # Below the panel: inside, it hides the lines where they matter (small T).
+        axis.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2)
     o = comparison.options
     figure.suptitle(f"numrnn compare: {o.stack}, input {o.input_size}, batch {o.batch}, {o.direction}, "
                     f"masking {o.masking}, {o.dtype} — {comparison.machine.get('cpu', '')}", fontsize=9)

@@ -23,10 +23,11 @@ import numpy as np
 from codegen.spec import UNROLL_CEILING, UNROLL_STEPS_CEILING
 
 #: Longest sequence ``unroll="auto"`` unrolls statically: the crossover ``numrnn compare`` measured
-#: (seed-000 stack, median of 3 cold compiles). Up to T=16 a static unroll compiles within 1.25x of
-#: the loop (3.2-3.6 s against 2.7 s) and runs as fast; beyond, its compile time, compile memory and
-#: artifact grow with T (7.7 s at T=196) while its run time stays the loop's (within 7 %).
-AUTO_STATIC_MAX_STEPS = 16
+#: (seed-000 stack, median of 3 cold compiles; 8 in two of three sweeps, 16 in the third). Up to
+#: T=8 a static unroll compiles within 1.25x of the loop (2.9 s against 2.4 s) and runs as fast;
+#: beyond, its compile time, compile memory and artifact grow with T (8.3 s at T=196) while its
+#: run time stays the loop's (fastest calls within 2.3 %).
+AUTO_STATIC_MAX_STEPS = 8
 
 log = logging.getLogger("numrnn")
 _fallback_logged = False
