@@ -19,6 +19,12 @@ def _int_list(text: str) -> list[int]:
     return values
 
 
+def _positive_int(text: str) -> int:
+    if not text.isdigit() or int(text) == 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer; got {text!r}")
+    return int(text)
+
+
 def _mode_list(text: str) -> list[str]:
     from numrnn.compare import MODES
 
@@ -44,7 +50,7 @@ def _add_stack_arguments(parser: argparse.ArgumentParser) -> None:
 
     parser.add_argument("stack", nargs="?", default=DEFAULT_STACK,
                         help=f"cells bottom to top as kind:units, e.g. lstm:128,gru:256 (default {DEFAULT_STACK})")
-    parser.add_argument("--input-size", type=int, default=2, help="features per time step (default 2)")
+    parser.add_argument("--input-size", type=_positive_int, default=2, help="features per time step (default 2)")
     parser.add_argument("--direction", choices=DIRECTIONS, default="forward")
     parser.add_argument("--masking", choices=MASKINGS, default="none",
                         help="none, carry / zero (Keras mask), lengths (per-sequence lengths)")
@@ -62,16 +68,16 @@ def _configure_compare(parser: argparse.ArgumentParser) -> None:
     from numrnn.compare import DEFAULT_BLAS_THREADS, DEFAULT_STEPS, DEFAULT_UNROLL_STEPS, MODES
 
     _add_stack_arguments(parser)
-    parser.add_argument("--batch", type=int, default=128, help="batch size (default 128)")
+    parser.add_argument("--batch", type=_positive_int, default=128, help="batch size (default 128)")
     parser.add_argument("--steps", type=_int_list, default=list(DEFAULT_STEPS),
                         help=f"sequence lengths to sweep (default {','.join(map(str, DEFAULT_STEPS))})")
     parser.add_argument("--modes", type=_mode_list, default=list(MODES),
                         help=f"loop modes to measure (default {','.join(MODES)})")
-    parser.add_argument("--unroll-steps", type=int, default=DEFAULT_UNROLL_STEPS,
+    parser.add_argument("--unroll-steps", type=_positive_int, default=DEFAULT_UNROLL_STEPS,
                         help=f"k of the partial mode: steps per loop iteration (default {DEFAULT_UNROLL_STEPS})")
-    parser.add_argument("--repeat", type=int, default=5,
+    parser.add_argument("--repeat", type=_positive_int, default=5,
                         help="timed rounds per mode and T, interleaved; the median is reported (default 5)")
-    parser.add_argument("--compile-repeat", type=int, default=1,
+    parser.add_argument("--compile-repeat", type=_positive_int, default=1,
                         help="cold compiles per kernel, each in a fresh process and cache; the median is reported "
                              "(default 1: compile times on a busy machine vary by tens of percent)")
     parser.add_argument("--blas-threads", type=int, default=DEFAULT_BLAS_THREADS,
@@ -100,7 +106,8 @@ def _configure_show(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--unroll", type=_unroll_value, default=False,
                         help="false (dynamic loop), true (full static unroll of --steps), k (k steps per loop "
                              "iteration) or auto, as RNN(unroll=...)")
-    parser.add_argument("--steps", type=int, default=8, help="sequence length, for --unroll true/auto (default 8)")
+    parser.add_argument("--steps", type=_positive_int, default=8,
+                        help="sequence length, for --unroll true/auto (default 8)")
 
 
 def _show(args) -> int:

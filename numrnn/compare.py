@@ -11,16 +11,16 @@ compiled functions in-process, so only a new process sees a truly cold cache.
 The sweep uses a new temporary ``NUMRNN_CACHE_DIR`` in which every kernel has
 its own module file and numba index: a kernel's first process compiles it
 from nothing, its second loads it from the cache. The run times come from one
-more process that times all kernels interleaved (:func:`time_kernels`). Memory is the peak resident set
-size during a phase minus the resident set size when the phase began: Linux
+more process that times all kernels interleaved (:func:`time_kernels`).
+
+Memory is the peak resident set size during a phase minus the RSS of the
+process after its imports, just before the kernel is built or loaded. Linux
 lets a process reset its high-water mark (``/proc/self/clear_refs``), so each
 phase gets its own peak; elsewhere the process-lifetime ``ru_maxrss`` is used
 and said so in the JSON. RSS counts what numba/LLVM allocate natively, which
-``tracemalloc`` would miss. Both peaks are taken above the process's RSS after
-its imports, just before the kernel is built or loaded: the compile peak is
-what generating and compiling needs (LLVM), the run peak what a warm process
-holds while running (the loaded machine code, the buffers, the allocator's
-retained memory).
+``tracemalloc`` would miss. The compile peak is what generating and compiling
+needs (LLVM); the run peak is what a warm process holds while running (the
+loaded machine code, the call's buffers, the allocator's retained memory).
 """
 
 from __future__ import annotations

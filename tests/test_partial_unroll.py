@@ -109,3 +109,14 @@ def test_bidirectional_valid_reversal_with_lengths_matches_the_oracle():
                                      ("stack_lstm_gru_seed002", 2)])
 def test_keras_golden_fixture_through_the_facade(name, k):
     run_fixture(name, unroll=k)
+
+
+def test_a_static_kernel_refuses_another_length_before_compiling():
+    spec = _spec(unroll=4)
+    kernel = get_kernel(spec)
+    x = np.zeros((5, 2, 3), dtype=np.float32)
+    states = [np.zeros((2, n), dtype=np.float32) for c in spec.cells for n in c.state_sizes]
+    weights = pack_weights(spec, _weights(spec, np.random.default_rng(2)))
+    with pytest.raises(ValueError, match="statically unrolled for 4 time steps; got 5"):
+        kernel(x, None, states, weights)
+    assert kernel.compile_seconds is None
