@@ -22,11 +22,11 @@ import numpy as np
 
 from codegen.spec import UNROLL_CEILING, UNROLL_STEPS_CEILING
 
-#: Longest sequence ``unroll="auto"`` unrolls statically: the crossover ``numrnn compare`` measured
-#: (seed-000 stack, median of 3 cold compiles; other sweeps found 4, 8 and 16). Up to
-#: T=8 a static unroll compiles within 1.25x of the loop (2.9 s against 2.4 s) and runs as fast;
-#: beyond, its compile time, compile memory and artifact grow with T (8.3 s at T=196) while its
-#: run time stays the loop's (fastest calls within 2.3 %).
+#: Longest sequence ``unroll="auto"`` unrolls statically: the median of the crossovers five
+#: ``numrnn compare`` sweeps found (4, 8, 8, 16, 16; seed-000 stack). Up to there a static unroll
+#: compiles within 1.25x of the loop (2.5-2.7 s against 2.3 s) and runs as fast; beyond, its compile
+#: time, compile memory and artifact grow with T (7.9 s at T=196) while its run time stays the
+#: loop's (fastest calls within 2.3 %).
 AUTO_STATIC_MAX_STEPS = 8
 
 log = logging.getLogger("numrnn")
