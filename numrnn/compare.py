@@ -54,6 +54,8 @@ DEFAULT_BLAS_THREADS = 1
 #: Compile times of one kernel vary by 20-30 % between runs on a shared 2-core machine: within this
 #: ratio of the loop's, a static unroll counts as no costlier to build.
 CROSSOVER_COMPILE_RATIO = 1.25
+#: Run-time ratios closer to 1 than this are no measurable difference.
+RUN_NOISE = 0.03
 #: Time a short case is run for per timing round (several calls), and the cap on its calls.
 _ROUND_SECONDS = 0.05
 _MAX_CALLS_PER_ROUND = 20
@@ -425,9 +427,11 @@ def summarize(rows: list[dict]) -> dict:
     ``crossover_steps``: the largest T of the sweep at which the static
     unroll compiles within :data:`CROSSOVER_COMPILE_RATIO` of the loop's cold
     compile time (the loop's does not depend on T; the static one grows with
-    T); ``None`` if it never does. ``break_even_calls[T]``:
-    calls after which the static unroll's faster runs repay its extra compile
-    time (``None``: its runs are not faster, so never).
+    T); ``None`` if it never does. ``run_speedup_static[T]``: the loop's
+    fastest call over the static unroll's (fastest calls are the least
+    disturbed by other jobs). ``break_even_calls[T]``: calls after which the
+    static unroll's faster runs repay its extra compile time (``None``: not
+    faster by more than :data:`RUN_NOISE`, so never).
     """
     table = _by_mode(rows)
     dynamic, static = table.get("dynamic", {}), table.get("static", {})
@@ -437,9 +441,10 @@ def summarize(rows: list[dict]) -> dict:
     speedup, break_even = {}, {}
     for t in common:
         d, s = dynamic[t], static[t]
-        speedup[t] = d["run_ms"] / s["run_ms"]
-        extra_s, saved_s = s["compile_s"] - d["compile_s"], (d["run_ms"] - s["run_ms"]) / 1e3
-        break_even[t] = max(0, math.ceil(extra_s / saved_s)) if saved_s > 0 else None
+        d_ms, s_ms = d.get("run_min_ms", d["run_ms"]), s.get("run_min_ms", s["run_ms"])
+        speedup[t] = d_ms / s_ms
+        extra_s, saved_s = s["compile_s"] - d["compile_s"], (d_ms - s_ms) / 1e3
+        break_even[t] = max(0, math.ceil(extra_s / saved_s)) if speedup[t] > 1 + RUN_NOISE else None
     within = [t for t in common if static[t]["compile_s"] <= CROSSOVER_COMPILE_RATIO * dynamic[t]["compile_s"]]
     crossover = max(within) if within else None
     return {"crossover_steps": crossover, "run_speedup_static": speedup, "break_even_calls": break_even}
@@ -498,7 +503,7 @@ def format_summary(summary: dict) -> str:
     for t, speedup in summary["run_speedup_static"].items():
         calls = summary["break_even_calls"][t]
         verdict = "never repays its compile" if calls is None else f"repays its extra compile after {calls} calls"
-        lines.append(f"  T={t:<4} static runs {speedup:5.2f}x the loop's speed; {verdict}")
+        lines.append(f"  T={t:<4} static runs {speedup:5.2f}x the loop's speed (fastest calls); {verdict}")
     return "\n".join(lines)
 
 
