@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from codegen.spec import UNROLL_CEILING, BlockSpec, DirectionSpec, StackSpec
+from codegen.spec import BlockSpec, DirectionSpec, StackSpec
 from numrnn.layers.cells import (
     GRUCell,
     LSTMCell,
@@ -20,6 +20,7 @@ from numrnn.layers.cells import (
     serialize_cell,
 )
 from numrnn.runtime import get_kernel, pack_weights
+from numrnn.runtime.policy import normalize_unroll, resolve_unroll
 from numrnn.validation import as_mask, as_real_array, check_sequence_input
 
 
@@ -36,7 +37,7 @@ class RecurrentLayer:
         self.return_sequences = bool(return_sequences)
         self.return_state = bool(return_state)
         self.stateful = bool(stateful)
-        self.unroll = bool(unroll)
+        self.unroll = normalize_unroll(type(self).__name__, unroll)
         self.time_major = bool(time_major)
         self.states: list[np.ndarray] | None = None
         self._packed_for = None
@@ -87,12 +88,8 @@ class RecurrentLayer:
                 width = cell.output_size
 
     def spec(self, steps: int, masking: str = "none") -> StackSpec:
-        """The spec this layer runs for ``steps`` time steps under ``masking``."""
-        if self.unroll and steps > UNROLL_CEILING:
-            raise ValueError(
-                f"{type(self).__name__}: unroll=True needs at most {UNROLL_CEILING} time steps (the static unroll "
-                f"ceiling); got {steps}. Use unroll=False (the dynamic loop) for longer sequences."
-            )
+        """The spec this layer runs for ``steps`` time steps under ``masking`` (see :mod:`numrnn.runtime.policy`)."""
+        unroll, unroll_steps = resolve_unroll(type(self).__name__, self.unroll, steps)
         directions = tuple(DirectionSpec(tuple(c.cell_spec() for c in cells), reverse)
                            for cells, reverse in self._directions())
         return StackSpec(
@@ -101,7 +98,8 @@ class RecurrentLayer:
             dtype=self.dtype,
             masking=masking,
             return_sequences=self.return_sequences,
-            unroll=steps if self.unroll else None,
+            unroll=unroll,
+            unroll_steps=unroll_steps,
         )
 
     def source(self, steps: int = 1, masking: str = "none") -> str:
@@ -234,7 +232,12 @@ class RecurrentLayer:
 
 
 class RNN(RecurrentLayer):
-    """Keras ``RNN``: a cell, a list of cells or ``StackedRNNCells`` run over time."""
+    """Keras ``RNN``: a cell, a list of cells or ``StackedRNNCells`` run over time.
+
+    ``unroll``: ``False`` (dynamic loop), ``True`` (full static unroll, a
+    kernel per sequence length), an integer ``k`` (k steps per loop
+    iteration) or ``"auto"``; see :mod:`numrnn.runtime.policy`.
+    """
 
     def __init__(self, cell, return_sequences=False, return_state=False, go_backwards=False, stateful=False,
                  unroll=False, time_major=False, zero_output_for_mask=False):

@@ -51,6 +51,9 @@ class Kernel:
         and C-contiguous in the spec's dtype (the facades do that).
         """
         T, B = x.shape[0], x.shape[1]
+        if self.spec.unroll is not None and T != self.spec.unroll:
+            raise ValueError(f"{self.spec.kernel_name()}: this kernel is statically unrolled for "
+                             f"{self.spec.unroll} time steps; got {T}")
         rows = T if self.spec.return_sequences else 1
         y = np.empty((rows, B, self.spec.output_size), dtype=self.spec.dtype)
         cond = [condition] if condition_args(self.spec) else []

@@ -1,0 +1,1 @@
+"""numrnn's airspeed velocity benchmarks."""
