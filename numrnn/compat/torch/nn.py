@@ -16,9 +16,10 @@ from typing import NamedTuple
 
 import numpy as np
 
-from codegen.spec import UNROLL_CEILING, BlockSpec, CellSpec, DirectionSpec, StackSpec
+from codegen.spec import BlockSpec, CellSpec, DirectionSpec, StackSpec
 from numrnn.compat.weights import torch_layer_weights
 from numrnn.runtime import get_kernel, pack_weights
+from numrnn.runtime.policy import normalize_unroll, resolve_unroll
 from numrnn.validation import as_lengths, as_real_array, check_finite, check_sequence_input
 
 _PARAMS = ("weight_ih", "weight_hh", "bias_ih", "bias_hh", "weight_hr")
@@ -81,7 +82,7 @@ class RNNBase:
         self.dropout = float(dropout)  # inference only: never applied
         self.bidirectional = bool(bidirectional)
         self.nonlinearity = nonlinearity
-        self.unroll = bool(unroll)
+        self.unroll = normalize_unroll(owner, unroll)
         self.dtype = _normalize_dtype(owner, dtype)
         self.training = False
         self._params = self._initial_params()
@@ -113,9 +114,10 @@ class RNNBase:
         cell = self.cell_spec()
         reverses = ("none", "valid" if packed else "full")[: self.num_directions]
         block = BlockSpec(tuple(DirectionSpec((cell,), reverse) for reverse in reverses))
+        unroll, unroll_steps = resolve_unroll(type(self).__name__, self.unroll, steps)
         return StackSpec(blocks=(block,) * self.num_layers, input_size=self.input_size, dtype=self.dtype,
                          masking="lengths" if packed else "none", return_sequences=True,
-                         unroll=steps if self.unroll else None)
+                         unroll=unroll, unroll_steps=unroll_steps)
 
     def _suffixes(self) -> list[str]:
         """``l0``, ``l0_reverse``, ``l1``, ... in PyTorch's (and the spec's cell) order."""
@@ -244,9 +246,6 @@ class RNNBase:
         check_sequence_input(f"{name}: input", x, layout, self.input_size)
         xt = np.ascontiguousarray(x.transpose(1, 0, 2) if self.batch_first and not unbatched else x)
         steps, batch = xt.shape[0], xt.shape[1]
-        if self.unroll and steps > UNROLL_CEILING:
-            raise ValueError(f"{name}: unroll=True needs at most {UNROLL_CEILING} time steps (the static unroll "
-                             f"ceiling); got {steps}")
         condition = None if lengths is None else as_lengths(f"{name}: lengths", lengths, batch, steps, minimum=1)
         states = self._initial_states(hx, batch, unbatched)
         spec = self.spec(steps, packed=condition is not None)
