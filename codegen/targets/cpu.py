@@ -20,11 +20,20 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from codegen.cells import emitter_for, packed_names
-from codegen.cells.common import LayerContext, emit_scratch_for_output, emit_step_times
+from codegen.cells.common import LayerContext, emit_math_helpers, emit_scratch_for_output, emit_step_times
 from codegen.emit import Emitter
 from codegen.spec import CODEGEN_VERSION, CellSpec, StackSpec
 
 JIT_OPTIONS = "cache=True, nogil=True"
+#: float32 kernels may reassociate and contract (FMA): that lets LLVM vectorize the reductions of the
+#: hand-written recurrent product and the gate loops. NaN/inf semantics are kept (no nnan/ninf).
+#: float64 kernels stay exact.
+FAST_MATH = 'fastmath={"nsz", "arcp", "contract", "reassoc", "afn"}'
+
+
+def jit_options(spec: StackSpec) -> str:
+    """Arguments of every ``@njit`` in the module of ``spec``."""
+    return f"{JIT_OPTIONS}, {FAST_MATH}" if spec.dtype == "float32" else JIT_OPTIONS
 
 
 @dataclass(frozen=True)
@@ -73,6 +82,7 @@ def layers_of(spec: StackSpec) -> list[Layer]:
                     reverse=direction.reverse,
                     last_only=last_block and last_cell and not spec.return_sequences,
                     out_offset=offset if last_cell and _writes_side_by_side(block) else 0,
+                    dtype=spec.dtype,
                 )
                 layers.append(Layer(index, bi, di, cell, input_sizes[index], ctx))
             offset += direction.output_size
@@ -111,6 +121,8 @@ def generate(spec: StackSpec) -> str:
         "from numba import njit",
     )
     layers = layers_of(spec)
+    em.blank()
+    emit_math_helpers(em, spec.dtype, jit_options(spec))
     for layer in layers:
         em.blank()
         em.blank()
@@ -138,13 +150,13 @@ def _emit_layer_function(em: Emitter, spec: StackSpec, layer: Layer) -> None:
     scratch = emitter.scratch_names(cell) + (["op"] if ctx.carries_output else [])
     step_params = ["s", "T", "B", *params, *scratch]
     if spec.unroll is not None:
-        em(f"@njit({JIT_OPTIONS})")
+        em(f"@njit({jit_options(spec)})")
         with em.block(f"def {layer.function}_step({', '.join(step_params)}):"):
             emit_step_times(em, ctx)
             emitter.emit_step(em, ctx)
         em.blank()
         em.blank()
-    em(f"@njit({JIT_OPTIONS})")
+    em(f"@njit({jit_options(spec)})")
     with em.block(f"def {layer.function}({', '.join(params)}):"):
         em(f"T = {spec.unroll}" if spec.unroll is not None else "T = xw.shape[0]", "B = xw.shape[1]")
         emitter.emit_scratch(em, ctx, spec.dtype)
@@ -161,7 +173,7 @@ def _emit_layer_function(em: Emitter, spec: StackSpec, layer: Layer) -> None:
 
 def _emit_kernel(em: Emitter, spec: StackSpec, layers: list[Layer]) -> None:
     dt = f"np.{spec.dtype}"
-    em(f"@njit({JIT_OPTIONS})")
+    em(f"@njit({jit_options(spec)})")
     with em.block(f"def {spec.kernel_name()}({', '.join(kernel_arguments(spec))}):"):
         em("T = x.shape[0]", "B = x.shape[1]", "T_out = y.shape[0]", "inp = x")
         by_block = {}

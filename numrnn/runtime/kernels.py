@@ -12,8 +12,10 @@ import numpy as np
 
 from codegen import StackSpec, generate_source
 from codegen.cells import pack
+from codegen.cells.common import SMALL_BATCH
 from codegen.targets.cpu import condition_args
 from numrnn.runtime.cache import import_module, module_path, write_if_changed
+from numrnn.runtime.schedule import plan, pool, single_threaded_blas
 
 log = logging.getLogger("numrnn")
 if os.environ.get("NUMRNN_DEBUG") and not log.handlers:
@@ -48,23 +50,46 @@ class Kernel:
 
         ``condition`` is the ``(T, B)`` bool mask, the ``(B,)`` int64 lengths,
         or ``None``, per the spec's masking. Inputs must already be validated
-        and C-contiguous in the spec's dtype (the facades do that).
+        and C-contiguous in the spec's dtype (the facades do that). Large
+        batches run split over the cores (:mod:`numrnn.runtime.schedule`).
         """
         T, B = x.shape[0], x.shape[1]
         rows = T if self.spec.return_sequences else 1
         y = np.empty((rows, B, self.spec.output_size), dtype=self.spec.dtype)
         cond = [condition] if condition_args(self.spec) else []
         if self.compile_seconds is None:
-            with self._first_call_lock:
-                start = time.perf_counter()
-                self.function(x, *cond, *states, *weights, y)
-                if self.compile_seconds is None:
-                    self.compile_seconds = time.perf_counter() - start
-                    log.debug("first call of %s took %.2f s (compile or cache load)", self.spec.kernel_name(),
-                              self.compile_seconds)
+            self._first_call(x, cond, states, weights, y)
         else:
-            self.function(x, *cond, *states, *weights, y)
+            chunks = plan(self.spec, T, B)
+            if len(chunks) == 1 and B <= SMALL_BATCH:  # hand-loop products: no BLAS in the time loop
+                self.function(x, *cond, *states, *weights, y)
+            elif len(chunks) == 1:
+                with single_threaded_blas():
+                    self.function(x, *cond, *states, *weights, y)
+            else:
+                futures = [pool().submit(self._run_rows, b0, b1, x, cond, states, weights, y) for b0, b1 in chunks]
+                for future in futures:
+                    future.result()
         return y if self.spec.return_sequences else y[0]
+
+    def _first_call(self, x, cond, states, weights, y) -> None:
+        """The compiling (or cache-loading) call, timed; one thread compiles, the others wait."""
+        with self._first_call_lock:
+            start = time.perf_counter()
+            self.function(x, *cond, *states, *weights, y)
+            if self.compile_seconds is None:
+                self.compile_seconds = time.perf_counter() - start
+                log.debug("first call of %s took %.2f s (compile or cache load)", self.spec.kernel_name(),
+                          self.compile_seconds)
+
+    def _run_rows(self, b0: int, b1: int, x, cond, states, weights, y) -> None:
+        """One worker of the batch split: rows ``b0:b1`` as their own contiguous call."""
+        xs = np.ascontiguousarray(x[:, b0:b1])
+        cs = [np.ascontiguousarray(c[:, b0:b1] if c.ndim == 2 else c[b0:b1]) for c in cond]
+        ss = [s[b0:b1] for s in states]  # row slices of C-contiguous states: updated in place
+        ys = np.empty((y.shape[0], b1 - b0, y.shape[2]), dtype=y.dtype)
+        self.function(xs, *cs, *ss, *weights, ys)
+        y[:, b0:b1] = ys
 
 
 def get_kernel(spec: StackSpec) -> Kernel:

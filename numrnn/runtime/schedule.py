@@ -1,0 +1,125 @@
+"""How one kernel call uses the cores: the batch split, chosen from the spec and the input shape.
+
+Batch rows are independent for the whole sequence and every layer, so a call
+with ``B`` rows can run as ``n`` calls of the same compiled kernel on ``B / n``
+rows each, one per core, with no synchronization inside the time loop (no
+per-step thread launch, no barrier). Each worker runs single-threaded BLAS.
+
+Measured on the 2-core Zen 3 machine, seed000 (3xGRU(120), B128, T196):
+letting OpenBLAS thread each per-step GEMM (128x120x360) costs a fork/join per
+step; when the other core is busy that turned 0.4 s into 2.9 s. Two batch
+halves with single-threaded BLAS keep both cores busy for the whole call.
+
+Policy (``plan``):
+
+- ``n = min(cores, B)`` workers, rows split as evenly as possible;
+- no split (one call in the calling thread) when ``B == 1`` or when the work
+  per worker is below :data:`MIN_FLOPS_PER_WORKER` (a thread hand-off costs
+  tens of microseconds);
+- ``NUMRNN_NUM_THREADS`` caps ``cores`` (``1`` disables the split).
+
+Inside each worker the generated code picks the per-step recurrent product by
+rows: a hand loop over the cache-resident packed weights up to
+``codegen.cells.common.SMALL_BATCH`` rows, BLAS above.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import glob
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+
+from codegen import StackSpec
+
+#: Below this many FLOPs per worker the split costs more than it saves (hand-off ~30 us; 2 MFLOP is
+#: ~50 us of work here).
+MIN_FLOPS_PER_WORKER = 2e6
+
+_POOL: ThreadPoolExecutor | None = None
+_POOL_LOCK = threading.Lock()
+
+
+def cores() -> int:
+    """Workers a call may use: ``NUMRNN_NUM_THREADS``, else the CPUs this process may run on."""
+    configured = os.environ.get("NUMRNN_NUM_THREADS")
+    if configured:
+        return max(1, int(configured))
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def stack_flops(spec: StackSpec, steps: int, batch: int) -> float:
+    """Approximate FLOPs of one call: 2 x gates x T x B x units x (inputs + outputs) per cell."""
+    return sum(
+        2.0 * cell.gates * steps * batch * cell.units * (size + cell.output_size)
+        for cell, size in zip(spec.cells, spec.input_sizes())
+    )
+
+
+def plan(spec: StackSpec, steps: int, batch: int) -> list[tuple[int, int]]:
+    """Row ranges ``[(b0, b1), ...]`` of the workers of one call; a single range means no split."""
+    n = min(cores(), batch)
+    if n > 1 and stack_flops(spec, steps, batch) / n < MIN_FLOPS_PER_WORKER:
+        n = 1
+    bounds = [batch * k // n for k in range(n + 1)]
+    return list(zip(bounds[:-1], bounds[1:]))
+
+
+def _blas_setters() -> list:
+    """``openblas_set_num_threads_local`` of each OpenBLAS that ``np.dot`` in ``@njit`` may call."""
+    global _SETTERS
+    if _SETTERS is None:
+        setters = []
+        for path in _openblas_paths():
+            try:
+                setter = ctypes.CDLL(path).openblas_set_num_threads_local
+            except (OSError, AttributeError):
+                continue
+            setter.argtypes, setter.restype = [ctypes.c_int], ctypes.c_int
+            setters.append(setter)
+        _SETTERS = setters
+    return _SETTERS
+
+
+_SETTERS: list | None = None
+
+
+def _single_threaded_blas() -> None:
+    """Make this thread's OpenBLAS calls single-threaded (the workers already use every core)."""
+    for setter in _blas_setters():
+        setter(1)
+
+
+@contextmanager
+def single_threaded_blas():
+    """This thread's OpenBLAS single-threaded for the block (per-step GEMMs are too small to fork)."""
+    previous = [setter(1) for setter in _blas_setters()]
+    try:
+        yield
+    finally:
+        for setter, n in zip(_blas_setters(), previous):
+            setter(n)
+
+
+def _openblas_paths() -> list[str]:
+    """SciPy's OpenBLAS (the one ``np.dot`` calls inside ``@njit``), when it is a bundled wheel library."""
+    import scipy
+
+    base = os.path.dirname(os.path.dirname(scipy.__file__))
+    return sorted(glob.glob(os.path.join(base, "scipy.libs", "libscipy_openblas*.so*")))
+
+
+def pool() -> ThreadPoolExecutor:
+    """The process-wide worker pool (threads created once, BLAS single-threaded in each)."""
+    global _POOL
+    if _POOL is None:
+        with _POOL_LOCK:
+            if _POOL is None:
+                _POOL = ThreadPoolExecutor(max_workers=max(2, cores()), thread_name_prefix="numrnn",
+                                           initializer=_single_threaded_blas)
+    return _POOL
