@@ -54,10 +54,13 @@ class Kernel:
         batches run split over the cores (:mod:`numrnn.runtime.schedule`).
         """
         T, B = x.shape[0], x.shape[1]
-        rows = T if self.spec.return_sequences else 1
-        y = np.empty((rows, B, self.spec.output_size), dtype=self.spec.dtype)
-        cond = [condition] if condition_args(self.spec) else []
-        if self.compile_seconds is None:
+        y = np.empty((T if self._sequences else 1, B, self._width), dtype=self._dtype)
+        cond = [condition] if self._has_condition else []
+        if B == 1 and self.compile_seconds is not None:
+            # Fast path (streaming, latency): no split, hand-loop products. Measured, LSTM(32) one
+            # step per call: 2.7 us for the bare numba call, 10 us through the general path below.
+            self.function(x, *cond, *states, *weights, y)
+        elif self.compile_seconds is None:
             self._first_call(x, cond, states, weights, y)
         else:
             chunks = plan(self.spec, T, B)
@@ -70,7 +73,13 @@ class Kernel:
                 futures = [pool().submit(self._run_rows, b0, b1, x, cond, states, weights, y) for b0, b1 in chunks]
                 for future in futures:
                     future.result()
-        return y if self.spec.return_sequences else y[0]
+        return y if self._sequences else y[0]
+
+    def __post_init__(self):
+        self._sequences = self.spec.return_sequences
+        self._width = self.spec.output_size
+        self._dtype = np.dtype(self.spec.dtype)
+        self._has_condition = bool(condition_args(self.spec))
 
     def _first_call(self, x, cond, states, weights, y) -> None:
         """The compiling (or cache-loading) call, timed; one thread compiles, the others wait."""

@@ -26,6 +26,7 @@ rows: a hand loop over the cache-resident packed weights up to
 from __future__ import annotations
 
 import ctypes
+import functools
 import glob
 import os
 import threading
@@ -42,8 +43,9 @@ _POOL: ThreadPoolExecutor | None = None
 _POOL_LOCK = threading.Lock()
 
 
+@functools.cache
 def cores() -> int:
-    """Workers a call may use: ``NUMRNN_NUM_THREADS``, else the CPUs this process may run on."""
+    """Workers a call may use: ``NUMRNN_NUM_THREADS``, else the CPUs this process may run on (read once)."""
     configured = os.environ.get("NUMRNN_NUM_THREADS")
     if configured:
         return max(1, int(configured))
