@@ -14,11 +14,6 @@ from dataclasses import dataclass
 from codegen.emit import Emitter
 from codegen.spec import CellSpec
 
-#: Rows up to which a step's recurrent product is a hand loop over the packed weights rather than a
-#: BLAS call. Measured (LSTM(64), B=1, T=50): the BLAS call costs about 1 us of fixed overhead per
-#: step, more than the product itself; from B=8 up, BLAS's register blocking wins.
-SMALL_BATCH = 4
-
 
 def lit(value: float, dtype: str) -> str:
     """A float literal in ``dtype``: a bare Python float would promote float32 math to float64."""
@@ -110,12 +105,12 @@ def both_layouts(name: str, matrix) -> dict:
 def emit_recurrent_product(em: Emitter, ctx: LayerContext, h: str, w: str, out: str) -> None:
     """``out = h @ w`` for every row (``w`` packed by :func:`both_layouts`).
 
-    Up to :data:`SMALL_BATCH` rows a hand loop: each output's weight row is read
-    once from cache and dotted with every batch row (a float32 reduction,
-    vectorized under fastmath). Above, one BLAS GEMM.
+    Up to ``small`` rows (a runtime argument) a hand loop: each output's weight
+    row is read once from cache and dotted with every batch row (a float32
+    reduction, vectorized under fastmath). Above, one BLAS GEMM.
     """
     wt = transposed(w)
-    with em.block(f"if B <= {SMALL_BATCH}:"):
+    with em.block("if B <= small:"):
         with em.block(f"for g in range({wt}.shape[0]):"):
             with em.block("for b in range(B):"):
                 em(f"acc = {lit(0, ctx.dtype)}")

@@ -12,7 +12,11 @@ Kernel signature (all arrays C-contiguous, time-major)::
     kernel(x (T, B, D), [mask (T, B) bool | lengths (B,) int64],
            <states: per cell h[, c], updated in place>,
            <weights: per cell, codegen.cells.packed_names order>,
-           y (T or 1, B, output_size))
+           y (T or 1, B, output_size), small)
+
+``small``: up to this many batch rows, a step's recurrent product is a hand
+loop instead of a BLAS call (the runtime measures which BLAS it has; see
+``numrnn.runtime.schedule.hand_loop_rows``).
 """
 
 from __future__ import annotations
@@ -98,7 +102,7 @@ def kernel_arguments(spec: StackSpec) -> list[str]:
     layers = layers_of(spec)
     states = [a for layer in layers for a in layer.state_args()]
     weights = [a for layer in layers for a in layer.weight_args()]
-    return ["x", *condition_args(spec), *states, *weights, "y"]
+    return ["x", *condition_args(spec), *states, *weights, "y", "small"]
 
 
 def _writes_side_by_side(block) -> bool:
@@ -150,7 +154,7 @@ def _emit_layer_function(em: Emitter, spec: StackSpec, layer: Layer) -> None:
     """
     cell, ctx = layer.cell, layer.context
     emitter = emitter_for(cell)
-    params = ["xw", *emitter.recurrent_names(cell), *cell.state_names, *condition_args(spec), "out"]
+    params = ["xw", *emitter.recurrent_names(cell), *cell.state_names, *condition_args(spec), "out", "small"]
     scratch = emitter.scratch_names(cell) + (["op"] if ctx.carries_output else [])
     step_params = ["s", "T", "B", *params, *scratch]
     if spec.unroll is not None:
@@ -218,7 +222,7 @@ def _emit_layer_call(em: Emitter, spec: StackSpec, layer: Layer, *, is_last: boo
     if not is_last:
         em(f"seq = np.empty((T, B, {cell.output_size}), dtype=np.{spec.dtype})")
     recurrent = [weights[name] for name in emitter_for(cell).recurrent_names(cell)]
-    args = [f"xw.reshape(T, B, {gu})", *recurrent, *layer.state_args(), *condition_args(spec), out]
+    args = [f"xw.reshape(T, B, {gu})", *recurrent, *layer.state_args(), *condition_args(spec), out, "small"]
     em(f"{layer.function}({', '.join(args)})")
     if not is_last:
         em("src = seq")

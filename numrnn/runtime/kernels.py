@@ -14,7 +14,7 @@ from codegen import StackSpec, generate_source
 from codegen.cells import pack
 from codegen.targets.cpu import condition_args
 from numrnn.runtime.cache import import_module, module_path, write_if_changed
-from numrnn.runtime.schedule import plan, pool, single_threaded_blas
+from numrnn.runtime.schedule import hand_loop_rows, plan, pool, single_threaded_blas
 
 log = logging.getLogger("numrnn")
 if os.environ.get("NUMRNN_DEBUG") and not log.handlers:
@@ -58,10 +58,10 @@ class Kernel:
         y = np.empty((T if self._sequences else 1, B, self._width), dtype=self._dtype) if out is None else out
         cond = [condition] if self._has_condition else []
         if B == 1 and T <= 4 and self.compile_seconds is not None:
-            # Fast path (streaming): no split, hand-loop products, input projection too small for
-            # OpenBLAS to thread. Measured, LSTM(32) one step per call: 2.7 us for the bare numba
-            # call, 10 us through the general path below.
-            self.function(x, *cond, *states, *weights, y)
+            # Fast path (streaming): no split, input projection too small for OpenBLAS to thread.
+            # Measured, LSTM(32) one step per call: 2.7 us for the bare numba call, 10 us through
+            # the general path below.
+            self.function(x, *cond, *states, *weights, y, 0)
         elif self.compile_seconds is None:
             self._first_call(x, cond, states, weights, y)
         else:
@@ -71,7 +71,7 @@ class Kernel:
                 # core is busy, a 2-thread OpenBLAS call waits for a time slice (measured: LSTM(64),
                 # B=1, T=64 took 15.7 ms instead of 0.1 ms on the shared machine).
                 with single_threaded_blas():
-                    self.function(x, *cond, *states, *weights, y)
+                    self.function(x, *cond, *states, *weights, y, self._hand_loop_rows(B))
             else:
                 futures = [pool().submit(self._run_rows, b0, b1, x, cond, states, weights, y) for b0, b1 in chunks]
                 for future in futures:
@@ -83,6 +83,16 @@ class Kernel:
         self._width = self.spec.output_size
         self._dtype = np.dtype(self.spec.dtype)
         self._has_condition = bool(condition_args(self.spec))
+        self._small = hand_loop_rows()
+
+    def _hand_loop_rows(self, rows: int) -> int:
+        """The kernel's ``small`` argument for a call on ``rows`` rows.
+
+        One row is a matrix-vector product, where OpenBLAS's gemv beats the
+        hand loop (measured, LSTM(64) B1 T50: 55 us vs 70 us per call; LSTM(256)
+        B1 T100: 1.49 vs 1.60 ms); from two rows see :func:`hand_loop_rows`.
+        """
+        return 0 if rows == 1 else self._small
 
     def _first_call(self, x, cond, states, weights, y) -> None:
         """Compile (or load from the disk cache) on a one-row copy, timed; then run the call as usual.
@@ -98,7 +108,7 @@ class Kernel:
                 start = time.perf_counter()
                 row = [np.ascontiguousarray(c[:, :1] if c.ndim == 2 else c[:1]) for c in cond]
                 self.function(np.ascontiguousarray(x[:, :1]), *row, *[s[:1].copy() for s in states], *weights,
-                              np.empty((y.shape[0], 1, y.shape[2]), dtype=y.dtype))
+                              np.empty((y.shape[0], 1, y.shape[2]), dtype=y.dtype), 0)
                 self.compile_seconds = time.perf_counter() - start
                 log.debug("first call of %s took %.2f s (compile or cache load)", self.spec.kernel_name(),
                           self.compile_seconds)
@@ -110,7 +120,7 @@ class Kernel:
         cs = [np.ascontiguousarray(c[:, b0:b1] if c.ndim == 2 else c[b0:b1]) for c in cond]
         ss = [s[b0:b1] for s in states]  # row slices of C-contiguous states: updated in place
         ys = np.empty((y.shape[0], b1 - b0, y.shape[2]), dtype=y.dtype)
-        self.function(xs, *cs, *ss, *weights, ys)
+        self.function(xs, *cs, *ss, *weights, ys, self._hand_loop_rows(b1 - b0))
         y[:, b0:b1] = ys
 
 

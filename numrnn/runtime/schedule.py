@@ -20,7 +20,7 @@ Policy (``plan``):
 
 Inside each worker the generated code picks the per-step recurrent product by
 rows: a hand loop over the cache-resident packed weights up to
-``codegen.cells.common.SMALL_BATCH`` rows, BLAS above.
+:func:`hand_loop_rows` rows, BLAS above.
 """
 
 from __future__ import annotations
@@ -114,6 +114,34 @@ def _openblas_paths() -> list[str]:
 
     base = os.path.dirname(os.path.dirname(scipy.__file__))
     return sorted(glob.glob(os.path.join(base, "scipy.libs", "libscipy_openblas*.so*")))
+
+
+#: OpenBLAS cores with AVX-512 small-matrix GEMM kernels.
+_AVX512_CORES = ("skylakex", "cooperlake", "sapphirerapids")
+
+
+@functools.cache
+def hand_loop_rows() -> int:
+    """Batch rows up to which the per-step recurrent product is a hand loop rather than BLAS.
+
+    Measured, one thread, per step (rows x inputs x outputs), hand loop vs BLAS:
+    with OpenBLAS's SkylakeX kernels 1x64x256 0.92 vs 0.57 us, 1x256x1024
+    10.1 vs 10.5, 4x128x512 9.0 vs 2.7, 8x128x512 17.5 vs 4.4: BLAS (0 rows).
+    With its Haswell kernels 4x128x512 8.9 vs 23.7 and 8x128x512 17.7 vs 29.6
+    (no small-matrix kernels): the hand loop up to 4 rows.
+    ``NUMRNN_HAND_LOOP_ROWS`` overrides the choice.
+    """
+    if os.environ.get("NUMRNN_HAND_LOOP_ROWS"):
+        return int(os.environ["NUMRNN_HAND_LOOP_ROWS"])
+    for path in _openblas_paths():
+        try:
+            corename = ctypes.CDLL(path).scipy_openblas_get_corename
+        except (OSError, AttributeError):
+            continue
+        corename.restype = ctypes.c_char_p
+        if corename().decode().lower() in _AVX512_CORES:
+            return 0
+    return 4
 
 
 def pool() -> ThreadPoolExecutor:
