@@ -4,12 +4,8 @@ The Keras-style API lives at the top level (``numrnn.RNN``, ``numrnn.LSTMCell``,
 see ``numrnn.compat`` for the TF1 and PyTorch ones.
 """
 
-from numrnn._openblas_env import prefer_avx512_openblas
-
-prefer_avx512_openblas()  # before NumPy/SciPy load OpenBLAS: see numrnn/_openblas_env.py
-
-from codegen.spec import UNROLL_CEILING  # noqa: E402
-from numrnn.layers import (  # noqa: E402
+from codegen.spec import UNROLL_CEILING
+from numrnn.layers import (
     GRU,
     LSTM,
     RNN,

@@ -5,10 +5,11 @@ with ``B`` rows can run as ``n`` calls of the same compiled kernel on ``B / n``
 rows each, one per core, with no synchronization inside the time loop (no
 per-step thread launch, no barrier). Each worker runs single-threaded BLAS.
 
-Measured on the 2-core Zen 3 machine, seed000 (3xGRU(120), B128, T196):
+Measured on the 2-core benchmark machine, seed000 (3xGRU(120), B128, T196):
 letting OpenBLAS thread each per-step GEMM (128x120x360) costs a fork/join per
 step; when the other core is busy that turned 0.4 s into 2.9 s. Two batch
 halves with single-threaded BLAS keep both cores busy for the whole call.
+Unsplit calls also run single-threaded BLAS (see ``Kernel.__call__``).
 
 Policy (``plan``):
 
@@ -19,8 +20,14 @@ Policy (``plan``):
 - ``NUMRNN_NUM_THREADS`` caps ``cores`` (``1`` disables the split).
 
 Inside each worker the generated code picks the per-step recurrent product by
-rows: a hand loop over the cache-resident packed weights up to
-:func:`hand_loop_rows` rows, BLAS above.
+rows (the kernel's ``small`` argument): one row, OpenBLAS gemv; up to
+:func:`hand_loop_rows` rows, a hand loop over the cache-resident packed
+weights; more rows, one BLAS GEMM per step.
+
+Not done (measured or judged): splitting hidden units across the cores needs a
+barrier every step; with the other engineers' jobs on the same two cores a
+spinning barrier stalls for whole time slices, so only the barrier-free batch
+split is used. B=1 shapes therefore run on one core.
 """
 
 from __future__ import annotations
