@@ -65,7 +65,12 @@ def _horner(prefix: str, count: int, var: str) -> str:
 
 
 def emit_math_helpers(em: Emitter, dtype: str, jit_options: str) -> None:
-    """Module-level float32 ``_tanh`` and ``_sigmoid`` (nothing for float64, which uses libm)."""
+    """Module-level float32 ``_tanh`` and ``_sigmoid`` (nothing for float64, which uses libm).
+
+    ``inline="always"``: inlined in numba IR, so they are not compiled and
+    cached as functions of their own (seed000 cold compile 3.0 -> 2.7 s, warm
+    disk-cache first call 0.61 -> 0.58 s).
+    """
     if dtype != "float32":
         return
     for prefix, coefficients in (("TP", _TANH_P), ("TQ", _TANH_Q)):
@@ -73,14 +78,14 @@ def emit_math_helpers(em: Emitter, dtype: str, jit_options: str) -> None:
     em(f"TANH_CLAMP = np.float32({_TANH_CLAMP!r})", "HALF = np.float32(0.5)")
     em.blank()
     em.blank()
-    em(f"@njit({jit_options})")
+    em(f"@njit({jit_options}, inline=\"always\")")
     with em.block("def _tanh(x):"):
         em('"""float32 tanh, rational approximation (abs error < 4e-7)."""')
         em("x = min(max(x, -TANH_CLAMP), TANH_CLAMP)", "x2 = x * x")
         em(f"return x * {_horner('TP', len(_TANH_P), 'x2')} / {_horner('TQ', len(_TANH_Q), 'x2')}")
     em.blank()
     em.blank()
-    em(f"@njit({jit_options})")
+    em(f"@njit({jit_options}, inline=\"always\")")
     with em.block("def _sigmoid(x):"):
         em('"""float32 logistic sigmoid as 0.5 + 0.5 tanh(x / 2) (abs error < 3e-7)."""')
         em("return HALF + HALF * _tanh(HALF * x)")
