@@ -18,6 +18,7 @@ import types
 
 import pytest
 
+import numrnn
 from codegen.spec import CellSpec
 from numrnn import cli
 from numrnn.compare import FIELDS, Comparison, StackOptions, parse_stack, summarize, write_plot
@@ -210,6 +211,7 @@ def test_show_static_auto_and_the_ceiling(capsys):
 
 def test_bench_without_the_benchmark_module(monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "numrnn.bench", None)
+    monkeypatch.delattr(numrnn, "bench", raising=False)  # set on the package once the real module was imported
     assert cli.main(["bench", "--anything"]) == 2
     assert "numrnn.bench cannot be imported" in capsys.readouterr().err
 
@@ -220,5 +222,6 @@ def test_bench_dispatches_to_the_benchmark_module(monkeypatch):
     bench.add_arguments = lambda parser: parser.add_argument("--case", default="all")
     bench.run = lambda args: calls.append(args.case) or 7
     monkeypatch.setitem(sys.modules, "numrnn.bench", bench)
+    monkeypatch.setattr(numrnn, "bench", bench, raising=False)
     assert cli.main(["bench", "--case", "seed000"]) == 7
     assert calls == ["seed000"]

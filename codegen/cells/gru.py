@@ -4,7 +4,15 @@ from __future__ import annotations
 
 import numpy as np
 
-from codegen.cells.common import LayerContext, activation_expr, emit_store_output, row_loop
+from codegen.cells.common import (
+    LayerContext,
+    activation_expr,
+    both_layouts,
+    emit_recurrent_product,
+    emit_store_output,
+    lit,
+    row_loop,
+)
 from codegen.emit import Emitter
 from codegen.spec import CellSpec
 
@@ -12,16 +20,19 @@ from codegen.spec import CellSpec
 def recurrent_names(cell: CellSpec) -> list[str]:
     """Packed arrays the time loop reads, in argument order."""
     if not cell.reset_after:
-        return ["whzr", "whh"]
-    return ["wh"] + (["bh"] if cell.has_recurrent_bias else [])
+        return ["whzr", "whzrt", "whh", "whht"]
+    return ["wh", "wht"] + (["bh"] if cell.has_recurrent_bias else [])
 
 
 def pack_recurrent(cell: CellSpec, logical: dict) -> dict[str, np.ndarray]:
-    """Recurrent arrays; reset-before splits ``U`` so ``(r * h) U_h`` is its own product."""
+    """Recurrent arrays, each product's matrix in both layouts.
+
+    Reset-before splits ``U`` so ``(r * h) U_h`` is its own product.
+    """
     u, rk = cell.units, logical["recurrent_kernel"]
     if not cell.reset_after:
-        return {"whzr": rk[:, : 2 * u], "whh": rk[:, 2 * u :]}
-    packed = {"wh": rk}
+        return {**both_layouts("whzr", rk[:, : 2 * u]), **both_layouts("whh", rk[:, 2 * u :])}
+    packed = both_layouts("wh", rk)
     if cell.has_recurrent_bias:
         packed["bh"] = logical["recurrent_bias"]
     return packed
@@ -55,39 +66,39 @@ def emit_step(em: Emitter, ctx: LayerContext) -> None:
 
 
 def _emit_reset_after(em: Emitter, ctx: LayerContext) -> None:
-    cell, u = ctx.cell, ctx.units
+    cell, u, one = ctx.cell, ctx.units, lit(1, ctx.dtype)
     bias = (lambda k: f" + bh[{k}]") if cell.has_recurrent_bias else (lambda k: "")
-    em("np.dot(h, wh, rh)")
+    emit_recurrent_product(em, ctx, "h", "wh", "rh")
     with row_loop(em, ctx, final=True):
         with em.block(f"for j in range({u}):"):
             em(
                 f"az = xw[t, b, j] + rh[b, j]{bias('j')}",
                 f"ar = xw[t, b, {u} + j] + rh[b, {u} + j]{bias(f'{u} + j')}",
-                f"z = {activation_expr(cell.recurrent_activation, 'az')}",
-                f"r = {activation_expr(cell.recurrent_activation, 'ar')}",
+                f"z = {activation_expr(cell.recurrent_activation, 'az', ctx.dtype)}",
+                f"r = {activation_expr(cell.recurrent_activation, 'ar', ctx.dtype)}",
                 f"ah = xw[t, b, {2 * u} + j] + r * (rh[b, {2 * u} + j]{bias(f'{2 * u} + j')})",
-                f"h[b, j] = z * h[b, j] + (1.0 - z) * ({activation_expr(cell.activation, 'ah')})",
+                f"h[b, j] = z * h[b, j] + ({one} - z) * ({activation_expr(cell.activation, 'ah', ctx.dtype)})",
             )
         emit_store_output(em, ctx)
 
 
 def _emit_reset_before(em: Emitter, ctx: LayerContext) -> None:
-    cell, u = ctx.cell, ctx.units
-    em("np.dot(h, whzr, rzr)")
+    cell, u, one = ctx.cell, ctx.units, lit(1, ctx.dtype)
+    emit_recurrent_product(em, ctx, "h", "whzr", "rzr")
     with row_loop(em, ctx, final=False):
         with em.block(f"for j in range({u}):"):
             em(
                 "az = xw[t, b, j] + rzr[b, j]",
                 f"ar = xw[t, b, {u} + j] + rzr[b, {u} + j]",
-                f"zs[b, j] = {activation_expr(cell.recurrent_activation, 'az')}",
-                f"rhs[b, j] = ({activation_expr(cell.recurrent_activation, 'ar')}) * h[b, j]",
+                f"zs[b, j] = {activation_expr(cell.recurrent_activation, 'az', ctx.dtype)}",
+                f"rhs[b, j] = ({activation_expr(cell.recurrent_activation, 'ar', ctx.dtype)}) * h[b, j]",
             )
-    em("np.dot(rhs, whh, rhh)")
+    emit_recurrent_product(em, ctx, "rhs", "whh", "rhh")
     with row_loop(em, ctx, final=True):
         with em.block(f"for j in range({u}):"):
             em(
                 f"ah = xw[t, b, {2 * u} + j] + rhh[b, j]",
                 "z = zs[b, j]",
-                f"h[b, j] = z * h[b, j] + (1.0 - z) * ({activation_expr(cell.activation, 'ah')})",
+                f"h[b, j] = z * h[b, j] + ({one} - z) * ({activation_expr(cell.activation, 'ah', ctx.dtype)})",
             )
         emit_store_output(em, ctx)

@@ -4,23 +4,31 @@ from __future__ import annotations
 
 import numpy as np
 
-from codegen.cells.common import LayerContext, activation_expr, emit_store_output, row_loop
+from codegen.cells.common import (
+    LayerContext,
+    activation_expr,
+    both_layouts,
+    emit_recurrent_product,
+    emit_store_output,
+    lit,
+    row_loop,
+)
 from codegen.emit import Emitter
 from codegen.spec import CellSpec
 
 
 def recurrent_names(cell: CellSpec) -> list[str]:
     """Packed arrays the time loop reads, in argument order."""
-    return ["wh"] + (["wp"] if cell.peephole else []) + (["wr"] if cell.proj_units else [])
+    return ["wh", "wht"] + (["wp"] if cell.peephole else []) + (["wr"] if cell.proj_units else [])
 
 
 def pack_recurrent(cell: CellSpec, logical: dict) -> dict[str, np.ndarray]:
-    """Recurrent arrays from the logical (Keras-layout) weights."""
-    packed = {"wh": logical["recurrent_kernel"]}
+    """Recurrent arrays: ``U`` in both layouts; the projection transposed (a dot product per output)."""
+    packed = both_layouts("wh", logical["recurrent_kernel"])
     if cell.peephole:
         packed["wp"] = logical["peephole"]
     if cell.proj_units:
-        packed["wr"] = logical["projection"]
+        packed["wr"] = logical["projection"].T
     return packed
 
 
@@ -39,14 +47,14 @@ def emit_scratch(em: Emitter, ctx: LayerContext, dtype: str) -> None:
 def emit_step(em: Emitter, ctx: LayerContext) -> None:
     """One time step for every row."""
     cell, u = ctx.cell, ctx.units
-    act = lambda v: activation_expr(cell.activation, v)  # noqa: E731
-    ract = lambda v: activation_expr(cell.recurrent_activation, v)  # noqa: E731
-    em("np.dot(h, wh, rh)")
+    act = lambda v: activation_expr(cell.activation, v, ctx.dtype)  # noqa: E731
+    ract = lambda v: activation_expr(cell.recurrent_activation, v, ctx.dtype)  # noqa: E731
+    emit_recurrent_product(em, ctx, "h", "wh", "rh")
     with row_loop(em, ctx, final=True):
         with em.block(f"for j in range({u}):"):
             em("cp = c[b, j]")
             peep = (" + wp[0, j] * cp", " + wp[1, j] * cp") if cell.peephole else ("", "")
-            forget_bias = f" + {cell.forget_bias!r}" if cell.forget_bias else ""
+            forget_bias = f" + {lit(cell.forget_bias, ctx.dtype)}" if cell.forget_bias else ""
             em(
                 f"ai = xw[t, b, j] + rh[b, j]{peep[0]}",
                 f"af = xw[t, b, {u} + j] + rh[b, {u} + j]{forget_bias}{peep[1]}",
@@ -55,7 +63,7 @@ def emit_step(em: Emitter, ctx: LayerContext) -> None:
                 f"cn = ({ract('af')}) * cp + ({ract('ai')}) * ({act('ac')})",
             )
             if cell.cell_clip is not None:
-                em(f"cn = min(max(cn, {-cell.cell_clip!r}), {cell.cell_clip!r})")
+                em(f"cn = min(max(cn, {lit(-cell.cell_clip, ctx.dtype)}), {lit(cell.cell_clip, ctx.dtype)})")
             if cell.peephole:
                 em("ao = ao + wp[2, j] * cn")
             em("c[b, j] = cn")
@@ -63,8 +71,8 @@ def emit_step(em: Emitter, ctx: LayerContext) -> None:
             em(f"{target} = ({ract('ao')}) * ({act('cn')})")
         if cell.proj_units:
             with em.block(f"for p in range({cell.proj_units}):"):
-                em("acc = 0.0")
+                em(f"acc = {lit(0, ctx.dtype)}")
                 with em.block(f"for j in range({u}):"):
-                    em("acc += hn[j] * wr[j, p]")
+                    em("acc += hn[j] * wr[p, j]")
                 em("h[b, p] = acc")
         emit_store_output(em, ctx)

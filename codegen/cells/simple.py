@@ -4,19 +4,26 @@ from __future__ import annotations
 
 import numpy as np
 
-from codegen.cells.common import LayerContext, activation_expr, emit_store_output, row_loop
+from codegen.cells.common import (
+    LayerContext,
+    activation_expr,
+    both_layouts,
+    emit_recurrent_product,
+    emit_store_output,
+    row_loop,
+)
 from codegen.emit import Emitter
 from codegen.spec import CellSpec
 
 
 def recurrent_names(cell: CellSpec) -> list[str]:
     """Packed arrays the time loop reads, in argument order."""
-    return ["wh"]
+    return ["wh", "wht"]
 
 
 def pack_recurrent(cell: CellSpec, logical: dict) -> dict[str, np.ndarray]:
-    """Recurrent arrays from the logical (Keras-layout) weights."""
-    return {"wh": logical["recurrent_kernel"]}
+    """Recurrent arrays: ``U`` in both layouts (BLAS and the hand loop)."""
+    return both_layouts("wh", logical["recurrent_kernel"])
 
 
 def scratch_names(cell: CellSpec) -> list[str]:
@@ -31,9 +38,9 @@ def emit_scratch(em: Emitter, ctx: LayerContext, dtype: str) -> None:
 
 def emit_step(em: Emitter, ctx: LayerContext) -> None:
     """One time step for every row."""
-    em("np.dot(h, wh, rh)")
+    emit_recurrent_product(em, ctx, "h", "wh", "rh")
     with row_loop(em, ctx, final=True):
         with em.block(f"for j in range({ctx.units}):"):
             em("a = xw[t, b, j] + rh[b, j]")
-            em(f"h[b, j] = {activation_expr(ctx.cell.activation, 'a')}")
+            em(f"h[b, j] = {activation_expr(ctx.cell.activation, 'a', ctx.dtype)}")
         emit_store_output(em, ctx)

@@ -1,0 +1,45 @@
+"""Shared set-up: a spec, its packed weights and inputs, with the kernel compiled and warmed."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+
+import numpy as np
+
+# Kernels compiled by the suite live in their own cache, not the user's.
+os.environ.setdefault("NUMRNN_CACHE_DIR", os.path.join(tempfile.gettempdir(), "numrnn-asv-cache"))
+
+from codegen.spec import CellSpec, simple_stack  # noqa: E402
+from numrnn.runtime import get_kernel, pack_weights  # noqa: E402
+
+
+def grid_spec(kind: str, hidden: int, steps: int, unroll: str, input_size: int = 32):
+    """One-layer stack of ``kind`` with ``hidden`` units; ``unroll`` "dynamic" or "static" (unrolled to ``steps``)."""
+    return simple_stack([CellSpec(kind, hidden)], input_size, unroll=steps if unroll == "static" else None)
+
+
+def random_weights(spec, seed: int = 0) -> list[dict]:
+    """Logical weights, uniform in +-1/sqrt(fan_in)."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for cell, size in zip(spec.cells, spec.input_sizes()):
+        out.append({name: rng.uniform(-1, 1, shp).astype(spec.dtype) / np.sqrt(shp[0])
+                    for name, shp in cell.weight_shapes(size).items()})
+    return out
+
+
+class Runner:
+    """A warmed kernel call on fixed inputs (states reset to zeros each call)."""
+
+    def __init__(self, spec, x: np.ndarray, condition=None, weights=None):
+        self.spec, self.x, self.condition = spec, x, condition
+        self.kernel = get_kernel(spec)
+        self.weights = pack_weights(spec, weights or random_weights(spec))
+        B = x.shape[1]
+        self.zeros = [np.zeros((B, n), spec.dtype) for cell in spec.cells for n in cell.state_sizes]
+        self()  # compile (or load from the disk cache) and warm up
+
+    def __call__(self):
+        """One call."""
+        return self.kernel(self.x, self.condition, [z.copy() for z in self.zeros], self.weights)

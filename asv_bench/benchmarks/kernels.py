@@ -1,0 +1,62 @@
+"""Steady-state kernel time: a grid over (cell kind, batch, hidden, T, unroll mode), and the standard shapes.
+
+Every kernel is compiled and warmed in ``setup``: these are run times only
+(compile time is the separate suite in ``compile.py``). The standard shapes
+are the same table ``numrnn bench`` runs (``numrnn.bench.SHAPES``).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from numrnn.bench import SHAPES, make_problem  # noqa: I001 - after .common, which sets the cache dir
+
+from .common import Runner, grid_spec
+
+
+class TimeGrid:
+    """One-layer stacks, D=32, over a grid of kinds and sizes, dynamic loop and static unroll."""
+
+    params = (["lstm", "gru", "simple"], [1, 64], [64, 256], [16, 64], ["dynamic", "static"])
+    param_names = ["kind", "batch", "hidden", "steps", "unroll"]
+
+    def setup(self, kind, batch, hidden, steps, unroll):
+        spec = grid_spec(kind, hidden, steps, unroll)
+        x = np.random.default_rng(1).standard_normal((steps, batch, spec.input_size)).astype(np.float32)
+        self.run = Runner(spec, x)
+
+    def time_call(self, kind, batch, hidden, steps, unroll):
+        self.run()
+
+
+class TimeStandardShapes:
+    """The standard shapes of DESIGN.md (streaming: one step per call, state carried)."""
+
+    params = [s.name for s in SHAPES]
+    param_names = ["shape"]
+
+    def setup(self, name):
+        shape = next(s for s in SHAPES if s.name == name)
+        problem = make_problem(shape)
+        self.run = Runner(problem.spec, problem.x, problem.lengths, problem.weights)
+
+    def time_call(self, name):
+        self.run()
+
+    def peakmem_call(self, name):
+        self.run()
+
+
+class PeakMemGrid:
+    """Peak resident memory of one call, large batch (input projection and outputs dominate)."""
+
+    params = (["lstm", "gru"], [256])
+    param_names = ["kind", "hidden"]
+
+    def setup(self, kind, hidden):
+        spec = grid_spec(kind, hidden, 100, "dynamic")
+        x = np.random.default_rng(1).standard_normal((100, 64, spec.input_size)).astype(np.float32)
+        self.run = Runner(spec, x)
+
+    def peakmem_call(self, kind, hidden):
+        self.run()

@@ -1,0 +1,516 @@
+"""``numrnn bench``: numrnn against the installed peers on the standard shapes, side by side, in one process.
+
+Every system gets the same inputs and the same weights (converted to its
+layout), is warmed up, then timed by the median of repeated calls. The table
+shows each system's median time, its GFLOP/s (the FLOP counts of DESIGN.md:
+LSTM 8, GRU 6 per T*B*H*(D+H), per direction) and numrnn's ratio against each
+peer (peer time / numrnn time: above 1 numrnn is faster), plus the largest
+difference of each peer's output from numrnn's. The machine line gives the
+numpy sgemm rate measured in the same run: the ceiling for GEMM-bound shapes.
+
+What is timed, per system, for one call on time-major input:
+
+- numrnn: the kernel (``get_kernel(spec)(x, cond, states, packed weights)``),
+  states reset from zeros, output allocated by the call;
+- ONNX Runtime: ``session.run`` of a graph of ONNX ``LSTM``/``GRU`` nodes;
+- PyTorch: ``nn.LSTM``/``nn.GRU`` forward under ``torch.inference_mode()``
+  (with ``pack_padded_sequence`` for lengths);
+- TensorFlow: the Keras 3 layers inside one ``tf.function``.
+
+Streaming is one time step per call with the state carried between calls.
+Peers are optional (``pip install numrnn[peers]``); missing ones are skipped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from codegen.spec import BlockSpec, CellSpec, DirectionSpec, StackSpec
+
+
+@dataclass(frozen=True)
+class Shape:
+    """One standard shape: a stack of ``(kind, units)`` layers over ``(T, B, D)`` input."""
+
+    name: str
+    layers: tuple[tuple[str, int], ...]
+    batch: int
+    steps: int
+    input_size: int
+    return_sequences: bool = True
+    bidirectional: bool = False
+    #: Sequence lengths drawn uniformly from this closed range (masking "lengths").
+    lengths: tuple[int, int] | None = None
+    #: One step per call, state carried (``steps`` calls are timed as one run).
+    streaming: bool = False
+
+    def flops(self) -> float:
+        """Multiply-adds x 2 of the whole stack (both directions)."""
+        total, width = 0.0, self.input_size
+        dirs = 2 if self.bidirectional else 1
+        for kind, units in self.layers:
+            total += {"lstm": 8, "gru": 6}[kind] * self.steps * self.batch * units * (width + units) * dirs
+            width = units * dirs
+        return total
+
+    def describe(self) -> str:
+        """Short human description, e.g. ``3xGRU(120) B128 T196 D2``."""
+        kinds = [f"{k.upper()}({u})" for k, u in self.layers]
+        stack = f"{len(kinds)}x{kinds[0]}" if len(set(kinds)) == 1 and len(kinds) > 1 else "->".join(kinds)
+        if self.bidirectional:
+            stack = f"{len(kinds)}xBi{kinds[0]}"
+        return f"{stack} B{self.batch} T{self.steps} D{self.input_size}"
+
+
+#: The standard shapes of DESIGN.md; they drive both ``numrnn bench`` and the asv suite.
+SHAPES = (
+    Shape("seed000", (("gru", 120),) * 3, 128, 196, 2),
+    Shape("seed002", (("lstm", 128), ("gru", 256)), 128, 28, 28, return_sequences=False),
+    Shape("latency256", (("lstm", 256),), 1, 100, 256),
+    Shape("tiny64", (("lstm", 64),), 1, 50, 32),
+    Shape("throughput512", (("lstm", 512),) * 2, 64, 100, 512),
+    Shape("bidir_masked", (("lstm", 128),) * 2, 8, 100, 64, bidirectional=True, lengths=(50, 100)),
+    Shape("streaming", (("lstm", 32),), 1, 1, 32, streaming=True),
+)
+SHAPES_BY_NAME = {s.name: s for s in SHAPES}
+
+
+# -- the shared problem: spec, weights, inputs ------------------------------------------------------
+
+
+def stack_spec(shape: Shape, dtype: str = "float32") -> StackSpec:
+    """The numrnn spec of ``shape`` (GRU reset_after, as Keras 3, PyTorch and ONNX linear_before_reset)."""
+    cells = [CellSpec(kind, units) for kind, units in shape.layers]
+    masking = "lengths" if shape.lengths else "none"
+    if shape.bidirectional:
+        back = "valid" if shape.lengths else "full"
+        blocks = tuple(BlockSpec((DirectionSpec((c,)), DirectionSpec((c,), reverse=back))) for c in cells)
+    else:
+        blocks = (BlockSpec((DirectionSpec(tuple(cells)),)),)
+    return StackSpec(blocks, shape.input_size, dtype=dtype, masking=masking,
+                     return_sequences=shape.return_sequences)
+
+
+@dataclass
+class Problem:
+    """Inputs and logical (Keras-layout) weights shared by every system."""
+
+    shape: Shape
+    spec: StackSpec
+    x: np.ndarray  # (T, B, D) float32
+    lengths: np.ndarray | None  # (B,) int64, sorted descending
+    weights: list[dict]  # per cell of spec.cells
+
+
+def make_problem(shape: Shape, seed: int = 0) -> Problem:
+    """Random inputs and weights (uniform, scaled like Glorot so activations stay in range)."""
+    rng = np.random.default_rng(seed)
+    spec = stack_spec(shape)
+    weights = []
+    for cell, size in zip(spec.cells, spec.input_sizes()):
+        w = {}
+        for name, shp in cell.weight_shapes(size).items():
+            scale = 1.0 / np.sqrt(shp[0]) if len(shp) == 2 else 0.1
+            w[name] = rng.uniform(-scale, scale, shp).astype(np.float32)
+        weights.append(w)
+    x = rng.standard_normal((shape.steps, shape.batch, shape.input_size)).astype(np.float32)
+    lengths = None
+    if shape.lengths:
+        lo, hi = shape.lengths
+        lengths = np.sort(rng.integers(lo, hi + 1, shape.batch))[::-1].astype(np.int64)
+        lengths[0] = hi
+        for b, n in enumerate(lengths):  # padding holds zeros, as a framework would feed it
+            x[n:, b] = 0.0
+    return Problem(shape, spec, x, lengths, weights)
+
+
+# -- systems: each returns (run, output) where run() does one timed call -------------------------
+
+
+def _numrnn(problem: Problem):
+    from numrnn.runtime import get_kernel, pack_weights
+
+    spec, shape = problem.spec, problem.shape
+    kernel, packed = get_kernel(spec), pack_weights(spec, problem.weights)
+    zeros = [np.zeros((shape.batch, n), np.float32) for c in spec.cells for n in c.state_sizes]
+    if shape.streaming:
+        states = [z.copy() for z in zeros]
+        x = problem.x
+
+        def run():
+            return kernel(x, None, states, packed)
+    else:
+        def run():
+            states = [z.copy() for z in zeros]
+            return kernel(problem.x, problem.lengths, states, packed)
+    return run
+
+
+def _gate_rows(kernel_like: np.ndarray, units: int, order) -> np.ndarray:
+    """Transpose a Keras (in, G*units) matrix to (G*units, in) with its gate blocks in ``order``."""
+    blocks = np.split(kernel_like, len(order), axis=-1)
+    return np.ascontiguousarray(np.concatenate([blocks[g] for g in order], axis=-1).T)
+
+
+def _onnx(problem: Problem):
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    shape, spec = problem.shape, problem.spec
+    nodes, inits, inputs, outputs = [], [], [], []
+    B, D = shape.batch, shape.input_size
+    inputs.append(helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, B, D]))
+    feeds = {"x": problem.x}
+    seq = ""
+    if problem.lengths is not None:
+        inputs.append(helper.make_tensor_value_info("lens", TensorProto.INT32, [B]))
+        feeds["lens"] = problem.lengths.astype(np.int32)
+        seq = "lens"
+    n_dirs = 2 if shape.bidirectional else 1
+    src, cells = "x", list(zip(spec.cells, problem.weights))
+    per_layer = [cells[i * n_dirs:(i + 1) * n_dirs] for i in range(len(shape.layers))]
+    state_out = []
+    for li, layer in enumerate(per_layer):
+        cell = layer[0][0]
+        H = cell.units
+        order = (0, 3, 1, 2) if cell.kind == "lstm" else (0, 1, 2)  # ONNX LSTM i,o,f,c; GRU z,r,h
+        W = np.stack([_gate_rows(w["kernel"], H, order) for _, w in layer])
+        R = np.stack([_gate_rows(w["recurrent_kernel"], H, order) for _, w in layer])
+        bias = []
+        for _, w in layer:
+            wb = np.concatenate([np.split(w["bias"], len(order))[g] for g in order])
+            rb = (np.concatenate([np.split(w["recurrent_bias"], len(order))[g] for g in order])
+                  if "recurrent_bias" in w else np.zeros_like(wb))
+            bias.append(np.concatenate([wb, rb]))
+        for name, arr in ((f"W{li}", W), (f"R{li}", R), (f"B{li}", np.stack(bias))):
+            inits.append(numpy_helper.from_array(arr.astype(np.float32), name))
+        ins = [src, f"W{li}", f"R{li}", f"B{li}", seq]
+        outs = [f"Y{li}", f"Yh{li}"]
+        if shape.streaming:
+            for st in ("h", "c")[: len(cell.state_names)]:
+                inputs.append(helper.make_tensor_value_info(f"{st}0_{li}", TensorProto.FLOAT, [n_dirs, B, H]))
+                feeds[f"{st}0_{li}"] = np.zeros((n_dirs, B, H), np.float32)
+            ins += [f"h0_{li}"] + ([f"c0_{li}"] if cell.kind == "lstm" else [])
+            if cell.kind == "lstm":
+                outs.append(f"Yc{li}")
+            state_out = outs[1:]
+        attrs = {"hidden_size": H, "direction": "bidirectional" if n_dirs == 2 else "forward"}
+        if cell.kind == "gru":
+            attrs["linear_before_reset"] = 1
+        nodes.append(helper.make_node(cell.kind.upper(), ins, outs, **attrs))
+        # Y (T, dirs, B, H) -> (T, B, dirs * H) for the next layer
+        nodes.append(helper.make_node("Transpose", [f"Y{li}"], [f"Yt{li}"], perm=[0, 2, 1, 3]))
+        inits.append(numpy_helper.from_array(np.array([0, B, n_dirs * H], np.int64), f"shape{li}"))
+        nodes.append(helper.make_node("Reshape", [f"Yt{li}", f"shape{li}"], [f"S{li}"]))
+        src = f"S{li}"
+    last = per_layer[-1][0][0]
+    if shape.return_sequences:
+        result = src
+    else:
+        inits.append(numpy_helper.from_array(np.array([0], np.int64), "axis0"))
+        nodes.append(helper.make_node("Squeeze", [f"Yh{len(per_layer) - 1}", "axis0"], ["last"]))
+        result = "last"
+    rank = 3 if shape.return_sequences else 2
+    outputs.append(helper.make_tensor_value_info(result, TensorProto.FLOAT, [None] * rank))
+    for name in state_out:
+        outputs.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, [None] * 3))
+    graph = helper.make_graph(nodes, shape.name, inputs, outputs, inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 14)])
+    onnx.checker.check_model(model)
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = os.cpu_count() or 1
+    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    names = [result, *state_out]
+    li = len(per_layer) - 1
+    if shape.streaming:
+        def run():
+            out = session.run(names, feeds)
+            feeds[f"h0_{li}"] = out[1]
+            if last.kind == "lstm":
+                feeds[f"c0_{li}"] = out[2]
+            return out[0]
+    else:
+        def run():
+            return session.run(names, feeds)[0]
+    return run, ort.__version__
+
+
+def _torch(problem: Problem):
+    import torch
+
+    from numrnn.compat.weights import torch_layer_arrays
+
+    shape, spec = problem.shape, problem.spec
+    torch.set_num_threads(os.cpu_count() or 1)
+    n_dirs = 2 if shape.bidirectional else 1
+    modules, width = [], shape.input_size
+    cells = list(zip(spec.cells, problem.weights))
+    for li, (kind, units) in enumerate(shape.layers):
+        cls = torch.nn.LSTM if kind == "lstm" else torch.nn.GRU
+        module = cls(width, units, bidirectional=shape.bidirectional)
+        state = {}
+        for d, (cell, w) in enumerate(cells[li * n_dirs:(li + 1) * n_dirs]):
+            suffix = "_l0" + ("_reverse" if d else "")
+            for key, arr in torch_layer_arrays(cell, w).items():
+                state[key + suffix] = torch.from_numpy(np.ascontiguousarray(arr, np.float32))
+        module.load_state_dict(state)
+        module.eval()
+        modules.append(module)
+        width = units * n_dirs
+    x = torch.from_numpy(problem.x)
+    lengths = torch.from_numpy(problem.lengths) if problem.lengths is not None else None
+    pack = torch.nn.utils.rnn
+
+    if shape.streaming:
+        carried = [None]
+
+        def run():
+            with torch.inference_mode():
+                y, carried[0] = modules[0](x, carried[0])
+            return y.numpy()
+        return run, torch.__version__
+
+    def run():
+        with torch.inference_mode():
+            y = x
+            for module in modules:
+                if lengths is not None:
+                    packed = pack.pack_padded_sequence(y, lengths, enforce_sorted=True)
+                    y, _ = pack.pad_packed_sequence(module(packed)[0], total_length=shape.steps)
+                else:
+                    y, last = module(y)
+            if not shape.return_sequences:
+                h = last[0] if isinstance(last, tuple) else last
+                return h[-1].numpy()
+            return y.numpy()
+    return run, torch.__version__
+
+
+def _tensorflow(problem: Problem):
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    import keras
+    import tensorflow as tf
+
+    from numrnn.compat.weights import keras_cell_arrays
+
+    shape, spec = problem.shape, problem.spec
+    cells = list(zip(spec.cells, problem.weights))
+    n_dirs = 2 if shape.bidirectional else 1
+    layers = []
+    for li, (kind, units) in enumerate(shape.layers):
+        last = li == len(shape.layers) - 1
+        seqs = shape.return_sequences or not last
+        cls = keras.layers.LSTM if kind == "lstm" else keras.layers.GRU
+        kwargs = {"reset_after": True} if kind == "gru" else {}
+        layer = cls(units, return_sequences=seqs, return_state=shape.streaming, **kwargs)
+        if shape.bidirectional:
+            layer = keras.layers.Bidirectional(layer)
+        layers.append(layer)
+    x = tf.constant(np.swapaxes(problem.x, 0, 1))  # Keras is batch-major
+    mask = None
+    if problem.lengths is not None:
+        mask = tf.constant(np.arange(shape.steps)[None, :] < problem.lengths[:, None])
+    # build, then load the same weights
+    y = x
+    for layer in layers:
+        y = layer(y, mask=mask) if not shape.streaming else layer(y)[0]
+    for li, layer in enumerate(layers):
+        arrays = [a for cell, w in cells[li * n_dirs:(li + 1) * n_dirs] for a in keras_cell_arrays(cell, w)]
+        layer.set_weights(arrays)
+
+    if shape.streaming:
+        H = shape.layers[0][1]
+        state = [tf.zeros((shape.batch, H)), tf.zeros((shape.batch, H))]
+
+        @tf.function
+        def step(x, h, c):
+            return layers[0](x, initial_state=[h, c])
+
+        def run():
+            y, state[0], state[1] = step(x, state[0], state[1])
+            return y.numpy()[None]
+        return run, tf.__version__
+
+    @tf.function
+    def forward(x, mask):
+        y = x
+        for layer in layers:
+            y = layer(y, mask=mask)
+        return y
+
+    def run():
+        y = forward(x, mask).numpy()
+        return np.swapaxes(y, 0, 1) if shape.return_sequences else y
+    return run, tf.__version__
+
+
+PEERS: dict[str, Callable] = {"onnxruntime": _onnx, "torch": _torch, "tensorflow": _tensorflow}
+PEER_MODULES = {"onnxruntime": "onnxruntime", "torch": "torch", "tensorflow": "tensorflow"}
+
+
+# -- timing ----------------------------------------------------------------------------------------
+
+
+def median_seconds(run: Callable[[], object], *, min_time: float, min_repeats: int = 5,
+                   max_repeats: int = 2000, calls_per_sample: int = 1) -> float:
+    """Median wall time of one call after warm-up, over at least ``min_repeats`` samples and ``min_time`` s."""
+    for _ in range(3):
+        run()
+    samples, spent = [], 0.0
+    while len(samples) < min_repeats or (spent < min_time and len(samples) < max_repeats):
+        start = time.perf_counter()
+        for _ in range(calls_per_sample):
+            run()
+        elapsed = time.perf_counter() - start
+        samples.append(elapsed / calls_per_sample)
+        spent += elapsed
+    return statistics.median(samples)
+
+
+def sgemm_gflops(n: int = 2048, repeats: int = 10) -> float:
+    """Best numpy float32 GEMM rate (n x n x n) in GFLOP/s over ``repeats``: this run's ceiling.
+
+    The best rather than the median: on a shared machine the median drifts with
+    the other load, and the ceiling is what the machine can do.
+    """
+    a = np.random.default_rng(0).standard_normal((n, n)).astype(np.float32)
+    b = a.T.copy()
+    np.dot(a, b)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        np.dot(a, b)
+        best = min(best, time.perf_counter() - start)
+    return 2 * n**3 / best / 1e9
+
+
+def installed_peers(wanted) -> tuple[list[str], list[str]]:
+    """(installed, notes) for the requested peers; a missing peer gives a note instead of an error."""
+    import importlib.util
+
+    found, notes = [], []
+    for name in wanted:
+        if importlib.util.find_spec(PEER_MODULES[name]) is None:
+            notes.append(f"{name}: not installed, skipped (pip install numrnn[peers])")
+        else:
+            found.append(name)
+    return found, notes
+
+
+def _format_time(seconds: float) -> str:
+    if seconds < 1e-3:
+        return f"{seconds * 1e6:.1f} us"
+    return f"{seconds * 1e3:.2f} ms"
+
+
+def bench_shape(shape: Shape, peers: list[str], min_time: float) -> list[dict]:
+    """Rows of one shape: numrnn first, then each peer that builds and runs."""
+    problem = make_problem(shape)
+    numrnn_run = _numrnn(problem)
+    reference = np.asarray(numrnn_run())
+    calls = 200 if shape.streaming else 1
+    rows = [{"system": "numrnn", "seconds": median_seconds(numrnn_run, min_time=min_time, calls_per_sample=calls),
+             "diff": 0.0, "version": None}]
+    for name in peers:
+        try:
+            run, version = PEERS[name](problem)
+            diff = float(np.max(np.abs(np.asarray(run(), dtype=np.float64).reshape(reference.shape) - reference)))
+            if shape.streaming:  # a stateful run: the first call above started from zeros, as numrnn's
+                diff = float("nan")
+            seconds = median_seconds(run, min_time=min_time, calls_per_sample=calls)
+            rows.append({"system": name, "seconds": seconds, "diff": diff, "version": version})
+        except Exception as exc:  # a peer that cannot build this shape is reported, not fatal
+            rows.append({"system": name, "error": f"{type(exc).__name__}: {exc}"[:100]})
+    return rows
+
+
+def machine_line(gflops: float) -> str:
+    """CPU, cores, sgemm rate, the OpenBLAS kernels in use, numpy/numba versions."""
+    import numba
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    blas = os.environ.get("OPENBLAS_CORETYPE", "auto")
+    return (f"machine: {cpu}, {os.cpu_count()} cores; numpy sgemm {gflops:.0f} GFLOP/s (best of 10, 2048^3); "
+            f"OPENBLAS_CORETYPE={blas}; python {platform.python_version()}, numpy {np.__version__}, "
+            f"numba {numba.__version__}")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of ``numrnn bench``."""
+    parser.add_argument("--shapes", nargs="+", choices=[s.name for s in SHAPES], default=[s.name for s in SHAPES],
+                        help="standard shapes to run (default: all)")
+    parser.add_argument("--peers", nargs="*", choices=list(PEERS), default=list(PEERS),
+                        help="peers to compare with, when installed (default: all; none with an empty list)")
+    parser.add_argument("--min-time", type=float, default=1.0,
+                        help="seconds of timed calls per system and shape, at least 5 calls (default 1.0)")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the benchmark and print the table; returns the exit status."""
+    _flush_denormals()
+    peers, notes = installed_peers(args.peers)
+    gflops = sgemm_gflops()
+    print(machine_line(gflops))
+    for note in notes:
+        print("note:", note)
+    versions = {}
+    header = (f"{'shape':<14}{'stack':<28}{'system':<13}{'time':>11}{'GFLOP/s':>9}{'%sgemm':>8}{'ratio':>7}"
+              f"{'max|diff|':>11}")
+    print(header)
+    print("-" * len(header))
+    for name in args.shapes:
+        shape = SHAPES_BY_NAME[name]
+        rows = bench_shape(shape, peers, args.min_time)
+        base = rows[0]["seconds"]
+        for k, row in enumerate(rows):
+            lead = f"{shape.name if k == 0 else '':<14}{shape.describe() if k == 0 else '':<28}{row['system']:<13}"
+            if "error" in row:
+                print(f"{lead}  failed: {row['error']}")
+                continue
+            versions[row["system"]] = row["version"]
+            rate = shape.flops() / row["seconds"] / 1e9
+            ratio = "" if k == 0 else f"{row['seconds'] / base:.2f}"
+            diff = "" if k == 0 else f"{row['diff']:.1e}"
+            unit = "/call" if shape.streaming else ""
+            print(f"{lead}{_format_time(row['seconds']) + unit:>11}{rate:>9.1f}{100 * rate / gflops:>7.1f}%"
+                  f"{ratio:>7}{diff:>11}")
+        sys.stdout.flush()
+    print("ratio = peer time / numrnn time (> 1: numrnn faster); times are medians of warm calls")
+    print("peers: " + (", ".join(f"{k} {v}" for k, v in versions.items() if v) or "none"))
+    return 0
+
+
+def _flush_denormals() -> None:
+    """Flush denormals to zero in this thread where a peer offers the switch (PyTorch sets MXCSR FTZ/DAZ)."""
+    try:
+        import torch
+
+        torch.set_flush_denormal(True)
+    except Exception:  # noqa: BLE001 - optional
+        pass
+
+
+def main(argv=None) -> int:
+    """``python -m numrnn.bench``."""
+    parser = argparse.ArgumentParser(prog="numrnn bench", description=__doc__.splitlines()[0])
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,36 @@
+"""``numrnn bench`` runs without any peer installed (no timing assertions: the machine is shared)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from numrnn import bench
+
+
+def test_bench_runs_without_peers(capsys):
+    assert bench.main(["--peers", "--shapes", "tiny64", "streaming", "--min-time", "0"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("machine:")
+    assert "tiny64" in out and "streaming" in out and "numrnn" in out
+
+
+def test_missing_peer_is_a_note(monkeypatch):
+    monkeypatch.setitem(bench.PEER_MODULES, "torch", "numrnn_no_such_module")
+    found, notes = bench.installed_peers(["torch"])
+    assert found == [] and "not installed" in notes[0]
+
+
+def test_flops_follow_the_design_formula():
+    seed000 = bench.SHAPES_BY_NAME["seed000"]
+    expected = 6 * 196 * 128 * 120 * ((2 + 120) + 2 * (120 + 120))
+    assert seed000.flops() == expected
+
+
+def test_problem_matches_its_spec():
+    for shape in bench.SHAPES:
+        problem = bench.make_problem(shape)
+        assert problem.x.shape == (shape.steps, shape.batch, shape.input_size)
+        assert len(problem.weights) == len(problem.spec.cells)
+        if shape.lengths:
+            assert problem.lengths.max() == shape.lengths[1]
+            assert np.all(problem.x[problem.lengths[-1]:, -1] == 0)
