@@ -469,7 +469,7 @@ def run(args: argparse.Namespace) -> int:
     for note in notes:
         print("note:", note)
     versions = {}
-    header = (f"{'shape':<14}{'stack':<28}{'system':<13}{'time':>11}{'GFLOP/s':>9}{'%sgemm':>8}{'ratio':>7}"
+    header = (f"{'shape':<14}{'stack':<34}{'system':<13}{'time':>11}{'GFLOP/s':>9}{'%sgemm':>8}{'ratio':>7}"
               f"{'max|diff|':>11}")
     print(header)
     print("-" * len(header))
@@ -478,7 +478,7 @@ def run(args: argparse.Namespace) -> int:
         rows = bench_shape(shape, peers, args.min_time)
         base = rows[0]["seconds"]
         for k, row in enumerate(rows):
-            lead = f"{shape.name if k == 0 else '':<14}{shape.describe() if k == 0 else '':<28}{row['system']:<13}"
+            lead = f"{shape.name if k == 0 else '':<14}{shape.describe() if k == 0 else '':<34}{row['system']:<13}"
             if "error" in row:
                 print(f"{lead}  failed: {row['error']}")
                 continue
