@@ -15,6 +15,26 @@ def to_numpy(value):
     return value
 
 
+DTYPES = ("float32", "float64")
+
+
+def normalize_dtype(owner: str, dtype) -> str:
+    """``"float32"`` or ``"float64"`` from a NumPy spelling, a TF dtype or a torch dtype; ValueError otherwise.
+
+    TF dtypes are read through ``as_numpy_dtype`` and torch ones by name
+    (``torch.float64``, ``torch.double``), so neither library is imported.
+    """
+    dtype = getattr(dtype, "as_numpy_dtype", dtype)
+    try:
+        name = np.dtype(dtype).name
+    except TypeError:
+        short = str(dtype).rsplit(".", 1)[-1]
+        name = {"float": "float32", "double": "float64"}.get(short, short)
+    if name not in DTYPES:
+        raise ValueError(f"{owner}: dtype must be 'float32' or 'float64'; got {dtype!r}")
+    return name
+
+
 def as_real_array(name: str, value, dtype: str) -> np.ndarray:
     """``value`` (array-like or torch tensor) as an array of ``dtype``; TypeError for non-numeric or complex data."""
     try:

@@ -13,20 +13,7 @@ from codegen.spec import ACTIVATIONS, CellSpec, simple_stack
 from numrnn.compat.weights import keras_cell_arrays, keras_cell_weights
 from numrnn.layers.initializers import glorot_uniform, orthogonal
 from numrnn.runtime import get_kernel, pack_weights
-from numrnn.validation import as_real_array, check_finite, check_ndim
-
-DTYPES = ("float32", "float64")
-
-
-def normalize_dtype(owner: str, dtype) -> str:
-    """``"float32"`` or ``"float64"`` from any NumPy spelling; ValueError otherwise."""
-    try:
-        name = np.dtype(dtype).name
-    except TypeError:
-        name = repr(dtype)
-    if name not in DTYPES:
-        raise ValueError(f"{owner}: dtype must be 'float32' or 'float64'; got {dtype!r}")
-    return name
+from numrnn.validation import as_real_array, check_finite, check_ndim, normalize_dtype
 
 
 def normalize_activation(owner: str, name: str, value) -> str:

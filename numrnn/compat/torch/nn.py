@@ -20,7 +20,7 @@ from codegen.spec import BlockSpec, CellSpec, DirectionSpec, StackSpec
 from numrnn.compat.weights import torch_layer_weights
 from numrnn.runtime import get_kernel, pack_weights
 from numrnn.runtime.policy import normalize_unroll, resolve_unroll
-from numrnn.validation import as_lengths, as_real_array, check_finite, check_sequence_input
+from numrnn.validation import as_lengths, as_real_array, check_finite, check_sequence_input, normalize_dtype
 
 _PARAMS = ("weight_ih", "weight_hh", "bias_ih", "bias_hh", "weight_hr")
 
@@ -30,20 +30,6 @@ class IncompatibleKeys(NamedTuple):
 
     missing_keys: list
     unexpected_keys: list
-
-
-def _normalize_dtype(owner: str, dtype) -> str:
-    """``float32``/``float64`` from ``None``, a NumPy spelling or a torch dtype (``torch.float64``)."""
-    if dtype is None:
-        return "float32"
-    try:
-        name = np.dtype(dtype).name
-    except TypeError:
-        short = str(dtype).rsplit(".", 1)[-1]  # torch.float64 -> float64
-        name = {"float": "float32", "double": "float64"}.get(short, short)
-    if name not in ("float32", "float64"):
-        raise ValueError(f"{owner}: dtype must be float32 or float64; got {dtype!r}")
-    return name
 
 
 def _int_at_least(owner: str, name: str, value, low: int) -> int:
@@ -83,7 +69,7 @@ class RNNBase:
         self.bidirectional = bool(bidirectional)
         self.nonlinearity = nonlinearity
         self.unroll = normalize_unroll(owner, unroll)
-        self.dtype = _normalize_dtype(owner, dtype)
+        self.dtype = "float32" if dtype is None else normalize_dtype(owner, dtype)
         self.training = False
         self._params = self._initial_params()
         self._version = 0

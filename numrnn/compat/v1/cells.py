@@ -19,9 +19,7 @@ from codegen.spec import ACTIVATIONS, CellSpec, simple_stack
 from numrnn.compat.weights import tf1_cell_arrays, tf1_cell_weights, tf1_weight_names
 from numrnn.layers.initializers import glorot_uniform
 from numrnn.runtime import get_kernel
-from numrnn.validation import as_real_array, check_finite, check_ndim
-
-DTYPES = ("float32", "float64")
+from numrnn.validation import as_real_array, check_finite, check_ndim, normalize_dtype
 
 
 class LSTMStateTuple(NamedTuple):
@@ -29,18 +27,6 @@ class LSTMStateTuple(NamedTuple):
 
     c: object
     h: object
-
-
-def normalize_dtype(owner: str, dtype) -> str:
-    """``"float32"``/``"float64"`` from a NumPy spelling or a TF dtype (duck-typed ``as_numpy_dtype``)."""
-    dtype = getattr(dtype, "as_numpy_dtype", dtype)
-    try:
-        name = np.dtype(dtype).name
-    except TypeError:
-        name = getattr(dtype, "name", repr(dtype))
-    if name not in DTYPES:
-        raise ValueError(f"{owner}: dtype must be float32 or float64; got {dtype!r}")
-    return name
 
 
 def normalize_activation(owner: str, activation) -> str:

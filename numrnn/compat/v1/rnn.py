@@ -23,9 +23,9 @@ import logging
 import numpy as np
 
 from codegen.spec import UNROLL_CEILING, BlockSpec, DirectionSpec, StackSpec
-from numrnn.compat.v1.cells import RNNCell, normalize_dtype
+from numrnn.compat.v1.cells import RNNCell
 from numrnn.runtime import get_kernel
-from numrnn.validation import as_lengths, as_real_array, check_ndim, check_sequence_input
+from numrnn.validation import as_lengths, as_real_array, check_ndim, check_sequence_input, normalize_dtype
 
 log = logging.getLogger("numrnn")
 
