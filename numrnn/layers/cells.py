@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import numpy as np
 
+from codegen.cells import pack
 from codegen.spec import ACTIVATIONS, CellSpec, simple_stack
 from numrnn.compat.weights import keras_cell_arrays, keras_cell_weights
 from numrnn.layers.initializers import glorot_uniform, orthogonal
-from numrnn.runtime import get_kernel, pack_weights
+from numrnn.runtime import get_kernel
 from numrnn.validation import as_real_array, check_finite, check_ndim, normalize_dtype
 
 
@@ -57,7 +58,7 @@ def one_step(owner: str, cells: list, inputs, states: list) -> tuple[np.ndarray,
         fresh.append(np.array(array, order="C", copy=True))
     spec = simple_stack([c.cell_spec() for c in cells], cells[0].input_size, dtype=dtype,
                         return_sequences=False, unroll=1)
-    weights = pack_weights(spec, [c.logical_weights() for c in cells])
+    weights = [array for cell in cells for array in cell.packed()]
     return get_kernel(spec)(np.ascontiguousarray(x[None]), None, fresh, weights), fresh
 
 
@@ -78,8 +79,7 @@ class RNNCell:
         self.name = name or owner.lower()
         self.input_size: int | None = None
         self._logical: dict | None = None
-        #: bumped by every weight change, so holders of packed copies know to repack
-        self.weights_version = 0
+        self._packed: list[np.ndarray] | None = None
 
     # -- description -------------------------------------------------------------------------
     def cell_spec(self) -> CellSpec:
@@ -124,7 +124,7 @@ class RNNCell:
     def _assign(self, input_size: int, logical: dict) -> None:
         self.input_size = input_size
         self._logical = {k: np.ascontiguousarray(v, dtype=self.dtype) for k, v in logical.items()}
-        self.weights_version += 1
+        self._packed = None
 
     def get_weights(self) -> list[np.ndarray]:
         """Keras order and shapes: kernel, recurrent_kernel[, bias]."""
@@ -158,6 +158,12 @@ class RNNCell:
         """The weights in numrnn's logical layout (read-only view of what the kernels use)."""
         self._require_built("logical_weights")
         return self._logical
+
+    def packed(self) -> list[np.ndarray]:
+        """The kernel's weight arguments for this cell, packed once per weight change."""
+        if self._packed is None:
+            self._packed = pack(self.cell_spec(), self.logical_weights(), self.dtype)
+        return self._packed
 
     def count_params(self) -> int:
         """Number of scalar weights."""

@@ -19,7 +19,7 @@ from numrnn.layers.cells import (
     deserialize_cell,
     serialize_cell,
 )
-from numrnn.runtime import get_kernel, pack_weights
+from numrnn.runtime import get_kernel
 from numrnn.runtime.policy import normalize_unroll, resolve_unroll
 from numrnn.validation import as_mask, as_real_array, check_sequence_input
 
@@ -40,8 +40,6 @@ class RecurrentLayer:
         self.unroll = normalize_unroll(type(self).__name__, unroll)
         self.time_major = bool(time_major)
         self.states: list[np.ndarray] | None = None
-        self._packed_for = None
-        self._packed: list[np.ndarray] = []
 
     # -- to be provided by the subclass ---------------------------------------------------------
     def _directions(self) -> list[tuple[list[RNNCell], str]]:
@@ -137,13 +135,6 @@ class RecurrentLayer:
         self._require_built("count_params")
         return sum(cell.count_params() for cell in self.all_cells)
 
-    def _packed_weights(self, spec: StackSpec) -> list[np.ndarray]:
-        version = tuple((id(cell), cell.weights_version) for cell in self.all_cells)
-        if version != self._packed_for:
-            self._packed = pack_weights(spec, [cell.logical_weights() for cell in self.all_cells])
-            self._packed_for = version
-        return self._packed
-
     def _require_built(self, what: str) -> None:
         if not self.built:
             raise ValueError(f"{type(self).__name__}.{what}: the layer has no weights yet; call it, build(input_shape) "
@@ -212,7 +203,8 @@ class RecurrentLayer:
             condition = np.ascontiguousarray(as_mask(mask, batch, steps).T)
         spec = self.spec(steps, self._masking(mask is not None))
         states = self._initial_states(initial_state, batch)
-        output = get_kernel(spec)(xt, condition, states, self._packed_weights(spec))
+        weights = [array for cell in self.all_cells for array in cell.packed()]
+        output = get_kernel(spec)(xt, condition, states, weights)
         if self.stateful:
             self.states = [s.copy() for s in states]
         if self.return_sequences and not self.time_major:

@@ -197,8 +197,6 @@ class LeafCell(RNNCell):
         self._input_size: int | None = None
         self._logical: dict | None = None
         self._packed: dict = {}
-        #: bumped by every weight change, so holders of packed copies know to repack
-        self.weights_version = 0
 
     def cell_spec(self) -> CellSpec:
         """This cell as a :class:`codegen.spec.CellSpec`."""
@@ -297,7 +295,6 @@ class LeafCell(RNNCell):
         self._input_size = int(logical["kernel"].shape[0])
         self._logical = {k: np.ascontiguousarray(v, dtype=self._dtype) for k, v in logical.items()}
         self._packed = {}
-        self.weights_version += 1
 
     def logical_weights(self) -> dict:
         """The weights in numrnn's logical layout (what the kernels use)."""
