@@ -46,6 +46,14 @@ def as_real_array(name: str, value, dtype: str) -> np.ndarray:
     return array.astype(dtype, copy=False)
 
 
+def as_shaped_array(name: str, value, shape: tuple, dtype: str) -> np.ndarray:
+    """A fresh C-contiguous array of ``dtype`` and exactly ``shape`` (states, state_dict entries)."""
+    array = as_real_array(name, value, dtype)
+    if array.shape != tuple(shape):
+        raise ValueError(f"{name}: expected shape {tuple(shape)}; got {array.shape}")
+    return np.array(array, order="C", copy=True)
+
+
 def check_ndim(name: str, array: np.ndarray, ndim: int, layout: str) -> None:
     """ValueError unless ``array`` has ``ndim`` dimensions (``layout`` describes them)."""
     if array.ndim != ndim:

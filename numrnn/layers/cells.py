@@ -14,7 +14,7 @@ from codegen.spec import ACTIVATIONS, CellSpec, simple_stack
 from numrnn.compat.weights import keras_cell_arrays, keras_cell_weights
 from numrnn.layers.initializers import glorot_uniform, orthogonal
 from numrnn.runtime import get_kernel
-from numrnn.validation import as_real_array, check_finite, check_ndim, normalize_dtype
+from numrnn.validation import as_real_array, as_shaped_array, check_finite, check_ndim, normalize_dtype
 
 
 def normalize_activation(owner: str, name: str, value) -> str:
@@ -50,12 +50,8 @@ def one_step(owner: str, cells: list, inputs, states: list) -> tuple[np.ndarray,
     expected = [zero for cell in cells for zero in cell.get_initial_state(x.shape[0])]
     if len(states) != len(expected):
         raise ValueError(f"{owner}: states: expected {len(expected)} arrays; got {len(states)}")
-    fresh = []
-    for i, (given, zero) in enumerate(zip(states, expected)):
-        array = as_real_array(f"{owner}: states[{i}]", given, dtype)
-        if array.shape != zero.shape:
-            raise ValueError(f"{owner}: states[{i}]: expected shape {zero.shape}; got {array.shape}")
-        fresh.append(np.array(array, order="C", copy=True))
+    fresh = [as_shaped_array(f"{owner}: states[{i}]", given, zero.shape, dtype)
+             for i, (given, zero) in enumerate(zip(states, expected))]
     spec = simple_stack([c.cell_spec() for c in cells], cells[0].input_size, dtype=dtype,
                         return_sequences=False, unroll=1)
     weights = [array for cell in cells for array in cell.packed()]

@@ -21,7 +21,7 @@ from numrnn.layers.cells import (
 )
 from numrnn.runtime import get_kernel
 from numrnn.runtime.policy import normalize_unroll, resolve_unroll
-from numrnn.validation import as_mask, as_real_array, check_sequence_input
+from numrnn.validation import as_mask, as_real_array, as_shaped_array, check_sequence_input
 
 
 def _flatten(structure) -> list:
@@ -151,13 +151,8 @@ class RecurrentLayer:
         if len(leaves) != len(shapes):
             raise ValueError(f"{name}: expected {len(shapes)} state arrays (per cell h, or h and c for LSTM); "
                              f"got {len(leaves)}")
-        states = []
-        for i, (leaf, shape) in enumerate(zip(leaves, shapes)):
-            array = as_real_array(f"{name}[{i}]", leaf, self.dtype)
-            if array.shape != shape:
-                raise ValueError(f"{name}[{i}]: expected shape {shape}; got {array.shape}")
-            states.append(np.array(array, order="C", copy=True))
-        return states
+        return [as_shaped_array(f"{name}[{i}]", leaf, shape, self.dtype)
+                for i, (leaf, shape) in enumerate(zip(leaves, shapes))]
 
     def reset_states(self, states=None) -> None:
         """Stateful layers: zero the kept states, or set them to ``states`` (Keras nesting or flat)."""

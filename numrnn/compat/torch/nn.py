@@ -20,7 +20,14 @@ from codegen.spec import BlockSpec, CellSpec, DirectionSpec, StackSpec
 from numrnn.compat.weights import torch_layer_weights
 from numrnn.runtime import get_kernel, pack_weights
 from numrnn.runtime.policy import normalize_unroll, resolve_unroll
-from numrnn.validation import as_lengths, as_real_array, check_finite, check_sequence_input, normalize_dtype
+from numrnn.validation import (
+    as_lengths,
+    as_real_array,
+    as_shaped_array,
+    check_finite,
+    check_sequence_input,
+    normalize_dtype,
+)
 
 _PARAMS = ("weight_ih", "weight_hh", "bias_ih", "bias_hh", "weight_hr")
 
@@ -158,11 +165,8 @@ class RNNBase:
         for key, shape in shapes.items():
             if key not in state_dict:
                 continue
-            array = as_real_array(f"{owner}: state_dict[{key!r}]", state_dict[key], self.dtype)
-            if array.shape != shape:
-                raise ValueError(f"{owner}: state_dict[{key!r}]: expected shape {shape}; got {array.shape}")
-            check_finite(owner, f"state_dict[{key!r}]", array)
-            loaded[key] = np.array(array, order="C", copy=True)
+            loaded[key] = as_shaped_array(f"{owner}: state_dict[{key!r}]", state_dict[key], shape, self.dtype)
+            check_finite(owner, f"state_dict[{key!r}]", loaded[key])
         self._params.update(loaded)
         self._version += 1
         return IncompatibleKeys(missing, unexpected)

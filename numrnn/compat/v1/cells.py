@@ -19,7 +19,7 @@ from codegen.spec import ACTIVATIONS, CellSpec, simple_stack
 from numrnn.compat.weights import tf1_cell_arrays, tf1_cell_weights, tf1_weight_names
 from numrnn.layers.initializers import glorot_uniform
 from numrnn.runtime import get_kernel
-from numrnn.validation import as_real_array, check_finite, check_ndim, normalize_dtype
+from numrnn.validation import as_real_array, as_shaped_array, check_finite, check_ndim, normalize_dtype
 
 
 class LSTMStateTuple(NamedTuple):
@@ -176,10 +176,7 @@ def _state_leaf(name: str, value, shape: tuple[int, int], dtype: str) -> np.ndar
     if isinstance(value, (tuple, list)):
         raise ValueError(f"{name}: expected an array of shape {shape}; got a {type(value).__name__} of "
                          f"{len(value)} items")
-    array = as_real_array(name, value, dtype)
-    if array.shape != shape:
-        raise ValueError(f"{name}: expected shape {shape}; got {array.shape}")
-    return np.array(array, order="C", copy=True)
+    return as_shaped_array(name, value, shape, dtype)
 
 
 class LeafCell(RNNCell):
