@@ -29,7 +29,7 @@ import math
 from dataclasses import dataclass
 
 #: Bump whenever the generated source changes for an unchanged spec.
-CODEGEN_VERSION = 7
+CODEGEN_VERSION = 8
 
 ACTIVATIONS = ("tanh", "sigmoid", "hard_sigmoid", "relu", "linear")
 CELL_KINDS = ("simple", "lstm", "gru")
@@ -48,6 +48,9 @@ UNROLL_CEILING = 256
 #: (the unrolled loop and its remainder loop); each copy costs compile time
 #: (about 0.2 s per copy and layer for GRU(120)), so ``unroll_steps`` is capped.
 UNROLL_STEPS_CEILING = 32
+
+#: Most threads one kernel call's hidden units can be split over (``StackSpec.unit_split``).
+UNIT_SPLIT_CEILING = 64
 
 _GATES = {"simple": 1, "lstm": 4, "gru": 3}
 
@@ -151,6 +154,20 @@ class CellSpec:
             shapes["projection"] = (self.units, self.proj_units)
         return shapes
 
+    def unit_split_blocker(self) -> str | None:
+        """Why this cell's units cannot be split over threads, or ``None`` when they can.
+
+        A split worker computes its units from the whole previous ``h`` and its
+        own slice of every gate. A projection (``h = r(o * tanh(c)) P``) or a
+        GRU that resets before its product (``(r * h) U_h``) mixes every unit
+        inside the step, which would need a second barrier per step.
+        """
+        if self.proj_units:
+            return "an LSTM projection (proj_units) mixes every unit inside the step"
+        if self.kind == "gru" and not self.reset_after:
+            return "a GRU with reset_after=False multiplies r * h by U_h inside the step"
+        return None
+
     def short_name(self) -> str:
         """Readable name fragment, e.g. ``lstm64`` or ``gru128``."""
         return f"{self.kind}{self.units}" + (f"p{self.proj_units}" if self.proj_units else "")
@@ -230,6 +247,11 @@ class StackSpec:
     unroll, any sequence length; the remainder runs in a plain loop). ``1`` is
     the plain loop; more than 1 needs ``unroll=None`` and at most
     :data:`UNROLL_STEPS_CEILING`.
+    ``unit_split``: threads that share one call, each computing a slice of
+    every layer's hidden units and meeting the others at a barrier after every
+    time step (the runtime's schedule for small batches; ``1``: no split).
+    Needs the plain dynamic loop, cells that :meth:`CellSpec.unit_split_blocker`
+    allows, and unit counts divisible by it.
     """
 
     blocks: tuple[BlockSpec, ...]
@@ -240,6 +262,7 @@ class StackSpec:
     unroll: int | None = None
     unroll_steps: int = 1
     target: str = "cpu"
+    unit_split: int = 1
 
     def __post_init__(self):
         if isinstance(self.blocks, list):
@@ -268,6 +291,7 @@ class StackSpec:
                 f"StackSpec: unroll={self.unroll} (full static unroll) and unroll_steps={self.unroll_steps} "
                 "(partial unroll of the dynamic loop) exclude each other; set one of them"
             )
+        self._check_unit_split()
         for block in self.blocks[:-1]:
             if block.merge is None and len(block.directions) == 2:
                 raise ValueError("StackSpec: merge=None is only allowed on the last block")
@@ -277,6 +301,23 @@ class StackSpec:
                     raise ValueError(
                         'StackSpec: reverse="valid" needs masking="lengths" (it reverses each valid prefix)'
                     )
+
+    def _check_unit_split(self) -> None:
+        n = self.unit_split
+        _check_positive_int("StackSpec", "unit_split", n)
+        if n == 1:
+            return
+        if n > UNIT_SPLIT_CEILING:
+            raise ValueError(f"StackSpec: unit_split={n} exceeds the ceiling of {UNIT_SPLIT_CEILING} threads")
+        if self.unroll is not None or self.unroll_steps != 1:
+            raise ValueError(f"StackSpec: unit_split={n} needs the plain dynamic loop (unroll=None, unroll_steps=1)")
+        for cell in self.cells:
+            blocker = cell.unit_split_blocker()
+            if blocker is not None:
+                raise ValueError(f"StackSpec: unit_split={n} is impossible for {cell.short_name()}: {blocker}")
+            if cell.units % n:
+                raise ValueError(f"StackSpec: unit_split={n} must divide the units of every cell; "
+                                 f"{cell.short_name()} has {cell.units}")
 
     @property
     def cells(self) -> tuple[CellSpec, ...]:
@@ -349,7 +390,8 @@ class StackSpec:
             mode = f"unroll{self.unroll}"
         else:
             mode = "dyn" if self.unroll_steps == 1 else f"partial{self.unroll_steps}"
-        return "_".join(parts + [self.masking, mode])
+        split = [f"split{self.unit_split}"] if self.unit_split > 1 else []
+        return "_".join(parts + [self.masking, mode] + split)
 
 
 def simple_stack(

@@ -28,6 +28,30 @@ def packed_names(cell: CellSpec) -> list[str]:
     return ["wx"] + (["b"] if cell.use_bias else []) + emitter_for(cell).recurrent_names(cell)
 
 
+#: How each packed array is cut for one worker of the unit split: along which axis, and whether that
+#: axis holds the gate blocks side by side (``G`` blocks of ``units``) or the units once.
+_SPLIT_AXES = {"wx": (1, True), "b": (0, True), "wh": (1, True), "wht": (0, True), "bh": (0, True),
+               "wp": (1, False)}
+
+
+def split_packed(cell: CellSpec, arrays: list[np.ndarray], part: int, parts: int) -> list[np.ndarray]:
+    """Worker ``part`` of ``parts``'s copy of one cell's packed arrays (:func:`packed_names` order).
+
+    The worker owns units ``[part * n, (part + 1) * n)`` with ``n = units / parts``:
+    it keeps those columns of every gate block, and whole rows where a matrix
+    is indexed by the previous ``h`` (every worker reads all of it).
+    """
+    n = cell.units // parts
+    lo, hi = part * n, (part + 1) * n
+    out = []
+    for name, array in zip(packed_names(cell), arrays):
+        axis, gated = _SPLIT_AXES[name]
+        blocks = cell.gates if gated else 1
+        index = np.concatenate([np.arange(g * cell.units + lo, g * cell.units + hi) for g in range(blocks)])
+        out.append(np.ascontiguousarray(np.take(array, index, axis=axis)))
+    return out
+
+
 def pack(cell: CellSpec, logical: dict, dtype: str) -> list[np.ndarray]:
     """Logical (Keras-layout) weights -> contiguous arrays in :func:`packed_names` order."""
     packed = {"wx": logical["kernel"]}

@@ -144,6 +144,9 @@ class LayerContext:
     is false and this is the last layer), stored at ``out[0]``.
     ``out_offset``: first output column (a bidirectional block writes both
     directions side by side).
+    ``recurrent_input``: the array the step's recurrent product reads: ``h``
+    itself, or under the unit split the whole previous ``h`` while ``h`` is
+    the worker's own slice of the new one.
     """
 
     cell: CellSpec
@@ -152,6 +155,7 @@ class LayerContext:
     last_only: bool
     out_offset: int
     dtype: str = "float64"
+    recurrent_input: str = "h"
 
     @property
     def units(self) -> int:

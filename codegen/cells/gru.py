@@ -68,7 +68,7 @@ def emit_step(em: Emitter, ctx: LayerContext) -> None:
 def _emit_reset_after(em: Emitter, ctx: LayerContext) -> None:
     cell, u, one = ctx.cell, ctx.units, lit(1, ctx.dtype)
     bias = (lambda k: f" + bh[{k}]") if cell.has_recurrent_bias else (lambda k: "")
-    emit_recurrent_product(em, ctx, "h", "wh", "rh")
+    emit_recurrent_product(em, ctx, ctx.recurrent_input, "wh", "rh")
     with row_loop(em, ctx, final=True):
         with em.block(f"for j in range({u}):"):
             em(
@@ -84,7 +84,7 @@ def _emit_reset_after(em: Emitter, ctx: LayerContext) -> None:
 
 def _emit_reset_before(em: Emitter, ctx: LayerContext) -> None:
     cell, u, one = ctx.cell, ctx.units, lit(1, ctx.dtype)
-    emit_recurrent_product(em, ctx, "h", "whzr", "rzr")
+    emit_recurrent_product(em, ctx, ctx.recurrent_input, "whzr", "rzr")
     with row_loop(em, ctx, final=False):
         with em.block(f"for j in range({u}):"):
             em(

@@ -128,9 +128,16 @@ def generate(spec: StackSpec) -> str:
         "import numpy as np",
         "from numba import njit",
     )
+    if spec.unit_split > 1:
+        em("", "from numrnn.runtime.sync import barrier")
     layers = layers_of(spec)
     em.blank()
     emit_math_helpers(em, spec.dtype, jit_options(spec))
+    if spec.unit_split > 1:
+        from codegen.targets.cpu_split import emit_split_module_body
+
+        emit_split_module_body(em, spec)
+        return em.source()
     for layer in layers:
         em.blank()
         em.blank()

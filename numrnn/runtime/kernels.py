@@ -6,15 +6,16 @@ import logging
 import os
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
 from codegen import StackSpec, generate_source
-from codegen.cells import pack
+from codegen.cells import pack, packed_names, split_packed
 from codegen.targets.cpu import condition_args
+from numrnn.runtime import sync
 from numrnn.runtime.cache import import_module, module_path, write_if_changed
-from numrnn.runtime.schedule import hand_loop_rows, plan, pool, single_threaded_blas
+from numrnn.runtime.schedule import choose, hand_loop_rows, plan, pool, single_threaded_blas
 
 log = logging.getLogger("numrnn")
 if os.environ.get("NUMRNN_DEBUG") and not log.handlers:
@@ -25,6 +26,11 @@ if os.environ.get("NUMRNN_DEBUG") and not log.handlers:
 
 _KERNELS: dict[StackSpec, Kernel] = {}
 _LOCK = threading.Lock()
+#: One unit-split call at a time: its partners run on the shared pool, and two such calls could
+#: otherwise each hold a pool thread spinning for a partner queued behind the other.
+_SPLIT_LOCK = threading.Lock()
+#: Weight slices kept per unit-split kernel (one entry per distinct set of packed weights).
+_SLICE_CACHE_SIZE = 8
 
 
 @dataclass
@@ -42,6 +48,8 @@ class Kernel:
     function: object
     codegen_seconds: float
     compile_seconds: float | None = None
+    #: Unit-split kernels: the generated ``shared_buffers(T, T_out, B)`` (``None`` otherwise).
+    shared_buffers: object = None
     _first_call_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def __call__(self, x: np.ndarray, condition, states: list[np.ndarray], weights: list[np.ndarray],
@@ -60,15 +68,21 @@ class Kernel:
                              f"{self.spec.unroll} time steps; got {T}")
         y = np.empty((T if self._sequences else 1, B, self._width), dtype=self._dtype) if out is None else out
         cond = [condition] if self._has_condition else []
-        if B == 1 and T <= 4 and self.compile_seconds is not None:
+        if self.spec.unit_split > 1:
+            self._run_unit_split(x, cond, states, weights, y)
+        elif B == 1 and T <= 4 and self.compile_seconds is not None:
             # Fast path (streaming): no split, input projection too small for OpenBLAS to thread.
             # Measured, LSTM(32) one step per call: 2.7 us for the bare numba call, 10 us through
             # the general path below.
             self.function(x, *cond, *states, *weights, y, 0)
-        elif self.compile_seconds is None:
-            self._first_call(x, cond, states, weights, y)
         else:
-            chunks = plan(self.spec, T, B)
+            schedule, workers = choose(self.spec, T, B)
+            if schedule == "units" and self._try_unit_split(workers, x, cond, states, weights, y):
+                return y if self._sequences else y[0]
+            if self.compile_seconds is None:
+                self._first_call(x, cond, states, weights, y)
+                return y if self._sequences else y[0]
+            chunks = plan(self.spec, T, B) if schedule != "serial" else [(0, B)]
             if len(chunks) == 1:
                 # Single-threaded BLAS even for the one input projection per layer: when the other
                 # core is busy, a 2-thread OpenBLAS call waits for a time slice (measured: LSTM(64),
@@ -87,6 +101,67 @@ class Kernel:
         self._dtype = np.dtype(self.spec.dtype)
         self._has_condition = bool(condition_args(self.spec))
         self._small = hand_loop_rows()
+        self._slices: dict[tuple[int, ...], tuple[list, list[list[np.ndarray]]]] = {}
+
+    def _try_unit_split(self, workers: int, x, cond, states, weights, y) -> bool:
+        """Run the call on the unit-split kernel of ``workers`` threads; False if another one is running."""
+        if not _SPLIT_LOCK.acquire(blocking=False):
+            return False
+        try:
+            split = get_kernel(replace(self.spec, unit_split=workers))
+            split(x, cond[0] if cond else None, states, weights, out=y)
+        finally:
+            _SPLIT_LOCK.release()
+        return True
+
+    def _run_unit_split(self, x, cond, states, weights, y) -> None:
+        """Worker 0 here, the others on the pool, in step at every time step (:mod:`codegen.targets.cpu_split`).
+
+        A worker that fails sets the abort word, which releases every other
+        worker's barrier, so the call raises instead of hanging.
+        """
+        start = time.perf_counter()
+        n, T, B = self.spec.unit_split, x.shape[0], x.shape[1]
+        parts = self._worker_weights(weights)
+        flags = sync.new_flags()
+        shared = self.shared_buffers(T, y.shape[0], B)
+        small = self._hand_loop_rows(B)
+
+        def work(me):
+            try:
+                self.function(x, *cond, *states, *parts[me], y, small, me, flags, *shared)
+            except BaseException:
+                flags[sync.ABORT] = 1
+                raise
+
+        futures = [pool().submit(work, me) for me in range(1, n)]
+        try:
+            with single_threaded_blas():
+                work(0)
+        finally:
+            for future in futures:
+                future.result()
+        if self.compile_seconds is None:
+            self.compile_seconds = time.perf_counter() - start
+            log.debug("first call of %s took %.2f s (compile or cache load, and one run)", self.spec.kernel_name(),
+                      self.compile_seconds)
+
+    def _worker_weights(self, weights: list[np.ndarray]) -> list[list[np.ndarray]]:
+        """Each worker's column slices of the packed weights, cut once per set of weights."""
+        key = tuple(id(w) for w in weights)
+        hit = self._slices.get(key)
+        if hit is not None:
+            return hit[1]
+        n, parts, pos = self.spec.unit_split, [[] for _ in range(self.spec.unit_split)], 0
+        for cell in self.spec.cells:
+            count = len(packed_names(cell))
+            for me in range(n):
+                parts[me].extend(split_packed(cell, weights[pos:pos + count], me, n))
+            pos += count
+        if len(self._slices) >= _SLICE_CACHE_SIZE:
+            self._slices.pop(next(iter(self._slices)))
+        self._slices[key] = (list(weights), parts)  # holding the arrays keeps their ids unique
+        return parts
 
     def _hand_loop_rows(self, rows: int) -> int:
         """The kernel's ``small`` argument for a call on ``rows`` rows.
@@ -149,7 +224,8 @@ def _build(spec: StackSpec) -> Kernel:
     elapsed = time.perf_counter() - start
     log.debug("kernel cache miss for %s: source %s %s (%.3f s)", spec.kernel_name(),
               "written to" if written else "reused from", path, elapsed)
-    return Kernel(spec, source, str(path), getattr(module, spec.kernel_name()), elapsed)
+    return Kernel(spec, source, str(path), getattr(module, spec.kernel_name()), elapsed,
+                  shared_buffers=getattr(module, "shared_buffers", None))
 
 
 def pack_weights(spec: StackSpec, logical: list[dict]) -> list[np.ndarray]:

@@ -24,10 +24,31 @@ rows (the kernel's ``small`` argument): one row, OpenBLAS gemv; up to
 :func:`hand_loop_rows` rows, a hand loop over the cache-resident packed
 weights; more rows, one BLAS GEMM per step.
 
-Not done (measured or judged): splitting hidden units across the cores needs a
-barrier every step; with the other engineers' jobs on the same two cores a
-spinning barrier stalls for whole time slices, so only the barrier-free batch
-split is used. B=1 shapes therefore run on one core.
+Small batches split the hidden units instead (``unit_split``,
+:mod:`codegen.targets.cpu_split`): every worker computes its slice of every
+layer's units and the workers meet at a spinning barrier after each step
+(:mod:`numrnn.runtime.sync`; it yields its time slice after a short spin, so a
+descheduled partner on a busy machine is not starved). Policy (``choose``):
+
+- the unit split when ``B <=`` :data:`UNIT_SPLIT_MAX_ROWS`, some layer's
+  recurrent matrix has at least :data:`UNIT_SPLIT_MIN_WEIGHT_BYTES`, the call
+  has at least :data:`UNIT_SPLIT_MIN_FLOPS`, the spec allows it (plain dynamic
+  loop; no LSTM projection; GRU ``reset_after``) and every layer's units
+  divide by the number of cores; one unit-split call runs at a time (a
+  concurrent one falls back, so the partners can never wait on each other);
+- otherwise the batch split above.
+
+Why those limits (measured on the 2-core benchmark machine, 512 KiB L2 per
+core, medians of interleaved calls): at one row a step is a matrix-vector
+product bound by reading the recurrent matrix; LSTM(256)'s 1 MiB does not
+fit one core's L2, and split in two it (almost) does: latency256 (B1 T100)
+went from 5.1 to 4.1 ms (best calls 4.8 -> 2.8 ms). LSTM(64) (64 KiB, already
+cache-resident) got slower split, 0.25 -> 0.41 ms: the per-step barrier and
+the pool hand-off cost more than the halved product. At B=8 (bidir_masked)
+the batch split was faster (34 vs 49 ms) since it needs no barrier.
+
+``NUMRNN_SCHEDULE`` forces ``serial`` (one thread), ``batch`` or ``units``;
+forcing ``units`` on a spec that cannot use it raises a ``ValueError``.
 """
 
 from __future__ import annotations
@@ -77,6 +98,65 @@ def plan(spec: StackSpec, steps: int, batch: int) -> list[tuple[int, int]]:
         n = 1
     bounds = [batch * k // n for k in range(n + 1)]
     return list(zip(bounds[:-1], bounds[1:]))
+
+
+#: Largest batch run with the unit split (above it the batch split needs no barrier and keeps the
+#: per-step products as wide).
+UNIT_SPLIT_MAX_ROWS = 2
+#: A layer's recurrent matrix at least this large (one core's L2) makes the split pay: each core then
+#: reads half of it per step.
+UNIT_SPLIT_MIN_WEIGHT_BYTES = 512 * 1024
+#: Below this many FLOPs per call the split's pool hand-off (~20-40 us) outweighs the gain.
+UNIT_SPLIT_MIN_FLOPS = 2e6
+SCHEDULES = ("auto", "serial", "batch", "units")
+
+
+def unit_split_blocker(spec: StackSpec, workers: int) -> str | None:
+    """Why ``spec`` cannot run with its units split over ``workers`` threads, or ``None``."""
+    if workers < 2:
+        return "only one core is available"
+    if spec.unroll is not None or spec.unroll_steps != 1:
+        return "the unit split runs the plain dynamic loop only (unroll=False)"
+    for cell in spec.cells:
+        reason = cell.unit_split_blocker()
+        if reason is None and cell.units % workers:
+            reason = f"its {cell.units} units do not divide over {workers} threads"
+        if reason is not None:
+            return f"{cell.short_name()}: {reason}"
+    return None
+
+
+def largest_recurrent_bytes(spec: StackSpec) -> int:
+    """Bytes of the largest recurrent matrix of the stack (what a one-row step reads)."""
+    itemsize = 4 if spec.dtype == "float32" else 8
+    return max(cell.output_size * cell.gates * cell.units * itemsize for cell in spec.cells)
+
+
+def forced_schedule() -> str:
+    """``NUMRNN_SCHEDULE`` (``auto`` when unset); an unknown value is a ``ValueError``."""
+    value = os.environ.get("NUMRNN_SCHEDULE", "auto").strip().lower() or "auto"
+    if value not in SCHEDULES:
+        raise ValueError(f"NUMRNN_SCHEDULE must be one of {', '.join(SCHEDULES)}; got {value!r}")
+    return value
+
+
+def choose(spec: StackSpec, steps: int, batch: int) -> tuple[str, int]:
+    """``("units", workers)``, ``("batch", workers)`` or ``("serial", 1)`` for one call."""
+    forced, workers = forced_schedule(), cores()
+    if forced == "serial":
+        return "serial", 1
+    if forced == "units":
+        blocker = unit_split_blocker(spec, max(workers, 2))
+        if blocker is not None:
+            raise ValueError(f"NUMRNN_SCHEDULE=units cannot run {spec.kernel_name()}: {blocker}")
+        return "units", max(workers, 2)
+    if (forced == "auto" and batch <= UNIT_SPLIT_MAX_ROWS
+            and largest_recurrent_bytes(spec) >= UNIT_SPLIT_MIN_WEIGHT_BYTES
+            and stack_flops(spec, steps, batch) >= UNIT_SPLIT_MIN_FLOPS
+            and unit_split_blocker(spec, workers) is None):
+        return "units", workers
+    n = len(plan(spec, steps, batch))
+    return ("batch", n) if n > 1 else ("serial", 1)
 
 
 def _blas_setters() -> list:

@@ -1,0 +1,191 @@
+"""CPU target, unit split: one call run by ``spec.unit_split`` threads, each owning a slice of the units.
+
+Small batches leave nothing to split over rows, and at one row a layer is a
+chain of matrix-vector products bound by reading the recurrent weights. Split
+the hidden units instead: worker ``w`` of ``n`` computes units ``[w*U/n,
+(w+1)*U/n)`` of every layer, every gate, from its own column slice of the
+weights (half the bytes per core at ``n = 2``, so a 1 MiB ``LSTM(256)``
+recurrent matrix fits the two 512 KiB L2 caches) and its own slice of the
+hoisted input projection. Step ``s`` needs all of ``h`` from step ``s - 1``,
+so the workers meet at a barrier (``numrnn.runtime.sync.barrier``) after
+every step; ``h`` is double-buffered (``hb[s % 2]`` is read while
+``hb[(s + 1) % 2]`` is written), so one barrier per step is enough: a worker
+can only overwrite a buffer after every other worker has finished the step
+that read it.
+
+Everything a worker writes is its own: its columns of ``h``, ``c``, the
+outputs and a merged bidirectional output, so masking, reversal and merging
+work as in the unsplit kernel. Buffers that more than one worker reads (the
+``h`` double buffers, the outputs of inner layers and blocks) come from the
+module's ``shared_buffers(T, T_out, B)``, allocated once per call by the
+runtime and passed to every worker.
+
+Kernel signature: the unsplit kernel's (with this worker's weight slices,
+``numrnn.codegen.cells.split_packed``), then ``me`` (worker index),
+``flags`` (``numrnn.runtime.sync`` layout) and the shared buffers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from codegen.cells import emitter_for, packed_names
+from codegen.cells.common import emit_scratch_for_output, emit_step_times
+from codegen.emit import Emitter
+from codegen.spec import StackSpec
+from codegen.targets.cpu import (
+    Layer,
+    _needs_merge,
+    condition_args,
+    jit_options,
+    layers_of,
+)
+
+
+def slice_width(layer: Layer, spec: StackSpec) -> int:
+    """Units of ``layer`` that one worker owns."""
+    return layer.cell.units // spec.unit_split
+
+
+def shared_buffers(spec: StackSpec) -> list[tuple[str, str]]:
+    """``(name, shape expression in T, T_out, B)`` of every buffer the workers share, in argument order."""
+    layers, buffers = layers_of(spec), []
+    for layer in layers:
+        buffers.append((f"hb{layer.index}", f"(2, B, {layer.cell.units})"))
+    for bi, block in enumerate(spec.blocks):
+        last_block = bi == len(spec.blocks) - 1
+        chain_ends = {max(la.index for la in layers if la.block == bi and la.direction == di)
+                      for di in range(len(block.directions))}
+        for layer in layers:
+            if layer.block == bi and layer.index not in chain_ends:
+                buffers.append((f"seq{layer.index}", f"(T, B, {layer.cell.output_size})"))
+        if _needs_merge(block):
+            width = sum(d.output_size for d in block.directions)
+            buffers.append((f"dest{bi}", f"({'T_out' if last_block else 'T'}, B, {width})"))
+            if not last_block:
+                buffers.append((f"merged{bi}", f"(T, B, {block.output_size})"))
+        elif not last_block:
+            buffers.append((f"dest{bi}", f"(T, B, {block.output_size})"))
+    return buffers
+
+
+def kernel_arguments(spec: StackSpec) -> list[str]:
+    """The split kernel's parameter names, in order."""
+    layers = layers_of(spec)
+    states = [a for layer in layers for a in layer.state_args()]
+    weights = [a for layer in layers for a in layer.weight_args()]
+    buffers = [name for name, _ in shared_buffers(spec)]
+    return ["x", *condition_args(spec), *states, *weights, "y", "small", "me", "flags", *buffers]
+
+
+def emit_split_module_body(em: Emitter, spec: StackSpec) -> None:
+    """The layer functions, ``shared_buffers`` and the kernel of a unit-split spec."""
+    layers = layers_of(spec)
+    for layer in layers:
+        em.blank()
+        em.blank()
+        _emit_layer_function(em, spec, layer)
+    em.blank()
+    em.blank()
+    with em.block("def shared_buffers(T, T_out, B):"):
+        em('"""Buffers every worker of one call reads: h double buffers, inner layer and block outputs."""')
+        shapes = [f"np.empty({shape}, dtype=np.{spec.dtype})" for _, shape in shared_buffers(spec)]
+        em(f"return ({', '.join(shapes)},)")
+    em.blank()
+    em.blank()
+    _emit_kernel(em, spec, layers)
+
+
+def _emit_layer_function(em: Emitter, spec: StackSpec, layer: Layer) -> None:
+    """One worker's share of a layer: its states in private contiguous copies, ``h`` published per step.
+
+    The step code is the unsplit emitter's, on ``n`` units: ``h`` and ``c``
+    are this worker's contiguous slices (strided views would keep LLVM from
+    vectorizing the gate loop), the product reads the whole previous ``h``
+    (``hp``), and after the step the worker's new ``h`` is copied into the
+    shared buffer the others read next.
+    """
+    cell = layer.cell
+    n = slice_width(layer, spec)
+    emitter = emitter_for(cell)
+    ctx = replace(layer.context, cell=replace(cell, units=n), recurrent_input="hp")
+    others = list(cell.state_names[1:])
+    params = ["xw", *emitter.recurrent_names(cell), "hstate", *(f"{o}state" for o in others),
+              *condition_args(spec), "out", "small", "hb", "u0", "flags", "me", "epoch"]
+    em(f"@njit({jit_options(spec)})")
+    with em.block(f"def {layer.function}({', '.join(params)}):"):
+        em(f'"""This worker\'s units [u0, u0 + {n}) of the layer; returns the barrier epoch it reached."""')
+        em("T = xw.shape[0]", "B = xw.shape[1]")
+        for name in ("h", *others):
+            em(f"{name} = np.empty((B, {n}), dtype=np.{spec.dtype})")
+        _emit_copy(em, n, *((f"{name}[b, j]", f"{name}state[b, u0 + j]") for name in ("h", *others)))
+        emitter.emit_scratch(em, ctx, spec.dtype)
+        emit_scratch_for_output(em, ctx, spec.dtype)
+        _emit_copy(em, n, ("hb[0, b, u0 + j]", "h[b, j]"))
+        em("epoch += 1", f"barrier(flags, me, {spec.unit_split}, epoch)")
+        with em.block("for s in range(T):"):
+            em("hp = hb[s % 2]", "hn = hb[(s + 1) % 2]")
+            emit_step_times(em, ctx)
+            emitter.emit_step(em, ctx)
+            _emit_copy(em, n, ("hn[b, u0 + j]", "h[b, j]"))
+            em("epoch += 1", f"barrier(flags, me, {spec.unit_split}, epoch)")
+        _emit_copy(em, n, *((f"{name}state[b, u0 + j]", f"{name}[b, j]") for name in ("h", *others)))
+        em("return epoch")
+
+
+def _emit_copy(em: Emitter, n: int, *pairs: tuple[str, str]) -> None:
+    """``dst = src`` for every row ``b`` and unit ``j < n``, as loops.
+
+    Loops rather than slice assignments: numba's generic strided setitem took
+    the cold compile of a three-layer split stack from 9 to 20 s.
+    """
+    with em.block("for b in range(B):"):
+        with em.block(f"for j in range({n}):"):
+            em(*(f"{dst} = {src}" for dst, src in pairs))
+
+
+def _emit_kernel(em: Emitter, spec: StackSpec, layers: list[Layer]) -> None:
+    em(f"@njit({jit_options(spec)})")
+    with em.block(f"def {spec.kernel_name()}({', '.join(kernel_arguments(spec))}):"):
+        em('"""Worker ``me`` of the call: its slice of every layer, in step with the other workers."""')
+        em("T = x.shape[0]", "B = x.shape[1]", "inp = x", "epoch = 0")
+        for bi, block in enumerate(spec.blocks):
+            last_block = bi == len(spec.blocks) - 1
+            em(f"# block {bi}")
+            em(f"dest = dest{bi}" if _needs_merge(block) or not last_block else "dest = y")
+            for di, direction in enumerate(block.directions):
+                chain = [la for la in layers if la.block == bi and la.direction == di]
+                em(f"# block {bi}, direction {di} ({direction.reverse})", "src = inp")
+                for k, layer in enumerate(chain):
+                    _emit_layer_call(em, spec, layer, is_last=k == len(chain) - 1)
+            if _needs_merge(block):
+                _emit_merge(em, spec, block, chain[-1], "y" if last_block else f"merged{bi}")
+                if not last_block:
+                    em("epoch += 1", f"barrier(flags, me, {spec.unit_split}, epoch)", f"inp = merged{bi}")
+            elif not last_block:
+                em("inp = dest")
+
+
+def _emit_layer_call(em: Emitter, spec: StackSpec, layer: Layer, *, is_last: bool) -> None:
+    cell, n = layer.cell, slice_width(layer, spec)
+    weights = dict(zip(packed_names(cell), layer.weight_args()))
+    em(f"u0 = me * {n}", f"xw = np.dot(src.reshape(T * B, {layer.input_size}), {weights['wx']})")
+    if cell.use_bias:
+        em(f"xw += {weights['b']}")
+    out = "dest" if is_last else f"seq{layer.index}"
+    recurrent = [weights[name] for name in emitter_for(cell).recurrent_names(cell)]
+    args = [f"xw.reshape(T, B, {cell.gates * n})", *recurrent, *layer.state_args(), *condition_args(spec),
+            f"{out}[:, :, u0:]", "small", f"hb{layer.index}", "u0", "flags", "me", "epoch"]
+    em(f"epoch = {layer.function}({', '.join(args)})")
+    if not is_last:
+        em(f"src = seq{layer.index}")
+
+
+def _emit_merge(em: Emitter, spec: StackSpec, block, last: Layer, target: str) -> None:
+    """Merge this worker's columns of both directions (it wrote both, so no barrier is needed first)."""
+    w, n = block.directions[0].output_size, slice_width(last, spec)
+    fw, bw = "dest[t, b, u0 + j]", f"dest[t, b, {w} + u0 + j]"
+    expr = {"sum": f"{fw} + {bw}", "mul": f"{fw} * {bw}", "ave": f"({fw} + {bw}) * 0.5"}[block.merge]
+    em(f"u0 = me * {n}")
+    with em.block(f"for t in range({target}.shape[0]):"):
+        _emit_copy(em, n, (f"{target}[t, b, u0 + j]", expr))

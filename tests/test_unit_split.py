@@ -1,0 +1,160 @@
+"""The unit split (one call on several threads, a barrier per step) against the NumPy oracle.
+
+Each case is a spec the split can run (even unit counts; no projection, no GRU
+reset-before) covering the semantics the split touches: every cell kind and
+LSTM option, each masking mode, both reversals, every merge (including the
+merge between blocks, which needs its own barrier), the last-output mode and
+both dtypes. Each case runs at one row (the BLAS product) and four rows (the
+hand loop where the BLAS has no small-matrix kernels), forced through
+``NUMRNN_SCHEDULE=units``, and is compared with the oracle (which pins the
+unsplit kernels too, in ``test_grid``). One compile per case.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+
+import numpy as np
+import pytest
+from reference import run_stack
+from test_grid import D, T, _bidir, _weights
+
+from codegen.cells import packed_names, split_packed
+from codegen.spec import BlockSpec, CellSpec, DirectionSpec, StackSpec, simple_stack
+from numrnn.runtime import get_kernel, pack_weights, schedule, sync
+
+LSTM_OPTIONS = CellSpec("lstm", 6, peephole=True, cell_clip=0.8, forget_bias=1.0)
+
+CASES = {
+    "stack_carry": simple_stack([LSTM_OPTIONS, CellSpec("gru", 4), CellSpec("simple", 4, activation="relu")], D,
+                                masking="carry"),
+    "bidir_none_zero_backwards": _bidir([CellSpec("gru", 4), CellSpec("lstm", 6)], None, masking="zero"),
+    "bidir_ave_two_blocks": _bidir([CellSpec("simple", 4)], "ave", blocks=2),
+    "float64_valid_sum_then_gru_last": StackSpec(
+        blocks=(BlockSpec((DirectionSpec((CellSpec("lstm", 4),)), DirectionSpec((CellSpec("lstm", 4),), "valid")),
+                          "sum"),
+                BlockSpec((DirectionSpec((CellSpec("gru", 4, use_bias=False),)),))),
+        input_size=D, dtype="float64", masking="lengths", return_sequences=False),
+}
+
+
+def _inputs(spec: StackSpec, batch: int, rng):
+    x = rng.standard_normal((T, batch, D)).astype(spec.dtype)
+    mask = lengths = None
+    if spec.masking in ("carry", "zero"):
+        mask = rng.random((T, batch)) > 0.3
+        mask[:2, 0] = False
+    if spec.masking == "lengths":
+        lengths = np.array([T, 0, 3, 1][:batch], dtype=np.int64)
+    initial = [tuple(rng.standard_normal((batch, n)).astype(spec.dtype) for n in c.state_sizes) for c in spec.cells]
+    return x, mask, lengths, initial
+
+
+def _run(spec, weights, x, mask, lengths, initial):
+    states = [np.array(s) for cell_states in initial for s in cell_states]
+    condition = mask if spec.masking in ("carry", "zero") else lengths
+    return get_kernel(spec)(x, condition, states, pack_weights(spec, weights)), states
+
+
+@pytest.mark.parametrize("batch", [1, 4])
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_unit_split_matches_reference(name, batch, monkeypatch):
+    spec = CASES[name]
+    rng = np.random.default_rng(sorted(CASES).index(name))
+    weights = _weights(spec, rng)
+    x, mask, lengths, initial = _inputs(spec, batch, rng)
+    expected, expected_states = run_stack(spec, weights, x, mask=mask, lengths=lengths, initial_states=initial)
+    monkeypatch.setenv("NUMRNN_SCHEDULE", "units")
+    got, got_states = _run(spec, weights, x, mask, lengths, initial)
+    assert get_kernel(dataclasses.replace(spec, unit_split=2)).compile_seconds is not None  # it really ran split
+    atol = 1e-5 if spec.dtype == "float32" else 1e-12
+    assert got.dtype == np.dtype(spec.dtype)
+    np.testing.assert_allclose(got, expected, rtol=0, atol=atol)
+    flat_expected = [s for cell_states in expected_states for s in cell_states]
+    assert len(got_states) == len(flat_expected)
+    for g, e in zip(got_states, flat_expected):
+        np.testing.assert_allclose(g, e, rtol=0, atol=atol)
+
+
+def test_split_packed_keeps_each_workers_columns_of_every_gate():
+    cell = CellSpec("lstm", 4, peephole=True)
+    rng = np.random.default_rng(0)
+    logical = {k: rng.standard_normal(s).astype(np.float32) for k, s in cell.weight_shapes(3).items()}
+    packed = pack_weights(simple_stack([cell], 3), [logical])
+    part1 = dict(zip(packed_names(cell), split_packed(cell, packed, 1, 2)))
+    columns = [2, 3, 6, 7, 10, 11, 14, 15]  # units 2, 3 of gates i, f, c, o
+    np.testing.assert_array_equal(part1["wx"], logical["kernel"][:, columns])
+    np.testing.assert_array_equal(part1["wh"], logical["recurrent_kernel"][:, columns])
+    np.testing.assert_array_equal(part1["wht"], logical["recurrent_kernel"][:, columns].T)
+    np.testing.assert_array_equal(part1["b"], logical["bias"][columns])
+    np.testing.assert_array_equal(part1["wp"], logical["peephole"][:, 2:4])
+
+
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        (simple_stack([CellSpec("lstm", 4, proj_units=2)], 3), "projection"),
+        (simple_stack([CellSpec("gru", 4, reset_after=False)], 3), "reset_after=False"),
+        (simple_stack([CellSpec("lstm", 5)], 3), "divide the units"),
+        (simple_stack([CellSpec("lstm", 4)], 3, unroll=8), "plain dynamic loop"),
+    ],
+)
+def test_spec_refuses_a_unit_split_it_cannot_run(spec, message):
+    with pytest.raises(ValueError, match=message):
+        dataclasses.replace(spec, unit_split=2)
+
+
+def test_forcing_units_on_a_spec_that_cannot_split_names_the_reason(monkeypatch):
+    monkeypatch.setenv("NUMRNN_SCHEDULE", "units")
+    with pytest.raises(ValueError, match="NUMRNN_SCHEDULE=units cannot run .*lstm4p2.*projection"):
+        schedule.choose(simple_stack([CellSpec("lstm", 4, proj_units=2)], 3), 10, 1)
+
+
+def test_unknown_schedule_is_refused(monkeypatch):
+    monkeypatch.setenv("NUMRNN_SCHEDULE", "fastest")
+    with pytest.raises(ValueError, match="NUMRNN_SCHEDULE must be one of auto, serial, batch, units"):
+        schedule.choose(simple_stack([CellSpec("lstm", 4)], 3), 10, 1)
+
+
+def test_auto_policy_splits_units_only_for_large_recurrent_matrices_at_one_row(monkeypatch):
+    monkeypatch.delenv("NUMRNN_SCHEDULE", raising=False)
+    monkeypatch.setattr(schedule, "cores", lambda: 2)
+    latency = simple_stack([CellSpec("lstm", 256)], 256)  # 1 MiB recurrent matrix
+    tiny = simple_stack([CellSpec("lstm", 64)], 32)  # 64 KiB: cache-resident on one core
+    assert schedule.choose(latency, 100, 1) == ("units", 2)
+    assert schedule.choose(tiny, 50, 1) == ("serial", 1)
+    assert schedule.choose(latency, 100, 64) == ("batch", 2)
+    projected = simple_stack([CellSpec("lstm", 256, proj_units=128)], 256)
+    assert schedule.choose(projected, 100, 1) == ("serial", 1)
+    monkeypatch.setattr(schedule, "cores", lambda: 1)
+    assert schedule.choose(latency, 100, 1) == ("serial", 1)
+
+
+def test_barrier_releases_waiters_when_a_worker_aborts():
+    flags = sync.new_flags()
+    waiter = threading.Thread(target=sync.barrier, args=(flags, 0, 2, 1))
+    waiter.start()
+    waiter.join(timeout=0.2)
+    assert waiter.is_alive()  # worker 1 never arrives: worker 0 waits
+    flags[sync.ABORT] = 1
+    waiter.join(timeout=10)
+    assert not waiter.is_alive()
+
+
+def test_barrier_waits_for_the_slowest_worker():
+    flags, arrived = sync.new_flags(), []
+
+    def worker(me):
+        sync.barrier(flags, me, 2, 1)
+        arrived.append(me)
+
+    first = threading.Thread(target=worker, args=(0,))
+    first.start()
+    first.join(timeout=0.2)
+    assert arrived == []
+    second = threading.Thread(target=worker, args=(1,))
+    second.start()
+    for thread in (first, second):
+        thread.join(timeout=10)
+    assert sorted(arrived) == [0, 1]
