@@ -29,7 +29,7 @@ import math
 from dataclasses import dataclass
 
 #: Bump whenever the generated source changes for an unchanged spec.
-CODEGEN_VERSION = 8
+CODEGEN_VERSION = 9
 
 ACTIVATIONS = ("tanh", "sigmoid", "hard_sigmoid", "relu", "linear")
 CELL_KINDS = ("simple", "lstm", "gru")

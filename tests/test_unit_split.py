@@ -86,7 +86,6 @@ def test_split_packed_keeps_each_workers_columns_of_every_gate():
     columns = [2, 3, 6, 7, 10, 11, 14, 15]  # units 2, 3 of gates i, f, c, o
     np.testing.assert_array_equal(part1["wx"], logical["kernel"][:, columns])
     np.testing.assert_array_equal(part1["wh"], logical["recurrent_kernel"][:, columns])
-    np.testing.assert_array_equal(part1["wht"], logical["recurrent_kernel"][:, columns].T)
     np.testing.assert_array_equal(part1["b"], logical["bias"][columns])
     np.testing.assert_array_equal(part1["wp"], logical["peephole"][:, 2:4])
 

@@ -7,6 +7,8 @@ are the same table ``numrnn bench`` runs (``numrnn.bench.SHAPES``).
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 
 from numrnn.bench import SHAPES, make_problem  # noqa: I001 - after .common, which sets the cache dir
@@ -59,4 +61,37 @@ class PeakMemGrid:
         self.run = Runner(spec, x)
 
     def peakmem_call(self, kind, hidden):
+        self.run()
+
+
+class TimeSchedules:
+    """The standard shapes under each schedule of ``numrnn.runtime.schedule`` (``NUMRNN_SCHEDULE``).
+
+    Tracks the choice the ``auto`` policy makes: one thread, rows over the
+    cores, or hidden units over the cores with a barrier per step.
+    """
+
+    params = (["latency256", "tiny64", "bidir_masked", "seed002"], ["serial", "batch", "units"])
+    param_names = ["shape", "schedule"]
+
+    def setup(self, name, schedule):
+        from numrnn.runtime.schedule import cores, unit_split_blocker
+
+        shape = next(s for s in SHAPES if s.name == name)
+        problem = make_problem(shape)
+        if schedule == "batch" and shape.batch == 1:
+            raise NotImplementedError("one row: nothing to split over the batch")
+        if schedule == "units" and unit_split_blocker(problem.spec, max(cores(), 2)) is not None:
+            raise NotImplementedError(unit_split_blocker(problem.spec, max(cores(), 2)))
+        self.previous = os.environ.get("NUMRNN_SCHEDULE")
+        os.environ["NUMRNN_SCHEDULE"] = schedule
+        self.run = Runner(problem.spec, problem.x, problem.lengths, problem.weights)
+
+    def teardown(self, name, schedule):
+        if self.previous is None:
+            os.environ.pop("NUMRNN_SCHEDULE", None)
+        else:
+            os.environ["NUMRNN_SCHEDULE"] = self.previous
+
+    def time_call(self, name, schedule):
         self.run()

@@ -30,7 +30,7 @@ def packed_names(cell: CellSpec) -> list[str]:
 
 #: How each packed array is cut for one worker of the unit split: along which axis, and whether that
 #: axis holds the gate blocks side by side (``G`` blocks of ``units``) or the units once.
-_SPLIT_AXES = {"wx": (1, True), "b": (0, True), "wh": (1, True), "wht": (0, True), "bh": (0, True),
+_SPLIT_AXES = {"wx": (1, True), "b": (0, True), "wh": (1, True), "bh": (0, True),
                "wp": (1, False)}
 
 

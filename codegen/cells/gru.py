@@ -7,7 +7,6 @@ import numpy as np
 from codegen.cells.common import (
     LayerContext,
     activation_expr,
-    both_layouts,
     emit_recurrent_product,
     emit_store_output,
     lit,
@@ -20,19 +19,19 @@ from codegen.spec import CellSpec
 def recurrent_names(cell: CellSpec) -> list[str]:
     """Packed arrays the time loop reads, in argument order."""
     if not cell.reset_after:
-        return ["whzr", "whzrt", "whh", "whht"]
-    return ["wh", "wht"] + (["bh"] if cell.has_recurrent_bias else [])
+        return ["whzr", "whh"]
+    return ["wh"] + (["bh"] if cell.has_recurrent_bias else [])
 
 
 def pack_recurrent(cell: CellSpec, logical: dict) -> dict[str, np.ndarray]:
-    """Recurrent arrays, each product's matrix in both layouts.
+    """Recurrent arrays, each product's matrix as ``(inputs, outputs)``.
 
     Reset-before splits ``U`` so ``(r * h) U_h`` is its own product.
     """
     u, rk = cell.units, logical["recurrent_kernel"]
     if not cell.reset_after:
-        return {**both_layouts("whzr", rk[:, : 2 * u]), **both_layouts("whh", rk[:, 2 * u :])}
-    packed = both_layouts("wh", rk)
+        return {"whzr": rk[:, : 2 * u], "whh": rk[:, 2 * u :]}
+    packed = {"wh": rk}
     if cell.has_recurrent_bias:
         packed["bh"] = logical["recurrent_bias"]
     return packed

@@ -7,7 +7,6 @@ import numpy as np
 from codegen.cells.common import (
     LayerContext,
     activation_expr,
-    both_layouts,
     emit_recurrent_product,
     emit_store_output,
     lit,
@@ -19,12 +18,12 @@ from codegen.spec import CellSpec
 
 def recurrent_names(cell: CellSpec) -> list[str]:
     """Packed arrays the time loop reads, in argument order."""
-    return ["wh", "wht"] + (["wp"] if cell.peephole else []) + (["wr"] if cell.proj_units else [])
+    return ["wh"] + (["wp"] if cell.peephole else []) + (["wr"] if cell.proj_units else [])
 
 
 def pack_recurrent(cell: CellSpec, logical: dict) -> dict[str, np.ndarray]:
-    """Recurrent arrays: ``U`` in both layouts; the projection transposed (a dot product per output)."""
-    packed = both_layouts("wh", logical["recurrent_kernel"])
+    """Recurrent arrays: ``U`` as ``(inputs, outputs)``; the projection transposed (a dot product per output)."""
+    packed = {"wh": logical["recurrent_kernel"]}
     if cell.peephole:
         packed["wp"] = logical["peephole"]
     if cell.proj_units:

@@ -7,7 +7,6 @@ import numpy as np
 from codegen.cells.common import (
     LayerContext,
     activation_expr,
-    both_layouts,
     emit_recurrent_product,
     emit_store_output,
     row_loop,
@@ -18,12 +17,12 @@ from codegen.spec import CellSpec
 
 def recurrent_names(cell: CellSpec) -> list[str]:
     """Packed arrays the time loop reads, in argument order."""
-    return ["wh", "wht"]
+    return ["wh"]
 
 
 def pack_recurrent(cell: CellSpec, logical: dict) -> dict[str, np.ndarray]:
-    """Recurrent arrays: ``U`` in both layouts (BLAS and the hand loop)."""
-    return both_layouts("wh", logical["recurrent_kernel"])
+    """Recurrent arrays: ``U`` as ``(inputs, outputs)`` (BLAS and the hand loop read the same layout)."""
+    return {"wh": logical["recurrent_kernel"]}
 
 
 def scratch_names(cell: CellSpec) -> list[str]:

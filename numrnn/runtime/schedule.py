@@ -214,8 +214,10 @@ def hand_loop_rows() -> int:
     Measured, one thread, per step (rows x inputs x outputs), hand loop vs BLAS:
     with OpenBLAS's SkylakeX kernels 1x64x256 0.92 vs 0.57 us, 1x256x1024
     10.1 vs 10.5, 4x128x512 9.0 vs 2.7, 8x128x512 17.5 vs 4.4: BLAS (0 rows).
-    With its Haswell kernels 4x128x512 8.9 vs 23.7 and 8x128x512 17.7 vs 29.6
-    (no small-matrix kernels): the hand loop up to 4 rows.
+    With its Haswell kernels (no small-matrix kernels; an AVX2 Zen machine,
+    the input-order loop of ``codegen.cells.common.emit_recurrent_product``)
+    4x128x512 21.8 vs 65.1, 8x128x512 44.2 vs 56.2, 16x128x512 86.0 vs 66.8:
+    the hand loop up to 8 rows.
     ``NUMRNN_HAND_LOOP_ROWS`` overrides the choice.
     """
     if os.environ.get("NUMRNN_HAND_LOOP_ROWS"):
@@ -228,7 +230,7 @@ def hand_loop_rows() -> int:
         corename.restype = ctypes.c_char_p
         if corename().decode().lower() in _AVX512_CORES:
             return 0
-    return 4
+    return 8
 
 
 def pool() -> ThreadPoolExecutor:
