@@ -84,16 +84,16 @@ def _weights(spec: StackSpec, rng) -> list[dict]:
     ]
 
 
-def _inputs(spec: StackSpec, rng):
-    x = rng.standard_normal((T, B, D)).astype(spec.dtype)
+def _inputs(spec: StackSpec, rng, batch: int = B):
+    x = rng.standard_normal((T, batch, D)).astype(spec.dtype)
     mask = lengths = None
     if spec.masking in ("carry", "zero"):
-        mask = rng.random((T, B)) > 0.3
+        mask = rng.random((T, batch)) > 0.3
         mask[:2, 0] = False  # leading masked steps: outputs before the first valid step
-        mask[:, 1] = True
+        mask[:, 1:2] = True
     if spec.masking == "lengths":
-        lengths = np.array([T, 0, 3, 1][:B], dtype=np.int64)
-    initial = [tuple(rng.standard_normal((B, n)).astype(spec.dtype) for n in c.state_sizes) for c in spec.cells]
+        lengths = np.array([T, 0, 3, 1][:batch], dtype=np.int64)
+    initial = [tuple(rng.standard_normal((batch, n)).astype(spec.dtype) for n in c.state_sizes) for c in spec.cells]
     return x, mask, lengths, initial
 
 

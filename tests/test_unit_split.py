@@ -18,7 +18,7 @@ import threading
 import numpy as np
 import pytest
 from reference import run_stack
-from test_grid import D, T, _bidir, _weights
+from test_grid import D, _bidir, _inputs, _weights
 
 from codegen.cells import packed_names, split_packed
 from codegen.spec import BlockSpec, CellSpec, DirectionSpec, StackSpec, simple_stack
@@ -39,18 +39,6 @@ CASES = {
 }
 
 
-def _inputs(spec: StackSpec, batch: int, rng):
-    x = rng.standard_normal((T, batch, D)).astype(spec.dtype)
-    mask = lengths = None
-    if spec.masking in ("carry", "zero"):
-        mask = rng.random((T, batch)) > 0.3
-        mask[:2, 0] = False
-    if spec.masking == "lengths":
-        lengths = np.array([T, 0, 3, 1][:batch], dtype=np.int64)
-    initial = [tuple(rng.standard_normal((batch, n)).astype(spec.dtype) for n in c.state_sizes) for c in spec.cells]
-    return x, mask, lengths, initial
-
-
 def _run(spec, weights, x, mask, lengths, initial):
     states = [np.array(s) for cell_states in initial for s in cell_states]
     condition = mask if spec.masking in ("carry", "zero") else lengths
@@ -63,7 +51,7 @@ def test_unit_split_matches_reference(name, batch, monkeypatch):
     spec = CASES[name]
     rng = np.random.default_rng(sorted(CASES).index(name))
     weights = _weights(spec, rng)
-    x, mask, lengths, initial = _inputs(spec, batch, rng)
+    x, mask, lengths, initial = _inputs(spec, rng, batch)
     expected, expected_states = run_stack(spec, weights, x, mask=mask, lengths=lengths, initial_states=initial)
     monkeypatch.setenv("NUMRNN_SCHEDULE", "units")
     got, got_states = _run(spec, weights, x, mask, lengths, initial)

@@ -138,14 +138,19 @@ def generate(spec: StackSpec) -> str:
 
         emit_split_module_body(em, spec)
         return em.source()
+    emit_each_layer(em, spec, layers, _emit_layer_function)
+    _emit_kernel(em, spec, layers)
+    return em.source()
+
+
+def emit_each_layer(em: Emitter, spec: StackSpec, layers: list[Layer], emit_layer) -> None:
+    """``emit_layer(em, spec, layer)`` for every layer, two blank lines around each."""
     for layer in layers:
         em.blank()
         em.blank()
-        _emit_layer_function(em, spec, layer)
+        emit_layer(em, spec, layer)
     em.blank()
     em.blank()
-    _emit_kernel(em, spec, layers)
-    return em.source()
 
 
 def _emit_layer_function(em: Emitter, spec: StackSpec, layer: Layer) -> None:

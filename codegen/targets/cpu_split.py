@@ -37,6 +37,7 @@ from codegen.targets.cpu import (
     Layer,
     _needs_merge,
     condition_args,
+    emit_each_layer,
     jit_options,
     layers_of,
 )
@@ -81,12 +82,7 @@ def kernel_arguments(spec: StackSpec) -> list[str]:
 def emit_split_module_body(em: Emitter, spec: StackSpec) -> None:
     """The layer functions, ``shared_buffers`` and the kernel of a unit-split spec."""
     layers = layers_of(spec)
-    for layer in layers:
-        em.blank()
-        em.blank()
-        _emit_layer_function(em, spec, layer)
-    em.blank()
-    em.blank()
+    emit_each_layer(em, spec, layers, _emit_layer_function)
     with em.block("def shared_buffers(T, T_out, B):"):
         em('"""Buffers every worker of one call reads: h double buffers, inner layer and block outputs."""')
         shapes = [f"np.empty({shape}, dtype=np.{spec.dtype})" for _, shape in shared_buffers(spec)]
