@@ -309,15 +309,21 @@ class StackSpec:
             return
         if n > UNIT_SPLIT_CEILING:
             raise ValueError(f"StackSpec: unit_split={n} exceeds the ceiling of {UNIT_SPLIT_CEILING} threads")
+        blocker = self.unit_split_blocker(n)
+        if blocker is not None:
+            raise ValueError(f"StackSpec: unit_split={n} is impossible: {blocker}")
+
+    def unit_split_blocker(self, workers: int) -> str | None:
+        """Why this stack's units cannot be split over ``workers`` threads, or ``None`` when they can."""
         if self.unroll is not None or self.unroll_steps != 1:
-            raise ValueError(f"StackSpec: unit_split={n} needs the plain dynamic loop (unroll=None, unroll_steps=1)")
+            return "the unit split needs the plain dynamic loop (unroll=None, unroll_steps=1)"
         for cell in self.cells:
-            blocker = cell.unit_split_blocker()
-            if blocker is not None:
-                raise ValueError(f"StackSpec: unit_split={n} is impossible for {cell.short_name()}: {blocker}")
-            if cell.units % n:
-                raise ValueError(f"StackSpec: unit_split={n} must divide the units of every cell; "
-                                 f"{cell.short_name()} has {cell.units}")
+            reason = cell.unit_split_blocker()
+            if reason is None and cell.units % workers:
+                reason = f"{workers} threads must divide the units of every cell, and it has {cell.units}"
+            if reason is not None:
+                return f"{cell.short_name()}: {reason}"
+        return None
 
     @property
     def cells(self) -> tuple[CellSpec, ...]:

@@ -113,17 +113,7 @@ SCHEDULES = ("auto", "serial", "batch", "units")
 
 def unit_split_blocker(spec: StackSpec, workers: int) -> str | None:
     """Why ``spec`` cannot run with its units split over ``workers`` threads, or ``None``."""
-    if workers < 2:
-        return "only one core is available"
-    if spec.unroll is not None or spec.unroll_steps != 1:
-        return "the unit split runs the plain dynamic loop only (unroll=False)"
-    for cell in spec.cells:
-        reason = cell.unit_split_blocker()
-        if reason is None and cell.units % workers:
-            reason = f"its {cell.units} units do not divide over {workers} threads"
-        if reason is not None:
-            return f"{cell.short_name()}: {reason}"
-    return None
+    return "only one core is available" if workers < 2 else spec.unit_split_blocker(workers)
 
 
 def largest_recurrent_bytes(spec: StackSpec) -> int:
