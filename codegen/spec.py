@@ -28,8 +28,10 @@ import json
 import math
 from dataclasses import dataclass
 
-#: Bump whenever the generated source changes for an unchanged spec.
-CODEGEN_VERSION = 9
+#: Bump whenever the generated source changes for an unchanged spec, and whenever
+#: ``numrnn.runtime.sync`` changes: numba compiles the barrier into the cached
+#: machine code of the split kernels and does not notice when it changes.
+CODEGEN_VERSION = 10
 
 ACTIVATIONS = ("tanh", "sigmoid", "hard_sigmoid", "relu", "linear")
 CELL_KINDS = ("simple", "lstm", "gru")

@@ -119,7 +119,7 @@ def test_auto_policy_splits_units_only_for_large_recurrent_matrices_at_one_row(m
 
 
 def test_barrier_releases_waiters_when_a_worker_aborts():
-    flags = sync.new_flags()
+    flags = sync.new_flags(2)
     waiter = threading.Thread(target=sync.barrier, args=(flags, 0, 2, 1))
     waiter.start()
     waiter.join(timeout=0.2)
@@ -130,7 +130,7 @@ def test_barrier_releases_waiters_when_a_worker_aborts():
 
 
 def test_barrier_waits_for_the_slowest_worker():
-    flags, arrived = sync.new_flags(), []
+    flags, arrived = sync.new_flags(2), []
 
     def worker(me):
         sync.barrier(flags, me, 2, 1)

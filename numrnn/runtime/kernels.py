@@ -13,7 +13,6 @@ import numpy as np
 from codegen import StackSpec, generate_source
 from codegen.cells import pack, packed_names, split_packed
 from codegen.targets.cpu import condition_args
-from numrnn.runtime import sync
 from numrnn.runtime.cache import import_module, module_path, write_if_changed
 from numrnn.runtime.schedule import choose, hand_loop_rows, plan, pool, single_threaded_blas
 
@@ -120,10 +119,12 @@ class Kernel:
         A worker that fails sets the abort word, which releases every other
         worker's barrier, so the call raises instead of hanging.
         """
+        from numrnn.runtime import sync  # imports numba: kept off `import numrnn`
+
         start = time.perf_counter()
         n, T, B = self.spec.unit_split, x.shape[0], x.shape[1]
         parts = self._worker_weights(weights)
-        flags = sync.new_flags()
+        flags = sync.new_flags(n)
         shared = self.shared_buffers(T, y.shape[0], B)
         small = self._hand_loop_rows(B)
 

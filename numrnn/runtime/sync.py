@@ -16,10 +16,17 @@ intrinsics; ``sched_yield`` is declared as an external symbol (resolved from
 libc when the machine code is loaded, so numba's disk cache stays valid, which
 a ctypes function pointer would not).
 
-Layout of the ``flags`` array (int64): worker ``w``'s epoch at ``w * STRIDE``
-(one 128-byte line each, so two workers never write the same line), and the
-abort word at ``ABORT``: set when any worker fails, it releases every waiter,
-so a failed partner cannot leave the others spinning forever.
+Layout of the ``flags`` array (int64, :func:`new_flags`): the abort word at
+``ABORT``, set when any worker fails, which releases every waiter so a failed
+partner cannot leave the others spinning forever; then worker ``w``'s epoch
+at ``(w + 1) * STRIDE``, one 128-byte line each, so no two words share a line.
+
+Split kernels call :func:`barrier`, and numba's disk cache keeps it compiled
+into their machine code without tracking this file: any change here must bump
+``codegen.spec.CODEGEN_VERSION``.
+
+This module imports numba: the runtime imports it only when a unit-split
+call runs, so ``import numrnn`` stays free of numba.
 """
 
 from __future__ import annotations
@@ -30,18 +37,17 @@ from numba import njit, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-#: int64 slots between two workers' epochs (128 bytes: adjacent-line prefetch pairs 64-byte lines).
+#: int64 slots between two words of ``flags`` (128 bytes: adjacent-line prefetch pairs 64-byte lines).
 STRIDE = 16
-#: Index of the abort word (after the epochs of :data:`MAX_WORKERS` workers).
-MAX_WORKERS = 64
-ABORT = MAX_WORKERS * STRIDE
+#: Index of the abort word.
+ABORT = 0
 #: Rounds of ``pause`` before a waiting worker starts yielding its time slice (~10-50 us of spinning).
 SPIN_LIMIT = 2000
 
 
-def new_flags() -> np.ndarray:
-    """A zeroed flags array for one split call."""
-    return np.zeros(ABORT + STRIDE, dtype=np.int64)
+def new_flags(workers: int) -> np.ndarray:
+    """A zeroed flags array for one split call of ``workers`` threads."""
+    return np.zeros((workers + 1) * STRIDE, dtype=np.int64)
 
 
 def _element_pointer(context, builder, array_type, array, index):
@@ -109,12 +115,12 @@ def sched_yield(typingctx):
 @njit(nogil=True, cache=True)
 def barrier(flags, me, workers, epoch):
     """Publish that worker ``me`` reached ``epoch``, then wait until every worker has (or abort is set)."""
-    atomic_store(flags, me * STRIDE, epoch)
+    atomic_store(flags, (me + 1) * STRIDE, epoch)
     for other in range(workers):
         if other == me:
             continue
         rounds = 0
-        while atomic_load(flags, other * STRIDE) < epoch:
+        while atomic_load(flags, (other + 1) * STRIDE) < epoch:
             if atomic_load(flags, ABORT) != 0:
                 return
             rounds += 1
