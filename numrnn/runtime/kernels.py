@@ -14,7 +14,7 @@ from codegen import StackSpec, generate_source
 from codegen.cells import pack, packed_names, split_packed
 from codegen.targets.cpu import condition_args
 from numrnn.runtime.cache import import_module, module_path, write_if_changed
-from numrnn.runtime.schedule import choose, hand_loop_rows, plan, pool, single_threaded_blas
+from numrnn.runtime.schedule import Scheduler, hand_loop_rows, pool, single_threaded_blas, split_rows
 
 log = logging.getLogger("numrnn")
 if os.environ.get("NUMRNN_DEBUG") and not log.handlers:
@@ -75,21 +75,23 @@ class Kernel:
             # the general path below.
             self.function(x, *cond, *states, *weights, y, 0)
         else:
-            schedule, workers = choose(self.spec, T, B)
-            if schedule == "units" and self._try_unit_split(workers, x, cond, states, weights, y):
-                return y if self._sequences else y[0]
+            schedule, workers = self._scheduler.choose(T, B)
+            if schedule == "units":
+                if self._try_unit_split(workers, x, cond, states, weights, y):
+                    return y if self._sequences else y[0]
+                workers = self._scheduler.batch_choice(T, B)[1]  # another split call is running
             if self.compile_seconds is None:
                 self._first_call(x, cond, states, weights, y)
                 return y if self._sequences else y[0]
-            chunks = plan(self.spec, T, B) if schedule != "serial" else [(0, B)]
-            if len(chunks) == 1:
+            if workers == 1:
                 # Single-threaded BLAS even for the one input projection per layer: when the other
                 # core is busy, a 2-thread OpenBLAS call waits for a time slice (measured: LSTM(64),
                 # B=1, T=64 took 15.7 ms instead of 0.1 ms on the shared machine).
                 with single_threaded_blas():
                     self.function(x, *cond, *states, *weights, y, self._hand_loop_rows(B))
             else:
-                futures = [pool().submit(self._run_rows, b0, b1, x, cond, states, weights, y) for b0, b1 in chunks]
+                futures = [pool().submit(self._run_rows, b0, b1, x, cond, states, weights, y)
+                           for b0, b1 in split_rows(B, workers)]
                 for future in futures:
                     future.result()
         return y if self._sequences else y[0]
@@ -100,6 +102,8 @@ class Kernel:
         self._dtype = np.dtype(self.spec.dtype)
         self._has_condition = bool(condition_args(self.spec))
         self._small = hand_loop_rows()
+        self._scheduler = Scheduler(self.spec)
+        self._split_kernels: dict[int, Kernel] = {}
         self._slices: dict[tuple[int, ...], tuple[list, list[list[np.ndarray]]]] = {}
 
     def _try_unit_split(self, workers: int, x, cond, states, weights, y) -> bool:
@@ -107,7 +111,9 @@ class Kernel:
         if not _SPLIT_LOCK.acquire(blocking=False):
             return False
         try:
-            split = get_kernel(replace(self.spec, unit_split=workers))
+            split = self._split_kernels.get(workers)
+            if split is None:  # building the split spec and hashing it cost 13-19 us a call
+                split = self._split_kernels[workers] = get_kernel(replace(self.spec, unit_split=workers))
             split(x, cond[0] if cond else None, states, weights, out=y)
         finally:
             _SPLIT_LOCK.release()

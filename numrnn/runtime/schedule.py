@@ -11,7 +11,7 @@ step; when the other core is busy that turned 0.4 s into 2.9 s. Two batch
 halves with single-threaded BLAS keep both cores busy for the whole call.
 Unsplit calls also run single-threaded BLAS (see ``Kernel.__call__``).
 
-Policy (``plan``):
+Policy (:class:`Scheduler`):
 
 - ``n = min(cores, B)`` workers, rows split as evenly as possible;
 - no split (one call in the calling thread) when ``B == 1`` or when the work
@@ -91,12 +91,9 @@ def stack_flops(spec: StackSpec, steps: int, batch: int) -> float:
     )
 
 
-def plan(spec: StackSpec, steps: int, batch: int) -> list[tuple[int, int]]:
-    """Row ranges ``[(b0, b1), ...]`` of the workers of one call; a single range means no split."""
-    n = min(cores(), batch)
-    if n > 1 and stack_flops(spec, steps, batch) / n < MIN_FLOPS_PER_WORKER:
-        n = 1
-    bounds = [batch * k // n for k in range(n + 1)]
+def split_rows(batch: int, workers: int) -> list[tuple[int, int]]:
+    """Row ranges ``[(b0, b1), ...]`` of ``workers`` as even as possible; a single range means no split."""
+    bounds = [batch * k // workers for k in range(workers + 1)]
     return list(zip(bounds[:-1], bounds[1:]))
 
 
@@ -130,23 +127,50 @@ def forced_schedule() -> str:
     return value
 
 
+class Scheduler:
+    """The schedule of one spec's calls (see the module docstring).
+
+    What depends only on the spec (its FLOPs per row and step, whether its
+    units can split) is worked out once, here; a call then pays for an
+    environment read and a few comparisons. Worked out per call, the policy
+    cost 11-14 us (most of it summing the FLOPs over the cells), about 8 %
+    of a tiny64 call.
+    """
+
+    def __init__(self, spec: StackSpec):
+        self.spec = spec
+        self.workers = cores()
+        self.flops_per_row_step = stack_flops(spec, 1, 1)
+        self.splits_units = (largest_recurrent_bytes(spec) >= UNIT_SPLIT_MIN_WEIGHT_BYTES
+                             and unit_split_blocker(spec, self.workers) is None)
+
+    def choose(self, steps: int, batch: int) -> tuple[str, int]:
+        """``("units", workers)``, ``("batch", workers)`` or ``("serial", 1)`` for a call."""
+        forced = forced_schedule()
+        if forced == "serial":
+            return "serial", 1
+        if forced == "units":
+            workers = max(self.workers, 2)
+            blocker = unit_split_blocker(self.spec, workers)
+            if blocker is not None:
+                raise ValueError(f"NUMRNN_SCHEDULE=units cannot run {self.spec.kernel_name()}: {blocker}")
+            return "units", workers
+        if (forced == "auto" and self.splits_units and batch <= UNIT_SPLIT_MAX_ROWS
+                and self.flops_per_row_step * steps * batch >= UNIT_SPLIT_MIN_FLOPS):
+            return "units", self.workers
+        return self.batch_choice(steps, batch)
+
+    def batch_choice(self, steps: int, batch: int) -> tuple[str, int]:
+        """``("batch", workers)``, or ``("serial", 1)`` when a split would not pay."""
+        n = min(self.workers, batch)
+        if n > 1 and self.flops_per_row_step * steps * batch / n < MIN_FLOPS_PER_WORKER:
+            n = 1
+        return ("batch", n) if n > 1 else ("serial", 1)
+
+
 def choose(spec: StackSpec, steps: int, batch: int) -> tuple[str, int]:
-    """``("units", workers)``, ``("batch", workers)`` or ``("serial", 1)`` for one call."""
-    forced, workers = forced_schedule(), cores()
-    if forced == "serial":
-        return "serial", 1
-    if forced == "units":
-        blocker = unit_split_blocker(spec, max(workers, 2))
-        if blocker is not None:
-            raise ValueError(f"NUMRNN_SCHEDULE=units cannot run {spec.kernel_name()}: {blocker}")
-        return "units", max(workers, 2)
-    if (forced == "auto" and batch <= UNIT_SPLIT_MAX_ROWS
-            and largest_recurrent_bytes(spec) >= UNIT_SPLIT_MIN_WEIGHT_BYTES
-            and stack_flops(spec, steps, batch) >= UNIT_SPLIT_MIN_FLOPS
-            and unit_split_blocker(spec, workers) is None):
-        return "units", workers
-    n = len(plan(spec, steps, batch))
-    return ("batch", n) if n > 1 else ("serial", 1)
+    """:meth:`Scheduler.choose` for one call of ``spec``."""
+    return Scheduler(spec).choose(steps, batch)
 
 
 def _blas_setters() -> list:
