@@ -81,8 +81,9 @@ class TimeSchedules:
         problem = make_problem(shape)
         if schedule == "batch" and shape.batch == 1:
             raise NotImplementedError("one row: nothing to split over the batch")
-        if schedule == "units" and unit_split_blocker(problem.spec, max(cores(), 2)) is not None:
-            raise NotImplementedError(unit_split_blocker(problem.spec, max(cores(), 2)))
+        blocker = unit_split_blocker(problem.spec, max(cores(), 2))
+        if schedule == "units" and blocker is not None:
+            raise NotImplementedError(blocker)
         self.previous = os.environ.get("NUMRNN_SCHEDULE")
         os.environ["NUMRNN_SCHEDULE"] = schedule
         self.run = Runner(problem.spec, problem.x, problem.lengths, problem.weights)

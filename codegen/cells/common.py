@@ -91,7 +91,7 @@ def emit_math_helpers(em: Emitter, dtype: str, jit_options: str) -> None:
         em("return HALF + HALF * _tanh(HALF * x)")
 
 
-def emit_recurrent_product(em: Emitter, ctx: LayerContext, h: str, w: str, out: str) -> None:
+def emit_recurrent_product(em: Emitter, h: str, w: str, out: str) -> None:
     """``out = h @ w`` for every row (``w`` packed ``(inputs, outputs)``).
 
     Up to ``small`` rows (a runtime argument) a hand loop, two batch rows per
@@ -108,14 +108,14 @@ def emit_recurrent_product(em: Emitter, ctx: LayerContext, h: str, w: str, out: 
     """
     with em.block("if B <= small:"):
         with em.block("for b in range(0, B - 1, 2):"):
-            _emit_rows_product(em, ctx, h, w, out, ("b", "b + 1"))
+            _emit_rows_product(em, h, w, out, ("b", "b + 1"))
         with em.block("if B % 2 == 1:"):
-            _emit_rows_product(em, ctx, h, w, out, ("B - 1",))
+            _emit_rows_product(em, h, w, out, ("B - 1",))
     with em.block("else:"):
         em(f"np.dot({h}, {w}, {out})")
 
 
-def _emit_rows_product(em: Emitter, ctx: LayerContext, h: str, w: str, out: str, rows: tuple[str, ...]) -> None:
+def _emit_rows_product(em: Emitter, h: str, w: str, out: str, rows: tuple[str, ...]) -> None:
     """The hand loop of :func:`emit_recurrent_product` for one or two rows (named ``o0, o1`` / ``h0, h1``)."""
     r = range(len(rows))
     em(*(f"o{i} = {out}[{row}]" for i, row in zip(r, rows)), *(f"h{i} = {h}[{row}]" for i, row in zip(r, rows)))
