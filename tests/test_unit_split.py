@@ -104,14 +104,20 @@ def test_unknown_schedule_is_refused(monkeypatch):
         schedule.choose(simple_stack([CellSpec("lstm", 4)], 3), 10, 1)
 
 
-def test_auto_policy_splits_units_only_for_large_recurrent_matrices_at_one_row(monkeypatch):
+def test_auto_policy_splits_units_only_for_large_recurrent_matrices_at_one_row_or_gemm_sized_batches(monkeypatch):
     monkeypatch.delenv("NUMRNN_SCHEDULE", raising=False)
     monkeypatch.setattr(schedule, "cores", lambda: 2)
+    monkeypatch.setattr(schedule, "hand_loop_rows", lambda: 8)
     latency = simple_stack([CellSpec("lstm", 256)], 256)  # 1 MiB recurrent matrix
     tiny = simple_stack([CellSpec("lstm", 64)], 32)  # 64 KiB: cache-resident on one core
     assert schedule.choose(latency, 100, 1) == ("units", 2)
     assert schedule.choose(tiny, 50, 1) == ("serial", 1)
-    assert schedule.choose(latency, 100, 64) == ("batch", 2)
+    assert schedule.choose(latency, 100, 8) == ("batch", 2)  # 4-row hand loops beat a barrier per step
+    assert schedule.choose(latency, 100, 16) == ("batch", 2)  # 8-row hand loops beat a 16-row GEMM
+    assert schedule.choose(latency, 100, 17) == ("units", 2)  # each batch worker would run a GEMM anyway
+    assert schedule.choose(latency, 100, 64) == ("units", 2)
+    assert schedule.choose(latency, 100, 65) == ("batch", 2)
+    assert schedule.choose(tiny, 50, 64) == ("batch", 2)
     projected = simple_stack([CellSpec("lstm", 256, proj_units=128)], 256)
     assert schedule.choose(projected, 100, 1) == ("serial", 1)
     monkeypatch.setattr(schedule, "cores", lambda: 1)

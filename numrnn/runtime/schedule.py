@@ -30,12 +30,16 @@ layer's units and the workers meet at a spinning barrier after each step
 (:mod:`numrnn.runtime.sync`; it yields its time slice after a short spin, so a
 descheduled partner on a busy machine is not starved). Policy (``choose``):
 
-- the unit split when ``B <=`` :data:`UNIT_SPLIT_MAX_ROWS`, some layer's
-  recurrent matrix has at least :data:`UNIT_SPLIT_MIN_WEIGHT_BYTES`, the call
-  has at least :data:`UNIT_SPLIT_MIN_FLOPS`, the spec allows it (plain dynamic
-  loop; no LSTM projection; GRU ``reset_after``) and every layer's units
-  divide by the number of cores; one unit-split call runs at a time (a
-  concurrent one falls back, so the partners can never wait on each other);
+- the unit split when some layer's recurrent matrix has at least
+  :data:`UNIT_SPLIT_MIN_WEIGHT_BYTES`, the call has at least
+  :data:`UNIT_SPLIT_MIN_FLOPS`, the spec allows it (plain dynamic loop; no
+  LSTM projection; GRU ``reset_after``), every layer's units divide by the
+  number of cores, and the batch is either latency-sized (``B <=``
+  :data:`UNIT_SPLIT_MAX_ROWS`) or GEMM-sized: every batch worker would get more
+  rows than the hand loop takes (so it would run a BLAS GEMM per step anyway)
+  and ``B <=`` :data:`UNIT_SPLIT_MAX_GEMM_ROWS`; one unit-split call runs at a
+  time (a concurrent one falls back, so the partners can never wait on each
+  other);
 - otherwise the batch split above.
 
 Why those limits (measured on the 2-core benchmark machine, 512 KiB L2 per
@@ -46,6 +50,17 @@ went from 5.1 to 4.1 ms (best calls 4.8 -> 2.8 ms). LSTM(64) (64 KiB, already
 cache-resident) got slower split, 0.25 -> 0.41 ms: the per-step barrier and
 the pool hand-off cost more than the halved product. At B=8 (bidir_masked)
 the batch split was faster (34 vs 49 ms) since it needs no barrier.
+
+At GEMM-sized batches a batch worker reads the whole recurrent matrix every
+step for half the rows; a unit worker reads half the matrix for all of them,
+so OpenBLAS packs half as many weight bytes per FLOP. Measured (T=50, D=H,
+unit-split time / batch-split time, medians; AVX2 Zen 3, OpenBLAS Haswell
+kernels): B=32 0.83-0.85 and B=64 0.83-0.89 for LSTM(256), GRU(256),
+LSTM(384), GRU(512) and LSTM(512); B=128 0.83-1.10 (mixed: no split of the
+units there); B=16 1.19-1.43 (the unit worker's 16-row GEMM against the batch
+workers' 8-row hand loops); B=4 and 8 0.91-1.31; B=18-28 (each batch worker
+past the hand loop) 0.51-0.77. throughput512 (2xLSTM(512) B64 T100 D512):
+560 -> 432 ms.
 
 ``NUMRNN_SCHEDULE`` forces ``serial`` (one thread), ``batch`` or ``units``;
 forcing ``units`` on a spec that cannot use it raises a ``ValueError``.
@@ -97,9 +112,12 @@ def split_rows(batch: int, workers: int) -> list[tuple[int, int]]:
     return list(zip(bounds[:-1], bounds[1:]))
 
 
-#: Largest batch run with the unit split (above it the batch split needs no barrier and keeps the
-#: per-step products as wide).
+#: Largest latency-sized batch run with the unit split (above it the batch split needs no barrier
+#: and keeps the per-step products as wide).
 UNIT_SPLIT_MAX_ROWS = 2
+#: Largest GEMM-sized batch run with the unit split (at 128 rows a per-step GEMM is efficient on
+#: its own and the batch split won as often as it lost).
+UNIT_SPLIT_MAX_GEMM_ROWS = 64
 #: A layer's recurrent matrix at least this large (one core's L2) makes the split pay: each core then
 #: reads half of it per step.
 UNIT_SPLIT_MIN_WEIGHT_BYTES = 512 * 1024
@@ -155,10 +173,17 @@ class Scheduler:
             if blocker is not None:
                 raise ValueError(f"NUMRNN_SCHEDULE=units cannot run {self.spec.kernel_name()}: {blocker}")
             return "units", workers
-        if (forced == "auto" and self.splits_units and batch <= UNIT_SPLIT_MAX_ROWS
+        if (forced == "auto" and self.splits_units and self._units_pay_at(batch)
                 and self.flops_per_row_step * steps * batch >= UNIT_SPLIT_MIN_FLOPS):
             return "units", self.workers
         return self.batch_choice(steps, batch)
+
+    def _units_pay_at(self, batch: int) -> bool:
+        """Latency-sized, or GEMM-sized with each batch worker past the hand loop (see the module docstring)."""
+        if batch <= UNIT_SPLIT_MAX_ROWS:
+            return True
+        # Not measured below 9 rows per batch worker with BLAS's AVX-512 small-matrix kernels (no hand loop).
+        return self.workers * max(hand_loop_rows(), 8) < batch <= UNIT_SPLIT_MAX_GEMM_ROWS
 
     def batch_choice(self, steps: int, batch: int) -> tuple[str, int]:
         """``("batch", workers)``, or ``("serial", 1)`` when a split would not pay."""
