@@ -31,7 +31,7 @@ from dataclasses import dataclass
 #: Bump whenever the generated source changes for an unchanged spec, and whenever
 #: ``numrnn.runtime.sync`` changes: numba compiles the barrier into the cached
 #: machine code of the split kernels and does not notice when it changes.
-CODEGEN_VERSION = 10
+CODEGEN_VERSION = 11
 
 ACTIVATIONS = ("tanh", "sigmoid", "hard_sigmoid", "relu", "linear")
 CELL_KINDS = ("simple", "lstm", "gru")
@@ -254,6 +254,11 @@ class StackSpec:
     time step (the runtime's schedule for small batches; ``1``: no split).
     Needs the plain dynamic loop, cells that :meth:`CellSpec.unit_split_blocker`
     allows, and unit counts divisible by it.
+    ``direction_split``: two threads share one call, each running one
+    direction of every bidirectional block over all rows; they meet at a
+    barrier after each block (the runtime's schedule for small batches of
+    bidirectional stacks). Needs two directions in every block; excludes
+    ``unit_split``.
     """
 
     blocks: tuple[BlockSpec, ...]
@@ -265,6 +270,7 @@ class StackSpec:
     unroll_steps: int = 1
     target: str = "cpu"
     unit_split: int = 1
+    direction_split: bool = False
 
     def __post_init__(self):
         if isinstance(self.blocks, list):
@@ -294,6 +300,7 @@ class StackSpec:
                 "(partial unroll of the dynamic loop) exclude each other; set one of them"
             )
         self._check_unit_split()
+        self._check_direction_split()
         for block in self.blocks[:-1]:
             if block.merge is None and len(block.directions) == 2:
                 raise ValueError("StackSpec: merge=None is only allowed on the last block")
@@ -314,6 +321,24 @@ class StackSpec:
         blocker = self.unit_split_blocker(n)
         if blocker is not None:
             raise ValueError(f"StackSpec: unit_split={n} is impossible: {blocker}")
+
+    def _check_direction_split(self) -> None:
+        if not isinstance(self.direction_split, bool):
+            raise TypeError(f"StackSpec: direction_split must be a bool; got {self.direction_split!r}")
+        if not self.direction_split:
+            return
+        if self.unit_split != 1:
+            raise ValueError(f"StackSpec: direction_split and unit_split={self.unit_split} exclude each other")
+        blocker = self.direction_split_blocker()
+        if blocker is not None:
+            raise ValueError(f"StackSpec: direction_split is impossible: {blocker}")
+
+    def direction_split_blocker(self) -> str | None:
+        """Why this stack's directions cannot run on two threads, or ``None`` when they can."""
+        for bi, block in enumerate(self.blocks):
+            if len(block.directions) != 2:
+                return f"block {bi} has one direction (the direction split needs every block bidirectional)"
+        return None
 
     def unit_split_blocker(self, workers: int) -> str | None:
         """Why this stack's units cannot be split over ``workers`` threads, or ``None`` when they can."""
@@ -399,6 +424,7 @@ class StackSpec:
         else:
             mode = "dyn" if self.unroll_steps == 1 else f"partial{self.unroll_steps}"
         split = [f"split{self.unit_split}"] if self.unit_split > 1 else []
+        split += ["dirsplit"] if self.direction_split else []
         return "_".join(parts + [self.masking, mode] + split)
 
 

@@ -68,10 +68,12 @@ class TimeSchedules:
     """The standard shapes under each schedule of ``numrnn.runtime.schedule`` (``NUMRNN_SCHEDULE``).
 
     Tracks the choice the ``auto`` policy makes: one thread, rows over the
-    cores, or hidden units over the cores with a barrier per step.
+    cores, hidden units over the cores with a barrier per step, or the two
+    directions of a bidirectional stack on two cores.
     """
 
-    params = (["latency256", "tiny64", "bidir_masked", "seed002"], ["serial", "batch", "units"])
+    params = (["latency256", "tiny64", "bidir_masked", "seed002", "throughput512"],
+              ["serial", "batch", "units", "directions"])
     param_names = ["shape", "schedule"]
 
     def setup(self, name, schedule):
@@ -81,8 +83,9 @@ class TimeSchedules:
         problem = make_problem(shape)
         if schedule == "batch" and shape.batch == 1:
             raise NotImplementedError("one row: nothing to split over the batch")
-        blocker = unit_split_blocker(problem.spec, max(cores(), 2))
-        if schedule == "units" and blocker is not None:
+        blocker = {"units": lambda: unit_split_blocker(problem.spec, max(cores(), 2)),
+                   "directions": problem.spec.direction_split_blocker}.get(schedule, lambda: None)()
+        if blocker is not None:
             raise NotImplementedError(blocker)
         self.previous = os.environ.get("NUMRNN_SCHEDULE")
         os.environ["NUMRNN_SCHEDULE"] = schedule

@@ -128,7 +128,7 @@ def generate(spec: StackSpec) -> str:
         "import numpy as np",
         "from numba import njit",
     )
-    if spec.unit_split > 1:
+    if spec.unit_split > 1 or spec.direction_split:
         em("", "from numrnn.runtime.sync import barrier")
     layers = layers_of(spec)
     em.blank()
@@ -137,6 +137,11 @@ def generate(spec: StackSpec) -> str:
         from codegen.targets.cpu_split import emit_split_module_body
 
         emit_split_module_body(em, spec)
+        return em.source()
+    if spec.direction_split:
+        from codegen.targets.cpu_dirsplit import emit_dirsplit_module_body
+
+        emit_dirsplit_module_body(em, spec)
         return em.source()
     emit_each_layer(em, spec, layers, _emit_layer_function)
     _emit_kernel(em, spec, layers)

@@ -54,20 +54,36 @@ def shared_buffers(spec: StackSpec) -> list[tuple[str, str]]:
     for layer in layers:
         buffers.append((f"hb{layer.index}", f"(2, B, {layer.cell.units})"))
     for bi, block in enumerate(spec.blocks):
-        last_block = bi == len(spec.blocks) - 1
         chain_ends = {max(la.index for la in layers if la.block == bi and la.direction == di)
                       for di in range(len(block.directions))}
         for layer in layers:
             if layer.block == bi and layer.index not in chain_ends:
                 buffers.append((f"seq{layer.index}", f"(T, B, {layer.cell.output_size})"))
-        if _needs_merge(block):
-            width = sum(d.output_size for d in block.directions)
-            buffers.append((f"dest{bi}", f"({'T_out' if last_block else 'T'}, B, {width})"))
-            if not last_block:
-                buffers.append((f"merged{bi}", f"(T, B, {block.output_size})"))
-        elif not last_block:
-            buffers.append((f"dest{bi}", f"(T, B, {block.output_size})"))
+        buffers.extend(block_buffers(spec, bi))
     return buffers
+
+
+def block_buffers(spec: StackSpec, bi: int) -> list[tuple[str, str]]:
+    """The shared outputs of block ``bi``: both directions side by side (``dest``), merged (``merged``).
+
+    The last block writes straight into ``y`` unless it merges.
+    """
+    block, last_block = spec.blocks[bi], bi == len(spec.blocks) - 1
+    if _needs_merge(block):
+        width = sum(d.output_size for d in block.directions)
+        merged = [] if last_block else [(f"merged{bi}", f"(T, B, {block.output_size})")]
+        return [(f"dest{bi}", f"({'T_out' if last_block else 'T'}, B, {width})"), *merged]
+    return [] if last_block else [(f"dest{bi}", f"(T, B, {block.output_size})")]
+
+
+def emit_shared_buffers_function(em: Emitter, spec: StackSpec, buffers: list[tuple[str, str]]) -> None:
+    """The module's ``shared_buffers(T, T_out, B)``: every buffer the workers of one call share."""
+    with em.block("def shared_buffers(T, T_out, B):"):
+        em('"""Buffers every worker of one call reads (allocated once per call by the runtime)."""')
+        shapes = [f"np.empty({shape}, dtype=np.{spec.dtype})" for _, shape in buffers]
+        em(f"return ({', '.join(shapes)},)")
+    em.blank()
+    em.blank()
 
 
 def kernel_arguments(spec: StackSpec) -> list[str]:
@@ -83,12 +99,7 @@ def emit_split_module_body(em: Emitter, spec: StackSpec) -> None:
     """The layer functions, ``shared_buffers`` and the kernel of a unit-split spec."""
     layers = layers_of(spec)
     emit_each_layer(em, spec, layers, _emit_layer_function)
-    with em.block("def shared_buffers(T, T_out, B):"):
-        em('"""Buffers every worker of one call reads: h double buffers, inner layer and block outputs."""')
-        shapes = [f"np.empty({shape}, dtype=np.{spec.dtype})" for _, shape in shared_buffers(spec)]
-        em(f"return ({', '.join(shapes)},)")
-    em.blank()
-    em.blank()
+    emit_shared_buffers_function(em, spec, shared_buffers(spec))
     _emit_kernel(em, spec, layers)
 
 

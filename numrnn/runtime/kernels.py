@@ -67,8 +67,8 @@ class Kernel:
                              f"{self.spec.unroll} time steps; got {T}")
         y = np.empty((T if self._sequences else 1, B, self._width), dtype=self._dtype) if out is None else out
         cond = [condition] if self._has_condition else []
-        if self.spec.unit_split > 1:
-            self._run_unit_split(x, cond, states, weights, y)
+        if self.spec.unit_split > 1 or self.spec.direction_split:
+            self._run_split(x, cond, states, weights, y)
         elif B == 1 and T <= 4 and self.compile_seconds is not None:
             # Fast path (streaming): no split, input projection too small for OpenBLAS to thread.
             # Measured, LSTM(32) one step per call: 2.7 us for the bare numba call, 10 us through
@@ -76,8 +76,8 @@ class Kernel:
             self.function(x, *cond, *states, *weights, y, 0)
         else:
             schedule, workers = self._scheduler.choose(T, B)
-            if schedule == "units":
-                if self._try_unit_split(workers, x, cond, states, weights, y):
+            if schedule in ("units", "directions"):
+                if self._try_split(schedule, workers, x, cond, states, weights, y):
                     return y if self._sequences else y[0]
                 workers = self._scheduler.batch_choice(T, B)[1]  # another split call is running
             if self.compile_seconds is None:
@@ -103,33 +103,42 @@ class Kernel:
         self._has_condition = bool(condition_args(self.spec))
         self._small = hand_loop_rows()
         self._scheduler = Scheduler(self.spec)
-        self._split_kernels: dict[int, Kernel] = {}
+        self._split_kernels: dict[str, Kernel] = {}
         self._slices: dict[tuple[int, ...], tuple[list, list[list[np.ndarray]]]] = {}
 
-    def _try_unit_split(self, workers: int, x, cond, states, weights, y) -> bool:
-        """Run the call on the unit-split kernel of ``workers`` threads; False if another one is running."""
+    def _try_split(self, schedule: str, workers: int, x, cond, states, weights, y) -> bool:
+        """Run the call on the unit- or direction-split kernel; False if another split call is running."""
         if not _SPLIT_LOCK.acquire(blocking=False):
             return False
         try:
-            split = self._split_kernels.get(workers)
+            key = f"{schedule}{workers}"
+            split = self._split_kernels.get(key)
             if split is None:  # building the split spec and hashing it cost 13-19 us a call
-                split = self._split_kernels[workers] = get_kernel(replace(self.spec, unit_split=workers))
+                changes = {"unit_split": workers} if schedule == "units" else {"direction_split": True}
+                split = self._split_kernels[key] = get_kernel(replace(self.spec, **changes))
             split(x, cond[0] if cond else None, states, weights, out=y)
         finally:
             _SPLIT_LOCK.release()
         return True
 
-    def _run_unit_split(self, x, cond, states, weights, y) -> None:
-        """Worker 0 here, the others on the pool, in step at every time step (:mod:`codegen.targets.cpu_split`).
+    def _run_split(self, x, cond, states, weights, y) -> None:
+        """Worker 0 here, the others on the pool, meeting at barriers.
 
-        A worker that fails sets the abort word, which releases every other
-        worker's barrier, so the call raises instead of hanging.
+        Unit split (:mod:`codegen.targets.cpu_split`): every worker its slice
+        of the weights, a barrier per step. Direction split
+        (:mod:`codegen.targets.cpu_dirsplit`): two workers, all the weights,
+        a barrier per block. A worker that fails sets the abort word, which
+        releases every other worker's barrier, so the call raises instead of
+        hanging.
         """
         from numrnn.runtime import sync  # imports numba: kept off `import numrnn`
 
         start = time.perf_counter()
-        n, T, B = self.spec.unit_split, x.shape[0], x.shape[1]
-        parts = self._worker_weights(weights)
+        T, B = x.shape[0], x.shape[1]
+        if self.spec.unit_split > 1:
+            n, parts = self.spec.unit_split, self._worker_weights(weights)
+        else:
+            n, parts = 2, [weights, weights]
         flags = sync.new_flags(n)
         shared = self.shared_buffers(T, y.shape[0], B)
         small = self._hand_loop_rows(B)

@@ -62,8 +62,20 @@ workers' 8-row hand loops); B=4 and 8 0.91-1.31; B=18-28 (each batch worker
 past the hand loop) 0.51-0.77. throughput512 (2xLSTM(512) B64 T100 D512):
 560 -> 432 ms.
 
-``NUMRNN_SCHEDULE`` forces ``serial`` (one thread), ``batch`` or ``units``;
-forcing ``units`` on a spec that cannot use it raises a ``ValueError``.
+Bidirectional stacks at one or two rows split the directions instead
+(``direction_split``, :mod:`codegen.targets.cpu_dirsplit`): one worker per
+direction over all rows, a barrier per block, not per step. It comes before
+the unit split. Measured (2xBiLSTM(H) T100 D64, lengths 50-100, medians,
+serial or batch / units / directions): H=64 B1 1.07 / 0.88 / 0.72 ms; H=128
+B1 2.87 / 2.03 / 2.12 ms, B2 3.93 / 3.86 / 3.43 ms; H=256 B1 11.8 / 7.4 /
+7.1 ms. At B=4 and 8 all three were within 5 % (a worker's 8-row hand loop
+costs what two 4-row ones do: the rows share weight loads two at a time); at
+B=16 the batch split won (22.8 against 28.6 ms), at B=32 the unit split
+(40.5 against 53.5).
+
+``NUMRNN_SCHEDULE`` forces ``serial`` (one thread), ``batch``, ``units`` or
+``directions``; forcing a split on a spec that cannot use it raises a
+``ValueError``.
 """
 
 from __future__ import annotations
@@ -123,12 +135,20 @@ UNIT_SPLIT_MAX_GEMM_ROWS = 64
 UNIT_SPLIT_MIN_WEIGHT_BYTES = 512 * 1024
 #: Below this many FLOPs per call the split's pool hand-off (~20-40 us) outweighs the gain.
 UNIT_SPLIT_MIN_FLOPS = 2e6
-SCHEDULES = ("auto", "serial", "batch", "units")
+#: Largest batch run with the direction split (a bidirectional stack; from 4 rows the batch split was
+#: as fast, from 16 faster).
+DIRECTION_SPLIT_MAX_ROWS = 2
+SCHEDULES = ("auto", "serial", "batch", "units", "directions")
 
 
 def unit_split_blocker(spec: StackSpec, workers: int) -> str | None:
     """Why ``spec`` cannot run with its units split over ``workers`` threads, or ``None``."""
     return "only one core is available" if workers < 2 else spec.unit_split_blocker(workers)
+
+
+def direction_split_blocker(spec: StackSpec, workers: int) -> str | None:
+    """Why ``spec`` cannot run its two directions on two of ``workers`` threads, or ``None``."""
+    return "only one core is available" if workers < 2 else spec.direction_split_blocker()
 
 
 def largest_recurrent_bytes(spec: StackSpec) -> int:
@@ -161,9 +181,10 @@ class Scheduler:
         self.flops_per_row_step = stack_flops(spec, 1, 1)
         self.splits_units = (largest_recurrent_bytes(spec) >= UNIT_SPLIT_MIN_WEIGHT_BYTES
                              and unit_split_blocker(spec, self.workers) is None)
+        self.splits_directions = direction_split_blocker(spec, self.workers) is None
 
     def choose(self, steps: int, batch: int) -> tuple[str, int]:
-        """``("units", workers)``, ``("batch", workers)`` or ``("serial", 1)`` for a call."""
+        """``("directions", 2)``, ``("units", n)``, ``("batch", n)`` or ``("serial", 1)`` for a call."""
         forced = forced_schedule()
         if forced == "serial":
             return "serial", 1
@@ -173,6 +194,14 @@ class Scheduler:
             if blocker is not None:
                 raise ValueError(f"NUMRNN_SCHEDULE=units cannot run {self.spec.kernel_name()}: {blocker}")
             return "units", workers
+        if forced == "directions":
+            blocker = self.spec.direction_split_blocker()
+            if blocker is not None:
+                raise ValueError(f"NUMRNN_SCHEDULE=directions cannot run {self.spec.kernel_name()}: {blocker}")
+            return "directions", 2
+        if (forced == "auto" and self.splits_directions and batch <= DIRECTION_SPLIT_MAX_ROWS
+                and self.flops_per_row_step * steps * batch >= UNIT_SPLIT_MIN_FLOPS):
+            return "directions", 2
         if (forced == "auto" and self.splits_units and self._units_pay_at(batch)
                 and self.flops_per_row_step * steps * batch >= UNIT_SPLIT_MIN_FLOPS):
             return "units", self.workers

@@ -1,0 +1,102 @@
+"""CPU target, direction split: one call of a bidirectional stack run by two threads, one per direction.
+
+The two directions of a bidirectional block share nothing until the block's
+output: each reads the block's input and writes its own columns of the
+output. Worker ``me`` runs direction ``me`` of every block over all rows,
+with the unsplit kernel's layer functions (so masking, reversal, multi-cell
+directions and the loop modes are exactly theirs), and the workers meet at a
+barrier (``numrnn.runtime.sync.barrier``) once per block: the next block reads
+both directions' columns. A merging block is merged after that barrier, each
+worker its half of the time rows, and, unless it is the last block, a second
+barrier lets the merge finish before the next block reads it.
+
+Compared with the batch split, each worker's per-step product covers all rows
+(twice the rows per pass over the cache-resident recurrent weights), and
+with one row it is the only split there is for a small matrix. Compared with
+the unit split there is no barrier per step.
+
+Kernel signature: the unsplit kernel's, then ``me`` (0 or 1), ``flags``
+(``numrnn.runtime.sync`` layout) and the block output buffers the workers
+share (:func:`codegen.targets.cpu_split.block_buffers`).
+"""
+
+from __future__ import annotations
+
+from codegen.emit import Emitter
+from codegen.spec import StackSpec
+from codegen.targets.cpu import (
+    Layer,
+    _emit_layer_call,
+    _emit_layer_function,
+    _needs_merge,
+    condition_args,
+    emit_each_layer,
+    jit_options,
+    layers_of,
+)
+from codegen.targets.cpu_split import block_buffers, emit_shared_buffers_function
+
+WORKERS = 2
+
+
+def shared_buffers(spec: StackSpec) -> list[tuple[str, str]]:
+    """``(name, shape expression in T, T_out, B)`` of every buffer the two workers share, in argument order."""
+    return [buffer for bi in range(len(spec.blocks)) for buffer in block_buffers(spec, bi)]
+
+
+def kernel_arguments(spec: StackSpec) -> list[str]:
+    """The direction-split kernel's parameter names, in order."""
+    layers = layers_of(spec)
+    states = [a for layer in layers for a in layer.state_args()]
+    weights = [a for layer in layers for a in layer.weight_args()]
+    buffers = [name for name, _ in shared_buffers(spec)]
+    return ["x", *condition_args(spec), *states, *weights, "y", "small", "me", "flags", *buffers]
+
+
+def emit_dirsplit_module_body(em: Emitter, spec: StackSpec) -> None:
+    """The layer functions (the unsplit kernel's), ``shared_buffers`` and the kernel of a direction-split spec."""
+    layers = layers_of(spec)
+    emit_each_layer(em, spec, layers, _emit_layer_function)
+    emit_shared_buffers_function(em, spec, shared_buffers(spec))
+    _emit_kernel(em, spec, layers)
+
+
+def _emit_barrier(em: Emitter) -> None:
+    em("epoch += 1", f"barrier(flags, me, {WORKERS}, epoch)")
+
+
+def _emit_kernel(em: Emitter, spec: StackSpec, layers: list[Layer]) -> None:
+    em(f"@njit({jit_options(spec)})")
+    with em.block(f"def {spec.kernel_name()}({', '.join(kernel_arguments(spec))}):"):
+        em('"""Worker ``me`` of the call: direction ``me`` of every block, in step with the other worker."""')
+        em("T = x.shape[0]", "B = x.shape[1]", "T_out = y.shape[0]", "inp = x", "epoch = 0")
+        for bi, block in enumerate(spec.blocks):
+            last_block = bi == len(spec.blocks) - 1
+            em(f"# block {bi}")
+            em(f"dest = dest{bi}" if _needs_merge(block) or not last_block else "dest = y")
+            for di, direction in enumerate(block.directions):
+                chain = [la for la in layers if la.block == bi and la.direction == di]
+                with em.block(f"if me == {di}:  # direction {di} ({direction.reverse})"):
+                    em("src = inp")
+                    for k, layer in enumerate(chain):
+                        _emit_layer_call(em, spec, layer, is_last=k == len(chain) - 1)
+            _emit_barrier(em)
+            if _needs_merge(block):
+                _emit_merge(em, block, "y" if last_block else f"merged{bi}")
+                if not last_block:
+                    _emit_barrier(em)
+                    em(f"inp = merged{bi}")
+            elif not last_block:
+                em("inp = dest")
+
+
+def _emit_merge(em: Emitter, block, target: str) -> None:
+    """Merge both directions' columns into ``target``, this worker's half of its time rows."""
+    w = block.directions[0].output_size
+    fw, bw = "dest[t, b, j]", f"dest[t, b, {w} + j]"
+    expr = {"sum": f"{fw} + {bw}", "mul": f"{fw} * {bw}", "ave": f"({fw} + {bw}) * 0.5"}[block.merge]
+    em(f"rows = {target}.shape[0]")
+    with em.block(f"for t in range(me * rows // {WORKERS}, (me + 1) * rows // {WORKERS}):"):
+        with em.block("for b in range(B):"):
+            with em.block(f"for j in range({w}):"):
+                em(f"{target}[t, b, j] = {expr}")

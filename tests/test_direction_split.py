@@ -1,0 +1,83 @@
+"""The direction split (a bidirectional call on two threads, one per direction) against the NumPy oracle.
+
+The split runs the unsplit kernel's layer functions, so the cases cover what
+the split itself adds: both reversals, each merge (between blocks it needs a
+second barrier; on the last block with the last output only, one of the two
+workers has no time row to merge), a chain of cells in each direction, each
+masking mode, a static unroll and both dtypes. Each case runs at one row and
+at four, forced through ``NUMRNN_SCHEDULE=directions``. One compile per case.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+from reference import run_stack
+from test_grid import T, _bidir, _inputs, _torch_style, _weights
+
+from codegen.spec import CellSpec, simple_stack
+from numrnn.runtime import get_kernel, pack_weights, schedule
+
+CASES = {
+    "torch_packed_projection_two_blocks": _torch_style(CellSpec("lstm", 5, proj_units=3), 2, masking="lengths"),
+    "gru_before_simple_chain_sum_zero_last": _bidir(
+        [CellSpec("gru", 4, reset_after=False), CellSpec("simple", 3)], "sum", blocks=2, masking="zero",
+        return_sequences=False),
+    "float64_peephole_ave_carry_unrolled": _bidir([CellSpec("lstm", 4, peephole=True)], "ave", masking="carry",
+                                                  dtype="float64", unroll=T),
+}
+
+
+@pytest.mark.parametrize("batch", [1, 4])
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_direction_split_matches_reference(name, batch, monkeypatch):
+    spec = CASES[name]
+    rng = np.random.default_rng(sorted(CASES).index(name))
+    weights = _weights(spec, rng)
+    x, mask, lengths, initial = _inputs(spec, rng, batch)
+    expected, expected_states = run_stack(spec, weights, x, mask=mask, lengths=lengths, initial_states=initial)
+    monkeypatch.setenv("NUMRNN_SCHEDULE", "directions")
+    states = [np.array(s) for cell_states in initial for s in cell_states]
+    condition = mask if spec.masking in ("carry", "zero") else lengths
+    got = get_kernel(spec)(x, condition, states, pack_weights(spec, weights))
+    assert get_kernel(dataclasses.replace(spec, direction_split=True)).compile_seconds is not None  # it ran split
+    atol = 1e-5 if spec.dtype == "float32" else 1e-12
+    assert got.dtype == np.dtype(spec.dtype)
+    np.testing.assert_allclose(got, expected, rtol=0, atol=atol)
+    flat_expected = [s for cell_states in expected_states for s in cell_states]
+    assert len(states) == len(flat_expected)
+    for g, e in zip(states, flat_expected):
+        np.testing.assert_allclose(g, e, rtol=0, atol=atol)
+
+
+def test_spec_refuses_a_direction_split_it_cannot_run():
+    forward_only = simple_stack([CellSpec("lstm", 4)], 3)
+    with pytest.raises(ValueError, match="block 0 has one direction"):
+        dataclasses.replace(forward_only, direction_split=True)
+    bidir = _bidir([CellSpec("lstm", 4)], "concat")
+    with pytest.raises(ValueError, match="direction_split and unit_split=2 exclude each other"):
+        dataclasses.replace(bidir, direction_split=True, unit_split=2)
+    with pytest.raises(TypeError, match="direction_split must be a bool"):
+        dataclasses.replace(bidir, direction_split=1)
+
+
+def test_forcing_directions_on_a_forward_stack_names_the_reason(monkeypatch):
+    monkeypatch.setenv("NUMRNN_SCHEDULE", "directions")
+    with pytest.raises(ValueError, match="NUMRNN_SCHEDULE=directions cannot run lstm4_fwd.*one direction"):
+        schedule.choose(simple_stack([CellSpec("lstm", 4)], 3), 10, 1)
+
+
+def test_auto_policy_splits_directions_of_bidirectional_stacks_at_one_or_two_rows(monkeypatch):
+    monkeypatch.delenv("NUMRNN_SCHEDULE", raising=False)
+    monkeypatch.setattr(schedule, "cores", lambda: 2)
+    monkeypatch.setattr(schedule, "hand_loop_rows", lambda: 8)
+    bidir = _bidir([CellSpec("lstm", 64)], "concat", blocks=2)
+    assert schedule.choose(bidir, 100, 1) == ("directions", 2)
+    assert schedule.choose(bidir, 100, 2) == ("directions", 2)
+    assert schedule.choose(bidir, 100, 8) == ("batch", 2)
+    assert schedule.choose(bidir, 2, 1) == ("serial", 1)  # too little work for a hand-off
+    assert schedule.choose(simple_stack([CellSpec("lstm", 64)], 32), 100, 1) == ("serial", 1)
+    monkeypatch.setattr(schedule, "cores", lambda: 1)
+    assert schedule.choose(bidir, 100, 1) == ("serial", 1)
