@@ -91,8 +91,8 @@ def emit_math_helpers(em: Emitter, dtype: str, jit_options: str) -> None:
         em("return HALF + HALF * _tanh(HALF * x)")
 
 
-def emit_recurrent_product(em: Emitter, h: str, w: str, out: str) -> None:
-    """``out = h @ w`` for every row (``w`` packed ``(inputs, outputs)``).
+def emit_recurrent_product(em: Emitter, ctx: LayerContext, h: str, w: str, out: str) -> None:
+    """``out = h @ w`` for every row (``w`` packed ``(inputs, outputs)``) this step computes.
 
     Up to ``small`` rows (a runtime argument) a hand loop, two batch rows per
     pass over the weights: for four inputs ``k`` at a time, every output
@@ -105,11 +105,20 @@ def emit_recurrent_product(em: Emitter, h: str, w: str, out: str) -> None:
     outputs, this loop / the dot-product loop / BLAS): 2x64x256 2.9 / 3.7 /
     16.0 us, 4x128x512 21.8 / 25.2 / 65.1, 8x128x512 44.2 / 49.4 / 56.2,
     16x128x512 86.0 / 97.0 / 66.8. Above ``small`` rows, one BLAS GEMM.
+
+    Rows that this step masks (padding past a length, a masked Keras step)
+    keep their state, so the hand loop skips them (a pair when both are
+    masked): their product would never be read.
     """
+    masked = ctx.masked_condition
     with em.block("if B <= small:"):
         with em.block("for b in range(0, B - 1, 2):"):
+            if masked() is not None:
+                with em.block(f"if ({masked('b')}) and ({masked('b + 1')}):"):
+                    em("continue")
             _emit_rows_product(em, h, w, out, ("b", "b + 1"))
-        with em.block("if B % 2 == 1:"):
+        last_row = "B % 2 == 1" + (f" and not ({masked('B - 1')})" if masked() is not None else "")
+        with em.block(f"if {last_row}:"):
             _emit_rows_product(em, h, w, out, ("B - 1",))
     with em.block("else:"):
         em(f"np.dot({h}, {w}, {out})")
@@ -173,12 +182,12 @@ class LayerContext:
         """Keras carry masking repeats the previous output, kept in ``op``."""
         return self.masking == "carry"
 
-    def masked_condition(self) -> str | None:
-        """Condition under which row ``b`` skips this step, or ``None`` when no step is skipped."""
+    def masked_condition(self, row: str = "b") -> str | None:
+        """Condition under which row ``row`` skips this step, or ``None`` when no step is skipped."""
         if self.masking in ("carry", "zero"):
-            return "not mask[t, b]"
+            return f"not mask[t, {row}]"
         if self.masking == "lengths":
-            return "s >= lengths[b]" if self.reverse == "valid" else "t >= lengths[b]"
+            return f"s >= lengths[{row}]" if self.reverse == "valid" else f"t >= lengths[{row}]"
         return None
 
     def out_position(self, masked: bool) -> str:
