@@ -12,13 +12,11 @@ from __future__ import annotations
 
 import dataclasses
 
-import numpy as np
 import pytest
-from reference import run_stack
-from test_grid import T, _bidir, _inputs, _torch_style, _weights
+from test_grid import T, _bidir, _torch_style, assert_forced_schedule_matches_reference
 
 from codegen.spec import CellSpec, simple_stack
-from numrnn.runtime import get_kernel, pack_weights, schedule
+from numrnn.runtime import schedule
 
 CASES = {
     "torch_packed_projection_two_blocks": _torch_style(CellSpec("lstm", 5, proj_units=3), 2, masking="lengths"),
@@ -34,22 +32,9 @@ CASES = {
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_direction_split_matches_reference(name, batch, monkeypatch):
     spec = CASES[name]
-    rng = np.random.default_rng(sorted(CASES).index(name))
-    weights = _weights(spec, rng)
-    x, mask, lengths, initial = _inputs(spec, rng, batch)
-    expected, expected_states = run_stack(spec, weights, x, mask=mask, lengths=lengths, initial_states=initial)
-    monkeypatch.setenv("NUMRNN_SCHEDULE", "directions")
-    states = [np.array(s) for cell_states in initial for s in cell_states]
-    condition = mask if spec.masking in ("carry", "zero") else lengths
-    got = get_kernel(spec)(x, condition, states, pack_weights(spec, weights))
-    assert get_kernel(dataclasses.replace(spec, direction_split=True)).compile_seconds is not None  # it ran split
-    atol = 1e-5 if spec.dtype == "float32" else 1e-12
-    assert got.dtype == np.dtype(spec.dtype)
-    np.testing.assert_allclose(got, expected, rtol=0, atol=atol)
-    flat_expected = [s for cell_states in expected_states for s in cell_states]
-    assert len(states) == len(flat_expected)
-    for g, e in zip(states, flat_expected):
-        np.testing.assert_allclose(g, e, rtol=0, atol=atol)
+    split_spec = dataclasses.replace(spec, direction_split=True)
+    seed = sorted(CASES).index(name)
+    assert_forced_schedule_matches_reference(spec, seed, batch, monkeypatch, "directions", split_spec)
 
 
 def test_spec_refuses_a_direction_split_it_cannot_run():

@@ -119,10 +119,17 @@ def test_kernel_matches_reference(name, unrolled):
     x, mask, lengths, initial = _inputs(spec, rng)
     expected, expected_states = run_stack(spec, weights, x, mask=mask, lengths=lengths, initial_states=initial)
     got, got_states = _run_kernel(spec, weights, x, mask, lengths, initial)
+    assert_matches_reference(spec, got, got_states, expected, expected_states)
+
+
+def assert_matches_reference(spec, got, got_states, expected, expected_states) -> None:
+    """A kernel's output and per-cell states equal the oracle's (1e-5 in float32, 1e-12 in float64)."""
     atol = 1e-5 if spec.dtype == "float32" else 1e-12
     assert got.dtype == np.dtype(spec.dtype)
     np.testing.assert_allclose(got, expected, rtol=0, atol=atol)
+    assert len(got_states) == len(expected_states)
     for got_cell, expected_cell in zip(got_states, expected_states):
+        assert len(got_cell) == len(expected_cell)
         for g, e in zip(got_cell, expected_cell):
             np.testing.assert_allclose(g, e, rtol=0, atol=atol)
 
@@ -141,3 +148,18 @@ def test_dynamic_kernel_serves_every_length_with_one_compile():
         np.testing.assert_allclose(got, expected, rtol=0, atol=1e-5)
     assert get_kernel(spec) is kernel
     assert len(kernel.function.signatures) == 1
+
+
+def assert_forced_schedule_matches_reference(spec, seed, batch, monkeypatch, schedule, split_spec) -> None:
+    """Run ``spec`` under ``NUMRNN_SCHEDULE=schedule``, check that ``split_spec``'s kernel ran, compare with the oracle.
+
+    ``seed`` draws the weights, inputs and initial states.
+    """
+    rng = np.random.default_rng(seed)
+    weights = _weights(spec, rng)
+    x, mask, lengths, initial = _inputs(spec, rng, batch)
+    expected, expected_states = run_stack(spec, weights, x, mask=mask, lengths=lengths, initial_states=initial)
+    monkeypatch.setenv("NUMRNN_SCHEDULE", schedule)
+    got, got_states = _run_kernel(spec, weights, x, mask, lengths, initial)
+    assert get_kernel(split_spec).compile_seconds is not None  # it really ran split
+    assert_matches_reference(spec, got, got_states, expected, expected_states)

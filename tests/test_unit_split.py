@@ -17,12 +17,11 @@ import threading
 
 import numpy as np
 import pytest
-from reference import run_stack
-from test_grid import D, _bidir, _inputs, _weights
+from test_grid import D, _bidir, assert_forced_schedule_matches_reference
 
 from codegen.cells import packed_names, split_packed
 from codegen.spec import BlockSpec, CellSpec, DirectionSpec, StackSpec, simple_stack
-from numrnn.runtime import get_kernel, pack_weights, schedule, sync
+from numrnn.runtime import pack_weights, schedule, sync
 
 LSTM_OPTIONS = CellSpec("lstm", 6, peephole=True, cell_clip=0.8, forget_bias=1.0)
 
@@ -39,30 +38,13 @@ CASES = {
 }
 
 
-def _run(spec, weights, x, mask, lengths, initial):
-    states = [np.array(s) for cell_states in initial for s in cell_states]
-    condition = mask if spec.masking in ("carry", "zero") else lengths
-    return get_kernel(spec)(x, condition, states, pack_weights(spec, weights)), states
-
-
 @pytest.mark.parametrize("batch", [1, 4])
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_unit_split_matches_reference(name, batch, monkeypatch):
     spec = CASES[name]
-    rng = np.random.default_rng(sorted(CASES).index(name))
-    weights = _weights(spec, rng)
-    x, mask, lengths, initial = _inputs(spec, rng, batch)
-    expected, expected_states = run_stack(spec, weights, x, mask=mask, lengths=lengths, initial_states=initial)
-    monkeypatch.setenv("NUMRNN_SCHEDULE", "units")
-    got, got_states = _run(spec, weights, x, mask, lengths, initial)
-    assert get_kernel(dataclasses.replace(spec, unit_split=2)).compile_seconds is not None  # it really ran split
-    atol = 1e-5 if spec.dtype == "float32" else 1e-12
-    assert got.dtype == np.dtype(spec.dtype)
-    np.testing.assert_allclose(got, expected, rtol=0, atol=atol)
-    flat_expected = [s for cell_states in expected_states for s in cell_states]
-    assert len(got_states) == len(flat_expected)
-    for g, e in zip(got_states, flat_expected):
-        np.testing.assert_allclose(g, e, rtol=0, atol=atol)
+    split_spec = dataclasses.replace(spec, unit_split=2)
+    seed = sorted(CASES).index(name)
+    assert_forced_schedule_matches_reference(spec, seed, batch, monkeypatch, "units", split_spec)
 
 
 def test_split_packed_keeps_each_workers_columns_of_every_gate():

@@ -172,6 +172,17 @@ class LayerContext:
         """Hidden units of the cell."""
         return self.cell.units
 
+    def xw(self, column: str) -> str:
+        """Row ``b``'s input projection at step time ``t``, column ``column``, with the input bias ``bx``.
+
+        The bias is added here, in the gate loop that reads the projection
+        anyway, rather than in a pass of its own over the whole ``(T * B,
+        G * units)`` projection (seed000: 1.3 ms per layer and worker).
+        """
+        if self.cell.use_bias:
+            return f"(xw[t, b, {column}] + bx[{column}])"
+        return f"xw[t, b, {column}]"
+
     @property
     def width(self) -> int:
         """Output / ``h`` width of the cell."""

@@ -71,11 +71,11 @@ def _emit_reset_after(em: Emitter, ctx: LayerContext) -> None:
     with row_loop(em, ctx, final=True):
         with em.block(f"for j in range({u}):"):
             em(
-                f"az = xw[t, b, j] + rh[b, j]{bias('j')}",
-                f"ar = xw[t, b, {u} + j] + rh[b, {u} + j]{bias(f'{u} + j')}",
+                f"az = {ctx.xw('j')} + rh[b, j]{bias('j')}",
+                f"ar = {ctx.xw(f'{u} + j')} + rh[b, {u} + j]{bias(f'{u} + j')}",
                 f"z = {activation_expr(cell.recurrent_activation, 'az', ctx.dtype)}",
                 f"r = {activation_expr(cell.recurrent_activation, 'ar', ctx.dtype)}",
-                f"ah = xw[t, b, {2 * u} + j] + r * (rh[b, {2 * u} + j]{bias(f'{2 * u} + j')})",
+                f"ah = {ctx.xw(f'{2 * u} + j')} + r * (rh[b, {2 * u} + j]{bias(f'{2 * u} + j')})",
                 f"h[b, j] = z * h[b, j] + ({one} - z) * ({activation_expr(cell.activation, 'ah', ctx.dtype)})",
             )
         emit_store_output(em, ctx)
@@ -87,8 +87,8 @@ def _emit_reset_before(em: Emitter, ctx: LayerContext) -> None:
     with row_loop(em, ctx, final=False):
         with em.block(f"for j in range({u}):"):
             em(
-                "az = xw[t, b, j] + rzr[b, j]",
-                f"ar = xw[t, b, {u} + j] + rzr[b, {u} + j]",
+                f"az = {ctx.xw('j')} + rzr[b, j]",
+                f"ar = {ctx.xw(f'{u} + j')} + rzr[b, {u} + j]",
                 f"zs[b, j] = {activation_expr(cell.recurrent_activation, 'az', ctx.dtype)}",
                 f"rhs[b, j] = ({activation_expr(cell.recurrent_activation, 'ar', ctx.dtype)}) * h[b, j]",
             )
@@ -96,7 +96,7 @@ def _emit_reset_before(em: Emitter, ctx: LayerContext) -> None:
     with row_loop(em, ctx, final=True):
         with em.block(f"for j in range({u}):"):
             em(
-                f"ah = xw[t, b, {2 * u} + j] + rhh[b, j]",
+                f"ah = {ctx.xw(f'{2 * u} + j')} + rhh[b, j]",
                 "z = zs[b, j]",
                 f"h[b, j] = z * h[b, j] + ({one} - z) * ({activation_expr(cell.activation, 'ah', ctx.dtype)})",
             )

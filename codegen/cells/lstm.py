@@ -55,10 +55,10 @@ def emit_step(em: Emitter, ctx: LayerContext) -> None:
             peep = (" + wp[0, j] * cp", " + wp[1, j] * cp") if cell.peephole else ("", "")
             forget_bias = f" + {lit(cell.forget_bias, ctx.dtype)}" if cell.forget_bias else ""
             em(
-                f"ai = xw[t, b, j] + rh[b, j]{peep[0]}",
-                f"af = xw[t, b, {u} + j] + rh[b, {u} + j]{forget_bias}{peep[1]}",
-                f"ac = xw[t, b, {2 * u} + j] + rh[b, {2 * u} + j]",
-                f"ao = xw[t, b, {3 * u} + j] + rh[b, {3 * u} + j]",
+                f"ai = {ctx.xw('j')} + rh[b, j]{peep[0]}",
+                f"af = {ctx.xw(f'{u} + j')} + rh[b, {u} + j]{forget_bias}{peep[1]}",
+                f"ac = {ctx.xw(f'{2 * u} + j')} + rh[b, {2 * u} + j]",
+                f"ao = {ctx.xw(f'{3 * u} + j')} + rh[b, {3 * u} + j]",
                 f"cn = ({ract('af')}) * cp + ({ract('ai')}) * ({act('ac')})",
             )
             if cell.cell_clip is not None:

@@ -40,6 +40,6 @@ def emit_step(em: Emitter, ctx: LayerContext) -> None:
     emit_recurrent_product(em, ctx, ctx.recurrent_input, "wh", "rh")
     with row_loop(em, ctx, final=True):
         with em.block(f"for j in range({ctx.units}):"):
-            em("a = xw[t, b, j] + rh[b, j]")
+            em(f"a = {ctx.xw('j')} + rh[b, j]")
             em(f"h[b, j] = {activation_expr(ctx.cell.activation, 'a', ctx.dtype)}")
         emit_store_output(em, ctx)

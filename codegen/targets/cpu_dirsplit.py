@@ -29,12 +29,11 @@ from codegen.targets.cpu import (
     _emit_layer_call,
     _emit_layer_function,
     _needs_merge,
-    condition_args,
     emit_each_layer,
     jit_options,
     layers_of,
 )
-from codegen.targets.cpu_split import block_buffers, emit_shared_buffers_function
+from codegen.targets.cpu_split import block_buffers, emit_shared_buffers_function, kernel_arguments
 
 WORKERS = 2
 
@@ -42,15 +41,6 @@ WORKERS = 2
 def shared_buffers(spec: StackSpec) -> list[tuple[str, str]]:
     """``(name, shape expression in T, T_out, B)`` of every buffer the two workers share, in argument order."""
     return [buffer for bi in range(len(spec.blocks)) for buffer in block_buffers(spec, bi)]
-
-
-def kernel_arguments(spec: StackSpec) -> list[str]:
-    """The direction-split kernel's parameter names, in order."""
-    layers = layers_of(spec)
-    states = [a for layer in layers for a in layer.state_args()]
-    weights = [a for layer in layers for a in layer.weight_args()]
-    buffers = [name for name, _ in shared_buffers(spec)]
-    return ["x", *condition_args(spec), *states, *weights, "y", "small", "me", "flags", *buffers]
 
 
 def emit_dirsplit_module_body(em: Emitter, spec: StackSpec) -> None:
@@ -67,7 +57,7 @@ def _emit_barrier(em: Emitter) -> None:
 
 def _emit_kernel(em: Emitter, spec: StackSpec, layers: list[Layer]) -> None:
     em(f"@njit({jit_options(spec)})")
-    with em.block(f"def {spec.kernel_name()}({', '.join(kernel_arguments(spec))}):"):
+    with em.block(f"def {spec.kernel_name()}({', '.join(kernel_arguments(spec, shared_buffers(spec)))}):"):
         em('"""Worker ``me`` of the call: direction ``me`` of every block, in step with the other worker."""')
         em("T = x.shape[0]", "B = x.shape[1]", "T_out = y.shape[0]", "inp = x", "epoch = 0")
         for bi, block in enumerate(spec.blocks):

@@ -38,9 +38,12 @@ from codegen.targets.cpu import (
     _needs_merge,
     condition_args,
     emit_each_layer,
+    emit_input_projection,
+    input_bias_args,
     jit_options,
     layers_of,
 )
+from codegen.targets.cpu import kernel_arguments as unsplit_kernel_arguments
 
 
 def slice_width(layer: Layer, spec: StackSpec) -> int:
@@ -86,13 +89,13 @@ def emit_shared_buffers_function(em: Emitter, spec: StackSpec, buffers: list[tup
     em.blank()
 
 
-def kernel_arguments(spec: StackSpec) -> list[str]:
-    """The split kernel's parameter names, in order."""
-    layers = layers_of(spec)
-    states = [a for layer in layers for a in layer.state_args()]
-    weights = [a for layer in layers for a in layer.weight_args()]
-    buffers = [name for name, _ in shared_buffers(spec)]
-    return ["x", *condition_args(spec), *states, *weights, "y", "small", "me", "flags", *buffers]
+def kernel_arguments(spec: StackSpec, buffers: list[tuple[str, str]] | None = None) -> list[str]:
+    """A split kernel's parameter names, in order: the unsplit kernel's, ``me``, ``flags``, the ``buffers``.
+
+    ``buffers`` defaults to the unit split's :func:`shared_buffers`.
+    """
+    shared = [name for name, _ in (shared_buffers(spec) if buffers is None else buffers)]
+    return [*unsplit_kernel_arguments(spec), "me", "flags", *shared]
 
 
 def emit_split_module_body(em: Emitter, spec: StackSpec) -> None:
@@ -117,7 +120,7 @@ def _emit_layer_function(em: Emitter, spec: StackSpec, layer: Layer) -> None:
     emitter = emitter_for(cell)
     ctx = replace(layer.context, cell=replace(cell, units=n), recurrent_input="hp")
     others = list(cell.state_names[1:])
-    params = ["xw", *emitter.recurrent_names(cell), "hstate", *(f"{o}state" for o in others),
+    params = ["xw", *input_bias_args(cell), *emitter.recurrent_names(cell), "hstate", *(f"{o}state" for o in others),
               *condition_args(spec), "out", "small", "hb", "u0", "flags", "me", "epoch"]
     em(f"@njit({jit_options(spec)})")
     with em.block(f"def {layer.function}({', '.join(params)}):"):
@@ -176,12 +179,12 @@ def _emit_kernel(em: Emitter, spec: StackSpec, layers: list[Layer]) -> None:
 def _emit_layer_call(em: Emitter, spec: StackSpec, layer: Layer, *, is_last: bool) -> None:
     cell, n = layer.cell, slice_width(layer, spec)
     weights = dict(zip(packed_names(cell), layer.weight_args()))
-    em(f"u0 = me * {n}", f"xw = np.dot(src.reshape(T * B, {layer.input_size}), {weights['wx']})")
-    if cell.use_bias:
-        em(f"xw += {weights['b']}")
+    em(f"u0 = me * {n}")
+    emit_input_projection(em, spec, layer.input_size, weights["wx"])
     out = "dest" if is_last else f"seq{layer.index}"
     recurrent = [weights[name] for name in emitter_for(cell).recurrent_names(cell)]
-    args = [f"xw.reshape(T, B, {cell.gates * n})", *recurrent, *layer.state_args(), *condition_args(spec),
+    bias = [weights["b"]] if cell.use_bias else []
+    args = [f"xw.reshape(T, B, {cell.gates * n})", *bias, *recurrent, *layer.state_args(), *condition_args(spec),
             f"{out}[:, :, u0:]", "small", f"hb{layer.index}", "u0", "flags", "me", "epoch"]
     em(f"epoch = {layer.function}({', '.join(args)})")
     if not is_last:
