@@ -24,7 +24,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from codegen.cells import emitter_for, packed_names
-from codegen.cells.common import LayerContext, emit_math_helpers, emit_scratch_for_output, emit_step_times
+from codegen.cells.common import (
+    LayerContext,
+    emit_math_helpers,
+    emit_rows_product_functions,
+    emit_scratch_for_output,
+    emit_step_times,
+)
 from codegen.emit import Emitter
 from codegen.spec import CODEGEN_VERSION, CellSpec, StackSpec
 
@@ -138,6 +144,7 @@ def generate(spec: StackSpec) -> str:
     layers = layers_of(spec)
     em.blank()
     emit_math_helpers(em, spec.dtype, jit_options(spec))
+    emit_rows_product_functions(em, jit_options(spec))
     if spec.unit_split > 1:
         from codegen.targets.cpu_split import emit_split_module_body
 
