@@ -293,10 +293,16 @@ def emit_input_projection(em: Emitter, spec: StackSpec, inputs: int, wx: str) ->
             em(f"xr[g] = {' + '.join(f'x{k} * {wx}[{k}, g]' for k in range(inputs))}")
 
 
+def merge_expression(merge: str, forward: str, backward: str) -> str:
+    """The ``sum``/``mul``/``ave`` merge of two direction outputs (expressions of the same shape)."""
+    return {"sum": f"{forward} + {backward}", "mul": f"{forward} * {backward}",
+            "ave": f"({forward} + {backward}) * 0.5"}[merge]
+
+
 def _emit_merge(em: Emitter, block, target: str, dt: str) -> None:
     w = block.directions[0].output_size
     fw, bw = f"dest[:, :, :{w}]", f"dest[:, :, {w}:]"
-    expr = {"sum": f"{fw} + {bw}", "mul": f"{fw} * {bw}", "ave": f"({fw} + {bw}) * 0.5"}[block.merge]
+    expr = merge_expression(block.merge, fw, bw)
     if target != "y":
         em(f"{target} = np.empty((T, B, {w}), dtype={dt})")
     em(f"{target}[:, :, :] = {expr}")

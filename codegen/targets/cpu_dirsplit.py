@@ -32,9 +32,11 @@ from codegen.targets.cpu import (
     emit_each_layer,
     jit_options,
     layers_of,
+    merge_expression,
 )
 from codegen.targets.cpu_split import block_buffers, emit_shared_buffers_function, kernel_arguments
 
+#: Threads of a direction-split call: one per direction.
 WORKERS = 2
 
 
@@ -84,7 +86,7 @@ def _emit_merge(em: Emitter, block, target: str) -> None:
     """Merge both directions' columns into ``target``, this worker's half of its time rows."""
     w = block.directions[0].output_size
     fw, bw = "dest[t, b, j]", f"dest[t, b, {w} + j]"
-    expr = {"sum": f"{fw} + {bw}", "mul": f"{fw} * {bw}", "ave": f"({fw} + {bw}) * 0.5"}[block.merge]
+    expr = merge_expression(block.merge, fw, bw)
     em(f"rows = {target}.shape[0]")
     with em.block(f"for t in range(me * rows // {WORKERS}, (me + 1) * rows // {WORKERS}):"):
         with em.block("for b in range(B):"):

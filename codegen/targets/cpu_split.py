@@ -42,6 +42,7 @@ from codegen.targets.cpu import (
     input_bias_args,
     jit_options,
     layers_of,
+    merge_expression,
 )
 from codegen.targets.cpu import kernel_arguments as unsplit_kernel_arguments
 
@@ -195,7 +196,7 @@ def _emit_merge(em: Emitter, spec: StackSpec, block, last: Layer, target: str) -
     """Merge this worker's columns of both directions (it wrote both, so no barrier is needed first)."""
     w, n = block.directions[0].output_size, slice_width(last, spec)
     fw, bw = "dest[t, b, u0 + j]", f"dest[t, b, {w} + u0 + j]"
-    expr = {"sum": f"{fw} + {bw}", "mul": f"{fw} * {bw}", "ave": f"({fw} + {bw}) * 0.5"}[block.merge]
+    expr = merge_expression(block.merge, fw, bw)
     em(f"u0 = me * {n}")
     with em.block(f"for t in range({target}.shape[0]):"):
         _emit_copy(em, n, (f"{target}[t, b, u0 + j]", expr))

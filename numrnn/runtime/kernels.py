@@ -13,6 +13,7 @@ import numpy as np
 from codegen import StackSpec, generate_source
 from codegen.cells import pack, packed_names, split_packed
 from codegen.targets.cpu import condition_args
+from codegen.targets.cpu_dirsplit import WORKERS as DIRECTION_WORKERS
 from numrnn.runtime.cache import import_module, module_path, write_if_changed
 from numrnn.runtime.schedule import Scheduler, hand_loop_rows, pool, single_threaded_blas, split_rows
 
@@ -138,7 +139,7 @@ class Kernel:
         if self.spec.unit_split > 1:
             n, parts = self.spec.unit_split, self._worker_weights(weights)
         else:
-            n, parts = 2, [weights, weights]
+            n, parts = DIRECTION_WORKERS, [weights] * DIRECTION_WORKERS
         flags = sync.new_flags(n)
         shared = self.shared_buffers(T, y.shape[0], B)
         small = self._hand_loop_rows(B)

@@ -89,6 +89,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 
 from codegen import StackSpec
+from codegen.targets.cpu_dirsplit import WORKERS as DIRECTION_WORKERS
 
 #: Below this many FLOPs per worker the split costs more than it saves (hand-off ~30 us; 2 MFLOP is
 #: ~50 us of work here).
@@ -198,10 +199,10 @@ class Scheduler:
             blocker = self.spec.direction_split_blocker()
             if blocker is not None:
                 raise ValueError(f"NUMRNN_SCHEDULE=directions cannot run {self.spec.kernel_name()}: {blocker}")
-            return "directions", 2
+            return "directions", DIRECTION_WORKERS
         if (forced == "auto" and self.splits_directions and batch <= DIRECTION_SPLIT_MAX_ROWS
                 and self.flops_per_row_step * steps * batch >= UNIT_SPLIT_MIN_FLOPS):
-            return "directions", 2
+            return "directions", DIRECTION_WORKERS
         if (forced == "auto" and self.splits_units and self._units_pay_at(batch)
                 and self.flops_per_row_step * steps * batch >= UNIT_SPLIT_MIN_FLOPS):
             return "units", self.workers
