@@ -133,3 +133,20 @@ def test_barrier_waits_for_the_slowest_worker():
     for thread in (first, second):
         thread.join(timeout=10)
     assert sorted(arrived) == [0, 1]
+
+
+def test_single_threaded_blas_sets_one_thread_and_restores_the_callers_count():
+    setters = schedule._blas_setters()
+    if not setters:
+        pytest.skip("no bundled OpenBLAS with per-thread thread counts here")
+    before = [setter(3) for setter in setters]
+    try:
+        with schedule.single_threaded_blas():
+            assert [setter(1) for setter in setters] == [1] * len(setters)
+        assert [setter(3) for setter in setters] == [3] * len(setters)
+        with pytest.raises(RuntimeError), schedule.single_threaded_blas():
+            raise RuntimeError("restored on the way out of an error too")
+        assert [setter(3) for setter in setters] == [3] * len(setters)
+    finally:
+        for setter, n in zip(setters, before):
+            setter(n)

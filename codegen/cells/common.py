@@ -124,17 +124,18 @@ def emit_recurrent_product(em: Emitter, ctx: LayerContext, h: str, w: str, out: 
         em(f"np.dot({h}, {w}, {out})")
 
 
-#: The module-level hand-loop functions, by rows per pass. One copy per module rather than one per
-#: product and layer: inlined into every layer function, the loops took 4 of the 9.5 s cold compile of
-#: seed000 (three GRU layers).
+#: The hand-loop functions, by rows per pass, as a kernel module names them. They live in the module
+#: every CPU kernel shares (:func:`codegen.targets.cpu.generate_shared`), compiled once per machine
+#: and not once per spec: inlined into every layer function the loops took 4 of the 9.5 s cold
+#: compile of seed000; as functions of each kernel module, 1.0 of 4.6 s.
 ROWS_PRODUCT = {1: "_row_product", 2: "_rows2_product"}
 
 
-def emit_rows_product_functions(em: Emitter, jit_options: str) -> None:
-    """``_row_product(h, w, out, b)`` and ``_rows2_product(h, w, out, b)``: the hand loop for rows ``b[, b + 1]``."""
+def emit_rows_product_functions(em: Emitter, jit_options: str, suffix: str) -> None:
+    """``row_product{suffix}(h, w, out, b)`` and ``rows2_product{suffix}``: the hand loop for rows ``b[, b + 1]``."""
     for rows, name in ROWS_PRODUCT.items():
         em(f"@njit({jit_options})")
-        with em.block(f"def {name}(h, w, out, b):"):
+        with em.block(f"def {name[1:]}{suffix}(h, w, out, b):"):
             em(f'"""out[b:b + {rows}] = h[b:b + {rows}] @ w, the terms of each output added in input order."""')
             _emit_rows_product(em, "h", "w", "out", ("b", "b + 1")[:rows])
         em.blank()

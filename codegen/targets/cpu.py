@@ -1,8 +1,10 @@
 """CPU target: one ``@njit`` module per spec.
 
-The module holds one function per layer (a cell run over time in one
-direction: its recurrence, dynamic loop or static unroll) and the kernel,
-which runs the blocks and directions layer by layer. Executing a stack layer
+The module holds one function per kind of layer (a cell run over time in one
+direction: its recurrence, dynamic loop or static unroll; layers of equal
+cells and contexts share it) and the kernel, which runs the blocks and
+directions layer by layer. The hand-loop products come from a module that
+every kernel shares (:func:`generate_shared`). Executing a stack layer
 by layer rather than step by step is exact for every masking mode, because a
 masked step keeps the state of every cell of the stack; it lets each layer's
 input projection be one GEMM over all ``T * B`` rows, hoisted out of the loop.
@@ -21,10 +23,13 @@ loop instead of a BLAS call (the runtime measures which BLAS it has; see
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
+from functools import lru_cache
 
 from codegen.cells import emitter_for, packed_names
 from codegen.cells.common import (
+    ROWS_PRODUCT,
     LayerContext,
     emit_math_helpers,
     emit_rows_product_functions,
@@ -45,9 +50,9 @@ JIT_OPTIONS = 'cache=True, nogil=True, error_model="numpy"'
 FAST_MATH = 'fastmath={"nsz", "arcp", "contract", "reassoc", "afn"}'
 
 
-def jit_options(spec: StackSpec) -> str:
-    """Arguments of every ``@njit`` in the module of ``spec``."""
-    return f"{JIT_OPTIONS}, {FAST_MATH}" if spec.dtype == "float32" else JIT_OPTIONS
+def jit_options(dtype: str) -> str:
+    """Arguments of every ``@njit`` of a module computing in ``dtype``."""
+    return f"{JIT_OPTIONS}, {FAST_MATH}" if dtype == "float32" else JIT_OPTIONS
 
 
 @dataclass(frozen=True)
@@ -60,11 +65,18 @@ class Layer:
     cell: CellSpec
     input_size: int
     context: LayerContext
+    #: Index of the first layer with the same cell and context, whose function this layer calls.
+    owner: int
 
     @property
     def function(self) -> str:
-        """Name of the generated layer function."""
-        return f"_layer{self.index}_{self.cell.short_name()}"
+        """Name of the generated layer function (shared by every layer with the same cell and context)."""
+        return f"_layer{self.owner}_{self.cell.short_name()}"
+
+    @property
+    def owns_function(self) -> bool:
+        """Whether this layer's function is emitted for it (it is the first layer of its kind)."""
+        return self.owner == self.index
 
     def state_args(self) -> list[str]:
         """Kernel argument names of this cell's states."""
@@ -81,8 +93,15 @@ def condition_args(spec: StackSpec) -> list[str]:
 
 
 def layers_of(spec: StackSpec) -> list[Layer]:
-    """Every cell of the spec as a :class:`Layer`, in weight order."""
-    layers, input_sizes = [], spec.input_sizes()
+    """Every cell of the spec as a :class:`Layer`, in weight order.
+
+    Layers with equal cells and contexts share one generated function: its
+    body depends on nothing else (the input size only enters the projection,
+    which the kernel does before the call). seed000's three GRU(120) layers,
+    cold compile in fresh processes: 7.3-10.2 s as three functions, 5.2-7.8 s
+    as one, same run time.
+    """
+    layers, input_sizes, owners = [], spec.input_sizes(), {}
     for bi, block in enumerate(spec.blocks):
         last_block = bi == len(spec.blocks) - 1
         offset = 0
@@ -98,7 +117,8 @@ def layers_of(spec: StackSpec) -> list[Layer]:
                     out_offset=offset if last_cell and _writes_side_by_side(block) else 0,
                     dtype=spec.dtype,
                 )
-                layers.append(Layer(index, bi, di, cell, input_sizes[index], ctx))
+                owner = owners.setdefault((cell, ctx), index)
+                layers.append(Layer(index, bi, di, cell, input_sizes[index], ctx, owner))
             offset += direction.output_size
     return layers
 
@@ -143,8 +163,8 @@ def generate(spec: StackSpec) -> str:
         em("", "from numrnn.runtime.sync import barrier")
     layers = layers_of(spec)
     em.blank()
-    emit_math_helpers(em, spec.dtype, jit_options(spec))
-    emit_rows_product_functions(em, jit_options(spec))
+    emit_math_helpers(em, spec.dtype, jit_options(spec.dtype))
+    _emit_shared_imports(em, spec)
     if spec.unit_split > 1:
         from codegen.targets.cpu_split import emit_split_module_body
 
@@ -160,9 +180,49 @@ def generate(spec: StackSpec) -> str:
     return em.source()
 
 
+#: Suffix of the shared functions compiled with each dtype's options (:func:`jit_options`).
+SHARED_SUFFIX = {"float32": "_fast", "float64": "_exact"}
+
+
+@lru_cache(maxsize=1)
+def generate_shared() -> str:
+    """Source of the module every CPU kernel imports its hand-loop products from.
+
+    One module for all specs, so its functions are compiled (and cached on
+    disk) once per machine rather than once per spec; a flavor per dtype, as
+    the kernels' jit options differ. Kernels import it by
+    :func:`shared_module_name`, which hashes this source: a change here changes
+    every kernel's source, and so invalidates their disk caches too.
+    """
+    em = Emitter()
+    em('"""numrnn: the functions every CPU kernel shares. Generated; do not edit."""', "", "from numba import njit")
+    for dtype, suffix in SHARED_SUFFIX.items():
+        em.blank()
+        em.blank()
+        emit_rows_product_functions(em, jit_options(dtype), suffix)
+    return em.source()
+
+
+@lru_cache(maxsize=1)
+def shared_module_name() -> str:
+    """Importable name of :func:`generate_shared`'s module, from a hash of its source."""
+    return f"numrnn_shared_{hashlib.sha1(generate_shared().encode()).hexdigest()[:16]}"
+
+
+def _emit_shared_imports(em: Emitter, spec: StackSpec) -> None:
+    suffix = SHARED_SUFFIX[spec.dtype]
+    names = ", ".join(f"{name[1:]}{suffix} as {name}" for name in ROWS_PRODUCT.values())
+    em("", "# The numrnn runtime imports this module before the kernel's (numrnn.runtime.kernels).",
+       f"from {shared_module_name()} import {names}")
+    em.blank()
+    em.blank()
+
+
 def emit_each_layer(em: Emitter, spec: StackSpec, layers: list[Layer], emit_layer) -> None:
-    """``emit_layer(em, spec, layer)`` for every layer, two blank lines around each."""
+    """``emit_layer(em, spec, layer)`` for every layer that owns its function, two blank lines around each."""
     for layer in layers:
+        if not layer.owns_function:
+            continue
         em.blank()
         em.blank()
         emit_layer(em, spec, layer)
@@ -193,13 +253,13 @@ def _emit_layer_function(em: Emitter, spec: StackSpec, layer: Layer) -> None:
     scratch = emitter.scratch_names(cell) + (["op"] if ctx.carries_output else [])
     step_params = ["s", "T", "B", *params, *scratch]
     if spec.unroll is not None:
-        em(f"@njit({jit_options(spec)})")
+        em(f"@njit({jit_options(spec.dtype)})")
         with em.block(f"def {layer.function}_step({', '.join(step_params)}):"):
             emit_step_times(em, ctx)
             emitter.emit_step(em, ctx)
         em.blank()
         em.blank()
-    em(f"@njit({jit_options(spec)})")
+    em(f"@njit({jit_options(spec.dtype)})")
     with em.block(f"def {layer.function}({', '.join(params)}):"):
         em(f"T = {spec.unroll}" if spec.unroll is not None else "T = xw.shape[0]", "B = xw.shape[1]")
         emitter.emit_scratch(em, ctx, spec.dtype)
@@ -230,7 +290,7 @@ def _emit_partial_unroll(em: Emitter, ctx: LayerContext, emitter, k: int) -> Non
 
 def _emit_kernel(em: Emitter, spec: StackSpec, layers: list[Layer]) -> None:
     dt = f"np.{spec.dtype}"
-    em(f"@njit({jit_options(spec)})")
+    em(f"@njit({jit_options(spec.dtype)})")
     with em.block(f"def {spec.kernel_name()}({', '.join(kernel_arguments(spec))}):"):
         em("T = x.shape[0]", "B = x.shape[1]", "T_out = y.shape[0]", "inp = x")
         by_block = {}
@@ -282,11 +342,17 @@ LOOP_PROJECTION_MAX_INPUTS = 4
 
 
 def emit_input_projection(em: Emitter, spec: StackSpec, inputs: int, wx: str) -> None:
-    """``xw = src.reshape(T * B, inputs) @ wx``: one GEMM over every step, or a loop for a few inputs."""
+    """``xw = src.reshape(T * B, inputs) @ wx``: one GEMM over every step, or a loop for a few inputs.
+
+    The GEMM writes into ``xw`` (``np.dot``'s ``out`` form), as the layers'
+    recurrent products do: numba then compiles one ``np.dot`` for both, where
+    the two-argument form was a second one of 0.6 s (seed000 cold compile).
+    """
+    em(f"xw = np.empty((T * B, {wx}.shape[1]), dtype=np.{spec.dtype})")
     if inputs > LOOP_PROJECTION_MAX_INPUTS:
-        em(f"xw = np.dot(src.reshape(T * B, {inputs}), {wx})")
+        em(f"np.dot(src.reshape(T * B, {inputs}), {wx}, xw)")
         return
-    em(f"xs = src.reshape(T * B, {inputs})", f"xw = np.empty((T * B, {wx}.shape[1]), dtype=np.{spec.dtype})")
+    em(f"xs = src.reshape(T * B, {inputs})")
     with em.block("for r in range(T * B):"):
         em(*(f"x{k} = xs[r, {k}]" for k in range(inputs)), "xr = xw[r]")
         with em.block(f"for g in range({wx}.shape[1]):"):

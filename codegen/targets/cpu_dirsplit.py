@@ -58,7 +58,7 @@ def _emit_barrier(em: Emitter) -> None:
 
 
 def _emit_kernel(em: Emitter, spec: StackSpec, layers: list[Layer]) -> None:
-    em(f"@njit({jit_options(spec)})")
+    em(f"@njit({jit_options(spec.dtype)})")
     with em.block(f"def {spec.kernel_name()}({', '.join(kernel_arguments(spec, shared_buffers(spec)))}):"):
         em('"""Worker ``me`` of the call: direction ``me`` of every block, in step with the other worker."""')
         em("T = x.shape[0]", "B = x.shape[1]", "T_out = y.shape[0]", "inp = x", "epoch = 0")

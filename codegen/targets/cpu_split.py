@@ -123,7 +123,7 @@ def _emit_layer_function(em: Emitter, spec: StackSpec, layer: Layer) -> None:
     others = list(cell.state_names[1:])
     params = ["xw", *input_bias_args(cell), *emitter.recurrent_names(cell), "hstate", *(f"{o}state" for o in others),
               *condition_args(spec), "out", "small", "hb", "u0", "flags", "me", "epoch"]
-    em(f"@njit({jit_options(spec)})")
+    em(f"@njit({jit_options(spec.dtype)})")
     with em.block(f"def {layer.function}({', '.join(params)}):"):
         em(f'"""This worker\'s units [u0, u0 + {n}) of the layer; returns the barrier epoch it reached."""')
         em("T = xw.shape[0]", "B = xw.shape[1]")
@@ -156,7 +156,7 @@ def _emit_copy(em: Emitter, n: int, *pairs: tuple[str, str]) -> None:
 
 
 def _emit_kernel(em: Emitter, spec: StackSpec, layers: list[Layer]) -> None:
-    em(f"@njit({jit_options(spec)})")
+    em(f"@njit({jit_options(spec.dtype)})")
     with em.block(f"def {spec.kernel_name()}({', '.join(kernel_arguments(spec))}):"):
         em('"""Worker ``me`` of the call: its slice of every layer, in step with the other workers."""')
         em("T = x.shape[0]", "B = x.shape[1]", "inp = x", "epoch = 0")

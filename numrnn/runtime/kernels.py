@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import threading
 import time
 from dataclasses import dataclass, field, replace
@@ -12,9 +13,9 @@ import numpy as np
 
 from codegen import StackSpec, generate_source
 from codegen.cells import pack, packed_names, split_packed
-from codegen.targets.cpu import condition_args
+from codegen.targets.cpu import condition_args, generate_shared, shared_module_name
 from codegen.targets.cpu_dirsplit import WORKERS as DIRECTION_WORKERS
-from numrnn.runtime.cache import import_module, module_path, write_if_changed
+from numrnn.runtime.cache import cache_dir, import_module, module_path, write_if_changed
 from numrnn.runtime.schedule import Scheduler, hand_loop_rows, pool, single_threaded_blas, split_rows
 
 log = logging.getLogger("numrnn")
@@ -233,8 +234,18 @@ def get_kernel(spec: StackSpec) -> Kernel:
     return kernel
 
 
+def _import_shared() -> None:
+    """Import the module of functions every kernel shares (``codegen.targets.cpu.generate_shared``), once."""
+    name = shared_module_name()
+    if name not in sys.modules:
+        path = cache_dir() / f"{name}.py"
+        write_if_changed(path, generate_shared())
+        import_module(path, name)
+
+
 def _build(spec: StackSpec) -> Kernel:
     start = time.perf_counter()
+    _import_shared()
     source = generate_source(spec)
     path = module_path(spec)
     written = write_if_changed(path, source)
