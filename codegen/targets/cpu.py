@@ -293,9 +293,6 @@ def _emit_kernel(em: Emitter, spec: StackSpec, layers: list[Layer]) -> None:
     em(f"@njit({jit_options(spec.dtype)})")
     with em.block(f"def {spec.kernel_name()}({', '.join(kernel_arguments(spec))}):"):
         em("T = x.shape[0]", "B = x.shape[1]", "T_out = y.shape[0]", "inp = x")
-        by_block = {}
-        for layer in layers:
-            by_block.setdefault(layer.block, []).append(layer)
         for bi, block in enumerate(spec.blocks):
             last_block = bi == len(spec.blocks) - 1
             em(f"# block {bi}")
@@ -308,16 +305,25 @@ def _emit_kernel(em: Emitter, spec: StackSpec, layers: list[Layer]) -> None:
             else:
                 em(f"dest = np.empty((T, B, {block.output_size}), dtype={dt})")
             for di, direction in enumerate(block.directions):
-                chain = [layer for layer in by_block[bi] if layer.direction == di]
                 em(f"# block {bi}, direction {di} ({direction.reverse})", "src = inp")
-                for k, layer in enumerate(chain):
-                    _emit_layer_call(em, spec, layer, is_last=k == len(chain) - 1)
+                emit_chain_calls(em, spec, chain_of(layers, bi, di), _emit_layer_call)
             if _needs_merge(block):
                 _emit_merge(em, block, "y" if last_block else "merged", dt)
                 if not last_block:
                     em("inp = merged")
             elif not last_block:
                 em("inp = dest")
+
+
+def chain_of(layers: list[Layer], block: int, direction: int) -> list[Layer]:
+    """The layers of one direction of one block, input side first."""
+    return [layer for layer in layers if layer.block == block and layer.direction == direction]
+
+
+def emit_chain_calls(em: Emitter, spec: StackSpec, chain: list[Layer], emit_call) -> None:
+    """``emit_call(em, spec, layer, is_last=...)`` for each layer of a chain; the last one writes the block output."""
+    for k, layer in enumerate(chain):
+        emit_call(em, spec, layer, is_last=k == len(chain) - 1)
 
 
 def _emit_layer_call(em: Emitter, spec: StackSpec, layer: Layer, *, is_last: bool) -> None:

@@ -29,6 +29,8 @@ from codegen.targets.cpu import (
     _emit_layer_call,
     _emit_layer_function,
     _needs_merge,
+    chain_of,
+    emit_chain_calls,
     emit_each_layer,
     jit_options,
     layers_of,
@@ -67,11 +69,9 @@ def _emit_kernel(em: Emitter, spec: StackSpec, layers: list[Layer]) -> None:
             em(f"# block {bi}")
             em(f"dest = dest{bi}" if _needs_merge(block) or not last_block else "dest = y")
             for di, direction in enumerate(block.directions):
-                chain = [la for la in layers if la.block == bi and la.direction == di]
                 with em.block(f"if me == {di}:  # direction {di} ({direction.reverse})"):
                     em("src = inp")
-                    for k, layer in enumerate(chain):
-                        _emit_layer_call(em, spec, layer, is_last=k == len(chain) - 1)
+                    emit_chain_calls(em, spec, chain_of(layers, bi, di), _emit_layer_call)
             _emit_barrier(em)
             if _needs_merge(block):
                 _emit_merge(em, block, "y" if last_block else f"merged{bi}")

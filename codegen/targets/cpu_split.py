@@ -36,7 +36,9 @@ from codegen.spec import StackSpec
 from codegen.targets.cpu import (
     Layer,
     _needs_merge,
+    chain_of,
     condition_args,
+    emit_chain_calls,
     emit_each_layer,
     emit_input_projection,
     input_bias_args,
@@ -58,8 +60,7 @@ def shared_buffers(spec: StackSpec) -> list[tuple[str, str]]:
     for layer in layers:
         buffers.append((f"hb{layer.index}", f"(2, B, {layer.cell.units})"))
     for bi, block in enumerate(spec.blocks):
-        chain_ends = {max(la.index for la in layers if la.block == bi and la.direction == di)
-                      for di in range(len(block.directions))}
+        chain_ends = {chain_of(layers, bi, di)[-1].index for di in range(len(block.directions))}
         for layer in layers:
             if layer.block == bi and layer.index not in chain_ends:
                 buffers.append((f"seq{layer.index}", f"(T, B, {layer.cell.output_size})"))
@@ -165,10 +166,9 @@ def _emit_kernel(em: Emitter, spec: StackSpec, layers: list[Layer]) -> None:
             em(f"# block {bi}")
             em(f"dest = dest{bi}" if _needs_merge(block) or not last_block else "dest = y")
             for di, direction in enumerate(block.directions):
-                chain = [la for la in layers if la.block == bi and la.direction == di]
+                chain = chain_of(layers, bi, di)
                 em(f"# block {bi}, direction {di} ({direction.reverse})", "src = inp")
-                for k, layer in enumerate(chain):
-                    _emit_layer_call(em, spec, layer, is_last=k == len(chain) - 1)
+                emit_chain_calls(em, spec, chain, _emit_layer_call)
             if _needs_merge(block):
                 _emit_merge(em, spec, block, chain[-1], "y" if last_block else f"merged{bi}")
                 if not last_block:
