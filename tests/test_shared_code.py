@@ -12,6 +12,7 @@ import numpy as np
 from reference import run_stack
 
 from codegen import generate_source
+from codegen.cells import to_panels
 from codegen.spec import BlockSpec, CellSpec, DirectionSpec, StackSpec, simple_stack
 from codegen.targets.cpu import generate_shared, layers_of, shared_module_name
 from numrnn.runtime import get_kernel, pack_weights
@@ -44,16 +45,17 @@ def test_kernels_import_the_shared_module_by_the_hash_of_its_source():
     assert name.startswith("numrnn_shared_") and len(name) == len("numrnn_shared_") + 16
     for dtype, suffix in (("float32", "_fast"), ("float64", "_exact")):
         source = generate_source(simple_stack([CellSpec("lstm", 3)], 2, dtype=dtype))
-        assert f"from {name} import row_product{suffix} as _row_product, rows2_product{suffix} as _rows2_product" \
-            in source
-        assert "def _row_product" not in source
+        assert f"from {name} import panel_product{suffix} as _panel_product" in source
+        assert "def _panel_product" not in source
     shared = generate_shared()
-    for function in ("row_product_fast", "rows2_product_fast", "row_product_exact", "rows2_product_exact"):
-        assert f"def {function}(h, w, out, b):" in shared
+    for suffix in ("_fast", "_exact"):
+        assert f"def panel_product{suffix}(h, wp, out, b0, b1):" in shared
+        for rows in (1, 2, 3, 4):
+            assert f"def rows{rows}_panels1{suffix}(h, wp, out, b, p, cols):" in shared
 
 
 def test_two_specs_run_on_one_shared_module():
-    # small=2 makes both rows take the hand loop (the shared products), whatever BLAS this machine has.
+    # small=2 makes both rows take the packed product (the shared module), whatever BLAS this machine has.
     rng = np.random.default_rng(7)
     for cell in (CellSpec("lstm", 4), CellSpec("gru", 4)):
         spec = simple_stack([cell, CellSpec("lstm", 4)], 3, dtype="float64")
@@ -66,3 +68,40 @@ def test_two_specs_run_on_one_shared_module():
         expected, _ = run_stack(spec, weights, x)
         np.testing.assert_allclose(y, expected, rtol=1e-10, atol=1e-12)
     assert shared_module_name() in sys.modules
+
+
+def _shared_module():
+    get_kernel(simple_stack([CellSpec("lstm", 3)], 2, dtype="float64"))  # imports the shared module
+    return sys.modules[shared_module_name()]
+
+
+def _input_order_product(h: np.ndarray, w: np.ndarray) -> np.ndarray:
+    out = np.zeros((h.shape[0], w.shape[1]), dtype=h.dtype)
+    for k in range(h.shape[1]):
+        out = out + h[:, k:k + 1] * w[k]
+    return out
+
+
+def test_panel_product_covers_its_rows_and_every_column():
+    # Every row-block size (1-4 and beyond; 1-3 leftover rows take 2 or 4 panels a pass when there are that many
+    # full ones), a last panel that is partial or full, float64 bit for bit
+    # against the sums in input order; float32 (fused multiply-adds) to rounding.
+    shared = _shared_module()
+    rng = np.random.default_rng(3)
+    for dtype, product, width in (("float64", shared.panel_product_exact, 8),
+                                  ("float32", shared.panel_product_fast, 16)):
+        for inputs, outputs in ((1, 1), (5, 7), (9, width), (3, 2 * width + 3), (17, 3 * width - 1),
+                                (7, 4 * width + 5)):
+            h = rng.standard_normal((11, inputs)).astype(dtype)
+            w = rng.standard_normal((inputs, outputs)).astype(dtype)
+            panels = to_panels(w)
+            assert panels.shape == (-(-outputs // width), inputs, width)
+            expected = _input_order_product(h, w)
+            for b0, b1 in ((0, 11), (0, 1), (2, 4), (3, 6), (1, 8), (5, 10)):
+                out = np.full((11, outputs), np.nan, dtype=dtype)
+                product(h, panels, out, b0, b1)
+                assert np.isnan(out[:b0]).all() and np.isnan(out[b1:]).all()
+                if dtype == "float64":
+                    np.testing.assert_array_equal(out[b0:b1], expected[b0:b1])
+                else:
+                    np.testing.assert_allclose(out[b0:b1], expected[b0:b1], rtol=1e-5, atol=1e-5)

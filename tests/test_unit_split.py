@@ -5,7 +5,7 @@ reset-before) covering the semantics the split touches: every cell kind and
 LSTM option, each masking mode, both reversals, every merge (including the
 merge between blocks, which needs its own barrier), the last-output mode and
 both dtypes. Each case runs at one row (the BLAS product) and four rows (the
-hand loop where the BLAS has no small-matrix kernels), forced through
+packed product where the BLAS has no small-matrix kernels), forced through
 ``NUMRNN_SCHEDULE=units``, and is compared with the oracle (which pins the
 unsplit kernels too, in ``test_grid``). One compile per case.
 """
@@ -94,12 +94,16 @@ def test_auto_policy_splits_units_only_for_large_recurrent_matrices_at_one_row_o
     tiny = simple_stack([CellSpec("lstm", 64)], 32)  # 64 KiB: cache-resident on one core
     assert schedule.choose(latency, 100, 1) == ("units", 2)
     assert schedule.choose(tiny, 50, 1) == ("serial", 1)
-    assert schedule.choose(latency, 100, 8) == ("batch", 2)  # 4-row hand loops beat a barrier per step
-    assert schedule.choose(latency, 100, 16) == ("batch", 2)  # 8-row hand loops beat a 16-row GEMM
+    assert schedule.choose(latency, 100, 8) == ("batch", 2)  # 4-row packed products beat a barrier per step
+    assert schedule.choose(latency, 100, 16) == ("batch", 2)  # 8-row packed products beat a 16-row GEMM
     assert schedule.choose(latency, 100, 17) == ("units", 2)  # each batch worker would run a GEMM anyway
     assert schedule.choose(latency, 100, 64) == ("units", 2)
     assert schedule.choose(latency, 100, 65) == ("batch", 2)
     assert schedule.choose(tiny, 50, 64) == ("batch", 2)
+    monkeypatch.setattr(schedule, "hand_loop_rows", lambda: schedule.PACKED_PRODUCT_MAX_ROWS)  # AVX2 OpenBLAS
+    assert schedule.choose(latency, 100, 64) == ("batch", 2)  # every batch worker runs the packed product
+    monkeypatch.setattr(schedule, "hand_loop_rows", lambda: 0)  # OpenBLAS's AVX-512 kernels
+    assert schedule.choose(latency, 100, 17) == ("units", 2)
     projected = simple_stack([CellSpec("lstm", 256, proj_units=128)], 256)
     assert schedule.choose(projected, 100, 1) == ("serial", 1)
     monkeypatch.setattr(schedule, "cores", lambda: 1)

@@ -91,77 +91,150 @@ def emit_math_helpers(em: Emitter, dtype: str, jit_options: str) -> None:
         em("return HALF + HALF * _tanh(HALF * x)")
 
 
+#: Bytes of one vector register the packed product works in (AVX2; ``numrnn.runtime.simd``).
+VECTOR_BYTES = 32
+#: Vectors per panel: the packed product's output block is ``PANEL_ROWS`` rows by one panel.
+PANEL_VECTORS = 2
+PANEL_ROWS = 4
+#: Panels per pass of the rows left over from the blocks of ``PANEL_ROWS`` (by their count).
+PANELS_PER_PASS = {1: 4, 2: 2, 3: 2}
+#: The product's matrices, by packed name (every cell kind's ``recurrent_names`` that are one).
+PRODUCT_MATRICES = ("wh", "whzr", "whh")
+#: The packed-product function, as a kernel module names it (from the shared module).
+PANEL_PRODUCT = "_panel_product"
+
+
+def panel_width(dtype: str) -> int:
+    """Output columns per panel of the packed recurrent matrix."""
+    return PANEL_VECTORS * VECTOR_BYTES // {"float32": 4, "float64": 8}[dtype]
+
+
+def panels_name(matrix: str) -> str:
+    """Packed name of ``matrix``'s panel copy (:func:`codegen.cells.to_panels`)."""
+    return f"{matrix}_panels"
+
+
 def emit_recurrent_product(em: Emitter, ctx: LayerContext, h: str, w: str, out: str) -> None:
     """``out = h @ w`` for every row (``w`` packed ``(inputs, outputs)``) this step computes.
 
-    Up to ``small`` rows (a runtime argument) a hand loop, two batch rows per
-    pass over the weights: for four inputs ``k`` at a time, every output
-    ``g`` gets ``(((o + h[k] w[k, g]) + h[k+1] w[k+1, g]) + ...)``, vectorized
-    over ``g``. The sums run in input order, as a plain dot product and the
-    BLAS kernels add them: an earlier hand loop (a vectorized dot product per
-    output, its partial sums reassociated) drifted 2 ulp from PyTorch on the
-    ``torch_rnn_relu_init`` fixture (|h| up to 68: 1.5e-5, over the 1e-5
-    contract). Measured, one thread, OpenBLAS Haswell kernels (rows x inputs x
-    outputs, this loop / the dot-product loop / BLAS): 2x64x256 2.9 / 3.7 /
-    16.0 us, 4x128x512 21.8 / 25.2 / 65.1, 8x128x512 44.2 / 49.4 / 56.2,
-    16x128x512 86.0 / 97.0 / 66.8. Above ``small`` rows, one BLAS GEMM.
+    Up to ``small`` rows (a runtime argument) the packed product
+    (:func:`emit_panel_functions`) over ``w``'s panel copy; above, one BLAS GEMM.
 
     Rows that this step masks (padding past a length, a masked Keras step)
-    keep their state, so the hand loop skips them (a pair when both are
-    masked): their product would never be read.
+    keep their state, so the product's output for them is never read: the
+    packed product covers the rows from the first to the last unmasked one,
+    and a step that masks every row skips it.
     """
     masked = ctx.masked_condition
     with em.block("if B <= small:"):
-        with em.block("for b in range(0, B - 1, 2):"):
-            if masked() is not None:
-                with em.block(f"if ({masked('b')}) and ({masked('b + 1')}):"):
-                    em("continue")
-            em(f"{ROWS_PRODUCT[2]}({h}, {w}, {out}, b)")
-        last_row = "B % 2 == 1" + (f" and not ({masked('B - 1')})" if masked() is not None else "")
-        with em.block(f"if {last_row}:"):
-            em(f"{ROWS_PRODUCT[1]}({h}, {w}, {out}, B - 1)")
+        if masked() is None:
+            em(f"{PANEL_PRODUCT}({h}, {panels_name(w)}, {out}, 0, B)")
+        else:
+            em("lo = 0", "hi = B")
+            with em.block(f"while lo < B and ({masked('lo')}):"):
+                em("lo += 1")
+            with em.block(f"while hi > lo and ({masked('hi - 1')}):"):
+                em("hi -= 1")
+            with em.block("if lo < hi:"):
+                em(f"{PANEL_PRODUCT}({h}, {panels_name(w)}, {out}, lo, hi)")
     with em.block("else:"):
         em(f"np.dot({h}, {w}, {out})")
 
 
-#: The hand-loop functions, by rows per pass, as a kernel module names them. They live in the module
-#: every CPU kernel shares (:func:`codegen.targets.cpu.generate_shared`), compiled once per machine
-#: and not once per spec: inlined into every layer function the loops took 4 of the 9.5 s cold
-#: compile of seed000; as functions of each kernel module, 1.0 of 4.6 s.
-ROWS_PRODUCT = {1: "_row_product", 2: "_rows2_product"}
+#: What the shared module's packed product needs from ``numrnn.runtime.simd``.
+SIMD_NAMES = ("vload", "vlane", "vmuladd", "vsplat", "vstore", "vzeros")
 
 
-def emit_rows_product_functions(em: Emitter, jit_options: str, suffix: str) -> None:
-    """``row_product{suffix}(h, w, out, b)`` and ``rows2_product{suffix}``: the hand loop for rows ``b[, b + 1]``."""
-    for rows, name in ROWS_PRODUCT.items():
-        em(f"@njit({jit_options})")
-        with em.block(f"def {name[1:]}{suffix}(h, w, out, b):"):
-            em(f'"""out[b:b + {rows}] = h[b:b + {rows}] @ w, the terms of each output added in input order."""')
-            _emit_rows_product(em, "h", "w", "out", ("b", "b + 1")[:rows])
-        em.blank()
-        em.blank()
+def emit_panel_functions(em: Emitter, dtype: str, jit_options: str, suffix: str) -> None:
+    """``panel_product{suffix}(h, wp, out, b0, b1)``: ``out[b0:b1] = h[b0:b1] @ w`` from ``w``'s panels.
+
+    ``wp`` is ``(panels, inputs, P)``: column block ``p`` of ``w``, zero-padded
+    to ``P`` columns (:func:`codegen.cells.to_panels`). A micro-kernel keeps a
+    block of outputs in vector registers over the whole input loop. Blocks of
+    :data:`PANEL_ROWS` rows take one panel at a time, panel by panel, so a
+    panel (a few KiB) stays in L1 from one row block to the next. The rows
+    left over take :data:`PANELS_PER_PASS` panels at a time: every vector
+    register adds one term per input, and with fewer than about 8 of them a
+    product waits on the multiply-add latency (1x256x512: 13.2 us one panel
+    at a time, against 7.8 us for OpenBLAS's gemv).
+
+    ``h`` has ``inputs`` columns and ``out`` the matrix's ``outputs``, as
+    the layer functions allocate them: nothing is bounds-checked.
+
+    Every output adds its terms in input order, one (fused, float32)
+    multiply-add each, as a dot product and the BLAS kernels do. An earlier
+    hand loop that reassociated the sums drifted 2 ulp from PyTorch on the
+    ``torch_rnn_relu_init`` fixture (|h| up to 68: 1.5e-5, over the 1e-5
+    contract).
+    """
+    em(f"@njit({jit_options})")
+    with em.block(f"def store_lanes{suffix}(out, i, j, value, n):"):
+        em('"""out[i, j:j + n] = the first n lanes of value (a panel\'s last, partial vector)."""')
+        with em.block("for lane in range(n):"):
+            em("out[i, j + lane] = vlane(value, lane)")
+    em.blank()
+    em.blank()
+    for rows in range(1, PANEL_ROWS + 1):
+        _emit_micro_kernel(em, dtype, jit_options, suffix, rows, 1)
+        if PANELS_PER_PASS.get(rows, 1) > 1:
+            _emit_micro_kernel(em, dtype, jit_options, suffix, rows, PANELS_PER_PASS[rows])
+    em(f"@njit({jit_options})")
+    with em.block(f"def panel_product{suffix}(h, wp, out, b0, b1):"):
+        em('"""out[b0:b1] = h[b0:b1] @ w, where wp holds w\'s column panels."""')
+        em("P = wp.shape[2]", "G = out.shape[1]", f"b = b0 + (b1 - b0) // {PANEL_ROWS} * {PANEL_ROWS}")
+        with em.block("for p in range(wp.shape[0]):"):
+            em("cols = min(P, G - p * P)")
+            with em.block(f"for r in range(b0, b, {PANEL_ROWS}):"):
+                em(f"{_micro_kernel_name(PANEL_ROWS, 1, suffix)}(h, wp, out, r, p, cols)")
+        for rows in range(1, PANEL_ROWS):
+            with em.block(f"{'if' if rows == 1 else 'elif'} b1 - b == {rows}:"):
+                em("p = 0")
+                panels = PANELS_PER_PASS.get(rows, 1)
+                if panels > 1:
+                    with em.block(f"while (p + {panels}) * P <= G:"):
+                        em(f"{_micro_kernel_name(rows, panels, suffix)}(h, wp, out, b, p)", f"p += {panels}")
+                with em.block("while p < wp.shape[0]:"):
+                    em(f"{_micro_kernel_name(rows, 1, suffix)}(h, wp, out, b, p, min(P, G - p * P))", "p += 1")
+    em.blank()
+    em.blank()
 
 
-def _emit_rows_product(em: Emitter, h: str, w: str, out: str, rows: tuple[str, ...]) -> None:
-    """The hand loop of :func:`emit_recurrent_product` for one or two rows (named ``o0, o1`` / ``h0, h1``)."""
-    r = range(len(rows))
-    em(*(f"o{i} = {out}[{row}]" for i, row in zip(r, rows)), *(f"h{i} = {h}[{row}]" for i, row in zip(r, rows)))
-    em(f"K = {w}.shape[0]", f"wk0 = {w}[0]")
-    with em.block(f"for g in range({w}.shape[1]):"):
-        em(*(f"o{i}[g] = h{i}[0] * wk0[g]" for i in r))
-    em("k = 1")
-    with em.block("while k + 3 < K:"):
-        em(*(f"wk{j} = {w}[k + {j}]" for j in range(4)))
-        em(*(f"x{i}{j} = h{i}[k + {j}]" for i in r for j in range(4)))
-        with em.block(f"for g in range({w}.shape[1]):"):
-            for i in r:
-                em(f"o{i}[g] = (((o{i}[g] + x{i}0 * wk0[g]) + x{i}1 * wk1[g]) + x{i}2 * wk2[g]) + x{i}3 * wk3[g]")
-        em("k += 4")
-    with em.block("while k < K:"):
-        em(f"wk0 = {w}[k]", *(f"x{i}0 = h{i}[k]" for i in r))
-        with em.block(f"for g in range({w}.shape[1]):"):
-            em(*(f"o{i}[g] = o{i}[g] + x{i}0 * wk0[g]" for i in r))
-        em("k += 1")
+def _micro_kernel_name(rows: int, panels: int, suffix: str) -> str:
+    return f"rows{rows}_panels{panels}{suffix}"
+
+
+def _emit_micro_kernel(em: Emitter, dtype: str, jit_options: str, suffix: str, rows: int, panels: int) -> None:
+    """Rows ``b..b+rows-1`` times panels ``p..p+panels-1`` (full ones, or one panel of ``cols`` columns)."""
+    vectors = [(q, v) for q in range(panels) for v in range(PANEL_VECTORS)]
+    acc = {(r, q, v): f"a{r}_{q}{v}" for r in range(rows) for q, v in vectors}
+    args = "h, wp, out, b, p" + (", cols" if panels == 1 else "")
+    em(f"@njit({jit_options})")
+    with em.block(f"def {_micro_kernel_name(rows, panels, suffix)}({args}):"):
+        what = "panel p, its first cols columns" if panels == 1 else f"panels p..p+{panels - 1}"
+        em(f'"""out[b:b + {rows}] = h[b:b + {rows}] @ {what}."""')
+        # The lanes of numrnn.runtime.simd's vectors, as a literal: a change of width changes this source,
+        # and so the shared module's name and its disk cache.
+        em(f"L = {panel_width(dtype) // PANEL_VECTORS}", *(f"{a} = vzeros(wp)" for a in acc.values()))
+        with em.block("for k in range(wp.shape[1]):"):
+            em(*(f"w{q}{v} = vload(wp, p + {q}, k, {v} * L)" for q, v in vectors))
+            for r in range(rows):
+                em(f"x = vsplat(h, b + {r}, k)",
+                   *(f"{acc[r, q, v]} = vmuladd(x, w{q}{v}, {acc[r, q, v]})" for q, v in vectors))
+        em("g = p * wp.shape[2]")
+        stores = [f"vstore(out, b + {r}, g + {q * PANEL_VECTORS + v} * L, {acc[r, q, v]})"
+                  for r in range(rows) for q, v in vectors]
+        if panels > 1:
+            em(*stores)
+        else:
+            with em.block("if cols == wp.shape[2]:"):
+                em(*stores)
+            with em.block("else:"):
+                for v in range(PANEL_VECTORS):
+                    with em.block(f"if cols > {v} * L:"):
+                        em(*(f"store_lanes{suffix}(out, b + {r}, g + {v} * L, {acc[r, 0, v]}, min(L, cols - {v} * L))"
+                             for r in range(rows)))
+    em.blank()
+    em.blank()
 
 
 @dataclass(frozen=True)

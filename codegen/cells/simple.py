@@ -21,7 +21,7 @@ def recurrent_names(cell: CellSpec) -> list[str]:
 
 
 def pack_recurrent(cell: CellSpec, logical: dict) -> dict[str, np.ndarray]:
-    """Recurrent arrays: ``U`` as ``(inputs, outputs)`` (BLAS and the hand loop read the same layout)."""
+    """Recurrent arrays: ``U`` as ``(inputs, outputs)`` (BLAS reads it; the packed product a panel copy)."""
     return {"wh": logical["recurrent_kernel"]}
 
 

@@ -3,7 +3,7 @@
 The module holds one function per kind of layer (a cell run over time in one
 direction: its recurrence, dynamic loop or static unroll; layers of equal
 cells and contexts share it) and the kernel, which runs the blocks and
-directions layer by layer. The hand-loop products come from a module that
+directions layer by layer. The packed recurrent products come from a module that
 every kernel shares (:func:`generate_shared`). Executing a stack layer
 by layer rather than step by step is exact for every masking mode, because a
 masked step keeps the state of every cell of the stack; it lets each layer's
@@ -16,23 +16,27 @@ Kernel signature (all arrays C-contiguous, time-major)::
            <weights: per cell, codegen.cells.packed_names order>,
            y (T or 1, B, output_size), small)
 
-``small``: up to this many batch rows, a step's recurrent product is a hand
-loop instead of a BLAS call (the runtime measures which BLAS it has; see
-``numrnn.runtime.schedule.hand_loop_rows``).
+``small``: up to this many batch rows, a step's recurrent product is the
+packed product (``codegen.cells.common.emit_panel_functions``, over the
+``*_panels`` weights) instead of a BLAS call (the runtime checks which BLAS it
+has; see ``numrnn.runtime.schedule.hand_loop_rows``).
 """
 
 from __future__ import annotations
 
 import hashlib
+import importlib.util
+import os
 from dataclasses import dataclass
 from functools import lru_cache
 
-from codegen.cells import emitter_for, packed_names
+from codegen.cells import emitter_for, packed_names, recurrent_names
 from codegen.cells.common import (
-    ROWS_PRODUCT,
+    PANEL_PRODUCT,
+    SIMD_NAMES,
     LayerContext,
     emit_math_helpers,
-    emit_rows_product_functions,
+    emit_panel_functions,
     emit_scratch_for_output,
     emit_step_times,
 )
@@ -186,7 +190,7 @@ SHARED_SUFFIX = {"float32": "_fast", "float64": "_exact"}
 
 @lru_cache(maxsize=1)
 def generate_shared() -> str:
-    """Source of the module every CPU kernel imports its hand-loop products from.
+    """Source of the module every CPU kernel imports its packed recurrent products from.
 
     One module for all specs, so its functions are compiled (and cached on
     disk) once per machine rather than once per spec; a flavor per dtype, as
@@ -195,12 +199,21 @@ def generate_shared() -> str:
     every kernel's source, and so invalidates their disk caches too.
     """
     em = Emitter()
-    em('"""numrnn: the functions every CPU kernel shares. Generated; do not edit."""', "", "from numba import njit")
+    em('"""numrnn: the functions every CPU kernel shares. Generated; do not edit."""', "",
+       f"# numrnn.runtime.simd sha1 {_simd_source_hash()}", "from numba import njit", "",
+       f"from numrnn.runtime.simd import {', '.join(SIMD_NAMES)}")
     for dtype, suffix in SHARED_SUFFIX.items():
         em.blank()
         em.blank()
-        emit_rows_product_functions(em, jit_options(dtype), suffix)
+        emit_panel_functions(em, dtype, jit_options(dtype), suffix)
     return em.source()
+
+
+def _simd_source_hash() -> str:
+    """Hash of the intrinsics' source: the shared module's name changes with them, and so its disk cache."""
+    package = importlib.util.find_spec("numrnn")  # finds the package without importing it (or numba)
+    with open(os.path.join(package.submodule_search_locations[0], "runtime", "simd.py"), "rb") as f:
+        return hashlib.sha1(f.read()).hexdigest()[:16]
 
 
 @lru_cache(maxsize=1)
@@ -211,7 +224,7 @@ def shared_module_name() -> str:
 
 def _emit_shared_imports(em: Emitter, spec: StackSpec) -> None:
     suffix = SHARED_SUFFIX[spec.dtype]
-    names = ", ".join(f"{name[1:]}{suffix} as {name}" for name in ROWS_PRODUCT.values())
+    names = f"{PANEL_PRODUCT[1:]}{suffix} as {PANEL_PRODUCT}"
     em("", "# The numrnn runtime imports this module before the kernel's (numrnn.runtime.kernels).",
        f"from {shared_module_name()} import {names}")
     em.blank()
@@ -248,7 +261,7 @@ def _emit_layer_function(em: Emitter, spec: StackSpec, layer: Layer) -> None:
     """
     cell, ctx = layer.cell, layer.context
     emitter = emitter_for(cell)
-    params = ["xw", *input_bias_args(cell), *emitter.recurrent_names(cell), *cell.state_names, *condition_args(spec),
+    params = ["xw", *input_bias_args(cell), *recurrent_names(cell), *cell.state_names, *condition_args(spec),
               "out", "small"]
     scratch = emitter.scratch_names(cell) + (["op"] if ctx.carries_output else [])
     step_params = ["s", "T", "B", *params, *scratch]
@@ -334,7 +347,7 @@ def _emit_layer_call(em: Emitter, spec: StackSpec, layer: Layer, *, is_last: boo
     out = "dest" if is_last else "seq"
     if not is_last:
         em(f"seq = np.empty((T, B, {cell.output_size}), dtype=np.{spec.dtype})")
-    recurrent = [weights[name] for name in emitter_for(cell).recurrent_names(cell)]
+    recurrent = [weights[name] for name in recurrent_names(cell)]
     bias = [weights["b"]] if cell.use_bias else []
     args = [f"xw.reshape(T, B, {gu})", *bias, *recurrent, *layer.state_args(), *condition_args(spec), out, "small"]
     em(f"{layer.function}({', '.join(args)})")

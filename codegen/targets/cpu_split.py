@@ -29,7 +29,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from codegen.cells import emitter_for, packed_names
+from codegen.cells import emitter_for, packed_names, recurrent_names
 from codegen.cells.common import emit_scratch_for_output, emit_step_times
 from codegen.emit import Emitter
 from codegen.spec import StackSpec
@@ -122,7 +122,7 @@ def _emit_layer_function(em: Emitter, spec: StackSpec, layer: Layer) -> None:
     emitter = emitter_for(cell)
     ctx = replace(layer.context, cell=replace(cell, units=n), recurrent_input="hp")
     others = list(cell.state_names[1:])
-    params = ["xw", *input_bias_args(cell), *emitter.recurrent_names(cell), "hstate", *(f"{o}state" for o in others),
+    params = ["xw", *input_bias_args(cell), *recurrent_names(cell), "hstate", *(f"{o}state" for o in others),
               *condition_args(spec), "out", "small", "hb", "u0", "flags", "me", "epoch"]
     em(f"@njit({jit_options(spec.dtype)})")
     with em.block(f"def {layer.function}({', '.join(params)}):"):
@@ -183,7 +183,7 @@ def _emit_layer_call(em: Emitter, spec: StackSpec, layer: Layer, *, is_last: boo
     em(f"u0 = me * {n}")
     emit_input_projection(em, spec, layer.input_size, weights["wx"])
     out = "dest" if is_last else f"seq{layer.index}"
-    recurrent = [weights[name] for name in emitter_for(cell).recurrent_names(cell)]
+    recurrent = [weights[name] for name in recurrent_names(cell)]
     bias = [weights["b"]] if cell.use_bias else []
     args = [f"xw.reshape(T, B, {cell.gates * n})", *bias, *recurrent, *layer.state_args(), *condition_args(spec),
             f"{out}[:, :, u0:]", "small", f"hb{layer.index}", "u0", "flags", "me", "epoch"]

@@ -184,10 +184,10 @@ class Kernel:
     def _hand_loop_rows(self, rows: int) -> int:
         """The kernel's ``small`` argument for a call on ``rows`` rows.
 
-        One row is a matrix-vector product, where OpenBLAS's gemv beat the old
-        dot-product hand loop (LSTM(64) B1 T50: 55 us vs 70 us per call) and
-        ties the input-order one (one thread, 1x64x256: 1.45 vs 1.51 us;
-        1x256x512: 10.8 vs 11.4 us); from two rows see :func:`hand_loop_rows`.
+        One row is a matrix-vector product, where OpenBLAS's gemv beat the
+        packed product in whole calls (alternated in one process, medians:
+        LSTM(64) B1 T50 75.9 vs 83.4 us, LSTM(128) B1 T100 0.62 vs 0.81 ms,
+        LSTM(256) B1 T100 even); from two rows see :func:`hand_loop_rows`.
         """
         return 0 if rows == 1 else self._small
 

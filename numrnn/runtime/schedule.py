@@ -21,8 +21,9 @@ Policy (:class:`Scheduler`):
 
 Inside each worker the generated code picks the per-step recurrent product by
 rows (the kernel's ``small`` argument): one row, OpenBLAS gemv; up to
-:func:`hand_loop_rows` rows, a hand loop over the cache-resident packed
-weights; more rows, one BLAS GEMM per step.
+:func:`hand_loop_rows` rows, the packed product over the recurrent weights
+as :func:`codegen.cells.to_panels` packed them once; more rows, one BLAS GEMM
+per step.
 
 Small batches split the hidden units instead (``unit_split``,
 :mod:`codegen.targets.cpu_split`): every worker computes its slice of every
@@ -61,6 +62,12 @@ units there); B=16 1.19-1.43 (the unit worker's 16-row GEMM against the batch
 workers' 8-row hand loops); B=4 and 8 0.91-1.31; B=18-28 (each batch worker
 past the hand loop) 0.51-0.77. throughput512 (2xLSTM(512) B64 T100 D512):
 560 -> 432 ms.
+Those figures predate the packed product. With it, every batch worker up to
+:data:`PACKED_PRODUCT_MAX_ROWS` rows runs the packed product, so the
+GEMM-sized unit split only remains where BLAS keeps those rows (AVX-512
+small-matrix kernels). Alternating both schedules in one process, packed
+products on, medians: throughput512 batch 379 / units 411 ms, seed002 26.8 /
+34.3 ms, seed000 155 / 162 ms.
 
 Bidirectional stacks at one or two rows split the directions instead
 (``direction_split``, :mod:`codegen.targets.cpu_dirsplit`): one worker per
@@ -68,7 +75,7 @@ direction over all rows, a barrier per block, not per step. It comes before
 the unit split. Measured (2xBiLSTM(H) T100 D64, lengths 50-100, medians,
 serial or batch / units / directions): H=64 B1 1.07 / 0.88 / 0.72 ms; H=128
 B1 2.87 / 2.03 / 2.12 ms, B2 3.93 / 3.86 / 3.43 ms; H=256 B1 11.8 / 7.4 /
-7.1 ms. At B=4 and 8 all three were within 5 % (a worker's 8-row hand loop
+7.1 ms. At B=4 and 8 all three were within 5 % (a worker's 8-row row-pair loop, since replaced,
 costs what two 4-row ones do: the rows share weight loads two at a time); at
 B=16 the batch split won (22.8 against 28.6 ms), at B=32 the unit split
 (40.5 against 53.5).
@@ -282,17 +289,24 @@ def _openblas_paths() -> list[str]:
 _AVX512_CORES = ("skylakex", "cooperlake", "sapphirerapids")
 
 
+#: Rows per worker up to which the packed product ran faster than BLAS wherever it was measured.
+PACKED_PRODUCT_MAX_ROWS = 128
+
+
 @functools.cache
 def hand_loop_rows() -> int:
-    """Batch rows up to which the per-step recurrent product is a hand loop rather than BLAS.
+    """Batch rows up to which the per-step recurrent product is the packed product rather than BLAS.
 
-    Measured, one thread, per step (rows x inputs x outputs), hand loop vs BLAS:
-    with OpenBLAS's SkylakeX kernels 1x64x256 0.92 vs 0.57 us, 1x256x1024
-    10.1 vs 10.5, 4x128x512 9.0 vs 2.7, 8x128x512 17.5 vs 4.4: BLAS (0 rows).
-    With its Haswell kernels (no small-matrix kernels; an AVX2 Zen machine,
-    the input-order loop of ``codegen.cells.common.emit_recurrent_product``)
-    4x128x512 21.8 vs 65.1, 8x128x512 44.2 vs 56.2, 16x128x512 86.0 vs 66.8:
-    the hand loop up to 8 rows.
+    The packed product (``codegen.cells.common.emit_panel_functions``) reads
+    weights packed once, in panels; a BLAS GEMM packs its operands again on
+    every call. Measured with OpenBLAS's Haswell kernels (AVX2 Zen 3, one
+    thread, inside ``@njit``, rows x inputs x outputs, packed / BLAS):
+    2x64x256 1.3 / 12.3 us, 4x128x512 6.2 / 45.8, 16x128x512 35.5 / 76.9,
+    64x128x512 108 / 137, 64x512x1024 832 / 1079, 128x120x360 144 / 160:
+    the packed product up to :data:`PACKED_PRODUCT_MAX_ROWS` rows (the most
+    measured). OpenBLAS's SkylakeX kernels have small-matrix GEMMs for AVX-512
+    (4x128x512 2.7 us, 8x128x512 4.4 us, against 9.0 and 17.5 us for an
+    earlier, slower hand loop): BLAS (0 rows) there.
     ``NUMRNN_HAND_LOOP_ROWS`` overrides the choice.
     """
     if os.environ.get("NUMRNN_HAND_LOOP_ROWS"):
@@ -305,7 +319,7 @@ def hand_loop_rows() -> int:
         corename.restype = ctypes.c_char_p
         if corename().decode().lower() in _AVX512_CORES:
             return 0
-    return 8
+    return PACKED_PRODUCT_MAX_ROWS
 
 
 def pool() -> ThreadPoolExecutor:
