@@ -64,7 +64,9 @@ def test_two_specs_run_on_one_shared_module():
         x = rng.standard_normal((5, 2, 3))
         states = [np.zeros((2, n)) for c in spec.cells for n in c.state_sizes]
         y = np.empty((5, 2, 4))
-        get_kernel(spec).function(x, *states, *pack_weights(spec, weights), y, 2)
+        kernel = get_kernel(spec)
+        ws = np.empty(kernel.workspace_size(5, 5, 2))
+        kernel.function(x, *states, *pack_weights(spec, weights), y, ws, 2)
         expected, _ = run_stack(spec, weights, x)
         np.testing.assert_allclose(y, expected, rtol=1e-10, atol=1e-12)
     assert shared_module_name() in sys.modules

@@ -14,7 +14,12 @@ Kernel signature (all arrays C-contiguous, time-major)::
     kernel(x (T, B, D), [mask (T, B) bool | lengths (B,) int64],
            <states: per cell h[, c], updated in place>,
            <weights: per cell, codegen.cells.packed_names order>,
-           y (T or 1, B, output_size), small)
+           y (T or 1, B, output_size), ws (workspace_size(T, T_out, B),), small)
+
+``ws``: scratch the kernel carves its ``T * B``-sized buffers from (the input
+projections, the sequences between layers and blocks); the module's
+``workspace_size(T, T_out, B)`` says how many elements it needs
+(:class:`Workspace`).
 
 ``small``: up to this many batch rows, a step's recurrent product is the
 packed product (``codegen.cells.common.emit_panel_functions``, over the
@@ -28,7 +33,7 @@ import hashlib
 import importlib.util
 import os
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import lru_cache, partial
 
 from codegen.cells import emitter_for, packed_names, recurrent_names
 from codegen.cells.common import (
@@ -132,12 +137,54 @@ def input_bias_args(cell: CellSpec) -> list[str]:
     return ["bx"] if cell.use_bias else []
 
 
-def kernel_arguments(spec: StackSpec) -> list[str]:
-    """The kernel's parameter names, in order."""
+def kernel_arguments(spec: StackSpec, *, workspace: bool = True) -> list[str]:
+    """The kernel's parameter names, in order (without ``ws`` for the split kernels, which take buffers)."""
     layers = layers_of(spec)
     states = [a for layer in layers for a in layer.state_args()]
     weights = [a for layer in layers for a in layer.weight_args()]
-    return ["x", *condition_args(spec), *states, *weights, "y", "small"]
+    return ["x", *condition_args(spec), *states, *weights, "y", *(["ws"] if workspace else []), "small"]
+
+
+class Workspace:
+    """The kernel's ``T * B``-sized buffers, carved from its ``ws`` argument, and the size they add up to.
+
+    A fresh buffer of many MiB is mapped from the OS by malloc and returned to
+    it on free, so every call faulted its pages in again: seed000 (B=128,
+    T=196) ran 145 ms against 114 ms with malloc told to keep its memory
+    (``MALLOC_MMAP_THRESHOLD_``), throughput512 447 against 355 ms. The
+    runtime keeps a workspace per concurrent call instead.
+
+    Every layer's input projection takes the region at offset 0: the layer's
+    recurrence consumes it before the next projection writes it. Every other
+    buffer (a sequence between layers, a block's output, a merge) gets a
+    region of its own, in the order of the code.
+    """
+
+    def __init__(self, spec: StackSpec):
+        self.projection_width = max(cell.gates * cell.units for cell in spec.cells)
+        self.terms: list[tuple[str, int]] = [("T", self.projection_width)]
+
+    def emit_start(self, em: Emitter) -> None:
+        """``top``: the first element after the projection region."""
+        em(f"top = T * B * {self.projection_width}")
+
+    def projection(self, wx: str) -> str:
+        """The ``(T * B, wx.shape[1])`` projection buffer, an expression."""
+        return f"ws[:T * B * {wx}.shape[1]].reshape((T * B, {wx}.shape[1]))"
+
+    def emit_buffer(self, em: Emitter, name: str, rows: str, width: int) -> None:
+        """``name = `` the next ``(rows, B, width)`` region (``rows``: ``"T"`` or ``"T_out"``)."""
+        size = f"{rows} * B * {width}"
+        em(f"{name} = ws[top:top + {size}].reshape(({rows}, B, {width}))", f"top += {size}")
+        self.terms.append((rows, width))
+
+    def emit_size_function(self, em: Emitter) -> None:
+        """The module's ``workspace_size(T, T_out, B)``: elements of ``ws`` the kernel carves."""
+        with em.block("def workspace_size(T, T_out, B):"):
+            em('"""Elements of the kernel\'s ``ws`` argument for a call on T steps (T_out output rows), B rows."""')
+            em(f"return B * ({' + '.join(f'{rows} * {width}' for rows, width in self.terms)})")
+        em.blank()
+        em.blank()
 
 
 def _writes_side_by_side(block) -> bool:
@@ -180,7 +227,11 @@ def generate(spec: StackSpec) -> str:
         emit_dirsplit_module_body(em, spec)
         return em.source()
     emit_each_layer(em, spec, layers, _emit_layer_function)
-    _emit_kernel(em, spec, layers)
+    workspace = Workspace(spec)
+    _emit_kernel(em, spec, layers, workspace)
+    em.blank()
+    em.blank()
+    workspace.emit_size_function(em)
     return em.source()
 
 
@@ -301,27 +352,26 @@ def _emit_partial_unroll(em: Emitter, ctx: LayerContext, emitter, k: int) -> Non
         emitter.emit_step(em, ctx)
 
 
-def _emit_kernel(em: Emitter, spec: StackSpec, layers: list[Layer]) -> None:
-    dt = f"np.{spec.dtype}"
+def _emit_kernel(em: Emitter, spec: StackSpec, layers: list[Layer], workspace: Workspace) -> None:
     em(f"@njit({jit_options(spec.dtype)})")
     with em.block(f"def {spec.kernel_name()}({', '.join(kernel_arguments(spec))}):"):
         em("T = x.shape[0]", "B = x.shape[1]", "T_out = y.shape[0]", "inp = x")
+        workspace.emit_start(em)
         for bi, block in enumerate(spec.blocks):
             last_block = bi == len(spec.blocks) - 1
             em(f"# block {bi}")
             if _needs_merge(block):
                 width = sum(d.output_size for d in block.directions)
-                rows = "T_out" if last_block else "T"
-                em(f"dest = np.empty(({rows}, B, {width}), dtype={dt})")
+                workspace.emit_buffer(em, "dest", "T_out" if last_block else "T", width)
             elif last_block:
                 em("dest = y")
             else:
-                em(f"dest = np.empty((T, B, {block.output_size}), dtype={dt})")
+                workspace.emit_buffer(em, "dest", "T", block.output_size)
             for di, direction in enumerate(block.directions):
                 em(f"# block {bi}, direction {di} ({direction.reverse})", "src = inp")
-                emit_chain_calls(em, spec, chain_of(layers, bi, di), _emit_layer_call)
+                emit_chain_calls(em, spec, chain_of(layers, bi, di), partial(_emit_layer_call, workspace=workspace))
             if _needs_merge(block):
-                _emit_merge(em, block, "y" if last_block else "merged", dt)
+                _emit_merge(em, block, "y" if last_block else "merged", workspace)
                 if not last_block:
                     em("inp = merged")
             elif not last_block:
@@ -339,13 +389,18 @@ def emit_chain_calls(em: Emitter, spec: StackSpec, chain: list[Layer], emit_call
         emit_call(em, spec, layer, is_last=k == len(chain) - 1)
 
 
-def _emit_layer_call(em: Emitter, spec: StackSpec, layer: Layer, *, is_last: bool) -> None:
+def _emit_layer_call(em: Emitter, spec: StackSpec, layer: Layer, *, is_last: bool,
+                     workspace: Workspace | None = None) -> None:
+    """The layer's input projection and its call; its buffers from ``workspace``, or new arrays without one."""
     cell = layer.cell
     gu = cell.gates * cell.units
     weights = dict(zip(packed_names(cell), layer.weight_args()))
-    emit_input_projection(em, spec, layer.input_size, weights["wx"])
+    emit_input_projection(em, spec, layer.input_size, weights["wx"],
+                          workspace.projection(weights["wx"]) if workspace else None)
     out = "dest" if is_last else "seq"
-    if not is_last:
+    if not is_last and workspace:
+        workspace.emit_buffer(em, "seq", "T", cell.output_size)
+    elif not is_last:
         em(f"seq = np.empty((T, B, {cell.output_size}), dtype=np.{spec.dtype})")
     recurrent = [weights[name] for name in recurrent_names(cell)]
     bias = [weights["b"]] if cell.use_bias else []
@@ -360,14 +415,15 @@ def _emit_layer_call(em: Emitter, spec: StackSpec, layer: Layer, *, is_last: boo
 LOOP_PROJECTION_MAX_INPUTS = 4
 
 
-def emit_input_projection(em: Emitter, spec: StackSpec, inputs: int, wx: str) -> None:
+def emit_input_projection(em: Emitter, spec: StackSpec, inputs: int, wx: str, buffer: str | None = None) -> None:
     """``xw = src.reshape(T * B, inputs) @ wx``: one GEMM over every step, or a loop for a few inputs.
 
-    The GEMM writes into ``xw`` (``np.dot``'s ``out`` form), as the layers'
+    ``buffer``: an expression for ``xw``'s storage (default a new array). The
+    GEMM writes into ``xw`` (``np.dot``'s ``out`` form), as the layers'
     recurrent products do: numba then compiles one ``np.dot`` for both, where
     the two-argument form was a second one of 0.6 s (seed000 cold compile).
     """
-    em(f"xw = np.empty((T * B, {wx}.shape[1]), dtype=np.{spec.dtype})")
+    em(f"xw = {buffer or f'np.empty((T * B, {wx}.shape[1]), dtype=np.{spec.dtype})'}")
     if inputs > LOOP_PROJECTION_MAX_INPUTS:
         em(f"np.dot(src.reshape(T * B, {inputs}), {wx}, xw)")
         return
@@ -384,10 +440,10 @@ def merge_expression(merge: str, forward: str, backward: str) -> str:
             "ave": f"({forward} + {backward}) * 0.5"}[merge]
 
 
-def _emit_merge(em: Emitter, block, target: str, dt: str) -> None:
+def _emit_merge(em: Emitter, block, target: str, workspace: Workspace) -> None:
     w = block.directions[0].output_size
     fw, bw = f"dest[:, :, :{w}]", f"dest[:, :, {w}:]"
     expr = merge_expression(block.merge, fw, bw)
     if target != "y":
-        em(f"{target} = np.empty((T, B, {w}), dtype={dt})")
+        workspace.emit_buffer(em, target, "T", w)
     em(f"{target}[:, :, :] = {expr}")

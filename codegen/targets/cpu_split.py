@@ -97,7 +97,7 @@ def kernel_arguments(spec: StackSpec, buffers: list[tuple[str, str]] | None = No
     ``buffers`` defaults to the unit split's :func:`shared_buffers`.
     """
     shared = [name for name, _ in (shared_buffers(spec) if buffers is None else buffers)]
-    return [*unsplit_kernel_arguments(spec), "me", "flags", *shared]
+    return [*unsplit_kernel_arguments(spec, workspace=False), "me", "flags", *shared]
 
 
 def emit_split_module_body(em: Emitter, spec: StackSpec) -> None:

@@ -16,7 +16,7 @@ from codegen.cells import pack, packed_names, split_packed
 from codegen.targets.cpu import condition_args, generate_shared, shared_module_name
 from codegen.targets.cpu_dirsplit import WORKERS as DIRECTION_WORKERS
 from numrnn.runtime.cache import cache_dir, import_module, module_path, write_if_changed
-from numrnn.runtime.schedule import Scheduler, hand_loop_rows, pool, single_threaded_blas, split_rows
+from numrnn.runtime.schedule import Scheduler, cores, hand_loop_rows, pool, single_threaded_blas, split_rows
 
 log = logging.getLogger("numrnn")
 if os.environ.get("NUMRNN_DEBUG") and not log.handlers:
@@ -51,7 +51,10 @@ class Kernel:
     compile_seconds: float | None = None
     #: Unit-split kernels: the generated ``shared_buffers(T, T_out, B)`` (``None`` otherwise).
     shared_buffers: object = None
+    #: Unsplit kernels: the generated ``workspace_size(T, T_out, B)`` (``None`` otherwise).
+    workspace_size: object = None
     _first_call_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    _workspaces: WorkspacePool = field(default_factory=lambda: WorkspacePool(), repr=False)
 
     def __call__(self, x: np.ndarray, condition, states: list[np.ndarray], weights: list[np.ndarray],
                  out: np.ndarray | None = None) -> np.ndarray:
@@ -75,7 +78,7 @@ class Kernel:
             # Fast path (streaming): no split, input projection too small for OpenBLAS to thread.
             # Measured, LSTM(32) one step per call: 2.7 us for the bare numba call, 10 us through
             # the general path below.
-            self.function(x, *cond, *states, *weights, y, 0)
+            self.function(x, *cond, *states, *weights, y, np.empty(self.workspace_size(T, y.shape[0], B), y.dtype), 0)
         else:
             schedule, workers = self._scheduler.choose(T, B)
             if schedule in ("units", "directions"):
@@ -89,8 +92,8 @@ class Kernel:
                 # Single-threaded BLAS even for the one input projection per layer: when the other
                 # core is busy, a 2-thread OpenBLAS call waits for a time slice (measured: LSTM(64),
                 # B=1, T=64 took 15.7 ms instead of 0.1 ms on the shared machine).
-                with single_threaded_blas():
-                    self.function(x, *cond, *states, *weights, y, self._hand_loop_rows(B))
+                with single_threaded_blas(), self._workspace(T, y.shape[0], B) as ws:
+                    self.function(x, *cond, *states, *weights, y, ws, self._hand_loop_rows(B))
             else:
                 futures = [pool().submit(self._run_rows, b0, b1, x, cond, states, weights, y)
                            for b0, b1 in split_rows(B, workers)]
@@ -204,8 +207,9 @@ class Kernel:
             if self.compile_seconds is None:
                 start = time.perf_counter()
                 row = [np.ascontiguousarray(c[:, :1] if c.ndim == 2 else c[:1]) for c in cond]
+                ws = np.empty(self.workspace_size(x.shape[0], y.shape[0], 1), dtype=y.dtype)
                 self.function(np.ascontiguousarray(x[:, :1]), *row, *[s[:1].copy() for s in states], *weights,
-                              np.empty((y.shape[0], 1, y.shape[2]), dtype=y.dtype), 0)
+                              np.empty((y.shape[0], 1, y.shape[2]), dtype=y.dtype), ws, 0)
                 self.compile_seconds = time.perf_counter() - start
                 log.debug("first call of %s took %.2f s (compile or cache load)", self.spec.kernel_name(),
                           self.compile_seconds)
@@ -217,8 +221,63 @@ class Kernel:
         cs = [np.ascontiguousarray(c[:, b0:b1] if c.ndim == 2 else c[b0:b1]) for c in cond]
         ss = [s[b0:b1] for s in states]  # row slices of C-contiguous states: updated in place
         ys = np.empty((y.shape[0], b1 - b0, y.shape[2]), dtype=y.dtype)
-        self.function(xs, *cs, *ss, *weights, ys, self._hand_loop_rows(b1 - b0))
+        with self._workspace(x.shape[0], y.shape[0], b1 - b0) as ws:
+            self.function(xs, *cs, *ss, *weights, ys, ws, self._hand_loop_rows(b1 - b0))
         y[:, b0:b1] = ys
+
+    def _workspace(self, T: int, T_out: int, rows: int) -> Borrowed:
+        """A workspace for a call on ``rows`` rows, from this kernel's pool."""
+        return self._workspaces.borrow(self.workspace_size(T, T_out, rows), self._dtype)
+
+
+class WorkspacePool:
+    """Workspaces (``ws``, :class:`codegen.targets.cpu.Workspace`) of one kernel, kept between calls.
+
+    A call borrows the largest free one, or a new one where none is large
+    enough, and returns it after. Up to :data:`SMALL_WORKSPACE` elements a
+    call takes a new array, which numpy's allocator hands out in well under a
+    microsecond without the pool's lock (streaming calls).
+    """
+
+    def __init__(self):
+        self._free: list[np.ndarray] = []
+        self._lock = threading.Lock()
+
+    def borrow(self, size: int, dtype: np.dtype) -> Borrowed:
+        """A context manager holding a workspace of at least ``size`` elements."""
+        if size <= SMALL_WORKSPACE:
+            return Borrowed(np.empty(size, dtype), None)
+        with self._lock:
+            best = max(range(len(self._free)), key=lambda i: self._free[i].size, default=None)
+            if best is not None and self._free[best].size >= size:
+                return Borrowed(self._free.pop(best), self)
+        return Borrowed(np.empty(size, dtype), self)
+
+    def give_back(self, ws: np.ndarray) -> None:
+        """Keep ``ws`` for a later call, dropping the smallest beyond one per worker thread and the caller."""
+        with self._lock:
+            self._free.append(ws)
+            if len(self._free) > cores() + 1:
+                self._free.remove(min(self._free, key=lambda w: w.size))
+
+
+#: Workspaces up to this many elements are allocated per call (128 KiB of float32: glibc's default
+#: threshold for serving an allocation from its own mapping, which it returns to the OS on free).
+SMALL_WORKSPACE = 32 * 1024
+
+
+class Borrowed:
+    """``with`` block of one workspace: yields the array, returns it to its pool (if any) on exit."""
+
+    def __init__(self, ws: np.ndarray, owner: WorkspacePool | None):
+        self.ws, self.owner = ws, owner
+
+    def __enter__(self) -> np.ndarray:
+        return self.ws
+
+    def __exit__(self, *exc) -> None:
+        if self.owner is not None:
+            self.owner.give_back(self.ws)
 
 
 def get_kernel(spec: StackSpec) -> Kernel:
@@ -254,7 +313,8 @@ def _build(spec: StackSpec) -> Kernel:
     log.debug("kernel cache miss for %s: source %s %s (%.3f s)", spec.kernel_name(),
               "written to" if written else "reused from", path, elapsed)
     return Kernel(spec, source, str(path), getattr(module, spec.kernel_name()), elapsed,
-                  shared_buffers=getattr(module, "shared_buffers", None))
+                  shared_buffers=getattr(module, "shared_buffers", None),
+                  workspace_size=getattr(module, "workspace_size", None))
 
 
 def pack_weights(spec: StackSpec, logical: list[dict]) -> list[np.ndarray]:
