@@ -128,7 +128,9 @@ def emit_recurrent_product(em: Emitter, ctx: LayerContext, h: str, w: str, out: 
     masked = ctx.masked_condition
     with em.block("if B <= small:"):
         if masked() is None:
-            em(f"{PANEL_PRODUCT}({h}, {panels_name(w)}, {out}, 0, B)")
+            # np.int64: a bare 0 would type as a literal, and numba would compile a second
+            # panel product for it beside the masked layers' (int64) one.
+            em(f"{PANEL_PRODUCT}({h}, {panels_name(w)}, {out}, np.int64(0), B)")
         else:
             em("lo = 0", "hi = B")
             with em.block(f"while lo < B and ({masked('lo')}):"):
@@ -188,7 +190,7 @@ def emit_panel_functions(em: Emitter, dtype: str, jit_options: str, suffix: str)
                 em(f"{_micro_kernel_name(PANEL_ROWS, 1, suffix)}(h, wp, out, r, p, cols)")
         for rows in range(1, PANEL_ROWS):
             with em.block(f"{'if' if rows == 1 else 'elif'} b1 - b == {rows}:"):
-                em("p = 0")
+                em("p = np.int64(0)")  # a bare 0 compiles each micro-kernel once more, for a literal p
                 panels = PANELS_PER_PASS.get(rows, 1)
                 if panels > 1:
                     with em.block(f"while (p + {panels}) * P <= G:"):

@@ -251,7 +251,7 @@ def generate_shared() -> str:
     """
     em = Emitter()
     em('"""numrnn: the functions every CPU kernel shares. Generated; do not edit."""', "",
-       f"# numrnn.runtime.simd sha1 {_simd_source_hash()}", "from numba import njit", "",
+       f"# numrnn.runtime.simd sha1 {_simd_source_hash()}", "import numpy as np", "from numba import njit", "",
        f"from numrnn.runtime.simd import {', '.join(SIMD_NAMES)}")
     for dtype, suffix in SHARED_SUFFIX.items():
         em.blank()
