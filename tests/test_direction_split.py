@@ -57,7 +57,7 @@ def test_forcing_directions_on_a_forward_stack_names_the_reason(monkeypatch):
 def test_auto_policy_splits_directions_of_bidirectional_stacks_at_one_or_two_rows(monkeypatch):
     monkeypatch.delenv("NUMRNN_SCHEDULE", raising=False)
     monkeypatch.setattr(schedule, "cores", lambda: 2)
-    monkeypatch.setattr(schedule, "hand_loop_rows", lambda: 8)
+    monkeypatch.setattr(schedule, "packed_product_rows", lambda: 8)
     bidir = _bidir([CellSpec("lstm", 64)], "concat", blocks=2)
     assert schedule.choose(bidir, 100, 1) == ("directions", 2)
     assert schedule.choose(bidir, 100, 2) == ("directions", 2)

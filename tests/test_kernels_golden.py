@@ -22,14 +22,14 @@ def _initial_states(spec, B: int) -> list:
     return [tuple(np.zeros((B, n), dtype=spec.dtype) for n in cell.state_sizes) for cell in spec.cells]
 
 
-def _run_case(name: str, unroll: bool, hand_loop_rows: int | None = None, monkeypatch=None) -> None:
+def _run_case(name: str, unroll: bool, packed_product_rows: int | None = None, monkeypatch=None) -> None:
     case = load_case(name)
     spec = case.spec
     T = case.calls[0].x.shape[0]
     spec = dataclasses.replace(spec, unroll=T if unroll else None)
     kernel, weights = get_kernel(spec), pack_weights(spec, case.weights)
-    if hand_loop_rows is not None:  # force one recurrent-product path (hand loop or BLAS) for B > 1
-        monkeypatch.setattr(kernel, "_small", hand_loop_rows)
+    if packed_product_rows is not None:  # force one recurrent-product path (packed product or BLAS) for B > 1
+        monkeypatch.setattr(kernel, "_small", packed_product_rows)
     states = None
     for k, call in enumerate(case.calls):
         B = call.x.shape[1]
@@ -65,7 +65,7 @@ def test_kernel_unrolled(name):
     _run_case(name, unroll=True)
 
 
-@pytest.mark.parametrize("rows", [0, 1 << 20], ids=["blas", "hand_loop"])
+@pytest.mark.parametrize("rows", [0, 1 << 20], ids=["blas", "packed"])
 @pytest.mark.parametrize("name", fixture_names())
 def test_kernel_products(name, rows, monkeypatch):
-    _run_case(name, unroll=False, hand_loop_rows=rows, monkeypatch=monkeypatch)
+    _run_case(name, unroll=False, packed_product_rows=rows, monkeypatch=monkeypatch)

@@ -89,7 +89,7 @@ def test_unknown_schedule_is_refused(monkeypatch):
 def test_auto_policy_splits_units_only_for_large_recurrent_matrices_at_one_row_or_gemm_sized_batches(monkeypatch):
     monkeypatch.delenv("NUMRNN_SCHEDULE", raising=False)
     monkeypatch.setattr(schedule, "cores", lambda: 2)
-    monkeypatch.setattr(schedule, "hand_loop_rows", lambda: 8)
+    monkeypatch.setattr(schedule, "packed_product_rows", lambda: 8)
     latency = simple_stack([CellSpec("lstm", 256)], 256)  # 1 MiB recurrent matrix
     tiny = simple_stack([CellSpec("lstm", 64)], 32)  # 64 KiB: cache-resident on one core
     assert schedule.choose(latency, 100, 1) == ("units", 2)
@@ -100,9 +100,9 @@ def test_auto_policy_splits_units_only_for_large_recurrent_matrices_at_one_row_o
     assert schedule.choose(latency, 100, 64) == ("units", 2)
     assert schedule.choose(latency, 100, 65) == ("batch", 2)
     assert schedule.choose(tiny, 50, 64) == ("batch", 2)
-    monkeypatch.setattr(schedule, "hand_loop_rows", lambda: schedule.PACKED_PRODUCT_MAX_ROWS)  # AVX2 OpenBLAS
+    monkeypatch.setattr(schedule, "packed_product_rows", lambda: schedule.PACKED_PRODUCT_MAX_ROWS)  # AVX2 OpenBLAS
     assert schedule.choose(latency, 100, 64) == ("batch", 2)  # every batch worker runs the packed product
-    monkeypatch.setattr(schedule, "hand_loop_rows", lambda: 0)  # OpenBLAS's AVX-512 kernels
+    monkeypatch.setattr(schedule, "packed_product_rows", lambda: 0)  # OpenBLAS's AVX-512 kernels
     assert schedule.choose(latency, 100, 17) == ("units", 2)
     projected = simple_stack([CellSpec("lstm", 256, proj_units=128)], 256)
     assert schedule.choose(projected, 100, 1) == ("serial", 1)

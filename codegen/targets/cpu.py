@@ -24,7 +24,7 @@ projections, the sequences between layers and blocks); the module's
 ``small``: up to this many batch rows, a step's recurrent product is the
 packed product (``codegen.cells.common.emit_panel_functions``, over the
 ``*_panels`` weights) instead of a BLAS call (the runtime checks which BLAS it
-has; see ``numrnn.runtime.schedule.hand_loop_rows``).
+has; see ``numrnn.runtime.schedule.packed_product_rows``).
 """
 
 from __future__ import annotations

@@ -16,7 +16,7 @@ from codegen.cells import pack, packed_names, split_packed
 from codegen.targets.cpu import condition_args, generate_shared, shared_module_name
 from codegen.targets.cpu_dirsplit import WORKERS as DIRECTION_WORKERS
 from numrnn.runtime.cache import cache_dir, import_module, module_path, write_if_changed
-from numrnn.runtime.schedule import Scheduler, cores, hand_loop_rows, pool, single_threaded_blas, split_rows
+from numrnn.runtime.schedule import Scheduler, cores, packed_product_rows, pool, single_threaded_blas, split_rows
 
 log = logging.getLogger("numrnn")
 if os.environ.get("NUMRNN_DEBUG") and not log.handlers:
@@ -96,7 +96,7 @@ class Kernel:
                 # core is busy, a 2-thread OpenBLAS call waits for a time slice (measured: LSTM(64),
                 # B=1, T=64 took 15.7 ms instead of 0.1 ms on the shared machine).
                 with single_threaded_blas(), self._workspace(T, y.shape[0], B) as ws:
-                    self.function(x, *cond, *states, *weights, y, ws, self._hand_loop_rows(B))
+                    self.function(x, *cond, *states, *weights, y, ws, self._packed_product_rows(B))
             else:
                 futures = [pool().submit(self._run_rows, b0, b1, x, cond, states, weights, y)
                            for b0, b1 in split_rows(B, workers)]
@@ -109,7 +109,7 @@ class Kernel:
         self._width = self.spec.output_size
         self._dtype = np.dtype(self.spec.dtype)
         self._has_condition = bool(condition_args(self.spec))
-        self._small = hand_loop_rows()
+        self._small = packed_product_rows()
         self._scheduler = Scheduler(self.spec)
         self._split_kernels: dict[str, Kernel] = {}
         self._slices: dict[tuple[int, ...], tuple[list, list[list[np.ndarray]]]] = {}
@@ -149,7 +149,7 @@ class Kernel:
             n, parts = DIRECTION_WORKERS, [weights] * DIRECTION_WORKERS
         flags = sync.new_flags(n)
         shared = self.shared_buffers(T, y.shape[0], B)
-        small = self._hand_loop_rows(B)
+        small = self._packed_product_rows(B)
 
         def work(me):
             try:
@@ -187,13 +187,13 @@ class Kernel:
         self._slices[key] = (list(weights), parts)  # holding the arrays keeps their ids unique
         return parts
 
-    def _hand_loop_rows(self, rows: int) -> int:
+    def _packed_product_rows(self, rows: int) -> int:
         """The kernel's ``small`` argument for a call on ``rows`` rows.
 
         One row is a matrix-vector product, where OpenBLAS's gemv beat the
         packed product in whole calls (alternated in one process, medians:
         LSTM(64) B1 T50 75.9 vs 83.4 us, LSTM(128) B1 T100 0.62 vs 0.81 ms,
-        LSTM(256) B1 T100 even); from two rows see :func:`hand_loop_rows`.
+        LSTM(256) B1 T100 even); from two rows see :func:`packed_product_rows`.
         """
         return 0 if rows == 1 else self._small
 
@@ -225,7 +225,7 @@ class Kernel:
         ss = [s[b0:b1] for s in states]  # row slices of C-contiguous states: updated in place
         ys = np.empty((y.shape[0], b1 - b0, y.shape[2]), dtype=y.dtype)
         with self._workspace(x.shape[0], y.shape[0], b1 - b0) as ws:
-            self.function(xs, *cs, *ss, *weights, ys, ws, self._hand_loop_rows(b1 - b0))
+            self.function(xs, *cs, *ss, *weights, ys, ws, self._packed_product_rows(b1 - b0))
         y[:, b0:b1] = ys
 
     def _streaming_workspace(self) -> np.ndarray:
@@ -334,6 +334,6 @@ def pack_weights(spec: StackSpec, logical: list[dict]) -> list[np.ndarray]:
 
 
 def clear_memory_cache() -> None:
-    """Forget the in-process kernels (the disk cache stays); for tests and benchmarks."""
+    """Forget the in-process kernels and the workspaces they keep (the disk cache stays)."""
     with _LOCK:
         _KERNELS.clear()

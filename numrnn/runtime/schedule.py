@@ -21,7 +21,7 @@ Policy (:class:`Scheduler`):
 
 Inside each worker the generated code picks the per-step recurrent product by
 rows (the kernel's ``small`` argument): one row, OpenBLAS gemv; up to
-:func:`hand_loop_rows` rows, the packed product over the recurrent weights
+:func:`packed_product_rows` rows, the packed product over the recurrent weights
 as :func:`codegen.cells.to_panels` packed them once; more rows, one BLAS GEMM
 per step.
 
@@ -37,7 +37,7 @@ descheduled partner on a busy machine is not starved). Policy (``choose``):
   LSTM projection; GRU ``reset_after``), every layer's units divide by the
   number of cores, and the batch is either latency-sized (``B <=``
   :data:`UNIT_SPLIT_MAX_ROWS`) or GEMM-sized: every batch worker would get more
-  rows than the hand loop takes (so it would run a BLAS GEMM per step anyway)
+  rows than the packed product takes (so it would run a BLAS GEMM per step anyway)
   and ``B <=`` :data:`UNIT_SPLIT_MAX_GEMM_ROWS`; one unit-split call runs at a
   time (a concurrent one falls back, so the partners can never wait on each
   other);
@@ -218,8 +218,8 @@ class Scheduler:
         """Latency-sized, or GEMM-sized with each batch worker past the hand loop (see the module docstring)."""
         if batch <= UNIT_SPLIT_MAX_ROWS:
             return True
-        # Not measured below 9 rows per batch worker with BLAS's AVX-512 small-matrix kernels (no hand loop).
-        return self.workers * max(hand_loop_rows(), 8) < batch <= UNIT_SPLIT_MAX_GEMM_ROWS
+        # Not measured below 9 rows per batch worker with BLAS's AVX-512 small-matrix kernels (no packed product).
+        return self.workers * max(packed_product_rows(), 8) < batch <= UNIT_SPLIT_MAX_GEMM_ROWS
 
     def batch_choice(self, steps: int, batch: int) -> tuple[str, int]:
         """``("batch", workers)``, or ``("serial", 1)`` when a split would not pay."""
@@ -294,7 +294,7 @@ PACKED_PRODUCT_MAX_ROWS = 128
 
 
 @functools.cache
-def hand_loop_rows() -> int:
+def packed_product_rows() -> int:
     """Batch rows up to which the per-step recurrent product is the packed product rather than BLAS.
 
     The packed product (``codegen.cells.common.emit_panel_functions``) reads
@@ -307,10 +307,10 @@ def hand_loop_rows() -> int:
     measured). OpenBLAS's SkylakeX kernels have small-matrix GEMMs for AVX-512
     (4x128x512 2.7 us, 8x128x512 4.4 us, against 9.0 and 17.5 us for an
     earlier, slower hand loop): BLAS (0 rows) there.
-    ``NUMRNN_HAND_LOOP_ROWS`` overrides the choice.
+    ``NUMRNN_PACKED_PRODUCT_ROWS`` overrides the choice.
     """
-    if os.environ.get("NUMRNN_HAND_LOOP_ROWS"):
-        return int(os.environ["NUMRNN_HAND_LOOP_ROWS"])
+    if os.environ.get("NUMRNN_PACKED_PRODUCT_ROWS"):
+        return int(os.environ["NUMRNN_PACKED_PRODUCT_ROWS"])
     for path in _openblas_paths():
         try:
             corename = ctypes.CDLL(path).scipy_openblas_get_corename

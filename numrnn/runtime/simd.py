@@ -8,7 +8,7 @@ two weight loads. These intrinsics let the generated micro-kernel
 vector registers over the whole input loop: the 4x128x512 product of
 bidir_masked's workers went 18.2 -> 9.5 us (one thread, AVX2 Zen 3, one call
 from Python at a time; figures from a loop inside ``@njit`` are in
-``numrnn.runtime.schedule.hand_loop_rows``).
+``numrnn.runtime.schedule.packed_product_rows``).
 
 A vector is 32 bytes: 8 float32 or 4 float64 lanes (one AVX register; LLVM
 splits it on narrower machines). ``vmuladd`` is one fused multiply-add for
