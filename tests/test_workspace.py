@@ -78,3 +78,15 @@ def test_pool_lends_a_workspace_to_one_call_at_a_time():
     with pool.borrow(10**5, np.float32) as again:
         assert again is larger  # the largest free one
     assert len(pool._free) <= kernels.cores() + 1
+
+
+def test_pool_keeps_the_largest_one_per_worker_and_caller(monkeypatch):
+    monkeypatch.setattr(kernels, "cores", lambda: 2)
+    pool = kernels.WorkspacePool()
+    sizes = [4 * 10**5, 10**5, 3 * 10**5, 2 * 10**5, 5 * 10**5]
+    borrowed = [pool.borrow(size, np.float32) for size in sizes]
+    arrays = [b.__enter__() for b in borrowed]
+    for b in borrowed:  # all lent at once, then all returned: the smallest (not the first) goes
+        b.__exit__(None, None, None)
+    assert sorted(w.size for w in pool._free) == [3 * 10**5, 4 * 10**5, 5 * 10**5]
+    assert all(any(w is a for a in arrays) for w in pool._free)

@@ -36,6 +36,56 @@ STREAMING_MAX_STEPS = 4
 _SLICE_CACHE_SIZE = 8
 
 
+class WorkspacePool:
+    """Workspaces (``ws``, :class:`codegen.targets.cpu.Workspace`) of one kernel, kept between calls.
+
+    A call borrows the largest free one, or a new one where none is large
+    enough, and returns it after. Up to :data:`SMALL_WORKSPACE` elements a
+    call takes a new array, which numpy's allocator hands out in well under a
+    microsecond without the pool's lock (streaming calls).
+    """
+
+    def __init__(self):
+        self._free: list[np.ndarray] = []
+        self._lock = threading.Lock()
+
+    def borrow(self, size: int, dtype: np.dtype) -> Borrowed:
+        """A context manager holding a workspace of at least ``size`` elements."""
+        if size <= SMALL_WORKSPACE:
+            return Borrowed(np.empty(size, dtype), None)
+        with self._lock:
+            best = max(range(len(self._free)), key=lambda i: self._free[i].size, default=None)
+            if best is not None and self._free[best].size >= size:
+                return Borrowed(self._free.pop(best), self)
+        return Borrowed(np.empty(size, dtype), self)
+
+    def give_back(self, ws: np.ndarray) -> None:
+        """Keep ``ws`` for a later call, dropping the smallest beyond one per worker thread and the caller."""
+        with self._lock:
+            self._free.append(ws)
+            if len(self._free) > cores() + 1:
+                del self._free[min(range(len(self._free)), key=lambda i: self._free[i].size)]
+
+
+#: Workspaces up to this many elements are allocated per call (128 KiB of float32: glibc's default
+#: threshold for serving an allocation from its own mapping, which it returns to the OS on free).
+SMALL_WORKSPACE = 32 * 1024
+
+
+class Borrowed:
+    """``with`` block of one workspace: yields the array, returns it to its pool (if any) on exit."""
+
+    def __init__(self, ws: np.ndarray, owner: WorkspacePool | None):
+        self.ws, self.owner = ws, owner
+
+    def __enter__(self) -> np.ndarray:
+        return self.ws
+
+    def __exit__(self, *exc) -> None:
+        if self.owner is not None:
+            self.owner.give_back(self.ws)
+
+
 @dataclass
 class Kernel:
     """A generated, importable kernel for one spec.
@@ -56,7 +106,7 @@ class Kernel:
     #: Unsplit kernels: the generated ``workspace_size(T, T_out, B)`` (``None`` otherwise).
     workspace_size: object = None
     _first_call_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
-    _workspaces: WorkspacePool = field(default_factory=lambda: WorkspacePool(), repr=False)
+    _workspaces: WorkspacePool = field(default_factory=WorkspacePool, repr=False)
     _thread_local: threading.local = field(default_factory=threading.local, repr=False)
 
     def __call__(self, x: np.ndarray, condition, states: list[np.ndarray], weights: list[np.ndarray],
@@ -239,56 +289,6 @@ class Kernel:
     def _workspace(self, T: int, T_out: int, rows: int) -> Borrowed:
         """A workspace for a call on ``rows`` rows, from this kernel's pool."""
         return self._workspaces.borrow(self.workspace_size(T, T_out, rows), self._dtype)
-
-
-class WorkspacePool:
-    """Workspaces (``ws``, :class:`codegen.targets.cpu.Workspace`) of one kernel, kept between calls.
-
-    A call borrows the largest free one, or a new one where none is large
-    enough, and returns it after. Up to :data:`SMALL_WORKSPACE` elements a
-    call takes a new array, which numpy's allocator hands out in well under a
-    microsecond without the pool's lock (streaming calls).
-    """
-
-    def __init__(self):
-        self._free: list[np.ndarray] = []
-        self._lock = threading.Lock()
-
-    def borrow(self, size: int, dtype: np.dtype) -> Borrowed:
-        """A context manager holding a workspace of at least ``size`` elements."""
-        if size <= SMALL_WORKSPACE:
-            return Borrowed(np.empty(size, dtype), None)
-        with self._lock:
-            best = max(range(len(self._free)), key=lambda i: self._free[i].size, default=None)
-            if best is not None and self._free[best].size >= size:
-                return Borrowed(self._free.pop(best), self)
-        return Borrowed(np.empty(size, dtype), self)
-
-    def give_back(self, ws: np.ndarray) -> None:
-        """Keep ``ws`` for a later call, dropping the smallest beyond one per worker thread and the caller."""
-        with self._lock:
-            self._free.append(ws)
-            if len(self._free) > cores() + 1:
-                self._free.remove(min(self._free, key=lambda w: w.size))
-
-
-#: Workspaces up to this many elements are allocated per call (128 KiB of float32: glibc's default
-#: threshold for serving an allocation from its own mapping, which it returns to the OS on free).
-SMALL_WORKSPACE = 32 * 1024
-
-
-class Borrowed:
-    """``with`` block of one workspace: yields the array, returns it to its pool (if any) on exit."""
-
-    def __init__(self, ws: np.ndarray, owner: WorkspacePool | None):
-        self.ws, self.owner = ws, owner
-
-    def __enter__(self) -> np.ndarray:
-        return self.ws
-
-    def __exit__(self, *exc) -> None:
-        if self.owner is not None:
-            self.owner.give_back(self.ws)
 
 
 def get_kernel(spec: StackSpec) -> Kernel:
