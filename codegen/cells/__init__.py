@@ -24,10 +24,14 @@ def emitter_for(cell: CellSpec):
     return EMITTERS[cell.kind]
 
 
+def _product_matrices(cell: CellSpec) -> list[str]:
+    """The cell kind's recurrent arrays that the per-step product reads, each with a panel copy."""
+    return [name for name in emitter_for(cell).recurrent_names(cell) if name in PRODUCT_MATRICES]
+
+
 def recurrent_names(cell: CellSpec) -> list[str]:
     """Packed arrays the time loop reads: the cell kind's, then each product matrix's panel copy."""
-    names = emitter_for(cell).recurrent_names(cell)
-    return names + [panels_name(name) for name in names if name in PRODUCT_MATRICES]
+    return emitter_for(cell).recurrent_names(cell) + [panels_name(name) for name in _product_matrices(cell)]
 
 
 def packed_names(cell: CellSpec) -> list[str]:
@@ -54,9 +58,8 @@ def to_panels(matrix: np.ndarray) -> np.ndarray:
 
 def _with_panels(cell: CellSpec, arrays: dict[str, np.ndarray]) -> list[np.ndarray]:
     """``arrays`` (every packed name but the panels) in :func:`packed_names` order, with the panels added."""
-    for name in emitter_for(cell).recurrent_names(cell):
-        if name in PRODUCT_MATRICES:
-            arrays[panels_name(name)] = to_panels(arrays[name])
+    for name in _product_matrices(cell):
+        arrays[panels_name(name)] = to_panels(arrays[name])
     return [arrays[name] for name in packed_names(cell)]
 
 
@@ -75,9 +78,9 @@ def split_packed(cell: CellSpec, arrays: list[np.ndarray], part: int, parts: int
     """
     n = cell.units // parts
     lo, hi = part * n, (part + 1) * n
-    out = {}
+    out, panels = {}, {panels_name(name) for name in _product_matrices(cell)}
     for name, array in zip(packed_names(cell), arrays):
-        if name.endswith("_panels"):
+        if name in panels:
             continue  # made again from the worker's slice
         axis, gated = _SPLIT_AXES[name]
         blocks = cell.gates if gated else 1

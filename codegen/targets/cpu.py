@@ -145,6 +145,21 @@ def kernel_arguments(spec: StackSpec, *, workspace: bool = True) -> list[str]:
     return ["x", *condition_args(spec), *states, *weights, "y", *(["ws"] if workspace else []), "small"]
 
 
+class NewArrays:
+    """The buffers of a layer call as new arrays (the split kernels: their rows are few); see :class:`Workspace`."""
+
+    def __init__(self, dtype: str):
+        self.dtype = dtype
+
+    def projection(self, wx: str) -> str:
+        """A new ``(T * B, wx.shape[1])`` projection buffer, an expression."""
+        return f"np.empty((T * B, {wx}.shape[1]), dtype=np.{self.dtype})"
+
+    def emit_buffer(self, em: Emitter, name: str, rows: str, width: int) -> None:
+        """``name = `` a new ``(rows, B, width)`` array."""
+        em(f"{name} = np.empty(({rows}, B, {width}), dtype=np.{self.dtype})")
+
+
 class Workspace:
     """The kernel's ``T * B``-sized buffers, carved from its ``ws`` argument, and the size they add up to.
 
@@ -369,7 +384,7 @@ def _emit_kernel(em: Emitter, spec: StackSpec, layers: list[Layer], workspace: W
                 workspace.emit_buffer(em, "dest", "T", block.output_size)
             for di, direction in enumerate(block.directions):
                 em(f"# block {bi}, direction {di} ({direction.reverse})", "src = inp")
-                emit_chain_calls(em, spec, chain_of(layers, bi, di), partial(_emit_layer_call, workspace=workspace))
+                emit_chain_calls(em, spec, chain_of(layers, bi, di), partial(emit_layer_call, buffers=workspace))
             if _needs_merge(block):
                 _emit_merge(em, block, "y" if last_block else "merged", workspace)
                 if not last_block:
@@ -389,19 +404,16 @@ def emit_chain_calls(em: Emitter, spec: StackSpec, chain: list[Layer], emit_call
         emit_call(em, spec, layer, is_last=k == len(chain) - 1)
 
 
-def _emit_layer_call(em: Emitter, spec: StackSpec, layer: Layer, *, is_last: bool,
-                     workspace: Workspace | None = None) -> None:
-    """The layer's input projection and its call; its buffers from ``workspace``, or new arrays without one."""
+def emit_layer_call(em: Emitter, spec: StackSpec, layer: Layer, *, is_last: bool,
+                    buffers: Workspace | NewArrays) -> None:
+    """The layer's input projection and its call, their buffers from ``buffers``."""
     cell = layer.cell
     gu = cell.gates * cell.units
     weights = dict(zip(packed_names(cell), layer.weight_args()))
-    emit_input_projection(em, spec, layer.input_size, weights["wx"],
-                          workspace.projection(weights["wx"]) if workspace else None)
+    emit_input_projection(em, layer.input_size, weights["wx"], buffers.projection(weights["wx"]))
     out = "dest" if is_last else "seq"
-    if not is_last and workspace:
-        workspace.emit_buffer(em, "seq", "T", cell.output_size)
-    elif not is_last:
-        em(f"seq = np.empty((T, B, {cell.output_size}), dtype=np.{spec.dtype})")
+    if not is_last:
+        buffers.emit_buffer(em, "seq", "T", cell.output_size)
     recurrent = [weights[name] for name in recurrent_names(cell)]
     bias = [weights["b"]] if cell.use_bias else []
     args = [f"xw.reshape(T, B, {gu})", *bias, *recurrent, *layer.state_args(), *condition_args(spec), out, "small"]
@@ -415,15 +427,15 @@ def _emit_layer_call(em: Emitter, spec: StackSpec, layer: Layer, *, is_last: boo
 LOOP_PROJECTION_MAX_INPUTS = 4
 
 
-def emit_input_projection(em: Emitter, spec: StackSpec, inputs: int, wx: str, buffer: str | None = None) -> None:
+def emit_input_projection(em: Emitter, inputs: int, wx: str, buffer: str) -> None:
     """``xw = src.reshape(T * B, inputs) @ wx``: one GEMM over every step, or a loop for a few inputs.
 
-    ``buffer``: an expression for ``xw``'s storage (default a new array). The
-    GEMM writes into ``xw`` (``np.dot``'s ``out`` form), as the layers'
-    recurrent products do: numba then compiles one ``np.dot`` for both, where
-    the two-argument form was a second one of 0.6 s (seed000 cold compile).
+    ``buffer``: an expression for ``xw``'s storage. The GEMM writes into
+    ``xw`` (``np.dot``'s ``out`` form), as the layers' recurrent products do:
+    numba then compiles one ``np.dot`` for both, where the two-argument form
+    was a second one of 0.6 s (seed000 cold compile).
     """
-    em(f"xw = {buffer or f'np.empty((T * B, {wx}.shape[1]), dtype=np.{spec.dtype})'}")
+    em(f"xw = {buffer}")
     if inputs > LOOP_PROJECTION_MAX_INPUTS:
         em(f"np.dot(src.reshape(T * B, {inputs}), {wx}, xw)")
         return

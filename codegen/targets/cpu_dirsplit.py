@@ -22,16 +22,19 @@ share (:func:`codegen.targets.cpu_split.block_buffers`).
 
 from __future__ import annotations
 
+from functools import partial
+
 from codegen.emit import Emitter
 from codegen.spec import StackSpec
 from codegen.targets.cpu import (
     Layer,
-    _emit_layer_call,
+    NewArrays,
     _emit_layer_function,
     _needs_merge,
     chain_of,
     emit_chain_calls,
     emit_each_layer,
+    emit_layer_call,
     jit_options,
     layers_of,
     merge_expression,
@@ -60,6 +63,7 @@ def _emit_barrier(em: Emitter) -> None:
 
 
 def _emit_kernel(em: Emitter, spec: StackSpec, layers: list[Layer]) -> None:
+    buffers = NewArrays(spec.dtype)
     em(f"@njit({jit_options(spec.dtype)})")
     with em.block(f"def {spec.kernel_name()}({', '.join(kernel_arguments(spec, shared_buffers(spec)))}):"):
         em('"""Worker ``me`` of the call: direction ``me`` of every block, in step with the other worker."""')
@@ -71,7 +75,7 @@ def _emit_kernel(em: Emitter, spec: StackSpec, layers: list[Layer]) -> None:
             for di, direction in enumerate(block.directions):
                 with em.block(f"if me == {di}:  # direction {di} ({direction.reverse})"):
                     em("src = inp")
-                    emit_chain_calls(em, spec, chain_of(layers, bi, di), _emit_layer_call)
+                    emit_chain_calls(em, spec, chain_of(layers, bi, di), partial(emit_layer_call, buffers=buffers))
             _emit_barrier(em)
             if _needs_merge(block):
                 _emit_merge(em, block, "y" if last_block else f"merged{bi}")

@@ -106,8 +106,6 @@ class Kernel:
     #: Unsplit kernels: the generated ``workspace_size(T, T_out, B)`` (``None`` otherwise).
     workspace_size: object = None
     _first_call_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
-    _workspaces: WorkspacePool = field(default_factory=WorkspacePool, repr=False)
-    _thread_local: threading.local = field(default_factory=threading.local, repr=False)
 
     def __call__(self, x: np.ndarray, condition, states: list[np.ndarray], weights: list[np.ndarray],
                  out: np.ndarray | None = None) -> np.ndarray:
@@ -163,6 +161,8 @@ class Kernel:
         self._scheduler = Scheduler(self.spec)
         self._split_kernels: dict[str, Kernel] = {}
         self._slices: dict[tuple[int, ...], tuple[list, list[list[np.ndarray]]]] = {}
+        self._workspaces = WorkspacePool()
+        self._thread_local = threading.local()  # the fast path's workspace
 
     def _try_split(self, schedule: str, workers: int, x, cond, states, weights, y) -> bool:
         """Run the call on the unit- or direction-split kernel; False if another split call is running."""
@@ -260,9 +260,9 @@ class Kernel:
             if self.compile_seconds is None:
                 start = time.perf_counter()
                 row = [np.ascontiguousarray(c[:, :1] if c.ndim == 2 else c[:1]) for c in cond]
-                ws = np.empty(self.workspace_size(x.shape[0], y.shape[0], 1), dtype=y.dtype)
-                self.function(np.ascontiguousarray(x[:, :1]), *row, *[s[:1].copy() for s in states], *weights,
-                              np.empty((y.shape[0], 1, y.shape[2]), dtype=y.dtype), ws, 0)
+                with self._workspace(x.shape[0], y.shape[0], 1) as ws:
+                    self.function(np.ascontiguousarray(x[:, :1]), *row, *[s[:1].copy() for s in states], *weights,
+                                  np.empty((y.shape[0], 1, y.shape[2]), dtype=y.dtype), ws, 0)
                 self.compile_seconds = time.perf_counter() - start
                 log.debug("first call of %s took %.2f s (compile or cache load)", self.spec.kernel_name(),
                           self.compile_seconds)

@@ -75,10 +75,10 @@ direction over all rows, a barrier per block, not per step. It comes before
 the unit split. Measured (2xBiLSTM(H) T100 D64, lengths 50-100, medians,
 serial or batch / units / directions): H=64 B1 1.07 / 0.88 / 0.72 ms; H=128
 B1 2.87 / 2.03 / 2.12 ms, B2 3.93 / 3.86 / 3.43 ms; H=256 B1 11.8 / 7.4 /
-7.1 ms. At B=4 and 8 all three were within 5 % (a worker's 8-row row-pair loop, since replaced,
-costs what two 4-row ones do: the rows share weight loads two at a time); at
-B=16 the batch split won (22.8 against 28.6 ms), at B=32 the unit split
-(40.5 against 53.5).
+7.1 ms. At B=4 and 8 all three were within 5 % (with the row-pair loop the
+packed product replaced, a worker's 8-row product cost what two 4-row ones
+do: the rows share weight loads two at a time); at B=16 the batch split won
+(22.8 against 28.6 ms), at B=32 the unit split (40.5 against 53.5).
 
 ``NUMRNN_SCHEDULE`` forces ``serial`` (one thread), ``batch``, ``units`` or
 ``directions``; forcing a split on a spec that cannot use it raises a
@@ -215,7 +215,7 @@ class Scheduler:
         return self.batch_choice(steps, batch)
 
     def _units_pay_at(self, batch: int) -> bool:
-        """Latency-sized, or GEMM-sized with each batch worker past the hand loop (see the module docstring)."""
+        """Latency-sized, or GEMM-sized with each batch worker past the packed product (see the module docstring)."""
         if batch <= UNIT_SPLIT_MAX_ROWS:
             return True
         # Not measured below 9 rows per batch worker with BLAS's AVX-512 small-matrix kernels (no packed product).
