@@ -202,16 +202,19 @@ class Kernel:
         small = self._packed_product_rows(B)
 
         def work(me):
+            # Every worker, not only this thread: openblas_set_num_threads_local is per thread, and a
+            # pool worker's input projection on two OpenBLAS threads left them spinning against the
+            # barrier (latency256 took 8-10 ms instead of 1.9 in about one process of three).
             try:
-                self.function(x, *cond, *states, *parts[me], y, small, me, flags, *shared)
+                with single_threaded_blas():
+                    self.function(x, *cond, *states, *parts[me], y, small, me, flags, *shared)
             except BaseException:
                 flags[sync.ABORT] = 1
                 raise
 
         futures = [pool().submit(work, me) for me in range(1, n)]
         try:
-            with single_threaded_blas():
-                work(0)
+            work(0)
         finally:
             for future in futures:
                 future.result()
@@ -274,7 +277,7 @@ class Kernel:
         cs = [np.ascontiguousarray(c[:, b0:b1] if c.ndim == 2 else c[b0:b1]) for c in cond]
         ss = [s[b0:b1] for s in states]  # row slices of C-contiguous states: updated in place
         ys = np.empty((y.shape[0], b1 - b0, y.shape[2]), dtype=y.dtype)
-        with self._workspace(x.shape[0], y.shape[0], b1 - b0) as ws:
+        with single_threaded_blas(), self._workspace(x.shape[0], y.shape[0], b1 - b0) as ws:
             self.function(xs, *cs, *ss, *weights, ys, ws, self._packed_product_rows(b1 - b0))
         y[:, b0:b1] = ys
 
