@@ -6,6 +6,7 @@ Both exist for compile time (see ``codegen.targets.cpu.layers_of`` and
 
 from __future__ import annotations
 
+import itertools
 import sys
 
 import numpy as np
@@ -49,7 +50,7 @@ def test_kernels_import_the_shared_module_by_the_hash_of_its_source():
         assert "def _panel_product" not in source
     shared = generate_shared()
     for suffix in ("_fast", "_exact"):
-        assert f"def panel_product{suffix}(h, wp, out, b0, b1):" in shared
+        assert f"def panel_product{suffix}(h, wp, out, b0, b1, backward):" in shared
         for rows in (1, 2, 3, 4):
             assert f"def rows{rows}_panels1{suffix}(h, wp, out, b, p, cols):" in shared
 
@@ -86,7 +87,7 @@ def _input_order_product(h: np.ndarray, w: np.ndarray) -> np.ndarray:
 
 def test_panel_product_covers_its_rows_and_every_column():
     # Every row-block size (1-4 and beyond; 1-3 leftover rows take 2 or 4 panels a pass when there are that many
-    # full ones), a last panel that is partial or full, float64 bit for bit
+    # full ones), a last panel that is partial or full, panels walked forward and backward, float64 bit for bit
     # against the sums in input order; float32 (fused multiply-adds) to rounding.
     shared = _shared_module()
     rng = np.random.default_rng(3)
@@ -99,9 +100,9 @@ def test_panel_product_covers_its_rows_and_every_column():
             panels = to_panels(w)
             assert panels.shape == (-(-outputs // width), inputs, width)
             expected = _input_order_product(h, w)
-            for b0, b1 in ((0, 11), (0, 1), (2, 4), (3, 6), (1, 8), (5, 10)):
+            for (b0, b1), backward in itertools.product(((0, 11), (0, 1), (2, 4), (3, 6), (1, 8), (5, 10)), (0, 1)):
                 out = np.full((11, outputs), np.nan, dtype=dtype)
-                product(h, panels, out, b0, b1)
+                product(h, panels, out, b0, b1, backward)
                 assert np.isnan(out[:b0]).all() and np.isnan(out[b1:]).all()
                 if dtype == "float64":
                     np.testing.assert_array_equal(out[b0:b1], expected[b0:b1])

@@ -130,7 +130,7 @@ def emit_recurrent_product(em: Emitter, ctx: LayerContext, h: str, w: str, out: 
         if masked() is None:
             # np.int64: a bare 0 would type as a literal, and numba would compile a second
             # panel product for it beside the masked layers' (int64) one.
-            em(f"{PANEL_PRODUCT}({h}, {panels_name(w)}, {out}, np.int64(0), B)")
+            em(f"{PANEL_PRODUCT}({h}, {panels_name(w)}, {out}, np.int64(0), B, s % 2)")
         else:
             em("lo = 0", "hi = B")
             with em.block(f"while lo < B and ({masked('lo')}):"):
@@ -138,7 +138,7 @@ def emit_recurrent_product(em: Emitter, ctx: LayerContext, h: str, w: str, out: 
             with em.block(f"while hi > lo and ({masked('hi - 1')}):"):
                 em("hi -= 1")
             with em.block("if lo < hi:"):
-                em(f"{PANEL_PRODUCT}({h}, {panels_name(w)}, {out}, lo, hi)")
+                em(f"{PANEL_PRODUCT}({h}, {panels_name(w)}, {out}, lo, hi, s % 2)")
     with em.block("else:"):
         em(f"np.dot({h}, {w}, {out})")
 
@@ -148,7 +148,7 @@ SIMD_NAMES = ("vload", "vlane", "vmuladd", "vsplat", "vstore", "vzeros")
 
 
 def emit_panel_functions(em: Emitter, dtype: str, jit_options: str, suffix: str) -> None:
-    """``panel_product{suffix}(h, wp, out, b0, b1)``: ``out[b0:b1] = h[b0:b1] @ w`` from ``w``'s panels.
+    """``panel_product{suffix}(h, wp, out, b0, b1, backward)``: ``out[b0:b1] = h[b0:b1] @ w`` from ``w``'s panels.
 
     ``wp`` is ``(panels, inputs, P)``: column block ``p`` of ``w``, zero-padded
     to ``P`` columns (:func:`codegen.cells.to_panels`). A micro-kernel keeps a
@@ -159,6 +159,13 @@ def emit_panel_functions(em: Emitter, dtype: str, jit_options: str, suffix: str)
     register adds one term per input, and with fewer than about 8 of them a
     product waits on the multiply-add latency (1x256x512: 13.2 us one panel
     at a time, against 7.8 us for OpenBLAS's gemv).
+
+    The layers pass ``backward = s % 2``: odd steps walk the panels last to
+    first. A recurrent matrix a little larger than the cache that holds it
+    (LSTM(256) split over two cores: 512 KiB each, the whole of a Zen 3 L2)
+    read in the same order every step misses on every line, since each line
+    is evicted just before it is needed again; read back and forth, a step
+    starts with the lines the last one read most recently.
 
     ``h`` has ``inputs`` columns and ``out`` the matrix's ``outputs``, as
     the layer functions allocate them: nothing is bounds-checked.
@@ -181,24 +188,46 @@ def emit_panel_functions(em: Emitter, dtype: str, jit_options: str, suffix: str)
         if PANELS_PER_PASS.get(rows, 1) > 1:
             _emit_micro_kernel(em, dtype, jit_options, suffix, rows, PANELS_PER_PASS[rows])
     em(f"@njit({jit_options})")
-    with em.block(f"def panel_product{suffix}(h, wp, out, b0, b1):"):
-        em('"""out[b0:b1] = h[b0:b1] @ w, where wp holds w\'s column panels."""')
-        em("P = wp.shape[2]", "G = out.shape[1]", f"b = b0 + (b1 - b0) // {PANEL_ROWS} * {PANEL_ROWS}")
-        with em.block("for p in range(wp.shape[0]):"):
-            em("cols = min(P, G - p * P)")
+    with em.block(f"def panel_product{suffix}(h, wp, out, b0, b1, backward):"):
+        em('"""out[b0:b1] = h[b0:b1] @ w, where wp holds w\'s column panels, last panel first if backward."""')
+        em("P = wp.shape[2]", "G = out.shape[1]", "n = wp.shape[0]",
+           f"b = b0 + (b1 - b0) // {PANEL_ROWS} * {PANEL_ROWS}")
+        with em.block("for i in range(n):"):
+            em("p = n - 1 - i if backward else i", "cols = min(P, G - p * P)")
             with em.block(f"for r in range(b0, b, {PANEL_ROWS}):"):
                 em(f"{_micro_kernel_name(PANEL_ROWS, 1, suffix)}(h, wp, out, r, p, cols)")
         for rows in range(1, PANEL_ROWS):
             with em.block(f"{'if' if rows == 1 else 'elif'} b1 - b == {rows}:"):
-                em("p = np.int64(0)")  # a bare 0 compiles each micro-kernel once more, for a literal p
-                panels = PANELS_PER_PASS.get(rows, 1)
-                if panels > 1:
-                    with em.block(f"while (p + {panels}) * P <= G:"):
-                        em(f"{_micro_kernel_name(rows, panels, suffix)}(h, wp, out, b, p)", f"p += {panels}")
-                with em.block("while p < wp.shape[0]:"):
-                    em(f"{_micro_kernel_name(rows, 1, suffix)}(h, wp, out, b, p, min(P, G - p * P))", "p += 1")
+                _emit_leftover_rows(em, suffix, rows)
     em.blank()
     em.blank()
+
+
+def _emit_leftover_rows(em: Emitter, suffix: str, rows: int) -> None:
+    """Rows ``b..b+rows-1``: passes of :data:`PANELS_PER_PASS` panels, then the panels left one at a time.
+
+    Backward, the same passes in the opposite order.
+    """
+    panels = PANELS_PER_PASS.get(rows, 1)
+    single = f"{_micro_kernel_name(rows, 1, suffix)}(h, wp, out, b, p, min(P, G - p * P))"
+    multi = f"{_micro_kernel_name(rows, panels, suffix)}(h, wp, out, b, p)"
+    # the panels that the multi-panel passes cover
+    em(f"full = G // ({panels} * P) * {panels}" if panels > 1 else "full = 0")
+    with em.block("if backward:"):
+        em("p = n - 1")
+        with em.block("while p >= full:"):
+            em(single, "p -= 1")
+        if panels > 1:
+            em(f"p = full - {panels}")
+            with em.block("while p >= 0:"):
+                em(multi, f"p -= {panels}")
+    with em.block("else:"):
+        em("p = np.int64(0)")  # a bare 0 compiles each micro-kernel once more, for a literal p
+        if panels > 1:
+            with em.block("while p < full:"):
+                em(multi, f"p += {panels}")
+        with em.block("while p < n:"):
+            em(single, "p += 1")
 
 
 def _micro_kernel_name(rows: int, panels: int, suffix: str) -> str:

@@ -128,7 +128,8 @@ class Kernel:
         elif B == 1 and T <= STREAMING_MAX_STEPS and self.compile_seconds is not None:
             # Fast path (streaming): no split, input projection too small for OpenBLAS to thread.
             # Measured, LSTM(32) one step per call: 2.7 us for the bare numba call, 10 us through
-            # the general path below.
+            # the general path below. Its product is BLAS's gemv (small = 0): the packed product
+            # took 3.9-6.4 us per call against 3.6-6.0 (minimums, four fresh processes each).
             self.function(x, *cond, *states, *weights, y, self._streaming_workspace(), 0)
         else:
             schedule, workers = self._scheduler.choose(T, B)
@@ -144,7 +145,7 @@ class Kernel:
                 # core is busy, a 2-thread OpenBLAS call waits for a time slice (measured: LSTM(64),
                 # B=1, T=64 took 15.7 ms instead of 0.1 ms on the shared machine).
                 with single_threaded_blas(), self._workspace(T, y.shape[0], B) as ws:
-                    self.function(x, *cond, *states, *weights, y, ws, self._packed_product_rows(B))
+                    self.function(x, *cond, *states, *weights, y, ws, self._small)
             else:
                 futures = [pool().submit(self._run_rows, b0, b1, x, cond, states, weights, y)
                            for b0, b1 in split_rows(B, workers)]
@@ -199,7 +200,7 @@ class Kernel:
             n, parts = DIRECTION_WORKERS, [weights] * DIRECTION_WORKERS
         flags = sync.new_flags(n)
         shared = self.shared_buffers(T, y.shape[0], B)
-        small = self._packed_product_rows(B)
+        small = self._small
 
         def work(me):
             # Every worker, not only this thread: openblas_set_num_threads_local is per thread, and a
@@ -240,16 +241,6 @@ class Kernel:
         self._slices[key] = (list(weights), parts)  # holding the arrays keeps their ids unique
         return parts
 
-    def _packed_product_rows(self, rows: int) -> int:
-        """The kernel's ``small`` argument for a call on ``rows`` rows.
-
-        One row is a matrix-vector product, where OpenBLAS's gemv beat the
-        packed product in whole calls (alternated in one process, medians:
-        LSTM(64) B1 T50 75.9 vs 83.4 us, LSTM(128) B1 T100 0.62 vs 0.81 ms,
-        LSTM(256) B1 T100 even); from two rows see :func:`packed_product_rows`.
-        """
-        return 0 if rows == 1 else self._small
-
     def _first_call(self, x, cond, states, weights, y) -> None:
         """Compile (or load from the disk cache) on a one-row copy, timed; then run the call as usual.
 
@@ -278,7 +269,7 @@ class Kernel:
         ss = [s[b0:b1] for s in states]  # row slices of C-contiguous states: updated in place
         ys = np.empty((y.shape[0], b1 - b0, y.shape[2]), dtype=y.dtype)
         with single_threaded_blas(), self._workspace(x.shape[0], y.shape[0], b1 - b0) as ws:
-            self.function(xs, *cs, *ss, *weights, ys, ws, self._packed_product_rows(b1 - b0))
+            self.function(xs, *cs, *ss, *weights, ys, ws, self._small)
         y[:, b0:b1] = ys
 
     def _streaming_workspace(self) -> np.ndarray:

@@ -304,7 +304,12 @@ def packed_product_rows() -> int:
     2x64x256 1.3 / 12.3 us, 4x128x512 6.2 / 45.8, 16x128x512 35.5 / 76.9,
     64x128x512 108 / 137, 64x512x1024 832 / 1079, 128x120x360 144 / 160:
     the packed product up to :data:`PACKED_PRODUCT_MAX_ROWS` rows (the most
-    measured). OpenBLAS's SkylakeX kernels have small-matrix GEMMs for AVX-512
+    measured). One row too, since the packed product walks its panels back
+    and forth: B=1 whole calls, packed / gemv, medians of two fresh processes:
+    LSTM(64) T50 99-106 / 115-120 us, LSTM(256) T100 1.77-1.97 / 1.95-2.15 ms,
+    LSTM(128) T100 681-694 / 668-749 us, GRU(256) T100 1.07-1.56 / 1.22-1.42 ms
+    (it used to lose at one row: LSTM(64) 83.4 against 75.9 us). OpenBLAS's
+    SkylakeX kernels have small-matrix GEMMs for AVX-512
     (4x128x512 2.7 us, 8x128x512 4.4 us, against 9.0 and 17.5 us for an
     earlier, slower hand loop): BLAS (0 rows) there.
     ``NUMRNN_PACKED_PRODUCT_ROWS`` overrides the choice.
