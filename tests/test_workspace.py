@@ -91,3 +91,22 @@ def test_pool_keeps_the_largest_one_per_worker_and_caller(monkeypatch):
         b.__exit__(None, None, None)
     assert sorted(w.size for w in pool._free) == [3 * 10**5, 4 * 10**5, 5 * 10**5]
     assert all(any(w is a for a in arrays) for w in pool._free)
+
+
+def test_short_calls_reuse_their_threads_workspace():
+    # A short serial call (every product the packed one) takes its thread's workspace, grown to the largest
+    # size asked and reused, dirty, by the next calls, longer or shorter: each still gives the oracle's answer.
+    spec = CASES["torch_style_two_blocks_proj"]
+    kernel = get_kernel(spec)
+    rng = np.random.default_rng(5)
+    weights = _weights(spec, rng)
+    packed, seen = pack_weights(spec, weights), []
+    for steps in (3, 7, 2, 7):
+        x = rng.standard_normal((steps, 2, spec.input_size)).astype(spec.dtype)
+        lengths = np.array([steps, 1], dtype=np.int64)
+        states = [np.zeros((2, n), spec.dtype) for cell in spec.cells for n in cell.state_sizes]
+        got = kernel(x, lengths, states, packed)
+        expected, _ = run_stack(spec, weights, x, lengths=lengths)
+        np.testing.assert_allclose(got if spec.return_sequences else got[0], expected, rtol=0, atol=1e-5)
+        seen.append(kernel._thread_local.ws)
+    assert seen[1] is seen[2] is seen[3] and seen[1].size >= kernel.workspace_size(7, 7, 2)

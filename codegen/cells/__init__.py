@@ -5,7 +5,9 @@ the time loop reads; ``scratch_names(cell)`` / ``emit_scratch(em, ctx, dtype)``:
 buffers allocated once per layer; ``emit_step(em, ctx)``: one time step over
 every batch row.
 The input side (``kernel`` and ``bias``) is the same for every kind and is
-handled by the target as one hoisted product per layer.
+handled by the target as one hoisted product per layer; the kernel is kept
+twice, as is for a BLAS GEMM and in panels for the packed product of a short
+call.
 """
 
 from __future__ import annotations
@@ -29,6 +31,11 @@ def _product_matrices(cell: CellSpec) -> list[str]:
     return [name for name in emitter_for(cell).recurrent_names(cell) if name in PRODUCT_MATRICES]
 
 
+def _panel_sources(cell: CellSpec) -> list[str]:
+    """Every packed array with a panel copy: the input kernel (a short projection) and the product matrices."""
+    return ["wx", *_product_matrices(cell)]
+
+
 def recurrent_names(cell: CellSpec) -> list[str]:
     """Packed arrays the time loop reads: the cell kind's, then each product matrix's panel copy."""
     return emitter_for(cell).recurrent_names(cell) + [panels_name(name) for name in _product_matrices(cell)]
@@ -36,7 +43,7 @@ def recurrent_names(cell: CellSpec) -> list[str]:
 
 def packed_names(cell: CellSpec) -> list[str]:
     """All packed arrays of one cell in kernel-argument order: input side, then recurrent."""
-    return ["wx"] + (["b"] if cell.use_bias else []) + recurrent_names(cell)
+    return ["wx", panels_name("wx")] + (["b"] if cell.use_bias else []) + recurrent_names(cell)
 
 
 def to_panels(matrix: np.ndarray) -> np.ndarray:
@@ -58,7 +65,7 @@ def to_panels(matrix: np.ndarray) -> np.ndarray:
 
 def _with_panels(cell: CellSpec, arrays: dict[str, np.ndarray]) -> list[np.ndarray]:
     """``arrays`` (every packed name but the panels) in :func:`packed_names` order, with the panels added."""
-    for name in _product_matrices(cell):
+    for name in _panel_sources(cell):
         arrays[panels_name(name)] = to_panels(arrays[name])
     return [arrays[name] for name in packed_names(cell)]
 
@@ -78,7 +85,7 @@ def split_packed(cell: CellSpec, arrays: list[np.ndarray], part: int, parts: int
     """
     n = cell.units // parts
     lo, hi = part * n, (part + 1) * n
-    out, panels = {}, {panels_name(name) for name in _product_matrices(cell)}
+    out, panels = {}, {panels_name(name) for name in _panel_sources(cell)}
     for name, array in zip(packed_names(cell), arrays):
         if name in panels:
             continue  # made again from the worker's slice

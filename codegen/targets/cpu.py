@@ -44,6 +44,7 @@ from codegen.cells.common import (
     emit_panel_functions,
     emit_scratch_for_output,
     emit_step_times,
+    panels_name,
 )
 from codegen.emit import Emitter
 from codegen.spec import CODEGEN_VERSION, CellSpec, StackSpec
@@ -410,7 +411,7 @@ def emit_layer_call(em: Emitter, spec: StackSpec, layer: Layer, *, is_last: bool
     cell = layer.cell
     gu = cell.gates * cell.units
     weights = dict(zip(packed_names(cell), layer.weight_args()))
-    emit_input_projection(em, layer.input_size, weights["wx"], buffers.projection(weights["wx"]))
+    emit_input_projection(em, layer.input_size, weights, buffers.projection(weights["wx"]))
     out = "dest" if is_last else "seq"
     if not is_last:
         buffers.emit_buffer(em, "seq", "T", cell.output_size)
@@ -425,19 +426,32 @@ def emit_layer_call(em: Emitter, spec: StackSpec, layer: Layer, *, is_last: bool
 #: Up to this many input features the input projection is a loop, not a BLAS GEMM: OpenBLAS packs
 #: its operands for a K of 2 as for any other (seed000's first layer, 12544x2 by 2x360: 3.2 ms).
 LOOP_PROJECTION_MAX_INPUTS = 4
+#: Rows (T * B) up to which the input projection is the packed product (:func:`emit_input_projection`).
+PACKED_PROJECTION_MAX_ROWS = 128
 
 
-def emit_input_projection(em: Emitter, inputs: int, wx: str, buffer: str) -> None:
-    """``xw = src.reshape(T * B, inputs) @ wx``: one GEMM over every step, or a loop for a few inputs.
+def emit_input_projection(em: Emitter, inputs: int, weights: dict[str, str], buffer: str) -> None:
+    """``xw = src.reshape(T * B, inputs) @ wx``: one product over every step, or a loop for a few inputs.
 
-    ``buffer``: an expression for ``xw``'s storage. The GEMM writes into
-    ``xw`` (``np.dot``'s ``out`` form), as the layers' recurrent products do:
-    numba then compiles one ``np.dot`` for both, where the two-argument form
-    was a second one of 0.6 s (seed000 cold compile).
+    ``weights``: the layer's packed names -> argument names; ``buffer``: an
+    expression for ``xw``'s storage. Up to :data:`PACKED_PROJECTION_MAX_ROWS`
+    rows the packed product over ``wx``'s panels (when the call takes the
+    packed product at all, ``small > 0``), beyond them one BLAS GEMM, which
+    repacks ``wx`` on every call: one thread, rows x inputs x outputs,
+    packed / OpenBLAS, 50x256x512 154 / 226 us, 100x256x512 309 / 361 us,
+    50x32x256 16 / 19 us, even at about 200 rows, BLAS ahead from 400.
+    The GEMM writes into ``xw`` (``np.dot``'s ``out`` form), as the layers'
+    recurrent products do: numba then compiles one ``np.dot`` for both, where
+    the two-argument form was a second one of 0.6 s (seed000 cold compile).
     """
+    wx = weights["wx"]
     em(f"xw = {buffer}")
     if inputs > LOOP_PROJECTION_MAX_INPUTS:
-        em(f"np.dot(src.reshape(T * B, {inputs}), {wx}, xw)")
+        em(f"xs = src.reshape(T * B, {inputs})")
+        with em.block(f"if T * B <= {PACKED_PROJECTION_MAX_ROWS} and small > 0:"):
+            em(f"{PANEL_PRODUCT}(xs, {weights[panels_name('wx')]}, xw, np.int64(0), T * B, np.int64(0))")
+        with em.block("else:"):
+            em(f"np.dot(xs, {wx}, xw)")
         return
     em(f"xs = src.reshape(T * B, {inputs})")
     with em.block("for r in range(T * B):"):

@@ -13,7 +13,7 @@ import numpy as np
 
 from codegen import StackSpec, generate_source
 from codegen.cells import pack, packed_names, split_packed
-from codegen.targets.cpu import condition_args, generate_shared, shared_module_name
+from codegen.targets.cpu import PACKED_PROJECTION_MAX_ROWS, condition_args, generate_shared, shared_module_name
 from codegen.targets.cpu_dirsplit import WORKERS as DIRECTION_WORKERS
 from numrnn.runtime.cache import cache_dir, import_module, module_path, write_if_changed
 from numrnn.runtime.schedule import Scheduler, cores, packed_product_rows, pool, single_threaded_blas, split_rows
@@ -42,7 +42,8 @@ class WorkspacePool:
     A call borrows the largest free one, or a new one where none is large
     enough, and returns it after. Up to :data:`SMALL_WORKSPACE` elements a
     call takes a new array, which numpy's allocator hands out in well under a
-    microsecond without the pool's lock (streaming calls).
+    microsecond without the pool's lock (a batch worker's few rows; a short
+    serial call uses its thread's workspace instead).
     """
 
     def __init__(self):
@@ -130,7 +131,7 @@ class Kernel:
             # Measured, LSTM(32) one step per call: 2.7 us for the bare numba call, 10 us through
             # the general path below. Its product is BLAS's gemv (small = 0): the packed product
             # took 3.9-6.4 us per call against 3.6-6.0 (minimums, four fresh processes each).
-            self.function(x, *cond, *states, *weights, y, self._streaming_workspace(), 0)
+            self.function(x, *cond, *states, *weights, y, self._thread_workspace(self._streaming_size), 0)
         else:
             schedule, workers = self._scheduler.choose(T, B)
             if schedule in ("units", "directions"):
@@ -141,11 +142,7 @@ class Kernel:
                 self._first_call(x, cond, states, weights, y)
                 return y if self._sequences else y[0]
             if workers == 1:
-                # Single-threaded BLAS even for the one input projection per layer: when the other
-                # core is busy, a 2-thread OpenBLAS call waits for a time slice (measured: LSTM(64),
-                # B=1, T=64 took 15.7 ms instead of 0.1 ms on the shared machine).
-                with single_threaded_blas(), self._workspace(T, y.shape[0], B) as ws:
-                    self.function(x, *cond, *states, *weights, y, ws, self._small)
+                self._run_serial(x, cond, states, weights, y)
             else:
                 futures = [pool().submit(self._run_rows, b0, b1, x, cond, states, weights, y)
                            for b0, b1 in split_rows(B, workers)]
@@ -163,7 +160,9 @@ class Kernel:
         self._split_kernels: dict[str, Kernel] = {}
         self._slices: dict[tuple[int, ...], tuple[list, list[list[np.ndarray]]]] = {}
         self._workspaces = WorkspacePool()
-        self._thread_local = threading.local()  # the fast path's workspace
+        self._thread_local = threading.local()  # short calls' workspaces
+        self._streaming_size = self.workspace_size(STREAMING_MAX_STEPS, STREAMING_MAX_STEPS, 1) \
+            if self.workspace_size is not None else 0
 
     def _try_split(self, schedule: str, workers: int, x, cond, states, weights, y) -> bool:
         """Run the call on the unit- or direction-split kernel; False if another split call is running."""
@@ -272,13 +271,35 @@ class Kernel:
             self.function(xs, *cs, *ss, *weights, ys, ws, self._small)
         y[:, b0:b1] = ys
 
-    def _streaming_workspace(self) -> np.ndarray:
-        """This thread's workspace for the fast path, allocated once: a per-call size and array cost 0.3-1 us."""
+    def _thread_workspace(self, size: int) -> np.ndarray:
+        """This thread's workspace for short calls, kept and grown to the largest ``size`` asked.
+
+        A call runs on one thread, so a thread's workspace is never in two
+        calls at once. A pool's borrow cost 1.9 us and a new array and its
+        size 0.3-1 us, of a 3-5 us streaming call.
+        """
         ws = getattr(self._thread_local, "ws", None)
-        if ws is None:
-            size = self.workspace_size(STREAMING_MAX_STEPS, STREAMING_MAX_STEPS, 1)
+        if ws is None or ws.size < size:
             ws = self._thread_local.ws = np.empty(size, self._dtype)
         return ws
+
+    def _run_serial(self, x, cond, states, weights, y) -> None:
+        """The whole call on this thread, with single-threaded BLAS when it calls BLAS at all.
+
+        Single-threaded even for the one input projection per layer: when the
+        other core is busy, a 2-thread OpenBLAS call waits for a time slice
+        (measured: LSTM(64), B=1, T=64 took 15.7 ms instead of 0.1 ms on the
+        shared machine). A short call (every product the packed one, the
+        workspace small) skips that and the pool: tiny64 spent 3.3 us setting
+        and restoring BLAS's threads and 1.9 us borrowing a workspace.
+        """
+        T, B = x.shape[0], x.shape[1]
+        size = self.workspace_size(T, y.shape[0], B)
+        if 0 < B <= self._small and T * B <= PACKED_PROJECTION_MAX_ROWS and size <= SMALL_WORKSPACE:
+            self.function(x, *cond, *states, *weights, y, self._thread_workspace(size), self._small)
+            return
+        with single_threaded_blas(), self._workspaces.borrow(size, self._dtype) as ws:
+            self.function(x, *cond, *states, *weights, y, ws, self._small)
 
     def _workspace(self, T: int, T_out: int, rows: int) -> Borrowed:
         """A workspace for a call on ``rows`` rows, from this kernel's pool."""
