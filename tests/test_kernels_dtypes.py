@@ -1,8 +1,9 @@
 """float64 kernels are exact (libm, no fastmath); float32 ones (approximate tanh/sigmoid) stay close.
 
-Batch sizes 1, 3 and 9 go through the three recurrent-product paths (gemv,
-the packed product, GEMM: the kernel takes the packed product up to 4 rows
-here, whatever this machine's BLAS); each is compared with the NumPy oracle.
+Batch sizes 1, 3 and 9 go through the recurrent-product paths (the packed
+product for one row and for a 4-row block with leftovers, GEMM: the kernel
+takes the packed product up to 4 rows here, whatever this machine's BLAS);
+each is compared with the NumPy oracle.
 """
 
 from __future__ import annotations

@@ -6,7 +6,6 @@ Both exist for compile time (see ``codegen.targets.cpu.layers_of`` and
 
 from __future__ import annotations
 
-import itertools
 import sys
 
 import numpy as np
@@ -88,23 +87,29 @@ def _input_order_product(h: np.ndarray, w: np.ndarray) -> np.ndarray:
 def test_panel_product_covers_its_rows_and_every_column():
     # Every row-block size (1-4 and beyond; 1-3 leftover rows take 2 or 4 panels a pass when there are that many
     # full ones), a last panel that is partial or full, panels walked forward and backward, float64 bit for bit
-    # against the sums in input order; float32 (fused multiply-adds) to rounding.
+    # against the sums in input order; float32 (fused multiply-adds) to rounding, and backward bit for bit
+    # as forward (only the order of the panels changes, not any output's sum).
     shared = _shared_module()
     rng = np.random.default_rng(3)
     for dtype, product, width in (("float64", shared.panel_product_exact, 8),
                                   ("float32", shared.panel_product_fast, 16)):
         for inputs, outputs in ((1, 1), (5, 7), (9, width), (3, 2 * width + 3), (17, 3 * width - 1),
-                                (7, 4 * width + 5)):
+                                (7, 4 * width + 5), (4, 2 * width), (6, 4 * width), (5, 8 * width + 1)):
             h = rng.standard_normal((11, inputs)).astype(dtype)
             w = rng.standard_normal((inputs, outputs)).astype(dtype)
             panels = to_panels(w)
             assert panels.shape == (-(-outputs // width), inputs, width)
             expected = _input_order_product(h, w)
-            for (b0, b1), backward in itertools.product(((0, 11), (0, 1), (2, 4), (3, 6), (1, 8), (5, 10)), (0, 1)):
-                out = np.full((11, outputs), np.nan, dtype=dtype)
-                product(h, panels, out, b0, b1, backward)
-                assert np.isnan(out[:b0]).all() and np.isnan(out[b1:]).all()
-                if dtype == "float64":
-                    np.testing.assert_array_equal(out[b0:b1], expected[b0:b1])
-                else:
-                    np.testing.assert_allclose(out[b0:b1], expected[b0:b1], rtol=1e-5, atol=1e-5)
+            for b0, b1 in ((0, 11), (0, 1), (2, 4), (3, 6), (1, 8), (5, 10)):
+                forward = None
+                for backward in (0, 1):
+                    out = np.full((11, outputs), np.nan, dtype=dtype)
+                    product(h, panels, out, b0, b1, backward)
+                    assert np.isnan(out[:b0]).all() and np.isnan(out[b1:]).all()
+                    if dtype == "float64":
+                        np.testing.assert_array_equal(out[b0:b1], expected[b0:b1])
+                    else:
+                        np.testing.assert_allclose(out[b0:b1], expected[b0:b1], rtol=1e-5, atol=1e-5)
+                    if forward is None:
+                        forward = out
+                    np.testing.assert_array_equal(out, forward)

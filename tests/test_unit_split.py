@@ -142,7 +142,7 @@ def test_barrier_waits_for_the_slowest_worker():
 def test_single_threaded_blas_sets_one_thread_and_restores_the_callers_count():
     setters = schedule._blas_setters()
     if not setters:
-        pytest.skip("no bundled OpenBLAS with per-thread thread counts here")
+        pytest.skip("no bundled OpenBLAS whose thread count numrnn sets here")
     before = [setter(3) for setter in setters]
     try:
         with schedule.single_threaded_blas():
@@ -152,5 +152,37 @@ def test_single_threaded_blas_sets_one_thread_and_restores_the_callers_count():
             raise RuntimeError("restored on the way out of an error too")
         assert [setter(3) for setter in setters] == [3] * len(setters)
     finally:
+        for setter, n in zip(setters, before):
+            setter(n)
+
+
+
+def test_overlapping_single_threaded_blas_blocks_restore_the_count_when_the_last_one_leaves():
+    # OpenBLAS's pthreads builds keep one count for the process: the workers of one call share it, so the
+    # first block out must not put the caller's count back while another still runs.
+    setters = schedule._blas_setters()
+    if not setters:
+        pytest.skip("no bundled OpenBLAS whose thread count numrnn sets here")
+    before = [setter(3) for setter in setters]
+    inside, leave = threading.Event(), threading.Event()
+
+    def other_worker():
+        with schedule.single_threaded_blas():
+            inside.set()
+            leave.wait(10)
+
+    try:
+        first = schedule.single_threaded_blas()
+        first.__enter__()
+        thread = threading.Thread(target=other_worker)
+        thread.start()
+        assert inside.wait(10)
+        first.__exit__(None, None, None)  # the first block out, the other still inside
+        assert [setter(1) for setter in setters] == [1] * len(setters)
+        leave.set()
+        thread.join(10)
+        assert [setter(3) for setter in setters] == [3] * len(setters)
+    finally:
+        leave.set()
         for setter, n in zip(setters, before):
             setter(n)

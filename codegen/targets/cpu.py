@@ -7,7 +7,8 @@ directions layer by layer. The packed recurrent products come from a module that
 every kernel shares (:func:`generate_shared`). Executing a stack layer
 by layer rather than step by step is exact for every masking mode, because a
 masked step keeps the state of every cell of the stack; it lets each layer's
-input projection be one GEMM over all ``T * B`` rows, hoisted out of the loop.
+input projection be one product over all ``T * B`` rows, hoisted out of the loop
+(a BLAS GEMM, or the packed product for a short call: :func:`emit_input_projection`).
 
 Kernel signature (all arrays C-contiguous, time-major)::
 
@@ -24,7 +25,9 @@ projections, the sequences between layers and blocks); the module's
 ``small``: up to this many batch rows, a step's recurrent product is the
 packed product (``codegen.cells.common.emit_panel_functions``, over the
 ``*_panels`` weights) instead of a BLAS call (the runtime checks which BLAS it
-has; see ``numrnn.runtime.schedule.packed_product_rows``).
+has; see ``numrnn.runtime.schedule.packed_product_rows``); where it is
+positive, input projections of up to :data:`PACKED_PROJECTION_MAX_ROWS` rows
+are the packed product too.
 """
 
 from __future__ import annotations
@@ -445,15 +448,13 @@ def emit_input_projection(em: Emitter, inputs: int, weights: dict[str, str], buf
     the two-argument form was a second one of 0.6 s (seed000 cold compile).
     """
     wx = weights["wx"]
-    em(f"xw = {buffer}")
+    em(f"xw = {buffer}", f"xs = src.reshape(T * B, {inputs})")
     if inputs > LOOP_PROJECTION_MAX_INPUTS:
-        em(f"xs = src.reshape(T * B, {inputs})")
         with em.block(f"if T * B <= {PACKED_PROJECTION_MAX_ROWS} and small > 0:"):
             em(f"{PANEL_PRODUCT}(xs, {weights[panels_name('wx')]}, xw, np.int64(0), T * B, np.int64(0))")
         with em.block("else:"):
             em(f"np.dot(xs, {wx}, xw)")
         return
-    em(f"xs = src.reshape(T * B, {inputs})")
     with em.block("for r in range(T * B):"):
         em(*(f"x{k} = xs[r, {k}]" for k in range(inputs)), "xr = xw[r]")
         with em.block(f"for g in range({wx}.shape[1]):"):

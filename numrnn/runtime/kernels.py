@@ -161,8 +161,8 @@ class Kernel:
         self._slices: dict[tuple[int, ...], tuple[list, list[list[np.ndarray]]]] = {}
         self._workspaces = WorkspacePool()
         self._thread_local = threading.local()  # short calls' workspaces
-        self._streaming_size = self.workspace_size(STREAMING_MAX_STEPS, STREAMING_MAX_STEPS, 1) \
-            if self.workspace_size is not None else 0
+        self._streaming_size = (self.workspace_size(STREAMING_MAX_STEPS, STREAMING_MAX_STEPS, 1)
+                                if self.workspace_size is not None else 0)
 
     def _try_split(self, schedule: str, workers: int, x, cond, states, weights, y) -> bool:
         """Run the call on the unit- or direction-split kernel; False if another split call is running."""
@@ -202,9 +202,10 @@ class Kernel:
         small = self._small
 
         def work(me):
-            # Every worker, not only this thread: openblas_set_num_threads_local is per thread, and a
-            # pool worker's input projection on two OpenBLAS threads left them spinning against the
-            # barrier (latency256 took 8-10 ms instead of 1.9 in about one process of three).
+            # Every worker enters the block before its first BLAS call: a pool worker submitted before
+            # this thread entered it could start its input projection on two OpenBLAS threads, which
+            # then spun against the barrier (latency256 took 8-10 ms instead of 1.9 in about one
+            # process of three).
             try:
                 with single_threaded_blas():
                     self.function(x, *cond, *states, *parts[me], y, small, me, flags, *shared)

@@ -9,7 +9,8 @@ Measured on the 2-core benchmark machine, seed000 (3xGRU(120), B128, T196):
 letting OpenBLAS thread each per-step GEMM (128x120x360) costs a fork/join per
 step; when the other core is busy that turned 0.4 s into 2.9 s. Two batch
 halves with single-threaded BLAS keep both cores busy for the whole call.
-Unsplit calls also run single-threaded BLAS (see ``Kernel.__call__``).
+Unsplit calls also run single-threaded BLAS (``Kernel._run_serial``), except
+short ones that make no BLAS call at all.
 
 Policy (:class:`Scheduler`):
 
@@ -20,10 +21,10 @@ Policy (:class:`Scheduler`):
 - ``NUMRNN_NUM_THREADS`` caps ``cores`` (``1`` disables the split).
 
 Inside each worker the generated code picks the per-step recurrent product by
-rows (the kernel's ``small`` argument): one row, OpenBLAS gemv; up to
-:func:`packed_product_rows` rows, the packed product over the recurrent weights
-as :func:`codegen.cells.to_panels` packed them once; more rows, one BLAS GEMM
-per step.
+rows (the kernel's ``small`` argument): up to :func:`packed_product_rows`
+rows, the packed product over the recurrent weights as
+:func:`codegen.cells.to_panels` packed them once (one row too, but for the
+streaming fast path's gemv); more rows, one BLAS GEMM per step.
 
 Small batches split the hidden units instead (``unit_split``,
 :mod:`codegen.targets.cpu_split`): every worker computes its slice of every
@@ -180,10 +181,10 @@ class Scheduler:
     """The schedule of one spec's calls (see the module docstring).
 
     What depends only on the spec (its FLOPs per row and step, whether its
-    units can split) is worked out once, here; a call then pays for an
-    environment read and a few comparisons. Worked out per call, the policy
-    cost 11-14 us (most of it summing the FLOPs over the cells), about 8 %
-    of a tiny64 call.
+    units can split) is worked out once, here, and each shape's choice once
+    (:meth:`choose`); a call then pays for an environment read and a dict
+    lookup. Worked out per call, the policy cost 11-14 us (most of it summing
+    the FLOPs over the cells), about 8 % of a tiny64 call.
     """
 
     def __init__(self, spec: StackSpec):
@@ -271,28 +272,46 @@ def _blas_setters() -> list:
 _SETTERS: list | None = None
 
 
-def _single_threaded_blas() -> None:
-    """Make this thread's OpenBLAS calls single-threaded (the workers already use every core)."""
-    for setter in _blas_setters():
-        setter(1)
-
-
 class single_threaded_blas:  # lower case: used like the function it replaced, ``with single_threaded_blas():``
-    """This thread's OpenBLAS single-threaded for the block (per-step GEMMs are too small to fork).
+    """OpenBLAS single-threaded while any numrnn call is in such a block (per-step GEMMs are too small to fork).
+
+    ``openblas_set_num_threads_local`` sets the count of the whole process in
+    OpenBLAS's pthreads builds, which scipy's wheels are (a count set in one
+    thread is what every other thread reads back), so the workers of one call,
+    and overlapping calls, share the setting: every block sets one thread (so
+    a build with per-thread counts is covered too), the first of overlapping
+    blocks saves the caller's count and the last one out puts it back. Saving
+    and restoring in each block left a count of 1 or 2 by which worker finished
+    last, and could restore 2 while another worker still ran its GEMMs.
 
     A class rather than a ``contextlib.contextmanager`` generator, which cost
-    3.1 us to enter and leave against 1.9 us for this (0.8 us of it the two
-    OpenBLAS calls), on every serial call: a tiny64 call is about 80 us.
+    3.1 us to enter and leave against 1.9 us for a class (0.8 us of it the
+    OpenBLAS calls); short serial calls skip it (``Kernel._run_serial``).
     """
 
-    __slots__ = ("_previous",)
+    __slots__ = ()
 
     def __enter__(self) -> None:
-        self._previous = [setter(1) for setter in _blas_setters()]
+        global _BLAS_USERS, _BLAS_SAVED
+        with _BLAS_LOCK:
+            counts = [setter(1) for setter in _blas_setters()]
+            if _BLAS_USERS == 0:
+                _BLAS_SAVED = counts
+            _BLAS_USERS += 1
 
     def __exit__(self, *exc_info) -> None:
-        for setter, n in zip(_SETTERS, self._previous):
-            setter(n)
+        global _BLAS_USERS
+        with _BLAS_LOCK:
+            _BLAS_USERS -= 1
+            if _BLAS_USERS == 0:
+                for setter, n in zip(_blas_setters(), _BLAS_SAVED):
+                    setter(n)
+
+
+_BLAS_LOCK = threading.Lock()
+#: Blocks of :class:`single_threaded_blas` open now, and the count the first of them found.
+_BLAS_USERS = 0
+_BLAS_SAVED: list[int] = []
 
 
 def _openblas_paths() -> list[str]:
@@ -346,11 +365,10 @@ def packed_product_rows() -> int:
 
 
 def pool() -> ThreadPoolExecutor:
-    """The process-wide worker pool (threads created once, BLAS single-threaded in each)."""
+    """The process-wide worker pool (threads created once; each task sets single-threaded BLAS itself)."""
     global _POOL
     if _POOL is None:
         with _POOL_LOCK:
             if _POOL is None:
-                _POOL = ThreadPoolExecutor(max_workers=max(2, cores()), thread_name_prefix="numrnn",
-                                           initializer=_single_threaded_blas)
+                _POOL = ThreadPoolExecutor(max_workers=max(2, cores()), thread_name_prefix="numrnn")
     return _POOL
