@@ -413,12 +413,20 @@ def _format_time(seconds: float) -> str:
     return f"{seconds * 1e3:.2f} ms"
 
 
+#: Pause before timing each system: the thread pools of the system timed before keep spinning for a
+#: while after its last call (ONNX Runtime's, OpenMP's block time, Eigen's) and can take a core from
+#: the next one (a numrnn throughput512 median once read 595 ms, timed right after TensorFlow's tiny64;
+#: 352-440 ms in the other runs of that session).
+SETTLE_SECONDS = 0.5
+
+
 def bench_shape(shape: Shape, peers: list[str], min_time: float) -> list[dict]:
     """Rows of one shape: numrnn first, then each peer that builds and runs."""
     problem = make_problem(shape)
     numrnn_run = _numrnn(problem)
     reference = np.asarray(numrnn_run())
     calls = 200 if shape.streaming else 1
+    time.sleep(SETTLE_SECONDS)
     rows = [{"system": "numrnn", "seconds": median_seconds(numrnn_run, min_time=min_time, calls_per_sample=calls),
              "diff": 0.0, "version": None}]
     for name in peers:
@@ -427,6 +435,7 @@ def bench_shape(shape: Shape, peers: list[str], min_time: float) -> list[dict]:
             diff = float(np.max(np.abs(np.asarray(run(), dtype=np.float64).reshape(reference.shape) - reference)))
             if shape.streaming:  # a stateful run: the first call above started from zeros, as numrnn's
                 diff = float("nan")
+            time.sleep(SETTLE_SECONDS)
             seconds = median_seconds(run, min_time=min_time, calls_per_sample=calls)
             rows.append({"system": name, "seconds": seconds, "diff": diff, "version": version})
         except Exception as exc:  # a peer that cannot build this shape is reported, not fatal
