@@ -254,7 +254,7 @@ class Kernel:
             if self.compile_seconds is None:
                 start = time.perf_counter()
                 row = [np.ascontiguousarray(c[:, :1] if c.ndim == 2 else c[:1]) for c in cond]
-                with self._workspace(x.shape[0], y.shape[0], 1) as ws:
+                with single_threaded_blas(), self._workspace(x.shape[0], y.shape[0], 1) as ws:
                     self.function(np.ascontiguousarray(x[:, :1]), *row, *[s[:1].copy() for s in states], *weights,
                                   np.empty((y.shape[0], 1, y.shape[2]), dtype=y.dtype), ws, 0)
                 self.compile_seconds = time.perf_counter() - start
