@@ -12,7 +12,7 @@ import numpy as np
 from reference import run_stack
 
 from codegen import generate_source
-from codegen.cells import to_panels
+from codegen.cells import ALIGNMENT, packed_names, split_packed, to_panels
 from codegen.spec import BlockSpec, CellSpec, DirectionSpec, StackSpec, simple_stack
 from codegen.targets.cpu import generate_shared, layers_of, shared_module_name
 from numrnn.runtime import get_kernel, pack_weights
@@ -113,3 +113,20 @@ def test_panel_product_covers_its_rows_and_every_column():
                     if forward is None:
                         forward = out
                     np.testing.assert_array_equal(out, forward)
+
+
+def test_packed_weights_start_on_a_cache_line_and_keep_their_values():
+    rng = np.random.default_rng(11)
+    spec = simple_stack([CellSpec("lstm", 6), CellSpec("gru", 5)], 3, dtype="float32")
+    weights = [{k: rng.uniform(-0.5, 0.5, s) for k, s in c.weight_shapes(n).items()}
+               for c, n in zip(spec.cells, spec.input_sizes())]
+    packed = pack_weights(spec, weights)
+    assert all(a.ctypes.data % ALIGNMENT == 0 and a.flags.c_contiguous for a in packed)
+    lstm = spec.cells[0]
+    names = packed_names(lstm)
+    wx, wx_panels = packed[names.index("wx")], packed[names.index("wx_panels")]
+    np.testing.assert_array_equal(wx, weights[0]["kernel"].astype(np.float32))
+    np.testing.assert_array_equal(wx_panels, to_panels(wx))
+    for part in range(2):
+        sliced = split_packed(lstm, packed[:len(names)], part, 2)
+        assert all(a.ctypes.data % ALIGNMENT == 0 and a.flags.c_contiguous for a in sliced)
