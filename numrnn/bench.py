@@ -413,10 +413,11 @@ def _format_time(seconds: float) -> str:
     return f"{seconds * 1e3:.2f} ms"
 
 
-#: Pause before timing each system: the thread pools of the system timed before keep spinning for a
-#: while after its last call (ONNX Runtime's, OpenMP's block time, Eigen's) and can take a core from
-#: the next one (a numrnn throughput512 median once read 595 ms, timed right after TensorFlow's tiny64;
-#: 352-440 ms in the other runs of that session).
+#: Pause before timing each system, a precaution: the thread pools of the system timed before keep
+#: spinning for a while after its last call (ONNX Runtime's, OpenMP's block time, Eigen's) and can take
+#: a core from the next one. It came after a numrnn throughput512 median read 595 ms, timed right after
+#: TensorFlow's tiny64 (352-440 ms in the other runs of that session); a later run with the pause read
+#: 603 ms once, so that slow mode has some other cause as well.
 SETTLE_SECONDS = 0.5
 
 
