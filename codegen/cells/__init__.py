@@ -46,23 +46,6 @@ def packed_names(cell: CellSpec) -> list[str]:
     return ["wx", panels_name("wx")] + (["b"] if cell.use_bias else []) + recurrent_names(cell)
 
 
-def to_panels(matrix: np.ndarray) -> np.ndarray:
-    """``(inputs, outputs)`` -> ``(panels, inputs, P)``: column blocks of ``P`` (zero-padded), each contiguous.
-
-    The layout of the packed recurrent product
-    (``codegen.cells.common.emit_panel_functions``): it reads one panel row
-    by row, so a panel is a short contiguous stream rather than ``inputs``
-    cache lines a row of ``matrix`` apart (8x128x512: 13.1 us from panels,
-    25.8 us from the row-major matrix).
-    """
-    inputs, outputs = matrix.shape
-    width = panel_width(matrix.dtype.name)
-    count = -(-outputs // width)
-    padded = np.zeros((inputs, count * width), dtype=matrix.dtype)
-    padded[:, :outputs] = matrix
-    return np.ascontiguousarray(padded.reshape(inputs, count, width).transpose(1, 0, 2))
-
-
 #: Byte alignment of every packed array (a cache line). The packed product loads 32-byte vectors from
 #: 64-byte panel rows; 16 or 48 bytes off a line, every other load straddles two lines. One thread,
 #: rows x inputs x outputs, panels aligned / 16, 32, 48 bytes off: 1x64x256 0.68 / 1.11, 0.97, 1.07 us;
@@ -79,11 +62,27 @@ def aligned_copy(array: np.ndarray) -> np.ndarray:
     return out
 
 
+def to_panels(matrix: np.ndarray) -> np.ndarray:
+    """``(inputs, outputs)`` -> ``(panels, inputs, P)``: column blocks of ``P`` (zero-padded), each contiguous.
+
+    The layout of the packed recurrent product
+    (``codegen.cells.common.emit_panel_functions``): it reads one panel row
+    by row, so a panel is a short contiguous stream rather than ``inputs``
+    cache lines a row of ``matrix`` apart (8x128x512: 13.1 us from panels,
+    25.8 us from the row-major matrix).
+    """
+    inputs, outputs = matrix.shape
+    width = panel_width(matrix.dtype.name)
+    count = -(-outputs // width)
+    padded = np.zeros((inputs, count * width), dtype=matrix.dtype)
+    padded[:, :outputs] = matrix
+    return aligned_copy(padded.reshape(inputs, count, width).transpose(1, 0, 2))
+
+
 def _with_panels(cell: CellSpec, arrays: dict[str, np.ndarray]) -> list[np.ndarray]:
     """``arrays`` (every packed name but the panels) in :func:`packed_names` order, panels added, all aligned."""
-    for name in _panel_sources(cell):
-        arrays[panels_name(name)] = to_panels(arrays[name])
-    return [aligned_copy(arrays[name]) for name in packed_names(cell)]
+    panels = {panels_name(name): to_panels(arrays[name]) for name in _panel_sources(cell)}  # aligned already
+    return [panels[name] if name in panels else aligned_copy(arrays[name]) for name in packed_names(cell)]
 
 
 #: How each packed array is cut for one worker of the unit split: along which axis, and whether that
@@ -108,7 +107,7 @@ def split_packed(cell: CellSpec, arrays: list[np.ndarray], part: int, parts: int
         axis, gated = _SPLIT_AXES[name]
         blocks = cell.gates if gated else 1
         index = np.concatenate([np.arange(g * cell.units + lo, g * cell.units + hi) for g in range(blocks)])
-        out[name] = np.ascontiguousarray(np.take(array, index, axis=axis))
+        out[name] = np.take(array, index, axis=axis)
     return _with_panels(cell, out)
 
 
@@ -118,4 +117,5 @@ def pack(cell: CellSpec, logical: dict, dtype: str) -> list[np.ndarray]:
     if cell.use_bias:
         packed["b"] = logical["bias"]
     packed.update(emitter_for(cell).pack_recurrent(cell, logical))
-    return _with_panels(cell, {name: np.ascontiguousarray(array, dtype=dtype) for name, array in packed.items()})
+    # No copy here: _with_panels copies every array once, aligned.
+    return _with_panels(cell, {name: np.asarray(array, dtype=dtype) for name, array in packed.items()})
