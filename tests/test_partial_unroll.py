@@ -57,8 +57,8 @@ def test_generated_loop_holds_k_body_copies_and_a_remainder_loop():
     for j in range(3):
         assert source.count(f"# step s0 + {j}") == 2
     # every body copy starts with the recurrent product: 3 unrolled + 1 remainder, per layer
-    assert source.count("np.dot(h, wh, rh)") == 4
-    assert source.count("np.dot(h, whzr, rzr)") == 4
+    assert source.count("_dot(h, wh, rh)") == 4
+    assert source.count("_dot(h, whzr, rzr)") == 4
     plain = generate_source(_spec())
     assert "T_main" not in plain and plain.count("for s in range(T):") == 2
 

@@ -45,11 +45,16 @@ def test_kernels_import_the_shared_module_by_the_hash_of_its_source():
     assert name.startswith("numrnn_shared_") and len(name) == len("numrnn_shared_") + 16
     for dtype, suffix in (("float32", "_fast"), ("float64", "_exact")):
         source = generate_source(simple_stack([CellSpec("lstm", 3)], 2, dtype=dtype))
-        assert f"from {name} import panel_product{suffix} as _panel_product" in source
-        assert "def _panel_product" not in source
+        assert (f"from {name} import panel_product{suffix}_call as _panel_product, dot{suffix}_call as _dot, "
+                f"link{suffix}") in source
+        assert f"\nlink{suffix}()\n" in source
+        assert "def _panel_product" not in source and "np.dot(" not in source
     shared = generate_shared()
     for suffix in ("_fast", "_exact"):
         assert f"def panel_product{suffix}(h, wp, out, b0, b1, backward):" in shared
+        entry = f"def panel_product{suffix}_c(h, h0, h1, wp, wp0, wp1, wp2, out, out0, out1, b0, b1, backward):"
+        assert entry in shared
+        assert f"def dot{suffix}_c(a, a0, a1, b, b0, b1, out, out0, out1):" in shared
         for rows in (1, 2, 3, 4):
             assert f"def rows{rows}_panels1{suffix}(h, wp, out, b, p, cols):" in shared
 

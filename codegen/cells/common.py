@@ -102,6 +102,8 @@ PANELS_PER_PASS = {1: 4, 2: 2, 3: 2}
 PRODUCT_MATRICES = ("wh", "whzr", "whh")
 #: The packed-product function, as a kernel module names it (from the shared module).
 PANEL_PRODUCT = "_panel_product"
+#: ``np.dot(a, b, out)`` (a BLAS GEMM), as a kernel module names it (from the shared module).
+DOT = "_dot"
 
 
 def panel_width(dtype: str) -> int:
@@ -140,7 +142,7 @@ def emit_recurrent_product(em: Emitter, ctx: LayerContext, h: str, w: str, out: 
             with em.block("if lo < hi:"):
                 em(f"{PANEL_PRODUCT}({h}, {panels_name(w)}, {out}, lo, hi, s % 2)")
     with em.block("else:"):
-        em(f"np.dot({h}, {w}, {out})")
+        em(f"{DOT}({h}, {w}, {out})")
 
 
 #: What the shared module's packed product needs from ``numrnn.runtime.simd``.
@@ -201,6 +203,48 @@ def emit_panel_functions(em: Emitter, dtype: str, jit_options: str, suffix: str)
                 _emit_leftover_rows(em, suffix, rows)
     em.blank()
     em.blank()
+
+
+#: The C functions of the shared module (``numrnn.runtime.extern``), by the name kernels call them:
+#: (function in the shared module, its arrays with their dimensions, its int64 scalars).
+EXTERN_FUNCTIONS = {
+    PANEL_PRODUCT: ("panel_product{suffix}", (("h", 2), ("wp", 3), ("out", 2)), ("b0", "b1", "backward")),
+    DOT: ("np.dot", (("a", 2), ("b", 2), ("out", 2)), ()),
+}
+
+
+def extern_name(call: str, suffix: str) -> str:
+    """Name of the shared module's function behind ``call`` (a key of :data:`EXTERN_FUNCTIONS`) in a dtype flavor."""
+    return f"{call[1:]}{suffix}"
+
+
+def emit_extern_functions(em: Emitter, dtype: str, suffix: str) -> None:
+    """The C entries of :data:`EXTERN_FUNCTIONS`, the intrinsics that call them, and ``link{suffix}()``.
+
+    Kernels call the products through these intrinsics (``numrnn.runtime.extern``)
+    rather than as ``@njit`` functions or ``np.dot``, so that numba does not
+    compile a copy of them into every kernel; a kernel module calls
+    ``link{suffix}()`` when imported.
+    """
+    links = []
+    for call, (function, arrays, scalars) in EXTERN_FUNCTIONS.items():
+        name = extern_name(call, suffix)
+        args = [a for array, ndim in arrays for a in (array, *(f"{array}{i}" for i in range(ndim)))]
+        views = [f"carray({array}, ({', '.join(f'{array}{i}' for i in range(ndim))}))" for array, ndim in arrays]
+        ndims = tuple(ndim for _, ndim in arrays)
+        with em.block(f"def {name}_c({', '.join(args + list(scalars))}):"):
+            em(f'"""{function.format(suffix=suffix)} on C pointers and shapes (numrnn.runtime.extern)."""')
+            em(f"{function.format(suffix=suffix)}({', '.join(views + list(scalars))})")
+        em.blank()
+        em.blank()
+        em(f"{name.upper()} = (f\"{{__name__}}.{name}\", {ndims!r}, {len(scalars)})",
+           f"{name}_call = extern_call(*{name.upper()})")
+        em.blank()
+        em.blank()
+        links.append(f"link({name.upper()}[0], {name}_c, {dtype}, *{name.upper()}[1:])")
+    with em.block(f"def link{suffix}():"):
+        em(f'"""Compile or load the {dtype} C entries and name them to LLVM, once per process (before any kernel)."""',
+           *links)
 
 
 def _emit_leftover_rows(em: Emitter, suffix: str, rows: int) -> None:

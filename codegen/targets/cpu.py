@@ -40,13 +40,17 @@ from functools import lru_cache, partial
 
 from codegen.cells import emitter_for, packed_names, recurrent_names
 from codegen.cells.common import (
+    DOT,
+    EXTERN_FUNCTIONS,
     PANEL_PRODUCT,
     SIMD_NAMES,
     LayerContext,
+    emit_extern_functions,
     emit_math_helpers,
     emit_panel_functions,
     emit_scratch_for_output,
     emit_step_times,
+    extern_name,
     panels_name,
 )
 from codegen.emit import Emitter
@@ -270,19 +274,26 @@ def generate_shared() -> str:
     """
     em = Emitter()
     em('"""numrnn: the functions every CPU kernel shares. Generated; do not edit."""', "",
-       f"# numrnn.runtime.simd sha1 {_simd_source_hash()}", "import numpy as np", "from numba import njit", "",
+       *(f"# numrnn.runtime.{name} sha1 {_runtime_source_hash(name)}" for name in ("simd", "extern")),
+       "import numpy as np", "from numba import carray, float32, float64, njit", "",
+       "from numrnn.runtime.extern import extern_call, link",
        f"from numrnn.runtime.simd import {', '.join(SIMD_NAMES)}")
     for dtype, suffix in SHARED_SUFFIX.items():
         em.blank()
         em.blank()
         emit_panel_functions(em, dtype, jit_options(dtype), suffix)
+        emit_extern_functions(em, dtype, suffix)
     return em.source()
 
 
-def _simd_source_hash() -> str:
-    """Hash of the intrinsics' source: the shared module's name changes with them, and so its disk cache."""
+def _runtime_source_hash(module: str) -> str:
+    """Hash of ``numrnn.runtime.<module>``'s source: the shared module's name changes with it, and so its disk cache.
+
+    The intrinsics of ``simd`` and ``extern`` are compiled into the shared
+    module's and the kernels' machine code.
+    """
     package = importlib.util.find_spec("numrnn")  # finds the package without importing it (or numba)
-    with open(os.path.join(package.submodule_search_locations[0], "runtime", "simd.py"), "rb") as f:
+    with open(os.path.join(package.submodule_search_locations[0], "runtime", f"{module}.py"), "rb") as f:
         return hashlib.sha1(f.read()).hexdigest()[:16]
 
 
@@ -294,9 +305,10 @@ def shared_module_name() -> str:
 
 def _emit_shared_imports(em: Emitter, spec: StackSpec) -> None:
     suffix = SHARED_SUFFIX[spec.dtype]
-    names = f"{PANEL_PRODUCT[1:]}{suffix} as {PANEL_PRODUCT}"
+    names = ", ".join(f"{extern_name(call, suffix)}_call as {call}" for call in EXTERN_FUNCTIONS)
     em("", "# The numrnn runtime imports this module before the kernel's (numrnn.runtime.kernels).",
-       f"from {shared_module_name()} import {names}")
+       f"from {shared_module_name()} import {names}, link{suffix}",
+       "", f"link{suffix}()")
     em.blank()
     em.blank()
 
@@ -443,9 +455,9 @@ def emit_input_projection(em: Emitter, inputs: int, weights: dict[str, str], buf
     repacks ``wx`` on every call: one thread, rows x inputs x outputs,
     packed / OpenBLAS, 50x256x512 154 / 226 us, 100x256x512 309 / 361 us,
     50x32x256 16 / 19 us, even at about 200 rows, BLAS ahead from 400.
-    The GEMM writes into ``xw`` (``np.dot``'s ``out`` form), as the layers'
-    recurrent products do: numba then compiles one ``np.dot`` for both, where
-    the two-argument form was a second one of 0.6 s (seed000 cold compile).
+    The GEMM writes into ``xw`` (``np.dot``'s ``out`` form, called through
+    the shared module's C entry ``_dot``, as the layers' recurrent products
+    are: ``numrnn.runtime.extern``).
     """
     wx = weights["wx"]
     em(f"xw = {buffer}", f"xs = src.reshape(T * B, {inputs})")
@@ -453,7 +465,7 @@ def emit_input_projection(em: Emitter, inputs: int, weights: dict[str, str], buf
         with em.block(f"if T * B <= {PACKED_PROJECTION_MAX_ROWS} and small > 0:"):
             em(f"{PANEL_PRODUCT}(xs, {weights[panels_name('wx')]}, xw, np.int64(0), T * B, np.int64(0))")
         with em.block("else:"):
-            em(f"np.dot(xs, {wx}, xw)")
+            em(f"{DOT}(xs, {wx}, xw)")
         return
     with em.block("for r in range(T * B):"):
         em(*(f"x{k} = xs[r, {k}]" for k in range(inputs)), "xr = xw[r]")
