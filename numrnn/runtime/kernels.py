@@ -16,7 +16,15 @@ from codegen.cells import pack, packed_names, split_packed
 from codegen.targets.cpu import PACKED_PROJECTION_MAX_ROWS, condition_args, generate_shared, shared_module_name
 from codegen.targets.cpu_dirsplit import WORKERS as DIRECTION_WORKERS
 from numrnn.runtime.cache import cache_dir, import_module, module_path, write_if_changed
-from numrnn.runtime.schedule import Scheduler, cores, packed_product_rows, pool, single_threaded_blas, split_rows
+from numrnn.runtime.schedule import (
+    Scheduler,
+    cores,
+    packed_product_rows,
+    pool,
+    preload_cython_blas,
+    single_threaded_blas,
+    split_rows,
+)
 
 log = logging.getLogger("numrnn")
 if os.environ.get("NUMRNN_DEBUG") and not log.handlers:
@@ -324,6 +332,7 @@ def _import_shared() -> None:
     """Import the module of functions every kernel shares (``codegen.targets.cpu.generate_shared``), once."""
     name = shared_module_name()
     if name not in sys.modules:
+        preload_cython_blas()
         path = cache_dir() / f"{name}.py"
         write_if_changed(path, generate_shared())
         import_module(path, name)

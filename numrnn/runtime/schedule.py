@@ -91,7 +91,11 @@ from __future__ import annotations
 import ctypes
 import functools
 import glob
+import importlib.abc
+import importlib.machinery
+import importlib.util
 import os
+import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
@@ -320,6 +324,62 @@ def _openblas_paths() -> list[str]:
 
     base = os.path.dirname(os.path.dirname(scipy.__file__))
     return sorted(glob.glob(os.path.join(base, "scipy.libs", "libscipy_openblas*.so*")))
+
+
+def preload_cython_blas() -> None:
+    """Import ``scipy.linalg.cython_blas`` by itself, before numba imports it through ``scipy.linalg``.
+
+    numba checks that BLAS is there with ``import scipy.linalg.cython_blas``
+    the first time it compiles or loads a function, and its ``np.dot`` finds
+    the BLAS functions in that module. Python imports a package before its
+    submodule, and ``scipy.linalg``'s ``__init__`` imports most of SciPy's
+    linear algebra: 0.30 of the 1.0 s that a process with a warm disk cache
+    took to its first seed000 result. The extension module alone loads in
+    0.03 s (it needs only the ``scipy`` package, not ``scipy.linalg``), and
+    with it in ``sys.modules`` both numba's import and its lookups find it
+    there. ``import scipy.linalg`` later still runs that package's
+    ``__init__`` as usual, and :class:`_AttachPreloaded` then sets the
+    package's ``cython_blas`` attribute, which Python sets only when it loads
+    a submodule itself. Where anything differs from what this expects, it
+    does nothing and numba imports the module its own way.
+    """
+    name = "scipy.linalg.cython_blas"
+    if name in sys.modules or "scipy.linalg" in sys.modules:
+        return
+    try:
+        scipy = importlib.util.find_spec("scipy")
+        folder = os.path.join(scipy.submodule_search_locations[0], "linalg")
+        paths = [os.path.join(folder, f"cython_blas{suffix}") for suffix in importlib.machinery.EXTENSION_SUFFIXES]
+        path = next(p for p in paths if os.path.exists(p))
+        spec = importlib.util.spec_from_file_location(name, path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    except Exception:  # any surprise: leave the import to numba
+        sys.modules.pop(name, None)
+        return
+    sys.meta_path.insert(0, _AttachPreloaded())
+
+
+class _AttachPreloaded(importlib.abc.MetaPathFinder):
+    """Import hook, once: after ``scipy.linalg`` runs, set its ``cython_blas`` to the preloaded module."""
+
+    def find_spec(self, fullname, path, target=None):
+        """The usual spec of ``scipy.linalg``, its loader wrapped; ``None`` (not handled here) for anything else."""
+        if fullname != "scipy.linalg" or self not in sys.meta_path:
+            return None
+        sys.meta_path.remove(self)
+        spec = importlib.util.find_spec(fullname)
+        if spec is None or spec.loader is None:
+            return spec
+        exec_module = spec.loader.exec_module
+
+        def exec_and_attach(module):
+            exec_module(module)
+            module.cython_blas = sys.modules["scipy.linalg.cython_blas"]
+
+        spec.loader.exec_module = exec_and_attach
+        return spec
 
 
 #: OpenBLAS cores with AVX-512 small-matrix GEMM kernels.
