@@ -26,7 +26,7 @@ def test_equal_layers_share_one_function():
     spec = simple_stack([CellSpec("gru", 6)] * 3, 4, dtype="float32")
     source = generate_source(spec)
     assert _defined_layer_functions(source) == ["_layer0_gru6"]
-    assert source.count("_layer0_gru6(xw.reshape(T, B, 18)") == 3
+    assert source.count("_layer0_gru6(_view(xw, 0, (T, B, 18))") == 3
 
 
 def test_layers_that_differ_keep_their_own_functions():

@@ -39,7 +39,7 @@ def test_workspace_size_is_what_the_kernel_needs(name):
     expected, _ = run_stack(spec, weights, x, mask=mask, lengths=lengths, initial_states=initial)
     got = _raw_call(spec, weights, x, mask, lengths, initial, np.full(size, np.nan, spec.dtype))
     np.testing.assert_allclose(got if spec.return_sequences else got[0], expected, rtol=0, atol=1e-5)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="ws: smaller than the module's workspace_size"):
         _raw_call(spec, weights, x, mask, lengths, initial, np.empty(size - 1, spec.dtype))
 
 

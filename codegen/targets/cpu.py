@@ -193,19 +193,28 @@ class Workspace:
 
     def projection(self, wx: str) -> str:
         """The ``(T * B, wx.shape[1])`` projection buffer, an expression."""
-        return f"ws[:T * B * {wx}.shape[1]].reshape((T * B, {wx}.shape[1]))"
+        return f"{VIEW}(ws, 0, (T * B, {wx}.shape[1]))"
 
     def emit_buffer(self, em: Emitter, name: str, rows: str, width: int) -> None:
         """``name = `` the next ``(rows, B, width)`` region (``rows``: ``"T"`` or ``"T_out"``)."""
         size = f"{rows} * B * {width}"
-        em(f"{name} = ws[top:top + {size}].reshape(({rows}, B, {width}))", f"top += {size}")
+        em(f"{name} = {VIEW}(ws, top, ({rows}, B, {width}))", f"top += {size}")
         self.terms.append((rows, width))
+
+    def size_expression(self) -> str:
+        """Elements of ``ws`` the buffers emitted so far take, in ``T``, ``T_out`` and ``B``."""
+        return f"B * ({' + '.join(f'{rows} * {width}' for rows, width in self.terms)})"
+
+    def emit_check(self, em: Emitter) -> None:
+        """Raise unless ``ws`` holds every buffer emitted so far (the views are not checked)."""
+        with em.block(f"if ws.shape[0] < {self.size_expression()}:"):
+            em('raise ValueError("ws: smaller than the module\'s workspace_size(T, T_out, B)")')
 
     def emit_size_function(self, em: Emitter) -> None:
         """The module's ``workspace_size(T, T_out, B)``: elements of ``ws`` the kernel carves."""
         with em.block("def workspace_size(T, T_out, B):"):
             em('"""Elements of the kernel\'s ``ws`` argument for a call on T steps (T_out output rows), B rows."""')
-            em(f"return B * ({' + '.join(f'{rows} * {width}' for rows, width in self.terms)})")
+            em(f"return {self.size_expression()}")
         em.blank()
         em.blank()
 
@@ -232,6 +241,8 @@ def generate(spec: StackSpec) -> str:
         "",
         "import numpy as np",
         "from numba import njit",
+        "",
+        f"from numrnn.runtime.views import view as {VIEW}",
     )
     if spec.unit_split > 1 or spec.direction_split:
         em("", "from numrnn.runtime.sync import barrier")
@@ -258,6 +269,10 @@ def generate(spec: StackSpec) -> str:
     return em.source()
 
 
+#: ``numrnn.runtime.views.view``, as kernel modules name it.
+VIEW = "_view"
+
+
 #: Suffix of the shared functions compiled with each dtype's options (:func:`jit_options`).
 SHARED_SUFFIX = {"float32": "_fast", "float64": "_exact"}
 
@@ -274,7 +289,7 @@ def generate_shared() -> str:
     """
     em = Emitter()
     em('"""numrnn: the functions every CPU kernel shares. Generated; do not edit."""', "",
-       *(f"# numrnn.runtime.{name} sha1 {_runtime_source_hash(name)}" for name in ("simd", "extern")),
+       *(f"# numrnn.runtime.{name} sha1 {_runtime_source_hash(name)}" for name in ("simd", "extern", "views")),
        "import numpy as np", "from numba import carray, float32, float64, njit", "",
        "from numrnn.runtime.extern import extern_call, link",
        f"from numrnn.runtime.simd import {', '.join(SIMD_NAMES)}")
@@ -289,8 +304,8 @@ def generate_shared() -> str:
 def _runtime_source_hash(module: str) -> str:
     """Hash of ``numrnn.runtime.<module>``'s source: the shared module's name changes with it, and so its disk cache.
 
-    The intrinsics of ``simd`` and ``extern`` are compiled into the shared
-    module's and the kernels' machine code.
+    The intrinsics of ``simd``, ``extern`` and ``views`` are compiled into
+    the shared module's and the kernels' machine code.
     """
     package = importlib.util.find_spec("numrnn")  # finds the package without importing it (or numba)
     with open(os.path.join(package.submodule_search_locations[0], "runtime", f"{module}.py"), "rb") as f:
@@ -388,25 +403,28 @@ def _emit_kernel(em: Emitter, spec: StackSpec, layers: list[Layer], workspace: W
     with em.block(f"def {spec.kernel_name()}({', '.join(kernel_arguments(spec))}):"):
         em("T = x.shape[0]", "B = x.shape[1]", "T_out = y.shape[0]", "inp = x")
         workspace.emit_start(em)
+        body = Emitter()  # written first: the check below needs every buffer's size
         for bi, block in enumerate(spec.blocks):
             last_block = bi == len(spec.blocks) - 1
-            em(f"# block {bi}")
+            body(f"# block {bi}")
             if _needs_merge(block):
                 width = sum(d.output_size for d in block.directions)
-                workspace.emit_buffer(em, "dest", "T_out" if last_block else "T", width)
+                workspace.emit_buffer(body, "dest", "T_out" if last_block else "T", width)
             elif last_block:
-                em("dest = y")
+                body("dest = y")
             else:
-                workspace.emit_buffer(em, "dest", "T", block.output_size)
+                workspace.emit_buffer(body, "dest", "T", block.output_size)
             for di, direction in enumerate(block.directions):
-                em(f"# block {bi}, direction {di} ({direction.reverse})", "src = inp")
-                emit_chain_calls(em, spec, chain_of(layers, bi, di), partial(emit_layer_call, buffers=workspace))
+                body(f"# block {bi}, direction {di} ({direction.reverse})", "src = inp")
+                emit_chain_calls(body, spec, chain_of(layers, bi, di), partial(emit_layer_call, buffers=workspace))
             if _needs_merge(block):
-                _emit_merge(em, block, "y" if last_block else "merged", workspace)
+                _emit_merge(body, block, "y" if last_block else "merged", workspace)
                 if not last_block:
-                    em("inp = merged")
+                    body("inp = merged")
             elif not last_block:
-                em("inp = dest")
+                body("inp = dest")
+        workspace.emit_check(em)
+        em.extend(body)
 
 
 def chain_of(layers: list[Layer], block: int, direction: int) -> list[Layer]:
@@ -432,7 +450,7 @@ def emit_layer_call(em: Emitter, spec: StackSpec, layer: Layer, *, is_last: bool
         buffers.emit_buffer(em, "seq", "T", cell.output_size)
     recurrent = [weights[name] for name in recurrent_names(cell)]
     bias = [weights["b"]] if cell.use_bias else []
-    args = [f"xw.reshape(T, B, {gu})", *bias, *recurrent, *layer.state_args(), *condition_args(spec), out, "small"]
+    args = [f"{VIEW}(xw, 0, (T, B, {gu}))", *bias, *recurrent, *layer.state_args(), *condition_args(spec), out, "small"]
     em(f"{layer.function}({', '.join(args)})")
     if not is_last:
         em("src = seq")
@@ -460,7 +478,7 @@ def emit_input_projection(em: Emitter, inputs: int, weights: dict[str, str], buf
     are: ``numrnn.runtime.extern``).
     """
     wx = weights["wx"]
-    em(f"xw = {buffer}", f"xs = src.reshape(T * B, {inputs})")
+    em(f"xw = {buffer}", f"xs = {VIEW}(src, 0, (T * B, {inputs}))")
     if inputs > LOOP_PROJECTION_MAX_INPUTS:
         with em.block(f"if T * B <= {PACKED_PROJECTION_MAX_ROWS} and small > 0:"):
             em(f"{PANEL_PRODUCT}(xs, {weights[panels_name('wx')]}, xw, np.int64(0), T * B, np.int64(0))")

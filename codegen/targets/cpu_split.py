@@ -34,6 +34,7 @@ from codegen.cells.common import emit_scratch_for_output, emit_step_times
 from codegen.emit import Emitter
 from codegen.spec import StackSpec
 from codegen.targets.cpu import (
+    VIEW,
     Layer,
     NewArrays,
     _needs_merge,
@@ -186,7 +187,7 @@ def _emit_layer_call(em: Emitter, spec: StackSpec, layer: Layer, *, is_last: boo
     out = "dest" if is_last else f"seq{layer.index}"
     recurrent = [weights[name] for name in recurrent_names(cell)]
     bias = [weights["b"]] if cell.use_bias else []
-    args = [f"xw.reshape(T, B, {cell.gates * n})", *bias, *recurrent, *layer.state_args(), *condition_args(spec),
+    args = [f"{VIEW}(xw, 0, (T, B, {cell.gates * n}))", *bias, *recurrent, *layer.state_args(), *condition_args(spec),
             f"{out}[:, :, u0:]", "small", f"hb{layer.index}", "u0", "flags", "me", "epoch"]
     em(f"epoch = {layer.function}({', '.join(args)})")
     if not is_last:
