@@ -366,6 +366,13 @@ def median_seconds(run: Callable[[], object], *, min_time: float, min_repeats: i
     """Median wall time of one call after warm-up, over at least ``min_repeats`` samples and ``min_time`` s."""
     for _ in range(3):
         run()
+    return statistics.median(timed_samples(run, min_time=min_time, min_repeats=min_repeats, max_repeats=max_repeats,
+                                           calls_per_sample=calls_per_sample))
+
+
+def timed_samples(run: Callable[[], object], *, min_time: float, min_repeats: int, max_repeats: int = 2000,
+                  calls_per_sample: int = 1) -> list[float]:
+    """Seconds per call of ``calls_per_sample`` calls at a time: at least ``min_repeats`` samples and ``min_time`` s."""
     samples, spent = [], 0.0
     while len(samples) < min_repeats or (spent < min_time and len(samples) < max_repeats):
         start = time.perf_counter()
@@ -374,7 +381,37 @@ def median_seconds(run: Callable[[], object], *, min_time: float, min_repeats: i
         elapsed = time.perf_counter() - start
         samples.append(elapsed / calls_per_sample)
         spent += elapsed
-    return statistics.median(samples)
+    return samples
+
+
+#: Turns in which :func:`interleaved_medians` times each system.
+ROUNDS = 5
+
+
+def interleaved_medians(runs: dict[str, Callable[[], object]], *, min_time: float,
+                        calls_per_sample: int = 1) -> dict[str, float]:
+    """Median seconds per call of each run, the runs timed in turns, ``min_time / ROUNDS`` s each per turn.
+
+    This machine's speed changes by itself from one fraction of a second to
+    the next (the same tiny64 call, one process pinned to one core, read 64
+    or 90 us by turns of 0.1-0.5 s). Timed one after the other, a system
+    could get a slow stretch that the next one missed; in turns, each gets a
+    share of both, so the ratios compare like with like. The order rotates
+    every round, and :data:`SETTLE_SECONDS` pass before each turn.
+    """
+    for run in runs.values():
+        for _ in range(3):
+            run()
+    names = list(runs)
+    samples: dict[str, list[float]] = {name: [] for name in names}
+    for round_ in range(ROUNDS):
+        shift = round_ % len(names)
+        for name in names[shift:] + names[:shift]:
+            if len(names) > 1:
+                time.sleep(SETTLE_SECONDS)
+            samples[name] += timed_samples(runs[name], min_time=min_time / ROUNDS, min_repeats=1,
+                                           calls_per_sample=calls_per_sample)
+    return {name: statistics.median(values) for name, values in samples.items()}
 
 
 def sgemm_gflops(n: int = 2048, repeats: int = 10) -> float:
@@ -413,34 +450,37 @@ def _format_time(seconds: float) -> str:
     return f"{seconds * 1e3:.2f} ms"
 
 
-#: Pause before timing each system, a precaution: the thread pools of the system timed before keep
+#: Pause before each turn of timing, a precaution: the thread pools of the system timed before keep
 #: spinning for a while after its last call (ONNX Runtime's, OpenMP's block time, Eigen's) and can take
 #: a core from the next one. It came after a numrnn throughput512 median read 595 ms, timed right after
 #: TensorFlow's tiny64 (352-440 ms in the other runs of that session); a later run with the pause read
-#: 603 ms once, so that slow mode has some other cause as well.
-SETTLE_SECONDS = 0.5
+#: 603 ms once, so that slow mode has some other cause as well. 0.2 s, as there are now
+#: :data:`ROUNDS` turns per system (the spinning lasts milliseconds, or OpenMP's 0.2 s block time).
+SETTLE_SECONDS = 0.2
 
 
 def bench_shape(shape: Shape, peers: list[str], min_time: float) -> list[dict]:
-    """Rows of one shape: numrnn first, then each peer that builds and runs."""
+    """Rows of one shape: numrnn first, then each peer that builds and runs; timed in turns."""
     problem = make_problem(shape)
     numrnn_run = _numrnn(problem)
     reference = np.asarray(numrnn_run())
-    calls = 200 if shape.streaming else 1
-    time.sleep(SETTLE_SECONDS)
-    rows = [{"system": "numrnn", "seconds": median_seconds(numrnn_run, min_time=min_time, calls_per_sample=calls),
-             "diff": 0.0, "version": None}]
+    runs = {"numrnn": numrnn_run}
+    rows = [{"system": "numrnn", "diff": 0.0, "version": None}]
     for name in peers:
         try:
             run, version = PEERS[name](problem)
             diff = float(np.max(np.abs(np.asarray(run(), dtype=np.float64).reshape(reference.shape) - reference)))
             if shape.streaming:  # a stateful run: the first call above started from zeros, as numrnn's
                 diff = float("nan")
-            time.sleep(SETTLE_SECONDS)
-            seconds = median_seconds(run, min_time=min_time, calls_per_sample=calls)
-            rows.append({"system": name, "seconds": seconds, "diff": diff, "version": version})
         except Exception as exc:  # a peer that cannot build this shape is reported, not fatal
             rows.append({"system": name, "error": f"{type(exc).__name__}: {exc}"[:100]})
+            continue
+        runs[name] = run
+        rows.append({"system": name, "diff": diff, "version": version})
+    seconds = interleaved_medians(runs, min_time=min_time, calls_per_sample=200 if shape.streaming else 1)
+    for row in rows:
+        if row["system"] in seconds:
+            row["seconds"] = seconds[row["system"]]
     return rows
 
 
@@ -500,7 +540,8 @@ def run(args: argparse.Namespace) -> int:
             print(f"{lead}{_format_time(row['seconds']) + unit:>11}{rate:>9.1f}{100 * rate / gflops:>7.1f}%"
                   f"{ratio:>7}{diff:>11}")
         sys.stdout.flush()
-    print("ratio = peer time / numrnn time (> 1: numrnn faster); times are medians of warm calls")
+    print("ratio = peer time / numrnn time (> 1: numrnn faster); times are medians of warm calls, "
+          f"the systems timed in {ROUNDS} turns each")
     print("peers: " + (", ".join(f"{k} {v}" for k, v in versions.items() if v) or "none"))
     return 0
 

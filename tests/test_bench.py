@@ -34,3 +34,15 @@ def test_problem_matches_its_spec():
         if shape.lengths:
             assert problem.lengths.max() == shape.lengths[1]
             assert np.all(problem.x[problem.lengths[-1]:, -1] == 0)
+
+
+def test_systems_are_timed_in_turns(monkeypatch):
+    # Every system gets a turn in every round, in an order that rotates: no system's samples all come from one
+    # stretch of the machine's time.
+    monkeypatch.setattr(bench, "SETTLE_SECONDS", 0.0)
+    log = []
+    runs = {name: (lambda name=name: log.append(name)) for name in ("a", "b", "c")}
+    medians = bench.interleaved_medians(runs, min_time=0.0)
+    assert set(medians) == {"a", "b", "c"} and all(m >= 0 for m in medians.values())
+    turns = log[9:]  # after three warm-up calls each, one call per turn (min_time 0)
+    assert turns == ["a", "b", "c", "b", "c", "a", "c", "a", "b", "a", "b", "c", "b", "c", "a"][:bench.ROUNDS * 3]
