@@ -4,7 +4,10 @@ The module holds one function per kind of layer (a cell run over time in one
 direction: its recurrence, dynamic loop or static unroll; layers of equal
 cells and contexts share it) and the kernel, which runs the blocks and
 directions layer by layer. The packed recurrent products come from a module that
-every kernel shares (:func:`generate_shared`). Executing a stack layer
+every kernel shares (:func:`generate_shared`), which also holds the GEMM; kernels
+call both as C functions (``numrnn.runtime.extern``), so that numba does not
+compile them again into each kernel, and carve their buffers from the workspace
+with ``numrnn.runtime.views.view`` rather than numba's reshape. Executing a stack layer
 by layer rather than step by step is exact for every masking mode, because a
 masked step keeps the state of every cell of the stack; it lets each layer's
 input projection be one product over all ``T * B`` rows, hoisted out of the loop
