@@ -361,15 +361,6 @@ PEER_MODULES = {"onnxruntime": "onnxruntime", "torch": "torch", "tensorflow": "t
 # -- timing ----------------------------------------------------------------------------------------
 
 
-def median_seconds(run: Callable[[], object], *, min_time: float, min_repeats: int = 5,
-                   max_repeats: int = 2000, calls_per_sample: int = 1) -> float:
-    """Median wall time of one call after warm-up, over at least ``min_repeats`` samples and ``min_time`` s."""
-    for _ in range(3):
-        run()
-    return statistics.median(timed_samples(run, min_time=min_time, min_repeats=min_repeats, max_repeats=max_repeats,
-                                           calls_per_sample=calls_per_sample))
-
-
 def timed_samples(run: Callable[[], object], *, min_time: float, min_repeats: int, max_repeats: int = 2000,
                   calls_per_sample: int = 1) -> list[float]:
     """Seconds per call of ``calls_per_sample`` calls at a time: at least ``min_repeats`` samples and ``min_time`` s."""

@@ -70,6 +70,10 @@ JIT_OPTIONS = 'cache=True, nogil=True, error_model="numpy"'
 FAST_MATH = 'fastmath={"nsz", "arcp", "contract", "reassoc", "afn"}'
 
 
+#: ``numrnn.runtime.views.view``, as kernel modules name it.
+VIEW = "_view"
+
+
 def jit_options(dtype: str) -> str:
     """Arguments of every ``@njit`` of a module computing in ``dtype``."""
     return f"{JIT_OPTIONS}, {FAST_MATH}" if dtype == "float32" else JIT_OPTIONS
@@ -270,10 +274,6 @@ def generate(spec: StackSpec) -> str:
     em.blank()
     workspace.emit_size_function(em)
     return em.source()
-
-
-#: ``numrnn.runtime.views.view``, as kernel modules name it.
-VIEW = "_view"
 
 
 #: Suffix of the shared functions compiled with each dtype's options (:func:`jit_options`).
