@@ -139,31 +139,32 @@ def test_barrier_waits_for_the_slowest_worker():
     assert sorted(arrived) == [0, 1]
 
 
-def test_single_threaded_blas_sets_one_thread_and_restores_the_callers_count():
+@pytest.fixture
+def blas_at_three_threads():
+    """The OpenBLAS thread-count setters, each set to 3 for the test and put back after it."""
     setters = schedule._blas_setters()
     if not setters:
         pytest.skip("no bundled OpenBLAS whose thread count numrnn sets here")
     before = [setter(3) for setter in setters]
-    try:
-        with schedule.single_threaded_blas():
-            assert [setter(1) for setter in setters] == [1] * len(setters)
-        assert [setter(3) for setter in setters] == [3] * len(setters)
-        with pytest.raises(RuntimeError), schedule.single_threaded_blas():
-            raise RuntimeError("restored on the way out of an error too")
-        assert [setter(3) for setter in setters] == [3] * len(setters)
-    finally:
-        for setter, n in zip(setters, before):
-            setter(n)
+    yield setters
+    for setter, n in zip(setters, before):
+        setter(n)
 
 
+def test_single_threaded_blas_sets_one_thread_and_restores_the_callers_count(blas_at_three_threads):
+    setters = blas_at_three_threads
+    with schedule.single_threaded_blas():
+        assert [setter(1) for setter in setters] == [1] * len(setters)
+    assert [setter(3) for setter in setters] == [3] * len(setters)
+    with pytest.raises(RuntimeError), schedule.single_threaded_blas():
+        raise RuntimeError("restored on the way out of an error too")
+    assert [setter(3) for setter in setters] == [3] * len(setters)
 
-def test_overlapping_single_threaded_blas_blocks_restore_the_count_when_the_last_one_leaves():
+
+def test_overlapping_single_threaded_blas_blocks_restore_the_count_when_the_last_one_leaves(blas_at_three_threads):
     # OpenBLAS's pthreads builds keep one count for the process: the workers of one call share it, so the
     # first block out must not put the caller's count back while another still runs.
-    setters = schedule._blas_setters()
-    if not setters:
-        pytest.skip("no bundled OpenBLAS whose thread count numrnn sets here")
-    before = [setter(3) for setter in setters]
+    setters = blas_at_three_threads
     inside, leave = threading.Event(), threading.Event()
 
     def other_worker():
@@ -171,10 +172,10 @@ def test_overlapping_single_threaded_blas_blocks_restore_the_count_when_the_last
             inside.set()
             leave.wait(10)
 
+    thread = threading.Thread(target=other_worker)
     try:
         first = schedule.single_threaded_blas()
         first.__enter__()
-        thread = threading.Thread(target=other_worker)
         thread.start()
         assert inside.wait(10)
         first.__exit__(None, None, None)  # the first block out, the other still inside
@@ -184,5 +185,3 @@ def test_overlapping_single_threaded_blas_blocks_restore_the_count_when_the_last
         assert [setter(3) for setter in setters] == [3] * len(setters)
     finally:
         leave.set()
-        for setter, n in zip(setters, before):
-            setter(n)
