@@ -252,7 +252,9 @@ def generate(spec: StackSpec) -> str:
         f"from numrnn.runtime.views import view as {VIEW}",
     )
     if spec.unit_split > 1 or spec.direction_split:
-        em("", "from numrnn.runtime.sync import barrier")
+        from codegen.targets.cpu_split import SYNC_IMPORTS
+
+        em("", f"from numrnn.runtime.sync import {SYNC_IMPORTS}")
     layers = layers_of(spec)
     em.blank()
     emit_math_helpers(em, spec.dtype, jit_options(spec.dtype))

@@ -17,7 +17,8 @@ the unit split there is no barrier per step.
 
 Kernel signature: the unsplit kernel's, then ``me`` (0 or 1), ``flags``
 (``numrnn.runtime.sync`` layout) and the block output buffers the workers
-share (:func:`codegen.targets.cpu_split.block_buffers`).
+share (:func:`codegen.targets.cpu_split.block_buffers`); then the job loop's
+``ctl``, ``box`` and ``role`` (:func:`codegen.targets.cpu_split.job_loop`).
 """
 
 from __future__ import annotations
@@ -35,11 +36,16 @@ from codegen.targets.cpu import (
     emit_chain_calls,
     emit_each_layer,
     emit_layer_call,
-    jit_options,
     layers_of,
     merge_expression,
 )
-from codegen.targets.cpu_split import block_buffers, emit_shared_buffers_function, kernel_arguments
+from codegen.targets.cpu_split import (
+    block_buffers,
+    emit_partner_tag,
+    emit_shared_buffers_function,
+    job_loop,
+    kernel_arguments,
+)
 
 #: Threads of a direction-split call: one per direction.
 WORKERS = 2
@@ -55,6 +61,7 @@ def emit_dirsplit_module_body(em: Emitter, spec: StackSpec) -> None:
     layers = layers_of(spec)
     emit_each_layer(em, spec, layers, _emit_layer_function)
     emit_shared_buffers_function(em, spec, shared_buffers(spec))
+    emit_partner_tag(em, spec)
     _emit_kernel(em, spec, layers)
 
 
@@ -64,9 +71,8 @@ def _emit_barrier(em: Emitter) -> None:
 
 def _emit_kernel(em: Emitter, spec: StackSpec, layers: list[Layer]) -> None:
     buffers = NewArrays(spec.dtype)
-    em(f"@njit({jit_options(spec.dtype)})")
-    with em.block(f"def {spec.kernel_name()}({', '.join(kernel_arguments(spec, shared_buffers(spec)))}):"):
-        em('"""Worker ``me`` of the call: direction ``me`` of every block, in step with the other worker."""')
+    with job_loop(em, spec, kernel_arguments(spec, shared_buffers(spec)), WORKERS,
+                  "Worker ``me`` of the call: direction ``me`` of every block, in step with the other worker."):
         em("T = x.shape[0]", "B = x.shape[1]", "T_out = y.shape[0]", "inp = x", "epoch = 0")
         for bi, block in enumerate(spec.blocks):
             last_block = bi == len(spec.blocks) - 1

@@ -22,11 +22,17 @@ runtime and passed to every worker.
 
 Kernel signature: the unsplit kernel's (with this worker's weight slices,
 ``numrnn.codegen.cells.split_packed``), then ``me`` (worker index),
-``flags`` (``numrnn.runtime.sync`` layout) and the shared buffers.
+``flags`` (``numrnn.runtime.sync`` layout) and the shared buffers: one worker's
+job. Then ``ctl``, ``box`` and ``role``: every split kernel (this one and the
+direction split's) is also its own job loop (:func:`job_loop`). Worker 0, the
+lead, posts the other workers' jobs to partners that wait in the loop of this
+kernel (``numrnn.runtime.partners``); a partner, its job done, waits there for
+the next one.
 """
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import replace
 
 from codegen.cells import emitter_for, packed_names, recurrent_names
@@ -102,11 +108,71 @@ def kernel_arguments(spec: StackSpec, buffers: list[tuple[str, str]] | None = No
     return [*unsplit_kernel_arguments(spec, workspace=False), "me", "flags", *shared]
 
 
+#: What split kernel modules import from ``numrnn.runtime.sync``.
+SYNC_IMPORTS = "LEAD, PARTNER_WAIT_ROUNDS, SERVE, await_partners, barrier, next_job, post_jobs, publish, receive"
+
+
+def partner_tag(spec: StackSpec) -> int:
+    """The number a partner waiting in this spec's job loop shows (> 0; ``numrnn.runtime.sync``)."""
+    return int(spec.cache_key()[:15], 16) + 1
+
+
+@contextmanager
+def job_loop(em: Emitter, spec: StackSpec, arguments: list[str], workers: int, docstring: str):
+    """The split kernel ``def``, its body (the ``with`` block's lines) run once per job.
+
+    Called with ``role=LEAD`` it first posts the partners' jobs (returning
+    False, having run nothing, when they are not all waiting in this kernel),
+    with ``LEAD_COLD`` it runs its job as given; either lead then waits for
+    its partners. With ``role=SERVE`` it runs the job it was called with, then
+    every job posted to its box until it leaves the loop.
+    """
+    job = _nested_tuple(arguments)
+    em(f"@njit({jit_options(spec.dtype)})")
+    with em.block(f"def {spec.kernel_name()}({', '.join([*arguments, 'ctl', 'box', 'role'])}):"):
+        em(f'"""{docstring}"""', f"job = {job}")
+        with em.block(f"if role == LEAD and not post_jobs(ctl, {workers}, PARTNER_TAG):"):
+            em("return False")
+        with em.block("while True:"):
+            em(f"{job} = job")
+            yield
+            with em.block("if role != SERVE:"):
+                em(f"await_partners(ctl, {workers})", "return True")
+            with em.block("if not next_job(ctl, me, PARTNER_TAG, PARTNER_WAIT_ROUNDS):"):
+                em("return True")
+            em("job = receive(box[me], job)")
+    em.blank()
+    em.blank()
+    em(f"@njit({jit_options(spec.dtype)})")
+    with em.block(f"def publish_job({', '.join(['box', *arguments])}):"):
+        em('"""Store one worker\'s arguments in its partner\'s ``box``, for the job loop above."""',
+           f"publish(box, {job})")
+
+
+#: Names per inner tuple of a job: CPython builds a tuple display of more than 30 names through a
+#: list, which numba's bytecode rewrite refuses when those names are also assigned in a loop.
+JOB_GROUP = 16
+
+
+def _nested_tuple(names: list[str]) -> str:
+    """``((a, b, ...), (...),)``: ``names`` as a tuple of tuples of at most :data:`JOB_GROUP` each."""
+    groups = ["(" + ", ".join(names[i:i + JOB_GROUP]) + ",)" for i in range(0, len(names), JOB_GROUP)]
+    return f"({', '.join(groups)},)"
+
+
+def emit_partner_tag(em: Emitter, spec: StackSpec) -> None:
+    """``PARTNER_TAG``, the constant the module's job loop waits under."""
+    em(f"PARTNER_TAG = {partner_tag(spec)}")
+    em.blank()
+    em.blank()
+
+
 def emit_split_module_body(em: Emitter, spec: StackSpec) -> None:
     """The layer functions, ``shared_buffers`` and the kernel of a unit-split spec."""
     layers = layers_of(spec)
     emit_each_layer(em, spec, layers, _emit_layer_function)
     emit_shared_buffers_function(em, spec, shared_buffers(spec))
+    emit_partner_tag(em, spec)
     _emit_kernel(em, spec, layers)
 
 
@@ -159,9 +225,8 @@ def _emit_copy(em: Emitter, n: int, *pairs: tuple[str, str]) -> None:
 
 
 def _emit_kernel(em: Emitter, spec: StackSpec, layers: list[Layer]) -> None:
-    em(f"@njit({jit_options(spec.dtype)})")
-    with em.block(f"def {spec.kernel_name()}({', '.join(kernel_arguments(spec))}):"):
-        em('"""Worker ``me`` of the call: its slice of every layer, in step with the other workers."""')
+    with job_loop(em, spec, kernel_arguments(spec), spec.unit_split,
+                  "Worker ``me`` of the call: its slice of every layer, in step with the other workers."):
         em("T = x.shape[0]", "B = x.shape[1]", "inp = x", "epoch = 0")
         for bi, block in enumerate(spec.blocks):
             last_block = bi == len(spec.blocks) - 1

@@ -35,9 +35,9 @@ if os.environ.get("NUMRNN_DEBUG") and not log.handlers:
 
 _KERNELS: dict[StackSpec, Kernel] = {}
 _LOCK = threading.Lock()
-#: One unit-split call at a time: its partners run on the shared pool, and two such calls could
-#: otherwise each hold a pool thread spinning for a partner queued behind the other.
-_SPLIT_LOCK = threading.Lock()
+#: One split call at a time: the process has one set of partner threads (numrnn.runtime.partners).
+#: Re-entrant: a call that holds it to choose the split (``_try_split``) runs the split kernel under it.
+_SPLIT_LOCK = threading.RLock()
 #: Calls of one row and up to this many steps skip the scheduler (streaming, one step per call).
 STREAMING_MAX_STEPS = 4
 #: Weight slices kept per unit-split kernel (one entry per distinct set of packed weights).
@@ -114,6 +114,8 @@ class Kernel:
     shared_buffers: object = None
     #: Unsplit kernels: the generated ``workspace_size(T, T_out, B)`` (``None`` otherwise).
     workspace_size: object = None
+    #: Split kernels: the generated ``publish_job(box, ...)`` (``None`` otherwise).
+    publish_job: object = None
     _first_call_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def __call__(self, x: np.ndarray, condition, states: list[np.ndarray], weights: list[np.ndarray],
@@ -188,16 +190,17 @@ class Kernel:
         return True
 
     def _run_split(self, x, cond, states, weights, y) -> None:
-        """Worker 0 here, the others on the pool, meeting at barriers.
+        """Worker 0 here, the others on the partner threads, meeting at barriers.
 
         Unit split (:mod:`codegen.targets.cpu_split`): every worker its slice
         of the weights, a barrier per step. Direction split
         (:mod:`codegen.targets.cpu_dirsplit`): two workers, all the weights,
-        a barrier per block. A worker that fails sets the abort word, which
-        releases every other worker's barrier, so the call raises instead of
-        hanging.
+        a barrier per block. The partners (:mod:`numrnn.runtime.partners`)
+        wait for the next call in the kernel's job loop; a worker that fails
+        sets the abort word, which releases every other worker's barrier, so
+        the call raises instead of hanging.
         """
-        from numrnn.runtime import sync  # imports numba: kept off `import numrnn`
+        from numrnn.runtime.partners import partners  # imports numba: kept off `import numrnn`
 
         start = time.perf_counter()
         T, B = x.shape[0], x.shape[1]
@@ -205,28 +208,14 @@ class Kernel:
             n, parts = self.spec.unit_split, self._worker_weights(weights)
         else:
             n, parts = DIRECTION_WORKERS, [weights] * DIRECTION_WORKERS
-        flags = sync.new_flags(n)
+        team = partners()
         shared = self.shared_buffers(T, y.shape[0], B)
-        small = self._small
-
-        def work(me):
-            # Every worker enters the block before its first BLAS call: a pool worker submitted before
-            # this thread entered it could start its input projection on two OpenBLAS threads, which
-            # then spun against the barrier (latency256 took 8-10 ms instead of 1.9 in about one
-            # process of three).
-            try:
-                with single_threaded_blas():
-                    self.function(x, *cond, *states, *parts[me], y, small, me, flags, *shared)
-            except BaseException:
-                flags[sync.ABORT] = 1
-                raise
-
-        futures = [pool().submit(work, me) for me in range(1, n)]
-        try:
-            work(0)
-        finally:
-            for future in futures:
-                future.result()
+        jobs = [(x, *cond, *states, *parts[me], y, self._small, me, team.flags, *shared) for me in range(n)]
+        # Single-threaded BLAS before any worker starts: a partner's input projection on two OpenBLAS
+        # threads would spin against the barrier (latency256 took 8-10 ms instead of 1.9 in about one
+        # process of three when a pool worker could start before the block was entered).
+        with _SPLIT_LOCK, single_threaded_blas():
+            team.run(self.function, self.publish_job, jobs)
         if self.compile_seconds is None:
             self.compile_seconds = time.perf_counter() - start
             log.debug("first call of %s took %.2f s (compile or cache load, and one run)", self.spec.kernel_name(),
@@ -350,7 +339,8 @@ def _build(spec: StackSpec) -> Kernel:
               "written to" if written else "reused from", path, elapsed)
     return Kernel(spec, source, str(path), getattr(module, spec.kernel_name()), elapsed,
                   shared_buffers=getattr(module, "shared_buffers", None),
-                  workspace_size=getattr(module, "workspace_size", None))
+                  workspace_size=getattr(module, "workspace_size", None),
+                  publish_job=getattr(module, "publish_job", None))
 
 
 def pack_weights(spec: StackSpec, logical: list[dict]) -> list[np.ndarray]:

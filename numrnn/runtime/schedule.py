@@ -30,7 +30,10 @@ Small batches split the hidden units instead (``unit_split``,
 :mod:`codegen.targets.cpu_split`): every worker computes its slice of every
 layer's units and the workers meet at a spinning barrier after each step
 (:mod:`numrnn.runtime.sync`; it yields its time slice after a short spin, so a
-descheduled partner on a busy machine is not starved). Policy (``choose``):
+descheduled partner on a busy machine is not starved). The calling thread
+runs worker 0; the others run on partner threads that wait for the next call
+inside the kernel (:mod:`numrnn.runtime.partners`), not on the pool. Policy
+(``choose``):
 
 - the unit split when some layer's recurrent matrix has at least
   :data:`UNIT_SPLIT_MIN_WEIGHT_BYTES`, the call has at least
@@ -50,7 +53,9 @@ product bound by reading the recurrent matrix; LSTM(256)'s 1 MiB does not
 fit one core's L2, and split in two it (almost) does: latency256 (B1 T100)
 went from 5.1 to 4.1 ms (best calls 4.8 -> 2.8 ms). LSTM(64) (64 KiB, already
 cache-resident) got slower split, 0.25 -> 0.41 ms: the per-step barrier and
-the pool hand-off cost more than the halved product. At B=8 (bidir_masked)
+the pool hand-off cost more than the halved product; with the partners waiting
+in the kernel (no hand-off) still 131-147 against 91-97 us a call (tiny64, B1
+T50; the split kernel alone 99 us, the serial one 57-80). At B=8 (bidir_masked)
 the batch split was faster (34 vs 49 ms) since it needs no barrier.
 
 At GEMM-sized batches a batch worker reads the whole recurrent matrix every

@@ -1,0 +1,133 @@
+"""Partner threads of split calls: they wait for the next job in compiled code, not in Python.
+
+A split call (unit or direction split) runs worker 0's job on the calling
+thread, the lead, and the others' on partners. Handed over through a thread
+pool, each call paid for waking a sleeping thread and for passing the GIL
+back and forth: measured on latency256 (LSTM(256), B1 T100, 1.42 ms a call),
+the partner started 38 us after the lead, which waited for it at the first
+barrier, and the lead learnt that the partner had finished 70 us after it had.
+
+Here a partner that has run a job stays in the kernel's job loop
+(:func:`codegen.targets.cpu_split.job_loop`): it spins on its state word
+(:mod:`numrnn.runtime.sync`), and the next call of the same kernel posts the
+job into its box and flips that word, all in compiled code without the GIL.
+A partner that waits :data:`~numrnn.runtime.sync.PARTNER_WAIT_ROUNDS` rounds
+without a job (the last of them yielding its core) goes back to Python and
+sleeps on its queue, as does one evicted by a call of another kernel. A call
+that finds its partners asleep, or in another kernel, hands the jobs over
+through the queues (the cold path) and leaves the partners ready for the
+next call.
+
+Only one split call runs at a time (``numrnn.runtime.kernels``), so one set
+of partners serves every split kernel of the process. A child process made by
+``fork`` starts without them and makes its own.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import queue
+import threading
+
+import numpy as np
+
+from numrnn.runtime import sync
+from numrnn.runtime.schedule import cores
+
+
+class Partners:
+    """Threads ``1 .. workers - 1`` of split calls, with their state words, job boxes and barrier flags."""
+
+    def __init__(self, workers: int):
+        self.workers = workers
+        self.ctl = np.zeros(workers * sync.STRIDE, dtype=np.int64)
+        self.boxes = np.zeros((workers, sync.BOX_BYTES), dtype=np.uint8)
+        self.flags = sync.new_flags(workers)
+        self._queues = [queue.SimpleQueue() for _ in range(workers)]
+        self._errors: list[BaseException | None] = [None] * workers
+        #: Calls whose jobs went to ready partners, and calls that handed them over through the queues.
+        self.hot_calls = self.cold_calls = 0
+        for w in range(1, workers):
+            threading.Thread(target=self._serve, args=(w,), name=f"numrnn-partner-{w}", daemon=True).start()
+
+    def run(self, kernel, publish_job, jobs: list[tuple]) -> None:
+        """``kernel(*jobs[w], ...)`` for every worker ``w``: ``jobs[0]`` on this thread, the others on partners.
+
+        ``jobs[w]`` ends with ``flags``, which must be :attr:`flags`, and the
+        shared buffers; ``publish_job`` is the kernel module's. A worker that
+        fails sets the abort word, which releases the others' barriers, and
+        its error is raised here once every worker has stopped.
+        """
+        n = len(jobs)
+        if n > self.workers:
+            raise ValueError(f"a split call of {n} workers needs more than the {self.workers} there are")
+        self.flags.fill(0)
+        for w in range(1, n):
+            publish_job(self.boxes[w], *jobs[w])
+        try:
+            if kernel(*jobs[0], self.ctl, self.boxes, sync.LEAD):
+                self.hot_calls += 1
+            else:
+                self.cold_calls += 1
+                self._hand_over(kernel, jobs)
+                kernel(*jobs[0], self.ctl, self.boxes, sync.LEAD_COLD)
+        except BaseException:
+            self.flags[sync.ABORT] = 1
+            sync.await_partners(self.ctl, n)
+            raise
+        for w in range(1, n):
+            error, self._errors[w] = self._errors[w], None
+            if error is not None:
+                raise error
+
+    def ready(self, w: int) -> int:
+        """Partner ``w``'s state word: the tag of the kernel it waits in, or a ``numrnn.runtime.sync`` state."""
+        return int(self.ctl[w * sync.STRIDE])
+
+    def _hand_over(self, kernel, jobs: list[tuple]) -> None:
+        """The cold path: partners back to Python, then each its job through its queue."""
+        sync.evict_partners(self.ctl, len(jobs))
+        for w in range(1, len(jobs)):
+            self.ctl[w * sync.STRIDE] = sync.RUNNING  # the partner is idle in Python: nothing else writes it
+            self._queues[w].put((kernel, jobs[w]))
+
+    def _serve(self, w: int) -> None:
+        """Partner ``w``'s thread: run each job it is handed, then the kernel's job loop, until it returns."""
+        while True:
+            kernel, job = self._queues[w].get()
+            try:
+                kernel(*job, self.ctl, self.boxes, sync.SERVE)
+            except BaseException as error:  # reported by the lead's run(); the thread lives on
+                self._errors[w] = error
+                self.flags[sync.ABORT] = 1
+                sync.set_idle(self.ctl, w)
+
+
+_PARTNERS: Partners | None = None
+_LOCK = threading.Lock()
+
+
+def partners() -> Partners:
+    """The process's partners, made on first use: enough for any split call (``max(cores(), 2)`` workers)."""
+    global _PARTNERS
+    if _PARTNERS is None:
+        with _LOCK:
+            if _PARTNERS is None:
+                _PARTNERS = Partners(max(cores(), 2))
+    return _PARTNERS
+
+
+def _forget_in_child() -> None:
+    global _PARTNERS, _LOCK
+    _PARTNERS, _LOCK = None, threading.Lock()
+
+
+def _send_home() -> None:
+    """At exit: partners out of compiled code before the interpreter frees the arrays they spin on."""
+    if _PARTNERS is not None:
+        sync.evict_partners(_PARTNERS.ctl, _PARTNERS.workers)
+
+
+os.register_at_fork(after_in_child=_forget_in_child)
+atexit.register(_send_home)

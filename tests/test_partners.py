@@ -1,0 +1,178 @@
+"""The partner threads of split calls: the job hand-off protocol, failures, switching kernels, fork.
+
+The split kernels' results are pinned by ``test_unit_split`` and
+``test_direction_split``; here the protocol of ``numrnn.runtime.sync`` is run
+on its own (compiled functions on Python threads), and the partners of
+``numrnn.runtime.partners`` with a stand-in kernel and with two real split
+kernels taking turns. The kernels are those cases' (the disk cache has them).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import threading
+import time
+
+import numpy as np
+import pytest
+from numba import njit
+from reference import run_stack
+from test_direction_split import CASES as DIRECTION_CASES
+from test_grid import _inputs, _run_kernel, _weights, assert_matches_reference
+from test_unit_split import CASES as UNIT_CASES
+
+from codegen.targets.cpu_split import partner_tag
+from numrnn.runtime import sync
+from numrnn.runtime.partners import Partners, partners
+
+TAG = 12345
+#: Rounds that keep a partner of these tests waiting for good.
+FOREVER = 2**62
+
+
+def _state(ctl, w=1):
+    return int(ctl[w * sync.STRIDE])
+
+
+def _wait_for(condition, timeout=10.0):
+    end = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < end, "timed out"
+        time.sleep(0.001)
+
+
+def _waiting_partner(ctl):
+    """A thread in ``next_job`` as partner 1 of kernel ``TAG``; its result lands in the returned list."""
+    result = []
+    thread = threading.Thread(target=lambda: result.append(sync.next_job(ctl, 1, TAG, FOREVER)))
+    thread.start()
+    _wait_for(lambda: _state(ctl) == TAG)
+    return thread, result
+
+
+def test_a_posted_job_reaches_the_waiting_partner():
+    ctl = np.zeros(2 * sync.STRIDE, np.int64)
+    thread, result = _waiting_partner(ctl)
+    assert sync.post_jobs(ctl, 2, TAG)
+    thread.join(timeout=10)
+    assert result == [True] and _state(ctl) == sync.RUNNING
+
+
+def test_a_lead_of_another_kernel_posts_nothing_and_evicts_the_partner():
+    ctl = np.zeros(2 * sync.STRIDE, np.int64)
+    thread, result = _waiting_partner(ctl)
+    assert not sync.post_jobs(ctl, 2, TAG + 1)
+    assert _state(ctl) == TAG  # still ready in its own kernel
+    sync.evict_partners(ctl, 2)
+    thread.join(timeout=10)
+    assert result == [False] and _state(ctl) == sync.IDLE
+
+
+def test_a_lead_reserves_all_of_its_partners_or_none():
+    ctl = np.zeros(3 * sync.STRIDE, np.int64)
+    ctl[sync.STRIDE] = TAG  # partner 1 ready, partner 2 asleep
+    assert not sync.post_jobs(ctl, 3, TAG)
+    assert _state(ctl, 1) == TAG and _state(ctl, 2) == sync.IDLE
+
+
+def test_a_partner_without_jobs_goes_back_to_sleep_by_itself():
+    ctl = np.zeros(2 * sync.STRIDE, np.int64)
+    assert not sync.next_job(ctl, 1, TAG, sync.PARTNER_WAIT_ROUNDS)
+    assert _state(ctl) == sync.IDLE
+
+
+def test_await_partners_waits_for_a_running_job():
+    ctl = np.zeros(2 * sync.STRIDE, np.int64)
+    ctl[sync.STRIDE] = sync.RUNNING
+    waiter = threading.Thread(target=sync.await_partners, args=(ctl, 2))
+    waiter.start()
+    waiter.join(timeout=0.2)
+    assert waiter.is_alive()
+    sync.set_idle(ctl, 1)
+    waiter.join(timeout=10)
+    assert not waiter.is_alive()
+
+
+@njit
+def _round_trip(box, a, b, k):
+    sync.publish(box, ((a, k), b))
+    (c, j), d = sync.receive(box, ((a, k), b))
+    return c.sum() + d.sum() + j, c.ctypes.data == a.ctypes.data
+
+
+def test_a_published_job_is_received_as_views_of_the_same_arrays():
+    box = np.zeros(sync.BOX_BYTES, np.uint8)
+    a, b = np.arange(6.0).reshape(2, 3), np.ones(4, np.float32)
+    total, same = _round_trip(box, a, b, 7)
+    assert total == 15 + 4 + 7 and same
+
+
+def test_a_job_too_large_for_a_box_is_refused_when_compiled():
+    scope = {"sync": sync}
+    exec(f"def publish_many(box, a):\n    sync.publish(box, ({'a, ' * 200}))", scope)  # 200 arrays: ~17 KB
+    publish_many = njit(scope["publish_many"])
+    with pytest.raises(Exception, match="does not fit a partner's box"):
+        publish_many(np.zeros(sync.BOX_BYTES, np.uint8), np.zeros((2, 2, 2)))
+
+
+def test_a_failing_partner_aborts_the_call_and_its_error_is_raised():
+    team = Partners(2)
+
+    def kernel(me, flags, ctl, boxes, role):
+        if role == sync.LEAD:
+            return False  # no partner ready: the jobs go through the queues
+        if role == sync.SERVE:
+            raise RuntimeError(f"worker {me} failed")
+        sync.await_partners(ctl, 2)  # the lead, as the generated kernels do
+        return True
+
+    with pytest.raises(RuntimeError, match="worker 1 failed"):
+        team.run(kernel, lambda box, *job: None, [(0, team.flags), (1, team.flags)])
+    assert team.flags[sync.ABORT] == 1 and team.ready(1) == sync.IDLE
+    team.run(lambda *args: True, lambda box, *job: None, [(0, team.flags), (1, team.flags)])  # no error left over
+    assert team.flags[sync.ABORT] == 0
+
+
+def _split_case(cases, name, change, batch):
+    spec = cases[name]
+    rng = np.random.default_rng(sorted(cases).index(name))
+    weights = _weights(spec, rng)
+    x, mask, lengths, initial = _inputs(spec, rng, batch)
+    expected = run_stack(spec, weights, x, mask=mask, lengths=lengths, initial_states=initial)
+    return dataclasses.replace(spec, **change), (weights, x, mask, lengths, initial), expected
+
+
+def test_split_kernels_taking_turns_stay_right_and_reuse_ready_partners():
+    unit = _split_case(UNIT_CASES, "stack_carry", {"unit_split": 2}, 1)
+    direction = _split_case(DIRECTION_CASES, "torch_packed_projection_two_blocks", {"direction_split": True}, 1)
+    team = partners()
+    for turn in range(6):
+        spec, arguments, (expected, expected_states) = (direction, unit)[turn // 2 % 2]  # each kernel twice
+        cold = team.cold_calls
+        got, got_states = _run_kernel(spec, *arguments)
+        assert_matches_reference(spec, got, got_states, expected, expected_states)
+        if turn % 2 == 0:
+            assert team.cold_calls == cold + 1  # the partner was in the other kernel: evicted, handed the job
+    assert team.hot_calls >= 1
+    assert team.ready(1) in (partner_tag(direction[0]), sync.IDLE)  # the last kernel's, or asleep
+
+
+def test_a_forked_child_makes_its_own_partners():
+    spec, arguments, (expected, expected_states) = _split_case(UNIT_CASES, "stack_carry", {"unit_split": 2}, 1)
+    _run_kernel(spec, *arguments)  # the parent's partner is now ready in this kernel
+    pid = os.fork()
+    if pid == 0:
+        try:
+            got, got_states = _run_kernel(spec, *arguments)
+            assert_matches_reference(spec, got, got_states, expected, expected_states)
+            os._exit(0)
+        finally:
+            os._exit(1)
+    end = time.monotonic() + 60
+    while (done := os.waitpid(pid, os.WNOHANG))[0] == 0 and time.monotonic() < end:
+        time.sleep(0.01)
+    if done[0] == 0:
+        os.kill(pid, 9)
+        os.waitpid(pid, 0)
+    assert done[0] == pid and os.waitstatus_to_exitcode(done[1]) == 0
