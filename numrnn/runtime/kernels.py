@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
@@ -214,7 +215,7 @@ class Kernel:
         # Single-threaded BLAS before any worker starts: a partner's input projection on two OpenBLAS
         # threads would spin against the barrier (latency256 took 8-10 ms instead of 1.9 in about one
         # process of three when a pool worker could start before the block was entered).
-        with _SPLIT_LOCK, single_threaded_blas():
+        with _SPLIT_LOCK, single_threaded_blas() if self._calls_blas(T, B) else contextlib.nullcontext():
             team.run(self.function, self.publish_job, jobs)
         if self.compile_seconds is None:
             self.compile_seconds = time.perf_counter() - start
@@ -293,11 +294,18 @@ class Kernel:
         """
         T, B = x.shape[0], x.shape[1]
         size = self.workspace_size(T, y.shape[0], B)
-        if 0 < B <= self._small and T * B <= PACKED_PROJECTION_MAX_ROWS and size <= SMALL_WORKSPACE:
+        if not self._calls_blas(T, B) and size <= SMALL_WORKSPACE:
             self.function(x, *cond, *states, *weights, y, self._thread_workspace(size), self._small)
             return
         with single_threaded_blas(), self._workspaces.borrow(size, self._dtype) as ws:
             self.function(x, *cond, *states, *weights, y, ws, self._small)
+
+    def _calls_blas(self, T: int, rows: int) -> bool:
+        """Whether a call (or a worker's share) of ``rows`` rows calls BLAS: not if every product is the packed one.
+
+        Such calls skip :class:`single_threaded_blas` (5 us to enter and leave).
+        """
+        return not (0 < rows <= self._small and T * rows <= PACKED_PROJECTION_MAX_ROWS)
 
     def _workspace(self, T: int, T_out: int, rows: int) -> Borrowed:
         """A workspace for a call on ``rows`` rows, from this kernel's pool."""
