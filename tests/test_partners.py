@@ -10,9 +10,11 @@ kernels taking turns. The kernels are those cases' (the disk cache has them).
 from __future__ import annotations
 
 import dataclasses
+import gc
 import os
 import threading
 import time
+import weakref
 
 import numpy as np
 import pytest
@@ -156,6 +158,19 @@ def test_split_kernels_taking_turns_stay_right_and_reuse_ready_partners():
             assert team.cold_calls == cold + 1  # the partner was in the other kernel: evicted, handed the job
     assert team.hot_calls >= 1
     assert team.ready(1) in (partner_tag(direction[0]), sync.IDLE)  # the last kernel's, or asleep
+
+
+def test_a_sleeping_partner_holds_no_array_of_its_last_call():
+    spec, arguments, _ = _split_case(UNIT_CASES, "stack_carry", {"unit_split": 2}, 1)
+    team = partners()
+    sync.evict_partners(team.ctl, team.workers)  # the call hands the partner its arrays through the queue
+    got, _ = _run_kernel(spec, *arguments)
+    output = weakref.ref(got if got.base is None else got.base)
+    del got
+    _wait_for(lambda: team.ready(1) == sync.IDLE)
+    time.sleep(0.05)  # the thread returns from the kernel, then from the method that held the job
+    gc.collect()
+    assert output() is None
 
 
 def test_a_forked_child_makes_its_own_partners():

@@ -93,15 +93,19 @@ class Partners:
             self._queues[w].put((kernel, jobs[w]))
 
     def _serve(self, w: int) -> None:
-        """Partner ``w``'s thread: run each job it is handed, then the kernel's job loop, until it returns."""
+        """Partner ``w``'s thread: each job it is handed, and the kernel's job loop after it."""
         while True:
-            kernel, job = self._queues[w].get()
-            try:
-                kernel(*job, self.ctl, self.boxes, sync.SERVE)
-            except BaseException as error:  # reported by the lead's run(); the thread lives on
-                self._errors[w] = error
-                self.flags[sync.ABORT] = 1
-                sync.set_idle(self.ctl, w)
+            self._work(w, *self._queues[w].get())
+
+    def _work(self, w: int, kernel, job: tuple) -> None:
+        """Run ``job`` and the job loop until it returns; a method of its own, so that no reference to
+        the job's arrays outlives it while the thread sleeps."""
+        try:
+            kernel(*job, self.ctl, self.boxes, sync.SERVE)
+        except BaseException as error:  # reported by the lead's run(); the thread lives on
+            self._errors[w] = error
+            self.flags[sync.ABORT] = 1
+            sync.set_idle(self.ctl, w)
 
 
 _PARTNERS: Partners | None = None
