@@ -92,8 +92,12 @@ def test_auto_policy_splits_units_only_for_large_recurrent_matrices_at_one_row_o
     monkeypatch.setattr(schedule, "packed_product_rows", lambda: 8)
     latency = simple_stack([CellSpec("lstm", 256)], 256)  # 1 MiB recurrent matrix
     tiny = simple_stack([CellSpec("lstm", 64)], 32)  # 64 KiB: cache-resident on one core
+    small = simple_stack([CellSpec("lstm", 96)], 96)  # 144 KiB
     assert schedule.choose(latency, 100, 1) == ("units", 2)
     assert schedule.choose(tiny, 50, 1) == ("serial", 1)
+    assert schedule.choose(small, 100, 2) == ("units", 2)
+    assert schedule.choose(small, 20, 1) == ("serial", 1)  # 2.9 MFLOP: less than a split adds per call
+    assert schedule.choose(small, 100, 32) == ("batch", 2)  # GEMM-sized rows: only from one core's L2
     assert schedule.choose(latency, 100, 8) == ("batch", 2)  # 4-row packed products beat a barrier per step
     assert schedule.choose(latency, 100, 16) == ("batch", 2)  # 8-row packed products beat a 16-row GEMM
     assert schedule.choose(latency, 100, 17) == ("units", 2)  # each batch worker would run a GEMM anyway

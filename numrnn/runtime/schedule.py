@@ -35,16 +35,16 @@ runs worker 0; the others run on partner threads that wait for the next call
 inside the kernel (:mod:`numrnn.runtime.partners`), not on the pool. Policy
 (``choose``):
 
-- the unit split when some layer's recurrent matrix has at least
-  :data:`UNIT_SPLIT_MIN_WEIGHT_BYTES`, the call has at least
-  :data:`UNIT_SPLIT_MIN_FLOPS`, the spec allows it (plain dynamic loop; no
-  LSTM projection; GRU ``reset_after``), every layer's units divide by the
-  number of cores, and the batch is either latency-sized (``B <=``
-  :data:`UNIT_SPLIT_MAX_ROWS`) or GEMM-sized: every batch worker would get more
-  rows than the packed product takes (so it would run a BLAS GEMM per step anyway)
-  and ``B <=`` :data:`UNIT_SPLIT_MAX_GEMM_ROWS`; one unit-split call runs at a
-  time (a concurrent one falls back, so the partners can never wait on each
-  other);
+- the unit split when the call has at least :data:`UNIT_SPLIT_MIN_FLOPS`,
+  the spec allows it (plain dynamic loop; no LSTM projection; GRU
+  ``reset_after``), every layer's units divide by the number of cores, and
+  the batch is either latency-sized (``B <=`` :data:`UNIT_SPLIT_MAX_ROWS`,
+  some layer's recurrent matrix at least :data:`UNIT_SPLIT_MIN_WEIGHT_BYTES`)
+  or GEMM-sized: every batch worker would get more rows than the packed
+  product takes (so it would run a BLAS GEMM per step anyway), ``B <=``
+  :data:`UNIT_SPLIT_MAX_GEMM_ROWS` and a recurrent matrix of at least
+  :data:`UNIT_SPLIT_MIN_GEMM_WEIGHT_BYTES`; one split call runs at a time (a
+  concurrent one falls back, so the partners can never wait on each other);
 - otherwise the batch split above.
 
 Why those limits (measured on the 2-core benchmark machine, 512 KiB L2 per
@@ -57,6 +57,13 @@ the pool hand-off cost more than the halved product; with the partners waiting
 in the kernel (no hand-off) still 131-147 against 91-97 us a call (tiny64, B1
 T50; the split kernel alone 99 us, the serial one 57-80). At B=8 (bidir_masked)
 the batch split was faster (34 vs 49 ms) since it needs no barrier.
+With the partners waiting in the kernel, smaller matrices split too (one row,
+T=100, D=H, units / serial, interleaved in one process, three runs each):
+LSTM(64) 64 KiB 0.87-1.02, LSTM(96) 144 KiB 0.67-0.76, LSTM(112) 0.68-0.82,
+GRU(128) 0.69-0.84, LSTM(128) 0.65-0.79; and short calls lose what the split
+adds per call (about 20 us: the jobs' hand-off, a second dispatch): LSTM(96)
+T20 (2.9 MFLOP) 1.18-1.19, LSTM(128) T15 (3.9 MFLOP) 0.98-1.07, LSTM(96) T40
+(5.9 MFLOP) 0.91-0.93, LSTM(256) T5 (5.2 MFLOP) 0.76-0.97.
 
 At GEMM-sized batches a batch worker reads the whole recurrent matrix every
 step for half the rows; a unit worker reads half the matrix for all of them,
@@ -147,11 +154,14 @@ UNIT_SPLIT_MAX_ROWS = 2
 #: Largest GEMM-sized batch run with the unit split (at 128 rows a per-step GEMM is efficient on
 #: its own and the batch split won as often as it lost).
 UNIT_SPLIT_MAX_GEMM_ROWS = 64
-#: A layer's recurrent matrix at least this large (one core's L2) makes the split pay: each core then
-#: reads half of it per step.
-UNIT_SPLIT_MIN_WEIGHT_BYTES = 512 * 1024
-#: Below this many FLOPs per call the split's pool hand-off (~20-40 us) outweighs the gain.
-UNIT_SPLIT_MIN_FLOPS = 2e6
+#: A layer's recurrent matrix at least this large makes the split pay at one or two rows: each core
+#: reads half of it per step (LSTM(96), 144 KiB, won; LSTM(64), 64 KiB, broke even).
+UNIT_SPLIT_MIN_WEIGHT_BYTES = 128 * 1024
+#: At GEMM-sized batches, at least one core's L2 (only measured from LSTM(256) up).
+UNIT_SPLIT_MIN_GEMM_WEIGHT_BYTES = 512 * 1024
+#: Below this many FLOPs per call what a split adds per call (~20 us with the partners ready, the
+#: queues' hand-off when they sleep) outweighs the gain; for the direction split too.
+UNIT_SPLIT_MIN_FLOPS = 4e6
 #: Largest batch run with the direction split (a bidirectional stack; from 4 rows the batch split was
 #: as fast, from 16 faster).
 DIRECTION_SPLIT_MAX_ROWS = 2
@@ -200,7 +210,8 @@ class Scheduler:
         self.spec = spec
         self.workers = cores()
         self.flops_per_row_step = stack_flops(spec, 1, 1)
-        self.splits_units = (largest_recurrent_bytes(spec) >= UNIT_SPLIT_MIN_WEIGHT_BYTES
+        self.recurrent_bytes = largest_recurrent_bytes(spec)
+        self.splits_units = (self.recurrent_bytes >= UNIT_SPLIT_MIN_WEIGHT_BYTES
                              and unit_split_blocker(spec, self.workers) is None)
         self.splits_directions = direction_split_blocker(spec, self.workers) is None
         self._chosen: dict[tuple, tuple[str, int]] = {}
@@ -246,6 +257,8 @@ class Scheduler:
         """Latency-sized, or GEMM-sized with each batch worker past the packed product (see the module docstring)."""
         if batch <= UNIT_SPLIT_MAX_ROWS:
             return True
+        if self.recurrent_bytes < UNIT_SPLIT_MIN_GEMM_WEIGHT_BYTES:
+            return False
         # Not measured below 9 rows per batch worker with BLAS's AVX-512 small-matrix kernels (no packed product).
         return self.workers * max(packed_product_rows(), 8) < batch <= UNIT_SPLIT_MAX_GEMM_ROWS
 
