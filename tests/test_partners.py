@@ -130,9 +130,9 @@ def test_a_failing_partner_aborts_the_call_and_its_error_is_raised():
         return True
 
     with pytest.raises(RuntimeError, match="worker 1 failed"):
-        team.run(kernel, lambda box, *job: None, [(0, team.flags), (1, team.flags)])
+        team.run(kernel, [(0, team.flags), (1, team.flags)])
     assert team.flags[sync.ABORT] == 1 and team.ready(1) == sync.IDLE
-    team.run(lambda *args: True, lambda box, *job: None, [(0, team.flags), (1, team.flags)])  # no error left over
+    team.run(lambda *args: True, [(0, team.flags), (1, team.flags)])  # no error left over
     assert team.flags[sync.ABORT] == 0
 
 

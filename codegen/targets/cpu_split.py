@@ -20,14 +20,16 @@ work as in the unsplit kernel. Buffers that more than one worker reads (the
 module's ``shared_buffers(T, T_out, B)``, allocated once per call by the
 runtime and passed to every worker.
 
-Kernel signature: the unsplit kernel's (with this worker's weight slices,
-``numrnn.codegen.cells.split_packed``), then ``me`` (worker index),
-``flags`` (``numrnn.runtime.sync`` layout) and the shared buffers: one worker's
-job. Then ``ctl``, ``box`` and ``role``: every split kernel (this one and the
-direction split's) is also its own job loop (:func:`job_loop`). Worker 0, the
-lead, posts the other workers' jobs to partners that wait in the loop of this
-kernel (``numrnn.runtime.partners``); a partner, its job done, waits there for
-the next one.
+Kernel signature: the unsplit kernel's, each weight with every worker's
+slice stacked on a first axis (``numrnn.codegen.cells.split_packed``; a
+worker takes ``[me]``), then ``me`` (worker index), ``flags``
+(``numrnn.runtime.sync`` layout) and the shared buffers: one worker's job,
+which differs from the others' in ``me`` only. Then ``ctl``, ``box`` and
+``role``: every split kernel (this one and the direction split's) is also its
+own job loop (:func:`job_loop`). Worker 0, the lead, posts the other workers'
+jobs to partners that wait in the loop of this kernel
+(``numrnn.runtime.partners``); a partner, its job done, waits there for the
+next one.
 """
 
 from __future__ import annotations
@@ -102,10 +104,19 @@ def emit_shared_buffers_function(em: Emitter, spec: StackSpec, buffers: list[tup
 def kernel_arguments(spec: StackSpec, buffers: list[tuple[str, str]] | None = None) -> list[str]:
     """A split kernel's parameter names, in order: the unsplit kernel's, ``me``, ``flags``, the ``buffers``.
 
-    ``buffers`` defaults to the unit split's :func:`shared_buffers`.
+    ``buffers`` defaults to the unit split's :func:`shared_buffers`, whose
+    kernel takes every weight stacked over the workers (:func:`stacked`).
     """
-    shared = [name for name, _ in (shared_buffers(spec) if buffers is None else buffers)]
-    return [*unsplit_kernel_arguments(spec, workspace=False), "me", "flags", *shared]
+    if buffers is not None:
+        return [*unsplit_kernel_arguments(spec, workspace=False), "me", "flags", *(name for name, _ in buffers)]
+    weights = {a for layer in layers_of(spec) for a in layer.weight_args()}
+    names = [stacked(a) if a in weights else a for a in unsplit_kernel_arguments(spec, workspace=False)]
+    return [*names, "me", "flags", *(name for name, _ in shared_buffers(spec))]
+
+
+def stacked(weight: str) -> str:
+    """The unit-split kernel's argument holding every worker's slice of ``weight``."""
+    return f"{weight}_workers"
 
 
 #: What split kernel modules import from ``numrnn.runtime.sync``.
@@ -121,32 +132,30 @@ def partner_tag(spec: StackSpec) -> int:
 def job_loop(em: Emitter, spec: StackSpec, arguments: list[str], workers: int, docstring: str):
     """The split kernel ``def``, its body (the ``with`` block's lines) run once per job.
 
-    Called with ``role=LEAD`` it first posts the partners' jobs (returning
-    False, having run nothing, when they are not all waiting in this kernel),
-    with ``LEAD_COLD`` it runs its job as given; either lead then waits for
-    its partners. With ``role=SERVE`` it runs the job it was called with, then
-    every job posted to its box until it leaves the loop.
+    Called with ``role=LEAD`` it first posts the partners' jobs, its own with
+    ``me`` set to each partner's index (returning False, having run nothing,
+    when they are not all waiting in this kernel); with ``LEAD_COLD`` it runs
+    its job as given; either lead then waits for its partners. With
+    ``role=SERVE`` it runs the job it was called with, then every job posted
+    to its box until it leaves the loop.
     """
     job = _nested_tuple(arguments)
     em(f"@njit({jit_options(spec.dtype)})")
     with em.block(f"def {spec.kernel_name()}({', '.join([*arguments, 'ctl', 'box', 'role'])}):"):
         em(f'"""{docstring}"""', f"job = {job}")
-        with em.block(f"if role == LEAD and not post_jobs(ctl, {workers}, PARTNER_TAG):"):
-            em("return False")
+        with em.block("if role == LEAD:"):
+            with em.block(f"for w in range(1, {workers}):"):
+                em(f"publish(box[w], {_nested_tuple(['w' if a == 'me' else a for a in arguments])})")
+            with em.block(f"if not post_jobs(ctl, np.int64({workers}), PARTNER_TAG):"):
+                em("return False")
         with em.block("while True:"):
             em(f"{job} = job")
             yield
             with em.block("if role != SERVE:"):
-                em(f"await_partners(ctl, {workers})", "return True")
-            with em.block("if not next_job(ctl, me, PARTNER_TAG, PARTNER_WAIT_ROUNDS):"):
+                em(f"await_partners(ctl, np.int64({workers}))", "return True")
+            with em.block("if not next_job(ctl, me, PARTNER_TAG, np.int64(PARTNER_WAIT_ROUNDS)):"):
                 em("return True")
             em("job = receive(box[me], job)")
-    em.blank()
-    em.blank()
-    em(f"@njit({jit_options(spec.dtype)})")
-    with em.block(f"def publish_job({', '.join(['box', *arguments])}):"):
-        em('"""Store one worker\'s arguments in its partner\'s ``box``, for the job loop above."""',
-           f"publish(box, {job})")
 
 
 #: Names per inner tuple of a job: CPython builds a tuple display of more than 30 names through a
@@ -161,8 +170,13 @@ def _nested_tuple(names: list[str]) -> str:
 
 
 def emit_partner_tag(em: Emitter, spec: StackSpec) -> None:
-    """``PARTNER_TAG``, the constant the module's job loop waits under."""
-    em(f"PARTNER_TAG = {partner_tag(spec)}")
+    """``PARTNER_TAG``, the constant the module's job loop waits under.
+
+    An ``np.int64``, as every integer constant the job loop passes to
+    ``numrnn.runtime.sync``: numba types a plain literal by its value and
+    would compile the functions it is passed to once per kernel.
+    """
+    em(f"PARTNER_TAG = np.int64({partner_tag(spec)})")
     em.blank()
     em.blank()
 
@@ -227,6 +241,7 @@ def _emit_copy(em: Emitter, n: int, *pairs: tuple[str, str]) -> None:
 def _emit_kernel(em: Emitter, spec: StackSpec, layers: list[Layer]) -> None:
     with job_loop(em, spec, kernel_arguments(spec), spec.unit_split,
                   "Worker ``me`` of the call: its slice of every layer, in step with the other workers."):
+        em(*(f"{weight} = {stacked(weight)}[me]" for layer in layers for weight in layer.weight_args()))
         em("T = x.shape[0]", "B = x.shape[1]", "inp = x", "epoch = 0")
         for bi, block in enumerate(spec.blocks):
             last_block = bi == len(spec.blocks) - 1

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 
 from codegen import StackSpec, generate_source
-from codegen.cells import pack, packed_names, split_packed
+from codegen.cells import aligned_copy, pack, packed_names, split_packed
 from codegen.targets.cpu import PACKED_PROJECTION_MAX_ROWS, condition_args, generate_shared, shared_module_name
 from codegen.targets.cpu_dirsplit import WORKERS as DIRECTION_WORKERS
 from numrnn.runtime.cache import cache_dir, import_module, module_path, write_if_changed
@@ -115,8 +115,6 @@ class Kernel:
     shared_buffers: object = None
     #: Unsplit kernels: the generated ``workspace_size(T, T_out, B)`` (``None`` otherwise).
     workspace_size: object = None
-    #: Split kernels: the generated ``publish_job(box, ...)`` (``None`` otherwise).
-    publish_job: object = None
     _first_call_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def __call__(self, x: np.ndarray, condition, states: list[np.ndarray], weights: list[np.ndarray],
@@ -206,24 +204,30 @@ class Kernel:
         start = time.perf_counter()
         T, B = x.shape[0], x.shape[1]
         if self.spec.unit_split > 1:
-            n, parts = self.spec.unit_split, self._worker_weights(weights)
+            n, weights = self.spec.unit_split, self._worker_weights(weights)
         else:
-            n, parts = DIRECTION_WORKERS, [weights] * DIRECTION_WORKERS
+            n = DIRECTION_WORKERS
         team = partners()
         shared = self.shared_buffers(T, y.shape[0], B)
-        jobs = [(x, *cond, *states, *parts[me], y, self._small, me, team.flags, *shared) for me in range(n)]
+        jobs = [(x, *cond, *states, *weights, y, self._small, me, team.flags, *shared) for me in range(n)]
         # Single-threaded BLAS before any worker starts: a partner's input projection on two OpenBLAS
         # threads would spin against the barrier (latency256 took 8-10 ms instead of 1.9 in about one
         # process of three when a pool worker could start before the block was entered).
         with _SPLIT_LOCK, single_threaded_blas() if self._calls_blas(T, B) else contextlib.nullcontext():
-            team.run(self.function, self.publish_job, jobs)
+            team.run(self.function, jobs)
         if self.compile_seconds is None:
             self.compile_seconds = time.perf_counter() - start
             log.debug("first call of %s took %.2f s (compile or cache load, and one run)", self.spec.kernel_name(),
                       self.compile_seconds)
 
-    def _worker_weights(self, weights: list[np.ndarray]) -> list[list[np.ndarray]]:
-        """Each worker's column slices of the packed weights, cut once per set of weights."""
+    def _worker_weights(self, weights: list[np.ndarray]) -> list[np.ndarray]:
+        """Each packed weight with every worker's column slice stacked on a first axis, cut once per set of weights.
+
+        The unit-split kernel takes ``[me]`` of each, so every worker's job
+        has the same arrays and the lead can post the others' jobs itself.
+        Each slice starts on an :data:`~codegen.cells.ALIGNMENT` boundary
+        where its size is a multiple of it (the panels always are).
+        """
         key = tuple(id(w) for w in weights)
         hit = self._slices.get(key)
         if hit is not None:
@@ -234,10 +238,11 @@ class Kernel:
             for me in range(n):
                 parts[me].extend(split_packed(cell, weights[pos:pos + count], me, n))
             pos += count
+        stacked = [aligned_copy(np.stack(slices)) for slices in zip(*parts)]
         if len(self._slices) >= _SLICE_CACHE_SIZE:
             self._slices.pop(next(iter(self._slices)))
-        self._slices[key] = (list(weights), parts)  # holding the arrays keeps their ids unique
-        return parts
+        self._slices[key] = (list(weights), stacked)  # holding the arrays keeps their ids unique
+        return stacked
 
     def _first_call(self, x, cond, states, weights, y) -> None:
         """Compile (or load from the disk cache) on a one-row copy, timed; then run the call as usual.
@@ -347,8 +352,7 @@ def _build(spec: StackSpec) -> Kernel:
               "written to" if written else "reused from", path, elapsed)
     return Kernel(spec, source, str(path), getattr(module, spec.kernel_name()), elapsed,
                   shared_buffers=getattr(module, "shared_buffers", None),
-                  workspace_size=getattr(module, "workspace_size", None),
-                  publish_job=getattr(module, "publish_job", None))
+                  workspace_size=getattr(module, "workspace_size", None))
 
 
 def pack_weights(spec: StackSpec, logical: list[dict]) -> list[np.ndarray]:

@@ -9,8 +9,9 @@ barrier, and the lead learnt that the partner had finished 70 us after it had.
 
 Here a partner that has run a job stays in the kernel's job loop
 (:func:`codegen.targets.cpu_split.job_loop`): it spins on its state word
-(:mod:`numrnn.runtime.sync`), and the next call of the same kernel posts the
-job into its box and flips that word, all in compiled code without the GIL.
+(:mod:`numrnn.runtime.sync`), and the next call of the same kernel stores
+the job (its own arguments with the partner's ``me``) in the partner's box
+and flips that word, all in compiled code without the GIL.
 A partner that waits :data:`~numrnn.runtime.sync.PARTNER_WAIT_ROUNDS` rounds
 without a job (the last of them yielding its core) goes back to Python and
 sleeps on its queue, as does one evicted by a call of another kernel. A call
@@ -51,20 +52,20 @@ class Partners:
         for w in range(1, workers):
             threading.Thread(target=self._serve, args=(w,), name=f"numrnn-partner-{w}", daemon=True).start()
 
-    def run(self, kernel, publish_job, jobs: list[tuple]) -> None:
+    def run(self, kernel, jobs: list[tuple]) -> None:
         """``kernel(*jobs[w], ...)`` for every worker ``w``: ``jobs[0]`` on this thread, the others on partners.
 
-        ``jobs[w]`` ends with ``flags``, which must be :attr:`flags`, and the
-        shared buffers; ``publish_job`` is the kernel module's. A worker that
-        fails sets the abort word, which releases the others' barriers, and
-        its error is raised here once every worker has stopped.
+        ``jobs[w]`` is ``jobs[0]`` with ``me = w``, and ends with ``flags``,
+        which must be :attr:`flags`, and the shared buffers. Partners ready in
+        ``kernel`` get their jobs from the lead's own call; others get
+        ``jobs[w]`` through their queues. A worker that fails sets the abort
+        word, which releases the others' barriers, and its error is raised
+        here once every worker has stopped.
         """
         n = len(jobs)
         if n > self.workers:
             raise ValueError(f"a split call of {n} workers needs more than the {self.workers} there are")
         self.flags.fill(0)
-        for w in range(1, n):
-            publish_job(self.boxes[w], *jobs[w])
         try:
             if kernel(*jobs[0], self.ctl, self.boxes, sync.LEAD):
                 self.hot_calls += 1
