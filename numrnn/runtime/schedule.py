@@ -55,7 +55,8 @@ went from 5.1 to 4.1 ms (best calls 4.8 -> 2.8 ms). LSTM(64) (64 KiB, already
 cache-resident) got slower split, 0.25 -> 0.41 ms: the per-step barrier and
 the pool hand-off cost more than the halved product; with the partners waiting
 in the kernel (no hand-off) still 131-147 against 91-97 us a call (tiny64, B1
-T50; the split kernel alone 99 us, the serial one 57-80). At B=8 (bidir_masked)
+T50, separate processes), and 89-92 against 65-84 us interleaved in one
+process; only at T=200 did the split win (293 against 323 us). At B=8 (bidir_masked)
 the batch split was faster (34 vs 49 ms) since it needs no barrier.
 With the partners waiting in the kernel, smaller matrices split too (one row,
 T=100, D=H, units / serial, interleaved in one process, three runs each):

@@ -218,6 +218,15 @@ def sched_yield(typingctx):
 
 
 @njit(nogil=True, cache=True)
+def _wait_round(rounds):
+    """One round of waiting: ``pause`` for the first :data:`SPIN_LIMIT` rounds, then yield the core."""
+    if rounds < SPIN_LIMIT:
+        cpu_pause()
+    else:
+        sched_yield()
+
+
+@njit(nogil=True, cache=True)
 def barrier(flags, me, workers, epoch):
     """Publish that worker ``me`` reached ``epoch``, then wait until every worker has (or abort is set)."""
     atomic_store(flags, (me + 1) * STRIDE, epoch)
@@ -228,20 +237,8 @@ def barrier(flags, me, workers, epoch):
         while atomic_load(flags, (other + 1) * STRIDE) < epoch:
             if atomic_load(flags, ABORT) != 0:
                 return
+            _wait_round(rounds)
             rounds += 1
-            if rounds < SPIN_LIMIT:
-                cpu_pause()
-            else:
-                sched_yield()
-
-
-@njit(nogil=True, cache=True)
-def _wait_round(rounds):
-    """One round of waiting: ``pause`` for the first :data:`SPIN_LIMIT` rounds, then yield the core."""
-    if rounds < SPIN_LIMIT:
-        cpu_pause()
-    else:
-        sched_yield()
 
 
 @njit(nogil=True, cache=True)
