@@ -17,11 +17,12 @@ import threading
 
 import numpy as np
 import pytest
-from test_grid import D, _bidir, assert_forced_schedule_matches_reference
+from reference import run_stack
+from test_grid import D, _bidir, _weights, assert_forced_schedule_matches_reference, assert_matches_reference
 
 from codegen.cells import packed_names, split_packed
 from codegen.spec import BlockSpec, CellSpec, DirectionSpec, StackSpec, simple_stack
-from numrnn.runtime import pack_weights, schedule, sync
+from numrnn.runtime import get_kernel, pack_weights, schedule, sync
 
 LSTM_OPTIONS = CellSpec("lstm", 6, peephole=True, cell_clip=0.8, forget_bias=1.0)
 
@@ -45,6 +46,28 @@ def test_unit_split_matches_reference(name, batch, monkeypatch):
     split_spec = dataclasses.replace(spec, unit_split=2)
     seed = sorted(CASES).index(name)
     assert_forced_schedule_matches_reference(spec, seed, batch, monkeypatch, "units", split_spec)
+
+
+def test_one_split_kernel_serves_calls_of_changing_length_and_rows(monkeypatch):
+    # A split kernel keeps its last call's shared buffers (the steps' h exchange): a call of another
+    # shape must get its own, and a call of the kept shape after it must not see the other's values.
+    spec = CASES["stack_carry"]
+    monkeypatch.setenv("NUMRNN_SCHEDULE", "units")
+    rng = np.random.default_rng(7)
+    weights = _weights(spec, rng)
+    packed = pack_weights(spec, weights)
+    for steps, batch in [(7, 1), (3, 1), (7, 1), (7, 4), (7, 1)]:
+        x = rng.standard_normal((steps, batch, D)).astype(spec.dtype)
+        mask = rng.random((steps, batch)) > 0.3
+        initial = [tuple(rng.standard_normal((batch, n)).astype(spec.dtype) for n in c.state_sizes)
+                   for c in spec.cells]
+        expected, expected_states = run_stack(spec, weights, x, mask=mask, initial_states=initial)
+        states = [np.array(s) for cell_states in initial for s in cell_states]
+        got = get_kernel(spec)(x, mask, states, packed)
+        it = iter(states)
+        got_states = [tuple(next(it) for _ in c.state_names) for c in spec.cells]
+        assert_matches_reference(spec, got, got_states, expected, expected_states)
+    assert get_kernel(dataclasses.replace(spec, unit_split=2)).compile_seconds is not None  # it really ran split
 
 
 def test_split_packed_keeps_each_workers_columns_of_every_gate():
@@ -96,7 +119,8 @@ def test_auto_policy_splits_units_only_for_large_recurrent_matrices_at_one_row_o
     assert schedule.choose(latency, 100, 1) == ("units", 2)
     assert schedule.choose(tiny, 50, 1) == ("serial", 1)
     assert schedule.choose(small, 100, 2) == ("units", 2)
-    assert schedule.choose(small, 20, 1) == ("serial", 1)  # 2.9 MFLOP: less than a split adds per call
+    assert schedule.choose(small, 20, 1) == ("units", 2)  # 2.9 MFLOP
+    assert schedule.choose(small, 16, 1) == ("serial", 1)  # 2.4 MFLOP: less than a split adds per call
     assert schedule.choose(small, 100, 32) == ("batch", 2)  # GEMM-sized rows: only from one core's L2
     assert schedule.choose(latency, 100, 8) == ("batch", 2)  # 4-row packed products beat a barrier per step
     assert schedule.choose(latency, 100, 16) == ("batch", 2)  # 8-row packed products beat a 16-row GEMM

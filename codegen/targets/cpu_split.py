@@ -17,8 +17,8 @@ Everything a worker writes is its own: its columns of ``h``, ``c``, the
 outputs and a merged bidirectional output, so masking, reversal and merging
 work as in the unsplit kernel. Buffers that more than one worker reads (the
 ``h`` double buffers, the outputs of inner layers and blocks) come from the
-module's ``shared_buffers(T, T_out, B)``, allocated once per call by the
-runtime and passed to every worker.
+module's ``shared_buffers(T, T_out, B)``, which the runtime allocates (and
+keeps for the next call of the same shape) and passes to every worker.
 
 Kernel signature: the unsplit kernel's, each weight with every worker's
 slice stacked on a first axis (``numrnn.codegen.cells.split_packed``; a

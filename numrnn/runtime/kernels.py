@@ -39,6 +39,8 @@ _LOCK = threading.Lock()
 #: One split call at a time: the process has one set of partner threads (numrnn.runtime.partners).
 #: Re-entrant: a call that holds it to choose the split (``_try_split``) runs the split kernel under it.
 _SPLIT_LOCK = threading.RLock()
+#: The ``with`` block of a split call that calls no BLAS (``contextlib.nullcontext`` made anew cost 0.5 us).
+_NO_BLOCK = contextlib.nullcontext()
 #: Calls of one row and up to this many steps skip the scheduler (streaming, one step per call).
 STREAMING_MAX_STEPS = 4
 #: Weight slices kept per unit-split kernel (one entry per distinct set of packed weights).
@@ -166,10 +168,11 @@ class Kernel:
         self._has_condition = bool(condition_args(self.spec))
         self._small = packed_product_rows()
         self._scheduler = Scheduler(self.spec)
-        self._split_kernels: dict[str, Kernel] = {}
+        self._split_kernels: dict[tuple[str, int], Kernel] = {}
         self._slices: dict[tuple[int, ...], tuple[list, list[list[np.ndarray]]]] = {}
         self._workspaces = WorkspacePool()
         self._thread_local = threading.local()  # short calls' workspaces
+        self._shared: tuple[tuple[int, int, int], tuple[np.ndarray, ...]] | None = None
         self._streaming_size = (self.workspace_size(STREAMING_MAX_STEPS, STREAMING_MAX_STEPS, 1)
                                 if self.workspace_size is not None else 0)
 
@@ -178,12 +181,12 @@ class Kernel:
         if not _SPLIT_LOCK.acquire(blocking=False):
             return False
         try:
-            key = f"{schedule}{workers}"
+            key = (schedule, workers)
             split = self._split_kernels.get(key)
             if split is None:  # building the split spec and hashing it cost 13-19 us a call
                 changes = {"unit_split": workers} if schedule == "units" else {"direction_split": True}
                 split = self._split_kernels[key] = get_kernel(replace(self.spec, **changes))
-            split(x, cond[0] if cond else None, states, weights, out=y)
+            split._run_split(x, cond, states, weights, y)  # not split(...): its checks were made here (3-4 us)
         finally:
             _SPLIT_LOCK.release()
         return True
@@ -199,26 +202,40 @@ class Kernel:
         sets the abort word, which releases every other worker's barrier, so
         the call raises instead of hanging.
         """
-        from numrnn.runtime.partners import partners  # imports numba: kept off `import numrnn`
-
-        start = time.perf_counter()
+        start = time.perf_counter() if self.compile_seconds is None else None
         T, B = x.shape[0], x.shape[1]
         if self.spec.unit_split > 1:
             n, weights = self.spec.unit_split, self._worker_weights(weights)
         else:
             n = DIRECTION_WORKERS
-        team = partners()
-        shared = self.shared_buffers(T, y.shape[0], B)
-        jobs = [(x, *cond, *states, *weights, y, self._small, me, team.flags, *shared) for me in range(n)]
+        team = _partners()
         # Single-threaded BLAS before any worker starts: a partner's input projection on two OpenBLAS
         # threads would spin against the barrier (latency256 took 8-10 ms instead of 1.9 in about one
         # process of three when a pool worker could start before the block was entered).
-        with _SPLIT_LOCK, single_threaded_blas() if self._calls_blas(T, B) else contextlib.nullcontext():
-            team.run(self.function, jobs)
-        if self.compile_seconds is None:
+        with _SPLIT_LOCK, single_threaded_blas() if self._calls_blas(T, B) else _NO_BLOCK:
+            shared = self._shared_buffers(T, y.shape[0], B)
+            team.run(self.function, [(x, *cond, *states, *weights, y, self._small, me, team.flags, *shared)
+                                     for me in range(n)])
+        if start is not None:
             self.compile_seconds = time.perf_counter() - start
             log.debug("first call of %s took %.2f s (compile or cache load, and one run)", self.spec.kernel_name(),
                       self.compile_seconds)
+
+    def _shared_buffers(self, T: int, T_out: int, B: int) -> tuple[np.ndarray, ...]:
+        """The generated ``shared_buffers`` of a call's shape, kept for the next call of that shape.
+
+        Only one split call runs at a time (``_SPLIT_LOCK``) and every worker
+        writes its part of a buffer before any reads it, so one set serves
+        every call. Sets over :data:`SMALL_WORKSPACE` elements (a direction
+        split's block outputs on long inputs) are not kept: their call is long
+        enough not to notice the allocation.
+        """
+        key = (T, T_out, B)
+        if self._shared is not None and self._shared[0] == key:
+            return self._shared[1]
+        buffers = self.shared_buffers(T, T_out, B)
+        self._shared = (key, buffers) if sum(b.size for b in buffers) <= SMALL_WORKSPACE else None
+        return buffers
 
     def _worker_weights(self, weights: list[np.ndarray]) -> list[np.ndarray]:
         """Each packed weight with every worker's column slice stacked on a first axis, cut once per set of weights.
@@ -228,7 +245,7 @@ class Kernel:
         Each slice starts on an :data:`~codegen.cells.ALIGNMENT` boundary
         where its size is a multiple of it (the panels always are).
         """
-        key = tuple(id(w) for w in weights)
+        key = tuple(map(id, weights))
         hit = self._slices.get(key)
         if hit is not None:
             return hit[1]
@@ -315,6 +332,19 @@ class Kernel:
     def _workspace(self, T: int, T_out: int, rows: int) -> Borrowed:
         """A workspace for a call on ``rows`` rows, from this kernel's pool."""
         return self._workspaces.borrow(self.workspace_size(T, T_out, rows), self._dtype)
+
+
+def _partners():
+    """The process's partner threads (:func:`numrnn.runtime.partners.partners`), whose module is imported on
+    first use: it imports numba, which ``import numrnn`` does not need."""
+    global _partners_of_process
+    if _partners_of_process is None:
+        from numrnn.runtime.partners import partners
+        _partners_of_process = partners
+    return _partners_of_process()
+
+
+_partners_of_process = None
 
 
 def get_kernel(spec: StackSpec) -> Kernel:

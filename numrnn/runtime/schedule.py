@@ -64,7 +64,16 @@ LSTM(64) 64 KiB 0.87-1.02, LSTM(96) 144 KiB 0.67-0.76, LSTM(112) 0.68-0.82,
 GRU(128) 0.69-0.84, LSTM(128) 0.65-0.79; and short calls lose what the split
 adds per call (about 20 us: the jobs' hand-off, a second dispatch): LSTM(96)
 T20 (2.9 MFLOP) 1.18-1.19, LSTM(128) T15 (3.9 MFLOP) 0.98-1.07, LSTM(96) T40
-(5.9 MFLOP) 0.91-0.93, LSTM(256) T5 (5.2 MFLOP) 0.76-0.97.
+(5.9 MFLOP) 0.91-0.93, LSTM(256) T5 (5.2 MFLOP) 0.76-0.97. Once a split call
+skipped the second pass through ``Kernel.__call__`` and kept its shared
+buffers (about 10 us added per call, LSTM(64) B1 T5: 21-32 against 14-17 us
+serial, best of nine 3000-call repeats), shorter calls paid: LSTM(128) T10
+(2.6 MFLOP) 0.88-0.94, LSTM(96) T20 (2.9 MFLOP) 0.88-0.92, LSTM(128) T15
+(3.9 MFLOP) 0.71-0.76, and LSTM(128) T8 (2.1 MFLOP) 1.06 still lost; the
+direction split (2xBiLSTM(H) B1, lengths T/2..T, directions / serial):
+H=64 T8 (2.6 MFLOP) 0.85, T12 (3.9 MFLOP) 0.82, H=32 T30 (2.9 MFLOP)
+0.66-1.10 over three runs. tiny64 (LSTM(64) B1 T50, 2.5 MFLOP) still
+lost (1.00-1.24), which its 64 KiB matrix rules out.
 
 At GEMM-sized batches a batch worker reads the whole recurrent matrix every
 step for half the rows; a unit worker reads half the matrix for all of them,
@@ -160,9 +169,9 @@ UNIT_SPLIT_MAX_GEMM_ROWS = 64
 UNIT_SPLIT_MIN_WEIGHT_BYTES = 128 * 1024
 #: At GEMM-sized batches, at least one core's L2 (only measured from LSTM(256) up).
 UNIT_SPLIT_MIN_GEMM_WEIGHT_BYTES = 512 * 1024
-#: Below this many FLOPs per call what a split adds per call (~20 us with the partners ready, the
+#: Below this many FLOPs per call what a split adds per call (~10 us with the partners ready, the
 #: queues' hand-off when they sleep) outweighs the gain; for the direction split too.
-UNIT_SPLIT_MIN_FLOPS = 4e6
+UNIT_SPLIT_MIN_FLOPS = 2.5e6
 #: Largest batch run with the direction split (a bidirectional stack; from 4 rows the batch split was
 #: as fast, from 16 faster).
 DIRECTION_SPLIT_MAX_ROWS = 2
