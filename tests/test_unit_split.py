@@ -18,7 +18,14 @@ import threading
 import numpy as np
 import pytest
 from reference import run_stack
-from test_grid import D, _bidir, _weights, assert_forced_schedule_matches_reference, assert_matches_reference
+from test_grid import (
+    D,
+    _bidir,
+    _run_kernel,
+    _weights,
+    assert_forced_schedule_matches_reference,
+    assert_matches_reference,
+)
 
 from codegen.cells import packed_names, split_packed
 from codegen.spec import BlockSpec, CellSpec, DirectionSpec, StackSpec, simple_stack
@@ -55,17 +62,13 @@ def test_one_split_kernel_serves_calls_of_changing_length_and_rows(monkeypatch):
     monkeypatch.setenv("NUMRNN_SCHEDULE", "units")
     rng = np.random.default_rng(7)
     weights = _weights(spec, rng)
-    packed = pack_weights(spec, weights)
     for steps, batch in [(7, 1), (7, 1), (3, 1), (7, 1), (7, 4), (7, 4), (7, 1)]:
         x = rng.standard_normal((steps, batch, D)).astype(spec.dtype)
         mask = rng.random((steps, batch)) > 0.3
         initial = [tuple(rng.standard_normal((batch, n)).astype(spec.dtype) for n in c.state_sizes)
                    for c in spec.cells]
         expected, expected_states = run_stack(spec, weights, x, mask=mask, initial_states=initial)
-        states = [np.array(s) for cell_states in initial for s in cell_states]
-        got = get_kernel(spec)(x, mask, states, packed)
-        it = iter(states)
-        got_states = [tuple(next(it) for _ in c.state_names) for c in spec.cells]
+        got, got_states = _run_kernel(spec, weights, x, mask, None, initial)
         assert_matches_reference(spec, got, got_states, expected, expected_states)
     assert get_kernel(dataclasses.replace(spec, unit_split=2)).compile_seconds is not None  # it really ran split
 
