@@ -96,8 +96,12 @@ VECTOR_BYTES = 32
 #: Vectors per panel: the packed product's output block is ``PANEL_ROWS`` rows by one panel.
 PANEL_VECTORS = 2
 PANEL_ROWS = 4
-#: Panels per pass of the rows left over from the blocks of ``PANEL_ROWS`` (by their count).
-PANELS_PER_PASS = {1: 4, 2: 2, 3: 2}
+#: Panels per pass of the rows left over from the blocks of ``PANEL_ROWS`` (by their count; one if absent).
+#: Three rows take one panel at a time: with two, 12 accumulators, 4 weight vectors and the
+#: broadcast need 17 of AVX2's 16 registers, and the spills made 3 rows slower than 4 (128x512,
+#: minimum of 15 interleaved repeats: 3 rows 9.5 -> 5.6 us, 7 rows 15.5 -> 11.4 us; 256x1024, 3 rows
+#: 36 -> 23 us). Two rows keep two panels (3.1 against 5.3 us one at a time).
+PANELS_PER_PASS = {1: 4, 2: 2}
 #: The product's matrices, by packed name (every cell kind's ``recurrent_names`` that are one).
 PRODUCT_MATRICES = ("wh", "whzr", "whh")
 #: The packed-product function, as a kernel module names it (from the shared module).

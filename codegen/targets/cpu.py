@@ -116,6 +116,70 @@ def condition_args(spec: StackSpec) -> list[str]:
     return {"none": [], "carry": ["mask"], "zero": ["mask"], "lengths": ["lengths"]}[spec.masking]
 
 
+def live_condition(spec: StackSpec) -> str | None:
+    """When a step reads row ``b``'s input projection at time ``t`` (``None``: always).
+
+    Every masking mode skips a masked step before it reads ``xw[t, b]``
+    (:meth:`codegen.cells.common.LayerContext.masked_condition`): Keras masks
+    at ``mask[t, b]``, lengths past ``lengths[b]`` in every direction (a
+    valid-prefix reversal reads ``t = lengths[b] - 1 - s``).
+    """
+    return {"none": None, "carry": "mask[t, b]", "zero": "mask[t, b]", "lengths": "t < lengths[b]"}[spec.masking]
+
+
+def emit_live_row_functions(em: Emitter, spec: StackSpec) -> None:
+    """``_live_rows``, ``_gather_live`` and ``_scatter_live``, the projection's row compaction, for a masked spec.
+
+    A masked call's input projection need only cover the ``(t, b)`` rows some
+    step reads (:func:`live_condition`): :func:`emit_input_projection` copies
+    them to the front of a buffer, multiplies those, and spreads the products
+    back to their rows of ``xw``, in place, last row first (a row moves only
+    to a later one). bidir_masked's stack (2xBiLSTM(128) B8 T100, lengths
+    50-100: a fifth of the rows padding), unsplit, one thread, medians of 20
+    interleaved calls: 11.95 -> 10.62 ms. A call with no padding multiplies
+    its rows where they are.
+    """
+    live = live_condition(spec)
+    if live is None:
+        return
+    condition = condition_args(spec)[0]
+    em(f"@njit({jit_options(spec.dtype)})")
+    with em.block(f"def _live_rows({condition}, T, B):"):
+        em('"""How many (t, b) rows of a (T, B) call a step reads."""', "n = 0")
+        with em.block("for t in range(T):"):
+            with em.block("for b in range(B):"):
+                with em.block(f"if {live}:"):
+                    em("n += 1")
+        em("return n")
+    em.blank()
+    em.blank()
+    em(f"@njit({jit_options(spec.dtype)})")
+    with em.block(f"def _gather_live(xs, {condition}, B, xc):"):
+        em('"""Copy the rows of xs ((T * B, D)) a step reads to the front of xc, in order."""', "n = 0")
+        with em.block("for t in range(xs.shape[0] // B):"):
+            with em.block("for b in range(B):"):
+                with em.block(f"if {live}:"):
+                    em("r = t * B + b")
+                    with em.block("for k in range(xs.shape[1]):"):
+                        em("xc[n, k] = xs[r, k]")
+                    em("n += 1")
+    em.blank()
+    em.blank()
+    em(f"@njit({jit_options(spec.dtype)})")
+    with em.block(f"def _scatter_live(xw, {condition}, B, n):"):
+        em('"""Move xw\'s first n rows to the rows _gather_live took them from, last first (in place)."""')
+        with em.block("for r in range(xw.shape[0] - 1, -1, -1):"):
+            em("t = r // B", "b = r - t * B")
+            with em.block(f"if {live}:"):
+                em("n -= 1")
+                with em.block("if n == r:"):
+                    em("break  # the rows before are in place")
+                with em.block("for k in range(xw.shape[1]):"):
+                    em("xw[r, k] = xw[n, k]")
+    em.blank()
+    em.blank()
+
+
 def layers_of(spec: StackSpec) -> list[Layer]:
     """Every cell of the spec as a :class:`Layer`, in weight order.
 
@@ -170,6 +234,10 @@ class NewArrays:
         """A new ``(T * B, wx.shape[1])`` projection buffer, an expression."""
         return f"np.empty((T * B, {wx}.shape[1]), dtype=np.{self.dtype})"
 
+    def gathered(self, inputs: int) -> str:
+        """A new ``(T * B, inputs)`` buffer for the rows the projection covers (:func:`emit_live_row_functions`)."""
+        return f"np.empty((T * B, {inputs}), dtype=np.{self.dtype})"
+
     def emit_buffer(self, em: Emitter, name: str, rows: str, width: int) -> None:
         """``name = `` a new ``(rows, B, width)`` array."""
         em(f"{name} = np.empty(({rows}, B, {width}), dtype=np.{self.dtype})")
@@ -185,22 +253,31 @@ class Workspace:
     runtime keeps a workspace per concurrent call instead.
 
     Every layer's input projection takes the region at offset 0: the layer's
-    recurrence consumes it before the next projection writes it. Every other
-    buffer (a sequence between layers, a block's output, a merge) gets a
-    region of its own, in the order of the code.
+    recurrence consumes it before the next projection writes it; so does the
+    region after it, where a masked spec gathers the rows its projection
+    covers (:func:`emit_live_row_functions`). Every other buffer (a sequence
+    between layers, a block's output, a merge) gets a region of its own, in
+    the order of the code.
     """
 
     def __init__(self, spec: StackSpec):
         self.projection_width = max(cell.gates * cell.units for cell in spec.cells)
+        self.gather_width = max(spec.input_sizes()) if live_condition(spec) else 0
         self.terms: list[tuple[str, int]] = [("T", self.projection_width)]
+        if self.gather_width:
+            self.terms.append(("T", self.gather_width))
 
     def emit_start(self, em: Emitter) -> None:
-        """``top``: the first element after the projection region."""
-        em(f"top = T * B * {self.projection_width}")
+        """``top``: the first element after the projection region (and the gather region)."""
+        em(f"top = T * B * {self.projection_width + self.gather_width}")
 
     def projection(self, wx: str) -> str:
         """The ``(T * B, wx.shape[1])`` projection buffer, an expression."""
         return f"{VIEW}(ws, 0, (T * B, {wx}.shape[1]))"
+
+    def gathered(self, inputs: int) -> str:
+        """The ``(T * B, inputs)`` buffer for the rows the projection covers, an expression."""
+        return f"{VIEW}(ws, T * B * {self.projection_width}, (T * B, {inputs}))"
 
     def emit_buffer(self, em: Emitter, name: str, rows: str, width: int) -> None:
         """``name = `` the next ``(rows, B, width)`` region (``rows``: ``"T"`` or ``"T_out"``)."""
@@ -259,6 +336,7 @@ def generate(spec: StackSpec) -> str:
     em.blank()
     emit_math_helpers(em, spec.dtype, jit_options(spec.dtype))
     _emit_shared_imports(em, spec)
+    emit_live_row_functions(em, spec)
     if spec.unit_split > 1:
         from codegen.targets.cpu_split import emit_split_module_body
 
@@ -449,7 +527,7 @@ def emit_layer_call(em: Emitter, spec: StackSpec, layer: Layer, *, is_last: bool
     cell = layer.cell
     gu = cell.gates * cell.units
     weights = dict(zip(packed_names(cell), layer.weight_args()))
-    emit_input_projection(em, layer.input_size, weights, buffers.projection(weights["wx"]))
+    emit_input_projection(em, spec, layer.input_size, weights, buffers)
     out = "dest" if is_last else "seq"
     if not is_last:
         buffers.emit_buffer(em, "seq", "T", cell.output_size)
@@ -468,11 +546,12 @@ LOOP_PROJECTION_MAX_INPUTS = 4
 PACKED_PROJECTION_MAX_ROWS = 128
 
 
-def emit_input_projection(em: Emitter, inputs: int, weights: dict[str, str], buffer: str) -> None:
+def emit_input_projection(em: Emitter, spec: StackSpec, inputs: int, weights: dict[str, str],
+                          buffers: Workspace | NewArrays) -> None:
     """``xw = src.reshape(T * B, inputs) @ wx``: one product over every step, or a loop for a few inputs.
 
-    ``weights``: the layer's packed names -> argument names; ``buffer``: an
-    expression for ``xw``'s storage. Up to :data:`PACKED_PROJECTION_MAX_ROWS`
+    ``weights``: the layer's packed names -> argument names; ``buffers``:
+    where ``xw`` (and a masked spec's gathered rows) live. Up to :data:`PACKED_PROJECTION_MAX_ROWS`
     rows the packed product over ``wx``'s panels (when the call takes the
     packed product at all, ``small > 0``), beyond them one BLAS GEMM, which
     repacks ``wx`` on every call: one thread, rows x inputs x outputs,
@@ -483,12 +562,23 @@ def emit_input_projection(em: Emitter, inputs: int, weights: dict[str, str], buf
     are: ``numrnn.runtime.extern``).
     """
     wx = weights["wx"]
-    em(f"xw = {buffer}", f"xs = {VIEW}(src, 0, (T * B, {inputs}))")
+    em(f"xw = {buffers.projection(wx)}", f"xs = {VIEW}(src, 0, (T * B, {inputs}))")
     if inputs > LOOP_PROJECTION_MAX_INPUTS:
         with em.block(f"if T * B <= {PACKED_PROJECTION_MAX_ROWS} and small > 0:"):
             em(f"{PANEL_PRODUCT}(xs, {weights[panels_name('wx')]}, xw, np.int64(0), T * B, np.int64(0))")
+        if live_condition(spec) is None:
+            with em.block("else:"):
+                em(f"{DOT}(xs, {wx}, xw)")
+            return
+        condition = condition_args(spec)[0]
         with em.block("else:"):
-            em(f"{DOT}(xs, {wx}, xw)")
+            em(f"n = _live_rows({condition}, T, B)")
+            with em.block("if n == T * B:"):
+                em(f"{DOT}(xs, {wx}, xw)")
+            with em.block("elif n > 0:"):
+                em(f"xc = {buffers.gathered(inputs)}", f"_gather_live(xs, {condition}, B, xc)",
+                   f"{DOT}({VIEW}(xc, 0, (n, {inputs})), {wx}, {VIEW}(xw, 0, (n, {wx}.shape[1])))",
+                   f"_scatter_live(xw, {condition}, B, n)")
         return
     with em.block("for r in range(T * B):"):
         em(*(f"x{k} = xs[r, {k}]" for k in range(inputs)), "xr = xw[r]")

@@ -263,7 +263,7 @@ def _emit_layer_call(em: Emitter, spec: StackSpec, layer: Layer, *, is_last: boo
     cell, n = layer.cell, slice_width(layer, spec)
     weights = dict(zip(packed_names(cell), layer.weight_args()))
     em(f"u0 = me * {n}")
-    emit_input_projection(em, layer.input_size, weights, NewArrays(spec.dtype).projection(weights["wx"]))
+    emit_input_projection(em, spec, layer.input_size, weights, NewArrays(spec.dtype))
     out = "dest" if is_last else f"seq{layer.index}"
     recurrent = [weights[name] for name in recurrent_names(cell)]
     bias = [weights["b"]] if cell.use_bias else []

@@ -1,0 +1,77 @@
+"""A masked call's input projection covers only the rows its steps read, and every schedule gets them right.
+
+Beyond ``PACKED_PROJECTION_MAX_ROWS`` rows (or where a call takes no packed
+product) a masked spec's projection gathers the ``(t, b)`` rows a step reads
+(before a row's length, or where its Keras mask is set), multiplies those and
+spreads the products back (``codegen.targets.cpu.emit_live_row_functions``).
+``test_grid``'s calls are too short to take that path, so these calls are
+long: each schedule that generates a projection (the unsplit kernel under the
+automatic schedule, the direction split, the unit split) runs masked calls of
+more rows than the packed projection takes, with rows of every length from
+none to all, and is compared with the oracle. The specs are those of the
+other suites (a layer of more than ``LOOP_PROJECTION_MAX_INPUTS`` inputs in
+each), so only one kernel compiles for this file alone (the unit split of a
+lengths spec).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+from reference import run_stack
+from test_direction_split import CASES as DIRECTION_CASES
+from test_grid import CASES as GRID_CASES
+from test_grid import _run_kernel, _weights, assert_matches_reference
+from test_unit_split import CASES as UNIT_CASES
+
+from codegen.targets.cpu import PACKED_PROJECTION_MAX_ROWS
+from numrnn.runtime import get_kernel
+
+#: (spec, forced schedule or None, the spec whose kernel must have run, batch, steps)
+CALLS = {
+    "auto_lengths_valid_reverse": (GRID_CASES["torch_style_three_blocks_gru"], None, None, 6, 50),
+    "auto_carry_stack": (GRID_CASES["stack_lstm_gru_simple_carry"], None, None, 6, 50),
+    "auto_lengths_lstm_projection": (GRID_CASES["torch_style_two_blocks_proj"], None, None, 6, 50),
+    "directions_lengths": (DIRECTION_CASES["torch_packed_projection_two_blocks"], "directions", "direction_split", 2,
+                           150),
+    "units_lengths_valid_reverse": (GRID_CASES["torch_style_three_blocks_gru"], "units", "unit_split", 2, 150),
+    "units_carry": (UNIT_CASES["stack_carry"], "units", "unit_split", 2, 150),
+}
+
+
+def _masked_inputs(spec, rng, batch: int, steps: int):
+    """Inputs, a mask or lengths, and initial states.
+
+    Row 0 is masked in part, row 1 nowhere
+    and row 2 everywhere, the others at random.
+    """
+    x = rng.standard_normal((steps, batch, spec.input_size)).astype(spec.dtype)
+    mask = lengths = None
+    if spec.masking == "lengths":
+        lengths = rng.integers(0, steps + 1, batch).astype(np.int64)
+        lengths[:3] = (2 * steps // 3, steps, 0)[:batch]
+    else:
+        mask = rng.random((steps, batch)) > 0.3
+        mask[:, 1:2] = True
+        mask[:, 2:3] = False
+    initial = [tuple(rng.standard_normal((batch, n)).astype(spec.dtype) for n in c.state_sizes) for c in spec.cells]
+    return x, mask, lengths, initial
+
+
+@pytest.mark.parametrize("name", sorted(CALLS))
+def test_long_masked_calls_match_reference(name, monkeypatch):
+    spec, schedule, split_flag, batch, steps = CALLS[name]
+    assert steps * batch // 2 > PACKED_PROJECTION_MAX_ROWS  # a GEMM, even for a batch worker
+    rng = np.random.default_rng(sorted(CALLS).index(name))
+    weights = _weights(spec, rng)
+    x, mask, lengths, initial = _masked_inputs(spec, rng, batch, steps)
+    expected, expected_states = run_stack(spec, weights, x, mask=mask, lengths=lengths, initial_states=initial)
+    if schedule is not None:
+        monkeypatch.setenv("NUMRNN_SCHEDULE", schedule)
+    got, got_states = _run_kernel(spec, weights, x, mask, lengths, initial)
+    if split_flag is not None:
+        split_spec = dataclasses.replace(spec, **{split_flag: 2 if split_flag == "unit_split" else True})
+        assert get_kernel(split_spec).compile_seconds is not None  # it really ran split
+    assert_matches_reference(spec, got, got_states, expected, expected_states)
