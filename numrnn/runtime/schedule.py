@@ -92,7 +92,7 @@ small-matrix kernels). Alternating both schedules in one process, packed
 products on, medians: throughput512 batch 379 / units 411 ms, seed002 26.8 /
 34.3 ms, seed000 155 / 162 ms.
 
-Bidirectional stacks at one or two rows split the directions instead
+Bidirectional stacks of up to four rows split the directions instead
 (``direction_split``, :mod:`codegen.targets.cpu_dirsplit`): one worker per
 direction over all rows, a barrier per block, not per step. It comes before
 the unit split. Measured (2xBiLSTM(H) T100 D64, lengths 50-100, medians,
@@ -101,7 +101,15 @@ B1 2.87 / 2.03 / 2.12 ms, B2 3.93 / 3.86 / 3.43 ms; H=256 B1 11.8 / 7.4 /
 7.1 ms. At B=4 and 8 all three were within 5 % (with the row-pair loop the
 packed product replaced, a worker's 8-row product cost what two 4-row ones
 do: the rows share weight loads two at a time); at B=16 the batch split won
-(22.8 against 28.6 ms), at B=32 the unit split (40.5 against 53.5).
+(22.8 against 28.6 ms), at B=32 the unit split (40.5 against 53.5). With
+the packed product's 4-row blocks and the masked projection over live rows
+only (CODEGEN_VERSION 26), directions / batch, T100, alternating in one
+process, medians: B=3 H=128 0.69; B=4 H=128 0.70-0.93 (lengths), 0.78 (no
+mask), H=64 0.86, H=256 0.80; B=5 H=128 1.11; B=6 1.02; B=8 H=128 0.96-1.15
+over five runs (bidir_masked among them: no steady winner), H=64 0.86, H=32
+0.63, H=256 0.87; B=16 1.12. A batch worker of one or two rows runs the
+packed product's slowest shapes; from five rows its two 4-row blocks share
+the panels as the direction worker's do.
 
 ``NUMRNN_SCHEDULE`` forces ``serial`` (one thread), ``batch``, ``units`` or
 ``directions``; forcing a split on a spec that cannot use it raises a
@@ -172,9 +180,9 @@ UNIT_SPLIT_MIN_GEMM_WEIGHT_BYTES = 512 * 1024
 #: Below this many FLOPs per call what a split adds per call (~10 us with the partners ready, the
 #: queues' hand-off when they sleep) outweighs the gain; for the direction split too.
 UNIT_SPLIT_MIN_FLOPS = 2.5e6
-#: Largest batch run with the direction split (a bidirectional stack; from 4 rows the batch split was
-#: as fast, from 16 faster).
-DIRECTION_SPLIT_MAX_ROWS = 2
+#: Largest batch run with the direction split (a bidirectional stack; from 5 rows the batch split was
+#: as fast or faster).
+DIRECTION_SPLIT_MAX_ROWS = 4
 SCHEDULES = ("auto", "serial", "batch", "units", "directions")
 
 
