@@ -38,6 +38,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import lru_cache, partial
 
@@ -146,23 +147,19 @@ def emit_live_row_functions(em: Emitter, spec: StackSpec) -> None:
     em(f"@njit({jit_options(spec.dtype)})")
     with em.block(f"def _live_rows({condition}, T, B):"):
         em('"""How many (t, b) rows of a (T, B) call a step reads."""', "n = 0")
-        with em.block("for t in range(T):"):
-            with em.block("for b in range(B):"):
-                with em.block(f"if {live}:"):
-                    em("n += 1")
+        with _each_live_row(em, live, "T"):
+            em("n += 1")
         em("return n")
     em.blank()
     em.blank()
     em(f"@njit({jit_options(spec.dtype)})")
     with em.block(f"def _gather_live(xs, {condition}, B, xc):"):
         em('"""Copy the rows of xs ((T * B, D)) a step reads to the front of xc, in order."""', "n = 0")
-        with em.block("for t in range(xs.shape[0] // B):"):
-            with em.block("for b in range(B):"):
-                with em.block(f"if {live}:"):
-                    em("r = t * B + b")
-                    with em.block("for k in range(xs.shape[1]):"):
-                        em("xc[n, k] = xs[r, k]")
-                    em("n += 1")
+        with _each_live_row(em, live, "xs.shape[0] // B"):
+            em("r = t * B + b")
+            with em.block("for k in range(xs.shape[1]):"):
+                em("xc[n, k] = xs[r, k]")
+            em("n += 1")
     em.blank()
     em.blank()
     em(f"@njit({jit_options(spec.dtype)})")
@@ -178,6 +175,13 @@ def emit_live_row_functions(em: Emitter, spec: StackSpec) -> None:
                     em("xw[r, k] = xw[n, k]")
     em.blank()
     em.blank()
+
+
+@contextmanager
+def _each_live_row(em: Emitter, live: str, steps: str):
+    """``for t in range(steps): for b in range(B): if live:``, the body in the ``with`` block."""
+    with em.block(f"for t in range({steps}):"), em.block("for b in range(B):"), em.block(f"if {live}:"):
+        yield
 
 
 def layers_of(spec: StackSpec) -> list[Layer]:
