@@ -8,7 +8,7 @@ spreads the products back (``codegen.targets.cpu.emit_live_row_functions``).
 long: each schedule that generates a projection (the unsplit kernel under the
 automatic schedule, the direction split, the unit split) runs masked calls of
 more rows than the packed projection takes, with rows of every length from
-none to all, and is compared with the oracle. The specs are those of the
+none to all (the rest at random), and is compared with the oracle. The specs are those of the
 other suites (a layer of more than ``LOOP_PROJECTION_MAX_INPUTS`` inputs in
 each), so only one kernel compiles for this file alone (the unit split of a
 lengths spec).
@@ -29,7 +29,7 @@ from test_unit_split import CASES as UNIT_CASES
 from codegen.targets.cpu import PACKED_PROJECTION_MAX_ROWS
 from numrnn.runtime import get_kernel
 
-#: (spec, forced schedule or None, the spec whose kernel must have run, batch, steps)
+#: (spec, forced schedule or None, the spec field of the split kernel that must have run, batch, steps)
 CALLS = {
     "auto_lengths_valid_reverse": (GRID_CASES["torch_style_three_blocks_gru"], None, None, 6, 50),
     "auto_carry_stack": (GRID_CASES["stack_lstm_gru_simple_carry"], None, None, 6, 50),
@@ -42,11 +42,7 @@ CALLS = {
 
 
 def _masked_inputs(spec, rng, batch: int, steps: int):
-    """Inputs, a mask or lengths, and initial states.
-
-    Row 0 is masked in part, row 1 nowhere
-    and row 2 everywhere, the others at random.
-    """
+    """Inputs, a mask or lengths, and initial states: row 0 masked in part, row 1 nowhere, row 2 everywhere."""
     x = rng.standard_normal((steps, batch, spec.input_size)).astype(spec.dtype)
     mask = lengths = None
     if spec.masking == "lengths":

@@ -555,12 +555,14 @@ def emit_input_projection(em: Emitter, spec: StackSpec, inputs: int, weights: di
     """``xw = src.reshape(T * B, inputs) @ wx``: one product over every step, or a loop for a few inputs.
 
     ``weights``: the layer's packed names -> argument names; ``buffers``:
-    where ``xw`` (and a masked spec's gathered rows) live. Up to :data:`PACKED_PROJECTION_MAX_ROWS`
-    rows the packed product over ``wx``'s panels (when the call takes the
-    packed product at all, ``small > 0``), beyond them one BLAS GEMM, which
-    repacks ``wx`` on every call: one thread, rows x inputs x outputs,
-    packed / OpenBLAS, 50x256x512 154 / 226 us, 100x256x512 309 / 361 us,
-    50x32x256 16 / 19 us, even at about 200 rows, BLAS ahead from 400.
+    where ``xw`` and a masked spec's gathered rows live. Up to
+    :data:`PACKED_PROJECTION_MAX_ROWS` rows the packed product over ``wx``'s
+    panels (when the call takes the packed product at all, ``small > 0``),
+    beyond them one BLAS GEMM (of a masked spec, over the rows steps read
+    only: :func:`emit_live_row_functions`), which repacks ``wx`` on every
+    call: one thread, rows x inputs x outputs, packed / OpenBLAS, 50x256x512
+    154 / 226 us, 100x256x512 309 / 361 us, 50x32x256 16 / 19 us, even at
+    about 200 rows, BLAS ahead from 400.
     The GEMM writes into ``xw`` (``np.dot``'s ``out`` form, called through
     the shared module's C entry ``_dot``, as the layers' recurrent products
     are: ``numrnn.runtime.extern``).
