@@ -129,43 +129,42 @@ def live_condition(spec: StackSpec) -> str | None:
 
 
 def emit_live_row_functions(em: Emitter, spec: StackSpec) -> None:
-    """``_live_rows``, ``_gather_live`` and ``_scatter_live``, the projection's row compaction, for a masked spec.
+    """``_project_live``, a masked spec's input projection over the rows some step reads.
 
     A masked call's input projection need only cover the ``(t, b)`` rows some
-    step reads (:func:`live_condition`): :func:`emit_input_projection` copies
-    them to the front of a buffer, multiplies those, and spreads the products
-    back to their rows of ``xw``, in place, last row first (a row moves only
-    to a later one). bidir_masked's stack (2xBiLSTM(128) B8 T100, lengths
-    50-100: a fifth of the rows padding), unsplit, one thread, medians of 20
-    interleaved calls: 11.95 -> 10.62 ms. A call with no padding multiplies
-    its rows where they are.
+    step reads (:func:`live_condition`): ``_project_live`` copies them to the
+    front of a buffer, multiplies those, and moves the products back to their
+    rows of ``xw``, in place, last row first (a row moves only to a later
+    one); a call with no masked row multiplies its rows where they are.
+    bidir_masked's stack (2xBiLSTM(128) B8 T100, lengths 50-100: a fifth of
+    the rows padding), unsplit, one thread, medians of 20 interleaved calls:
+    11.95 -> 10.62 ms. It costs compile time: that stack's first call (the
+    shared module cached, fresh processes alternating) took 3.9-4.4 s,
+    against 3.1-3.8 s without it and 4.8-5.4 s with a function each for the
+    count, the gather and the scatter.
     """
     live = live_condition(spec)
     if live is None:
         return
     condition = condition_args(spec)[0]
     em(f"@njit({jit_options(spec.dtype)})")
-    with em.block(f"def _live_rows({condition}, T, B):"):
-        em('"""How many (t, b) rows of a (T, B) call a step reads."""', "n = 0")
-        with _each_live_row(em, live, "T"):
+    with em.block(f"def _project_live(xs, {condition}, B, wx, xw, xc):"):
+        em('"""xw = xs @ wx for the rows of xs ((T * B, D)) a step reads; xc: a buffer as large as xs."""',
+           "T = xs.shape[0] // B", "n = 0")
+        with _each_live_row(em, live):
             em("n += 1")
-        em("return n")
-    em.blank()
-    em.blank()
-    em(f"@njit({jit_options(spec.dtype)})")
-    with em.block(f"def _gather_live(xs, {condition}, B, xc):"):
-        em('"""Copy the rows of xs ((T * B, D)) a step reads to the front of xc, in order."""', "n = 0")
-        with _each_live_row(em, live, "xs.shape[0] // B"):
+        with em.block("if n == T * B:"):
+            em(f"{DOT}(xs, wx, xw)", "return")
+        em("n = 0")
+        with _each_live_row(em, live):
             em("r = t * B + b")
             with em.block("for k in range(xs.shape[1]):"):
                 em("xc[n, k] = xs[r, k]")
             em("n += 1")
-    em.blank()
-    em.blank()
-    em(f"@njit({jit_options(spec.dtype)})")
-    with em.block(f"def _scatter_live(xw, {condition}, B, n):"):
-        em('"""Move xw\'s first n rows to the rows _gather_live took them from, last first (in place)."""')
-        with em.block("for r in range(xw.shape[0] - 1, -1, -1):"):
+        with em.block("if n == 0:"):
+            em("return")
+        em(f"{DOT}({VIEW}(xc, 0, (n, xs.shape[1])), wx, {VIEW}(xw, 0, (n, xw.shape[1])))")
+        with em.block("for r in range(T * B - 1, -1, -1):"):
             em("t = r // B", "b = r - t * B")
             with em.block(f"if {live}:"):
                 em("n -= 1")
@@ -178,9 +177,9 @@ def emit_live_row_functions(em: Emitter, spec: StackSpec) -> None:
 
 
 @contextmanager
-def _each_live_row(em: Emitter, live: str, steps: str):
-    """``for t in range(steps): for b in range(B): if live:``, the body in the ``with`` block."""
-    with em.block(f"for t in range({steps}):"), em.block("for b in range(B):"), em.block(f"if {live}:"):
+def _each_live_row(em: Emitter, live: str):
+    """``for t in range(T): for b in range(B): if live:``, the body in the ``with`` block."""
+    with em.block("for t in range(T):"), em.block("for b in range(B):"), em.block(f"if {live}:"):
         yield
 
 
@@ -576,15 +575,8 @@ def emit_input_projection(em: Emitter, spec: StackSpec, inputs: int, weights: di
             with em.block("else:"):
                 em(f"{DOT}(xs, {wx}, xw)")
             return
-        condition = condition_args(spec)[0]
         with em.block("else:"):
-            em(f"n = _live_rows({condition}, T, B)")
-            with em.block("if n == T * B:"):
-                em(f"{DOT}(xs, {wx}, xw)")
-            with em.block("elif n > 0:"):
-                em(f"xc = {buffers.gathered(inputs)}", f"_gather_live(xs, {condition}, B, xc)",
-                   f"{DOT}({VIEW}(xc, 0, (n, {inputs})), {wx}, {VIEW}(xw, 0, (n, {wx}.shape[1])))",
-                   f"_scatter_live(xw, {condition}, B, n)")
+            em(f"_project_live(xs, {condition_args(spec)[0]}, B, {wx}, xw, {buffers.gathered(inputs)})")
         return
     with em.block("for r in range(T * B):"):
         em(*(f"x{k} = xs[r, {k}]" for k in range(inputs)), "xr = xw[r]")
