@@ -10,8 +10,8 @@ automatic schedule, the direction split, the unit split) runs masked calls of
 more rows than the packed projection takes, with rows of every length from
 none to all (the rest at random), and is compared with the oracle. The specs are those of the
 other suites (a layer of more than ``LOOP_PROJECTION_MAX_INPUTS`` inputs in
-each), so only one kernel compiles for this file alone (the unit split of a
-lengths spec).
+each), but for two kernels that compile for this file alone: the unit split
+of a lengths spec, and a float64 stack.
 """
 
 from __future__ import annotations
@@ -23,17 +23,21 @@ import pytest
 from reference import run_stack
 from test_direction_split import CASES as DIRECTION_CASES
 from test_grid import CASES as GRID_CASES
-from test_grid import _run_kernel, _weights, assert_matches_reference
+from test_grid import D, _run_kernel, _weights, assert_matches_reference
 from test_unit_split import CASES as UNIT_CASES
 
+from codegen.spec import CellSpec, simple_stack
 from codegen.targets.cpu import PACKED_PROJECTION_MAX_ROWS
 from numrnn.runtime import get_kernel
 
+#: The exact (float64) flavor: the other suites' float64 specs project at most 4 inputs, in a loop.
+FLOAT64_LENGTHS = simple_stack([CellSpec("gru", 6), CellSpec("lstm", 3)], D, masking="lengths", dtype="float64")
 #: (spec, forced schedule or None, the spec field of the split kernel that must have run, batch, steps)
 CALLS = {
     "auto_lengths_valid_reverse": (GRID_CASES["torch_style_three_blocks_gru"], None, None, 6, 50),
     "auto_carry_stack": (GRID_CASES["stack_lstm_gru_simple_carry"], None, None, 6, 50),
     "auto_lengths_lstm_projection": (GRID_CASES["torch_style_two_blocks_proj"], None, None, 6, 50),
+    "auto_lengths_float64": (FLOAT64_LENGTHS, None, None, 6, 50),
     "directions_lengths": (DIRECTION_CASES["torch_packed_projection_two_blocks"], "directions", "direction_split", 2,
                            150),
     "units_lengths_valid_reverse": (GRID_CASES["torch_style_three_blocks_gru"], "units", "unit_split", 2, 150),
