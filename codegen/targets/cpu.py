@@ -172,8 +172,6 @@ def emit_live_row_functions(em: Emitter, spec: StackSpec) -> None:
                     em("break  # the rows before are in place")
                 with em.block("for k in range(xw.shape[1]):"):
                     em("xw[r, k] = xw[n, k]")
-    em.blank()
-    em.blank()
 
 
 @contextmanager
