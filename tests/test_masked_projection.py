@@ -3,15 +3,16 @@
 Beyond ``PACKED_PROJECTION_MAX_ROWS`` rows (or where a call takes no packed
 product) a masked spec's projection gathers the ``(t, b)`` rows a step reads
 (before a row's length, or where its Keras mask is set), multiplies those and
-spreads the products back (``codegen.targets.cpu.emit_live_row_functions``).
+spreads the products back (``codegen.targets.cpu.emit_live_projection``).
 ``test_grid``'s calls are too short to take that path, so these calls are
 long: each schedule that generates a projection (the unsplit kernel under the
 automatic schedule, the direction split, the unit split) runs masked calls of
 more rows than the packed projection takes, with rows of every length from
-none to all (the rest at random), and is compared with the oracle. The specs are those of the
-other suites (a layer of more than ``LOOP_PROJECTION_MAX_INPUTS`` inputs in
-each), but for two kernels that compile for this file alone: the unit split
-of a lengths spec, and a float64 stack.
+none to all (the rest at random), and is compared with the oracle. The specs
+are those of the other suites (a layer of more than
+``LOOP_PROJECTION_MAX_INPUTS`` inputs in each), but for two kernels that
+compile for this file alone: the unit split of a lengths spec, and a float64
+stack.
 """
 
 from __future__ import annotations

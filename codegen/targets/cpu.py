@@ -128,7 +128,7 @@ def live_condition(spec: StackSpec) -> str | None:
     return {"none": None, "carry": "mask[t, b]", "zero": "mask[t, b]", "lengths": "t < lengths[b]"}[spec.masking]
 
 
-def emit_live_row_functions(em: Emitter, spec: StackSpec) -> None:
+def emit_live_projection(em: Emitter, spec: StackSpec) -> None:
     """``_project_live``, a masked spec's input projection over the rows some step reads.
 
     A masked call's input projection need only cover the ``(t, b)`` rows some
@@ -236,7 +236,7 @@ class NewArrays:
         return f"np.empty((T * B, {wx}.shape[1]), dtype=np.{self.dtype})"
 
     def gathered(self, inputs: int) -> str:
-        """A new ``(T * B, inputs)`` buffer for the rows the projection covers (:func:`emit_live_row_functions`)."""
+        """A new ``(T * B, inputs)`` buffer for the rows the projection covers (:func:`emit_live_projection`)."""
         return f"np.empty((T * B, {inputs}), dtype=np.{self.dtype})"
 
     def emit_buffer(self, em: Emitter, name: str, rows: str, width: int) -> None:
@@ -256,7 +256,7 @@ class Workspace:
     Every layer's input projection takes the region at offset 0: the layer's
     recurrence consumes it before the next projection writes it; so does the
     region after it, where a masked spec gathers the rows its projection
-    covers (:func:`emit_live_row_functions`). Every other buffer (a sequence
+    covers (:func:`emit_live_projection`). Every other buffer (a sequence
     between layers, a block's output, a merge) gets a region of its own, in
     the order of the code.
     """
@@ -337,7 +337,7 @@ def generate(spec: StackSpec) -> str:
     em.blank()
     emit_math_helpers(em, spec.dtype, jit_options(spec.dtype))
     _emit_shared_imports(em, spec)
-    emit_live_row_functions(em, spec)
+    emit_live_projection(em, spec)
     if spec.unit_split > 1:
         from codegen.targets.cpu_split import emit_split_module_body
 
@@ -556,7 +556,7 @@ def emit_input_projection(em: Emitter, spec: StackSpec, inputs: int, weights: di
     :data:`PACKED_PROJECTION_MAX_ROWS` rows the packed product over ``wx``'s
     panels (when the call takes the packed product at all, ``small > 0``),
     beyond them one BLAS GEMM (of a masked spec, over the rows steps read
-    only: :func:`emit_live_row_functions`), which repacks ``wx`` on every
+    only: :func:`emit_live_projection`), which repacks ``wx`` on every
     call: one thread, rows x inputs x outputs, packed / OpenBLAS, 50x256x512
     154 / 226 us, 100x256x512 309 / 361 us, 50x32x256 16 / 19 us, even at
     about 200 rows, BLAS ahead from 400.
