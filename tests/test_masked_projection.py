@@ -18,31 +18,32 @@ stack.
 from __future__ import annotations
 
 import dataclasses
+from functools import partial
 
 import numpy as np
 import pytest
-from reference import run_stack
 from test_direction_split import CASES as DIRECTION_CASES
 from test_grid import CASES as GRID_CASES
-from test_grid import D, _run_kernel, _weights, assert_matches_reference
+from test_grid import D, assert_forced_schedule_matches_reference
 from test_unit_split import CASES as UNIT_CASES
 
 from codegen.spec import CellSpec, simple_stack
 from codegen.targets.cpu import PACKED_PROJECTION_MAX_ROWS
-from numrnn.runtime import get_kernel
 
 #: The exact (float64) flavor: the other suites' float64 specs project at most 4 inputs, in a loop.
 FLOAT64_LENGTHS = simple_stack([CellSpec("gru", 6), CellSpec("lstm", 3)], D, masking="lengths", dtype="float64")
-#: (spec, forced schedule or None, the spec field of the split kernel that must have run, batch, steps)
+DIRECTIONS = DIRECTION_CASES["torch_packed_projection_two_blocks"]
+GRU_LENGTHS, CARRY = GRID_CASES["torch_style_three_blocks_gru"], UNIT_CASES["stack_carry"]
+
+#: (spec, NUMRNN_SCHEDULE, the split kernel that must have run or None, batch, steps)
 CALLS = {
-    "auto_lengths_valid_reverse": (GRID_CASES["torch_style_three_blocks_gru"], None, None, 6, 50),
-    "auto_carry_stack": (GRID_CASES["stack_lstm_gru_simple_carry"], None, None, 6, 50),
-    "auto_lengths_lstm_projection": (GRID_CASES["torch_style_two_blocks_proj"], None, None, 6, 50),
-    "auto_lengths_float64": (FLOAT64_LENGTHS, None, None, 6, 50),
-    "directions_lengths": (DIRECTION_CASES["torch_packed_projection_two_blocks"], "directions", "direction_split", 2,
-                           150),
-    "units_lengths_valid_reverse": (GRID_CASES["torch_style_three_blocks_gru"], "units", "unit_split", 2, 150),
-    "units_carry": (UNIT_CASES["stack_carry"], "units", "unit_split", 2, 150),
+    "auto_lengths_valid_reverse": (GRU_LENGTHS, "auto", None, 6, 50),
+    "auto_carry_stack": (GRID_CASES["stack_lstm_gru_simple_carry"], "auto", None, 6, 50),
+    "auto_lengths_lstm_projection": (GRID_CASES["torch_style_two_blocks_proj"], "auto", None, 6, 50),
+    "auto_lengths_float64": (FLOAT64_LENGTHS, "auto", None, 6, 50),
+    "directions_lengths": (DIRECTIONS, "directions", dataclasses.replace(DIRECTIONS, direction_split=True), 2, 150),
+    "units_lengths_valid_reverse": (GRU_LENGTHS, "units", dataclasses.replace(GRU_LENGTHS, unit_split=2), 2, 150),
+    "units_carry": (CARRY, "units", dataclasses.replace(CARRY, unit_split=2), 2, 150),
 }
 
 
@@ -63,16 +64,7 @@ def _masked_inputs(spec, rng, batch: int, steps: int):
 
 @pytest.mark.parametrize("name", sorted(CALLS))
 def test_long_masked_calls_match_reference(name, monkeypatch):
-    spec, schedule, split_flag, batch, steps = CALLS[name]
+    spec, schedule, split_spec, batch, steps = CALLS[name]
     assert steps * batch // 2 > PACKED_PROJECTION_MAX_ROWS  # a GEMM, even for a batch worker
-    rng = np.random.default_rng(sorted(CALLS).index(name))
-    weights = _weights(spec, rng)
-    x, mask, lengths, initial = _masked_inputs(spec, rng, batch, steps)
-    expected, expected_states = run_stack(spec, weights, x, mask=mask, lengths=lengths, initial_states=initial)
-    if schedule is not None:
-        monkeypatch.setenv("NUMRNN_SCHEDULE", schedule)
-    got, got_states = _run_kernel(spec, weights, x, mask, lengths, initial)
-    if split_flag is not None:
-        split_spec = dataclasses.replace(spec, **{split_flag: 2 if split_flag == "unit_split" else True})
-        assert get_kernel(split_spec).compile_seconds is not None  # it really ran split
-    assert_matches_reference(spec, got, got_states, expected, expected_states)
+    assert_forced_schedule_matches_reference(spec, sorted(CALLS).index(name), batch, monkeypatch, schedule, split_spec,
+                                             partial(_masked_inputs, steps=steps))
