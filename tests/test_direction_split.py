@@ -3,8 +3,9 @@
 The split runs the unsplit kernel's layer functions, so the cases cover what
 the split itself adds: both reversals, each merge (between blocks it needs a
 second barrier; on the last block with the last output only, one of the two
-workers has no time row to merge), a chain of cells in each direction, each
-masking mode, a static unroll and both dtypes. Each case runs at one row and
+workers has no time row to merge), one block whose concatenation needs no
+shared buffer, a chain of cells in each direction, each masking mode, a
+static unroll and both dtypes. Each case runs at one row and
 at four, forced through ``NUMRNN_SCHEDULE=directions``. One compile per case.
 """
 
@@ -23,6 +24,8 @@ CASES = {
     "gru_before_simple_chain_sum_zero_last": _bidir(
         [CellSpec("gru", 4, reset_after=False), CellSpec("simple", 3)], "sum", blocks=2, masking="zero",
         return_sequences=False),
+    # One concatenating block: both workers write their columns of the output, so they share no buffer.
+    "one_block_concat_lengths": _torch_style(CellSpec("gru", 3), 1, masking="lengths"),
     "float64_peephole_ave_carry_unrolled": _bidir([CellSpec("lstm", 4, peephole=True)], "ave", masking="carry",
                                                   dtype="float64", unroll=T),
 }

@@ -95,8 +95,8 @@ def emit_shared_buffers_function(em: Emitter, spec: StackSpec, buffers: list[tup
     """The module's ``shared_buffers(T, T_out, B)``: every buffer the workers of one call share."""
     with em.block("def shared_buffers(T, T_out, B):"):
         em('"""Buffers every worker of one call reads (allocated once per call by the runtime)."""')
-        shapes = [f"np.empty({shape}, dtype=np.{spec.dtype})" for _, shape in buffers]
-        em(f"return ({', '.join(shapes)},)")
+        shapes = "".join(f"np.empty({shape}, dtype=np.{spec.dtype}), " for _, shape in buffers)
+        em(f"return ({shapes.rstrip()})")  # (), (a,) or (a, b,): a split of one concatenated block shares none
     em.blank()
     em.blank()
 
