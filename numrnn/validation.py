@@ -61,10 +61,10 @@ def check_ndim(name: str, array: np.ndarray, ndim: int, layout: str) -> None:
 
 
 def check_sequence_input(name: str, x: np.ndarray, layout: str, input_size: int | None) -> None:
-    """A 3-D input with at least one step and row and, once built, the built feature size."""
+    """A 3-D input with at least one step, row and feature and, once built, the built feature size."""
     check_ndim(name, x, 3, layout)
-    if x.shape[0] == 0 or x.shape[1] == 0:
-        raise ValueError(f"{name}: batch and time sizes must be at least 1; got shape {x.shape}")
+    if 0 in x.shape:
+        raise ValueError(f"{name}: batch, time and feature sizes must be at least 1; got shape {x.shape}")
     if input_size is not None and x.shape[2] != input_size:
         raise ValueError(f"{name}: expected {input_size} features (the layer was built for them); got {x.shape[2]}")
 

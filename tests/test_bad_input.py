@@ -24,10 +24,11 @@ def lstm():
         (np.zeros((2, 3), np.float32), ValueError, ["x", "3-D", "(batch, time, features)", "(2, 3)"]),
         (np.zeros((2, 4, 5), np.float32), ValueError, ["x", "expected 3 features", "got 5"]),
         (np.zeros((2, 0, 3), np.float32), ValueError, ["x", "at least 1", "(2, 0, 3)"]),
+        (np.zeros((2, 4, 0), np.float32), ValueError, ["x", "feature sizes must be at least 1", "(2, 4, 0)"]),
         (np.array([[["a"] * 3] * 4] * 2), TypeError, ["x", "real numeric", "<U1"]),
         (np.zeros((2, 4, 3), np.complex64), TypeError, ["x", "complex64"]),
     ],
-    ids=["rank", "features", "empty-time", "strings", "complex"],
+    ids=["rank", "features", "empty-time", "no-features", "strings", "complex"],
 )
 def test_bad_x(lstm, x, error, words):
     with pytest.raises(error) as info:
@@ -93,6 +94,9 @@ def test_stacked_set_weights_checks_the_chain():
         (lambda: numrnn.RNN([numrnn.GRUCell(2), numrnn.GRUCell(2, dtype="float64")]), ValueError, "one dtype"),
         (lambda: numrnn.Bidirectional(numrnn.GRUCell(2)), TypeError, "layer must be an RNN layer"),
         (lambda: numrnn.Bidirectional(numrnn.GRU(2), merge_mode="max"), ValueError, "merge_mode .* 'max'"),
+        (lambda: numrnn.Bidirectional(numrnn.GRU(3), merge_mode="sum",
+                                      backward_layer=numrnn.GRU(4, go_backwards=True)),
+         ValueError, "merge_mode='sum' needs layer and backward_layer of equal output sizes; got 3 and 4"),
     ],
 )
 def test_bad_construction(make, error, match):

@@ -165,3 +165,5 @@ def test_bad_inputs_and_weights():
         LSTMCell(3, proj_clip=1.0)
     with pytest.raises(ValueError, match="cell_clip must be a positive finite number"):
         LSTMCell(3, cell_clip=-1.0)
+    with pytest.raises(ValueError, match="^BasicLSTMCell: forget_bias must be finite; got inf"):
+        BasicLSTMCell(3, forget_bias=float("inf"))

@@ -354,6 +354,10 @@ class Bidirectional(RecurrentLayer):
         for attr in ("return_sequences", "return_state", "stateful", "time_major"):
             if getattr(layer, attr) != getattr(backward_layer, attr):
                 raise ValueError(f"Bidirectional: layer and backward_layer must agree on {attr}")
+        widths = (layer.cells[-1].output_size, backward_layer.cells[-1].output_size)
+        if merge_mode in ("sum", "mul", "ave") and widths[0] != widths[1]:
+            raise ValueError(f"Bidirectional: merge_mode={merge_mode!r} needs layer and backward_layer of equal "
+                             f"output sizes; got {widths[0]} and {widths[1]}")
         super().__init__(return_sequences=layer.return_sequences, return_state=layer.return_state,
                          stateful=layer.stateful, unroll=layer.unroll, time_major=layer.time_major)
         self.forward_layer, self.backward_layer = layer, backward_layer

@@ -370,6 +370,13 @@ class _LSTMBase(LeafCell):
         """``[h, c]`` -> ``LSTMStateTuple(c, h)``."""
         return LSTMStateTuple(c=flat[1], h=flat[0])
 
+    def _lstm_spec(self, **options) -> CellSpec:
+        """``CellSpec("lstm", ...)`` of this cell; a bad option is a ``ValueError`` named after the cell's class."""
+        try:
+            return CellSpec("lstm", self.num_units, activation=self.activation, **options)
+        except ValueError as exc:
+            raise ValueError(f"{type(self).__name__}: {str(exc).split(': ', 1)[-1]}") from None
+
 
 def _check_state_is_tuple(owner: str, state_is_tuple) -> None:
     if not state_is_tuple:
@@ -387,10 +394,11 @@ class BasicLSTMCell(_LSTMBase):
         super().__init__(num_units, activation=activation, reuse=reuse, name=name, dtype=dtype)
         _check_state_is_tuple(type(self).__name__, state_is_tuple)
         self.forget_bias = float(forget_bias)
+        self.cell_spec()  # validates forget_bias now, not at the first call
 
     def cell_spec(self) -> CellSpec:
         """An LSTM with a run-time forget bias."""
-        return CellSpec("lstm", self.num_units, activation=self.activation, forget_bias=self.forget_bias)
+        return self._lstm_spec(forget_bias=self.forget_bias)
 
 
 class LSTMCell(_LSTMBase):
@@ -421,11 +429,8 @@ class LSTMCell(_LSTMBase):
 
     def cell_spec(self) -> CellSpec:
         """An LSTM with this cell's peepholes, clip, projection and forget bias."""
-        try:
-            return CellSpec("lstm", self.num_units, activation=self.activation, peephole=self.use_peepholes,
-                            cell_clip=self.cell_clip, proj_units=self.num_proj, forget_bias=self.forget_bias)
-        except ValueError as exc:
-            raise ValueError(f"LSTMCell: {str(exc).split(': ', 1)[-1]}") from None
+        return self._lstm_spec(peephole=self.use_peepholes, cell_clip=self.cell_clip, proj_units=self.num_proj,
+                               forget_bias=self.forget_bias)
 
 
 class MultiRNNCell(RNNCell):
