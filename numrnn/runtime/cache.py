@@ -4,7 +4,9 @@ Writing the source to a real file lets numba's ``cache=True`` keep the compiled
 machine code beside it across processes, and makes tracebacks point at real
 lines. A file is rewritten only when its content differs from what the spec
 generates (a corrupt or stale file), atomically, so concurrent processes never
-import half a file and an unchanged file keeps numba's cache valid.
+import half a file and an unchanged file keeps numba's cache valid. Machine
+code that numba cannot load from its cache files (truncated, emptied or
+overwritten) is removed and compiled again (``numrnn.runtime.kernels``).
 """
 
 from __future__ import annotations
@@ -51,6 +53,28 @@ def write_if_changed(path: Path, source: str) -> bool:
         Path(tmp).unlink(missing_ok=True)
         raise
     return True
+
+
+def drop_compiled(path: Path | str) -> bool:
+    """Remove numba's cached machine code of the module at ``path`` (``__pycache__/<stem>.*.nbi``, ``.nbc``).
+
+    True if there was any to remove.
+    """
+    path = Path(path)
+    files = [f for suffix in ("nbi", "nbc") for f in path.parent.glob(f"__pycache__/{path.stem}.*.{suffix}")]
+    for file in files:
+        file.unlink(missing_ok=True)
+    return bool(files)
+
+
+def raised_by_numba_cache(error: BaseException) -> bool:
+    """Whether ``error`` came out of numba's disk cache (a truncated, emptied or overwritten ``.nbi``/``.nbc``)."""
+    frame = error.__traceback__
+    while frame is not None:
+        if Path(frame.tb_frame.f_code.co_filename).parts[-3:] == ("numba", "core", "caching.py"):
+            return True
+        frame = frame.tb_next
+    return False
 
 
 def import_module(path: Path, name: str):

@@ -16,7 +16,14 @@ from codegen import StackSpec, generate_source
 from codegen.cells import aligned_copy, pack, packed_names, split_packed
 from codegen.targets.cpu import PACKED_PROJECTION_MAX_ROWS, condition_args, generate_shared, shared_module_name
 from codegen.targets.cpu_dirsplit import WORKERS as DIRECTION_WORKERS
-from numrnn.runtime.cache import cache_dir, import_module, module_path, write_if_changed
+from numrnn.runtime.cache import (
+    cache_dir,
+    drop_compiled,
+    import_module,
+    module_path,
+    raised_by_numba_cache,
+    write_if_changed,
+)
 from numrnn.runtime.schedule import (
     Scheduler,
     cores,
@@ -155,10 +162,7 @@ class Kernel:
             if workers == 1:
                 self._run_serial(x, cond, states, weights, y)
             else:
-                futures = [pool().submit(self._run_rows, b0, b1, x, cond, states, weights, y)
-                           for b0, b1 in split_rows(B, workers)]
-                for future in futures:
-                    future.result()
+                self._run_batch_split(workers, x, cond, states, weights, y)
         return y if self._sequences else y[0]
 
     def __post_init__(self):
@@ -214,8 +218,12 @@ class Kernel:
         # process of three when a pool worker could start before the block was entered).
         with _SPLIT_LOCK, single_threaded_blas() if self._calls_blas(T, B) else _NO_BLOCK:
             shared = self._shared_buffers(T, y.shape[0], B)
-            team.run(self.function, [(x, *cond, *states, *weights, y, self._small, me, team.flags, *shared)
-                                     for me in range(n)])
+            jobs = [(x, *cond, *states, *weights, y, self._small, me, team.flags, *shared) for me in range(n)]
+            if start is None:
+                team.run(self.function, jobs)
+            else:
+                _check_can_compile()
+                _recovering_cache(self.path, lambda: team.run(self.function, jobs))
         if start is not None:
             self.compile_seconds = time.perf_counter() - start
             log.debug("first call of %s took %.2f s (compile or cache load, and one run)", self.spec.kernel_name(),
@@ -270,17 +278,30 @@ class Kernel:
         took 0.61 s when the compiling call also ran all 128 rows unsplit.
         One thread compiles; concurrent first calls wait for it.
         """
+        _check_can_compile()
         with self._first_call_lock:
             if self.compile_seconds is None:
                 start = time.perf_counter()
                 row = [np.ascontiguousarray(c[:, :1] if c.ndim == 2 else c[:1]) for c in cond]
                 with single_threaded_blas(), self._workspace(x.shape[0], y.shape[0], 1) as ws:
-                    self.function(np.ascontiguousarray(x[:, :1]), *row, *[s[:1].copy() for s in states], *weights,
-                                  np.empty((y.shape[0], 1, y.shape[2]), dtype=y.dtype), ws, 0)
+                    _recovering_cache(self.path, lambda: self.function(
+                        np.ascontiguousarray(x[:, :1]), *row, *[s[:1].copy() for s in states], *weights,
+                        np.empty((y.shape[0], 1, y.shape[2]), dtype=y.dtype), ws, 0))
                 self.compile_seconds = time.perf_counter() - start
                 log.debug("first call of %s took %.2f s (compile or cache load)", self.spec.kernel_name(),
                           self.compile_seconds)
         self(x, cond[0] if cond else None, states, weights, out=y)
+
+    def _run_batch_split(self, workers: int, x, cond, states, weights, y) -> None:
+        """Each worker's rows on the pool; rows the pool refuses (the interpreter is exiting) on this thread."""
+        futures = []
+        for b0, b1 in split_rows(x.shape[1], workers):
+            try:
+                futures.append(pool().submit(self._run_rows, b0, b1, x, cond, states, weights, y))
+            except RuntimeError:  # "cannot schedule new futures after (interpreter) shutdown": atexit, daemon threads
+                self._run_rows(b0, b1, x, cond, states, weights, y)
+        for future in futures:
+            future.result()
 
     def _run_rows(self, b0: int, b1: int, x, cond, states, weights, y) -> None:
         """One worker of the batch split: rows ``b0:b1`` as their own contiguous call."""
@@ -352,6 +373,7 @@ def get_kernel(spec: StackSpec) -> Kernel:
     kernel = _KERNELS.get(spec)
     if kernel is not None:
         return kernel
+    _check_can_compile()
     with _LOCK:
         kernel = _KERNELS.get(spec)
         if kernel is None:
@@ -360,14 +382,31 @@ def get_kernel(spec: StackSpec) -> Kernel:
     return kernel
 
 
+def _shared_path():
+    return cache_dir() / f"{shared_module_name()}.py"
+
+
 def _import_shared() -> None:
     """Import the module of functions every kernel shares (``codegen.targets.cpu.generate_shared``), once."""
     name = shared_module_name()
     if name not in sys.modules:
         preload_cython_blas()
-        path = cache_dir() / f"{name}.py"
+        path = _shared_path()
         write_if_changed(path, generate_shared())
-        import_module(path, name)
+        _recovering_cache(path, lambda: import_module(path, name))  # it loads its C functions when imported
+
+
+def _recovering_cache(path, load):
+    """``load()``, which may load machine code from numba's disk cache; if that cache fails to load, once
+    more after removing the cached code of the module at ``path``, so that numba compiles it again."""
+    try:
+        return load()
+    except Exception as error:
+        if not raised_by_numba_cache(error) or not drop_compiled(path):
+            raise
+        log.warning("numrnn: numba could not load the compiled code of %s from its cache (%s: %s); removed it, "
+                    "compiling again", path, type(error).__name__, error)
+    return load()
 
 
 def _build(spec: StackSpec) -> Kernel:
@@ -376,7 +415,8 @@ def _build(spec: StackSpec) -> Kernel:
     source = generate_source(spec)
     path = module_path(spec)
     written = write_if_changed(path, source)
-    module = import_module(path, f"numrnn_generated_{spec.cache_key()}")
+    # A float64 kernel module links the shared module's float64 C functions when imported.
+    module = _recovering_cache(_shared_path(), lambda: import_module(path, f"numrnn_generated_{spec.cache_key()}"))
     elapsed = time.perf_counter() - start
     log.debug("kernel cache miss for %s: source %s %s (%.3f s)", spec.kernel_name(),
               "written to" if written else "reused from", path, elapsed)
@@ -388,6 +428,34 @@ def _build(spec: StackSpec) -> Kernel:
 def pack_weights(spec: StackSpec, logical: list[dict]) -> list[np.ndarray]:
     """Logical weights of every cell (``spec.cells`` order) -> the kernel's weight arguments."""
     return [array for cell, weights in zip(spec.cells, logical) for array in pack(cell, weights, spec.dtype)]
+
+
+#: Set in a child forked while a thread of its parent compiled: numba's compiler lock (or ours) stays held there.
+_FORKED_MID_COMPILE = False
+
+
+def _check_can_compile() -> None:
+    """A clear error instead of a wait on a lock no thread of this process will release."""
+    if _FORKED_MID_COMPILE:
+        raise RuntimeError("numrnn: this process was forked while another thread of its parent was compiling a "
+                           "kernel, so it cannot compile one (numba's compiler lock stays held in the child). "
+                           "Kernels the parent had compiled still run; fork before other threads compile, or start "
+                           "processes with multiprocessing's 'spawn' or 'forkserver' method.")
+
+
+def _forget_in_child() -> None:
+    """After ``fork``: a split lock of no live thread is replaced; a compile cut short by the fork is noted."""
+    global _SPLIT_LOCK, _FORKED_MID_COMPILE
+    _SPLIT_LOCK = threading.RLock()
+    compiler = sys.modules.get("numba.core.compiler_lock")
+    compiling = compiler is not None and not compiler.global_compiler_lock._lock.acquire(blocking=False)
+    if compiler is not None and not compiling:
+        compiler.global_compiler_lock._lock.release()
+    if compiling or _LOCK.locked() or any(k._first_call_lock.locked() for k in list(_KERNELS.values())):
+        _FORKED_MID_COMPILE = True
+
+
+os.register_at_fork(after_in_child=_forget_in_child)
 
 
 def clear_memory_cache() -> None:

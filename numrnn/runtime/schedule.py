@@ -468,3 +468,21 @@ def pool() -> ThreadPoolExecutor:
             if _POOL is None:
                 _POOL = ThreadPoolExecutor(max_workers=max(2, cores()), thread_name_prefix="numrnn")
     return _POOL
+
+
+def _forget_in_child() -> None:
+    """After ``fork``: the child has none of the parent's threads, so neither its pool nor a lock one of them held.
+
+    A child that used the parent's pool waited forever for tasks no thread
+    would run; one forked inside a ``single_threaded_blas`` block gives BLAS
+    back the count that block saved.
+    """
+    global _POOL, _POOL_LOCK, _BLAS_LOCK, _BLAS_USERS
+    _POOL, _POOL_LOCK = None, threading.Lock()
+    if _BLAS_USERS:
+        for setter, n in zip(_blas_setters(), _BLAS_SAVED):
+            setter(n)
+    _BLAS_LOCK, _BLAS_USERS = threading.Lock(), 0
+
+
+os.register_at_fork(after_in_child=_forget_in_child)

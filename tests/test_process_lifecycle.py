@@ -1,0 +1,153 @@
+"""What happens around the calls: a forked child, the interpreter's exit, a damaged disk cache.
+
+Each case runs a script in a fresh process (a hang fails the test at its
+timeout instead of stopping the suite). The batch split is forced on two
+workers, whatever the machine's cores, since its thread pool is what a fork
+or the exit used to break; the script checks that the pool really ran.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+
+from numrnn.runtime import kernels
+from numrnn.runtime.cache import cache_dir
+
+PRELUDE = """
+import atexit, os, sys, threading, time
+import numpy as np
+import numrnn
+from numrnn.runtime import kernels, schedule
+
+x = np.random.default_rng(0).standard_normal((8, 30, 16)).astype(np.float32)
+layer = numrnn.LSTM(64)
+y = layer(x)
+assert schedule._POOL is not None, "the batch split did not run"
+"""
+
+
+def _run(script: str, *args: str, env: dict | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
+    """``script`` in a fresh interpreter and session: on a timeout its whole process group (a forked child too)
+    is killed and the test fails."""
+    env = {**os.environ, "NUMRNN_NUM_THREADS": "2", "NUMRNN_SCHEDULE": "batch", **(env or {})}
+    process = subprocess.Popen([sys.executable, "-c", textwrap.dedent(script), *args], env=env, text=True,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    try:
+        stdout, stderr = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.communicate()
+        raise AssertionError(f"the script did not finish in {timeout} s") from None
+    return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
+
+
+def _forking(child: str, before: str = "", after: str = "") -> str:
+    """``PRELUDE``, ``before``, then a fork: the child runs ``child`` (which sets ``code``) and exits with it."""
+    fork = ("pid = os.fork()\n"
+            "if pid == 0:\n"
+            "    code = 9\n"
+            "    try:\n"
+            f"{textwrap.indent(textwrap.dedent(child).strip(), ' ' * 8)}\n"
+            "    finally:\n"
+            "        os._exit(code)\n"
+            'print("child exit code", os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]))\n')
+    return PRELUDE + textwrap.dedent(before) + fork + textwrap.dedent(after)
+
+
+def test_a_forked_child_runs_the_batch_split_its_parent_ran():
+    # The pause lets the parent's pool threads go idle, as they are when a process forks later on; a child
+    # forked before they do starts threads of its own and never waited.
+    result = _run(_forking("code = 0 if np.array_equal(layer(x), y) else 1", before="time.sleep(0.3)\n"))
+    assert result.returncode == 0, result.stderr
+    assert "child exit code 0" in result.stdout
+
+
+def test_a_child_forked_while_another_thread_compiled_says_so_instead_of_waiting():
+    holding = """
+        held, release = threading.Event(), threading.Event()
+
+        def compiling():  # holds the lock a kernel build holds
+            with kernels._LOCK:
+                held.set()
+                release.wait()
+
+        threading.Thread(target=compiling).start()
+        held.wait()
+    """
+    child = """
+        same = np.array_equal(layer(x), y)  # compiled before the fork: runs
+        try:
+            numrnn.GRU(3)(x)  # a new kernel: would wait for the lock forever
+            code = 2
+        except RuntimeError as error:
+            code = 0 if same and "forked while another thread" in str(error) else 1
+    """
+    script = _forking(child, before=holding, after="release.set()\n")
+    result = _run(script)
+    assert result.returncode == 0, result.stderr
+    assert "child exit code 0" in result.stdout
+
+
+def test_a_batch_split_call_at_exit_returns_its_result():
+    result = _run(PRELUDE + 'atexit.register(lambda: print("at exit", np.array_equal(layer(x), y)))\n')
+    assert result.returncode == 0, result.stderr
+    assert "at exit True" in result.stdout
+    assert "Error" not in result.stderr
+
+
+def _cache_with_shared_module(root: Path) -> Path:
+    """A cache directory holding a copy of the session's compiled shared module (so only the kernel compiles)."""
+    kernels._import_shared()
+    source = kernels._shared_path()
+    (root / "__pycache__").mkdir(parents=True)
+    shutil.copy(source, root / source.name)
+    for compiled in source.parent.glob(f"__pycache__/{source.stem}.*"):
+        shutil.copy(compiled, root / "__pycache__" / compiled.name)
+    return root
+
+
+def test_compiled_code_the_cache_cannot_load_is_compiled_again(tmp_path):
+    root = _cache_with_shared_module(tmp_path / "cache")
+    script = """
+        import sys
+        import numpy as np
+        import numrnn
+
+        x = np.random.default_rng(0).standard_normal((2, 6, 3)).astype(np.float32)
+        layer = numrnn.LSTM(5)
+        layer.build(x.shape)
+        layer.set_weights([np.full(w.shape, 0.1, np.float32) for w in layer.get_weights()])
+        np.save(sys.argv[-1], layer(x))
+    """
+
+    def run(name: str) -> tuple[np.ndarray, str]:
+        result = _run(script, str(tmp_path / name), env={"NUMRNN_CACHE_DIR": str(root)})
+        assert result.returncode == 0, result.stderr
+        return np.load(tmp_path / name), result.stderr
+
+    expected, _ = run("first.npy")
+    kernel_code = list(root.glob("__pycache__/lstm5_*.nbc"))
+    assert kernel_code
+    for damaged in kernel_code:
+        damaged.write_bytes(b"not a pickle")
+    got, warning = run("kernel.npy")
+    np.testing.assert_array_equal(got, expected)
+    assert "could not load the compiled code of" in warning and "lstm5_" in warning
+
+    next(root.glob("__pycache__/numrnn_shared_*.dot_fast_c-*.nbi")).write_bytes(b"")  # loaded when imported
+    got, warning = run("shared.npy")
+    np.testing.assert_array_equal(got, expected)
+    assert "numrnn_shared_" in warning
+
+    got, warning = run("again.npy")
+    np.testing.assert_array_equal(got, expected)
+    assert warning == ""
+    assert cache_dir() != root  # the session's own cache was not touched
