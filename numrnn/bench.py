@@ -491,13 +491,23 @@ def machine_line(gflops: float) -> str:
             f"numba {numba.__version__}")
 
 
+def _positive_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a positive number of seconds; got {text!r}")
+    return value
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``numrnn bench``."""
     parser.add_argument("--shapes", nargs="+", choices=[s.name for s in SHAPES], default=[s.name for s in SHAPES],
                         help="standard shapes to run (default: all)")
     parser.add_argument("--peers", nargs="*", choices=list(PEERS), default=list(PEERS),
                         help="peers to compare with, when installed (default: all; none with an empty list)")
-    parser.add_argument("--min-time", type=float, default=1.0,
+    parser.add_argument("--min-time", type=_positive_seconds, default=1.0,
                         help="seconds of timed calls per system and shape, at least 5 calls (default 1.0)")
 
 

@@ -11,12 +11,18 @@ from codegen.spec import DTYPES, MASKINGS
 
 def _int_list(text: str) -> list[int]:
     try:
-        values = [int(part) for part in text.split(",") if part.strip()]
+        values = [int(part) for part in text.split(",")]
     except ValueError:
         values = []
     if not values or min(values) <= 0:
         raise argparse.ArgumentTypeError(f"expected comma-separated positive integers such as 4,8,16; got {text!r}")
-    return values
+    return list(dict.fromkeys(values))
+
+
+def _non_negative_int(text: str) -> int:
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"expected 0 or a positive integer; got {text!r}")
+    return int(text)
 
 
 def _positive_int(text: str) -> int:
@@ -28,10 +34,10 @@ def _positive_int(text: str) -> int:
 def _mode_list(text: str) -> list[str]:
     from numrnn.compare import MODES
 
-    modes = [part.strip() for part in text.split(",") if part.strip()]
-    if not modes or set(modes) - set(MODES):
+    modes = [part.strip() for part in text.split(",")]
+    if set(modes) - set(MODES):
         raise argparse.ArgumentTypeError(f"expected comma-separated modes among {', '.join(MODES)}; got {text!r}")
-    return modes
+    return list(dict.fromkeys(modes))
 
 
 def _unroll_value(text: str):
@@ -80,7 +86,7 @@ def _configure_compare(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--compile-repeat", type=_positive_int, default=1,
                         help="cold compiles per kernel, each in a fresh process and cache; the median is reported "
                              "(default 1: compile times on a busy machine vary by tens of percent)")
-    parser.add_argument("--blas-threads", type=int, default=DEFAULT_BLAS_THREADS,
+    parser.add_argument("--blas-threads", type=_non_negative_int, default=DEFAULT_BLAS_THREADS,
                         help=f"BLAS threads in the measuring processes, 0 for the environment's default "
                              f"(default {DEFAULT_BLAS_THREADS}: reproducible medians on a busy machine)")
     parser.add_argument("--out", type=Path, default=Path.cwd(),
@@ -92,6 +98,10 @@ def _compare(args) -> int:
 
     options = _stack_options(args, batch=args.batch)
     options.spec()  # a bad stack fails here, before any subprocess starts
+    try:  # and a folder that cannot hold the results, before minutes of measuring
+        args.out.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise ValueError(f"--out: cannot use {str(args.out)!r} as the results' folder ({error.strerror})") from None
     print(f"numrnn compare: {len(args.modes)} modes x {len(args.steps)} sequence lengths; every compile runs in a "
           "fresh process with an empty cache (a few seconds each)", file=sys.stderr, flush=True)
     comparison = run_comparison(options, args.steps, args.modes, unroll_steps=args.unroll_steps, repeat=args.repeat,

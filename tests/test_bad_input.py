@@ -7,6 +7,7 @@ import pytest
 
 import numrnn
 from codegen.spec import UNROLL_CEILING, CellSpec, StackSpec, simple_stack
+from numrnn.runtime import schedule
 
 X = np.zeros((2, 4, 3), np.float32)
 
@@ -156,3 +157,14 @@ def test_bad_cell_step():
 def test_bad_spec(make, match):
     with pytest.raises(ValueError, match=match):
         make()
+
+
+@pytest.mark.parametrize("name, value, read", [
+    ("NUMRNN_NUM_THREADS", "abc", schedule.cores.__wrapped__),  # the cached function's body: read anew
+    ("NUMRNN_NUM_THREADS", "0", schedule.cores.__wrapped__),
+    ("NUMRNN_PACKED_PRODUCT_ROWS", "-1", schedule.packed_product_rows),
+])
+def test_bad_environment_values_name_the_variable(name, value, read, monkeypatch):
+    monkeypatch.setenv(name, value)
+    with pytest.raises(ValueError, match=f"{name} must be a whole number of at least .*; got '{value}'"):
+        read()

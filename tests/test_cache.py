@@ -60,6 +60,17 @@ def test_corrupt_file_is_regenerated(tmp_path, monkeypatch):
         clear_memory_cache()
 
 
+def test_a_cache_folder_that_cannot_be_made_names_the_variable(tmp_path):
+    taken = tmp_path / "a-file"
+    taken.write_text("")
+    try:
+        cache.write_if_changed(taken / "k.py", "x = 1\n")
+    except ValueError as error:
+        assert str(taken) in str(error) and cache.CACHE_ENV in str(error)
+    else:
+        raise AssertionError("no error")
+
+
 def test_unchanged_file_is_not_rewritten(tmp_path):
     path = tmp_path / "k.py"
     assert cache.write_if_changed(path, "x = 1\n")

@@ -97,6 +97,32 @@ def test_compare_rejects_a_bad_stack_before_measuring(capsys):
     assert "kind:units" in capsys.readouterr().err
 
 
+def test_compare_rejects_an_unusable_out_folder_before_measuring(tmp_path, capsys):
+    taken = tmp_path / "a-file"
+    taken.write_text("")
+    assert cli.main(["compare", "lstm:4", "--out", str(taken)]) == 2
+    assert f"--out: cannot use {str(taken)!r}" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["compare", "--steps", "4,,8"], "positive integers"),
+    (["compare", "--blas-threads", "-1"], "0 or a positive integer"),
+    (["compare", "--modes", "dynamic,"], "modes among"),
+    (["bench", "--min-time", "-1"], "positive number of seconds"),
+    (["bench", "--min-time", "nan"], "positive number of seconds"),
+])
+def test_bad_option_values_are_usage_errors(argv, words, capsys):
+    with pytest.raises(SystemExit) as info:
+        cli.main(argv)
+    assert info.value.code == 2
+    assert words in capsys.readouterr().err
+
+
+def test_repeated_steps_and_modes_are_measured_once():
+    args = cli.build_parser(None).parse_args(["compare", "--steps", "8,4,8", "--modes", "dynamic,static,dynamic"])
+    assert args.steps == [8, 4] and args.modes == ["dynamic", "static"]
+
+
 def test_parse_stack():
     assert parse_stack("lstm:128, gru:256") == (CellSpec("lstm", 128), CellSpec("gru", 256))
     assert parse_stack("rnn:3") == (CellSpec("simple", 3),)

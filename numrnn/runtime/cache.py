@@ -43,7 +43,11 @@ def write_if_changed(path: Path, source: str) -> bool:
             return False
     except (OSError, UnicodeDecodeError):
         pass
-    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise ValueError(f"the kernel cache folder {str(path.parent)!r} cannot be made ({error.strerror}); set "
+                         f"{CACHE_ENV} to a folder numrnn may write to") from None
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.stem, suffix=".tmp")
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as handle:

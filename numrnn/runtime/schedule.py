@@ -140,12 +140,27 @@ _POOL: ThreadPoolExecutor | None = None
 _POOL_LOCK = threading.Lock()
 
 
+def env_int(name: str, minimum: int) -> int | None:
+    """The integer in environment variable ``name`` (``None`` when unset or empty); a ``ValueError`` naming it
+    unless it is a whole number of at least ``minimum``."""
+    text = os.environ.get(name, "").strip()
+    if not text:
+        return None
+    try:
+        value = int(text)
+    except ValueError:
+        value = None
+    if value is None or value < minimum:
+        raise ValueError(f"{name} must be a whole number of at least {minimum}; got {text!r}")
+    return value
+
+
 @functools.cache
 def cores() -> int:
     """Workers a call may use: ``NUMRNN_NUM_THREADS``, else the CPUs this process may run on (read once)."""
-    configured = os.environ.get("NUMRNN_NUM_THREADS")
-    if configured:
-        return max(1, int(configured))
+    configured = env_int("NUMRNN_NUM_THREADS", 1)
+    if configured is not None:
+        return configured
     try:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
@@ -447,8 +462,9 @@ def packed_product_rows() -> int:
     earlier, slower hand loop): BLAS (0 rows) there.
     ``NUMRNN_PACKED_PRODUCT_ROWS`` overrides the choice.
     """
-    if os.environ.get("NUMRNN_PACKED_PRODUCT_ROWS"):
-        return int(os.environ["NUMRNN_PACKED_PRODUCT_ROWS"])
+    configured = env_int("NUMRNN_PACKED_PRODUCT_ROWS", 0)
+    if configured is not None:
+        return configured
     for path in _openblas_paths():
         try:
             corename = ctypes.CDLL(path).scipy_openblas_get_corename
