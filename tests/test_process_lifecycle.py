@@ -17,6 +17,7 @@ import textwrap
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from numrnn.runtime import kernels
 from numrnn.runtime.cache import cache_dir
@@ -70,12 +71,14 @@ def test_a_forked_child_runs_the_batch_split_its_parent_ran():
     assert "child exit code 0" in result.stdout
 
 
-def test_a_child_forked_while_another_thread_compiled_says_so_instead_of_waiting():
-    holding = """
+@pytest.mark.parametrize("lock", ["kernels._LOCK", "numba.core.compiler_lock.global_compiler_lock"])
+def test_a_child_forked_while_another_thread_compiled_says_so_instead_of_waiting(lock):
+    holding = f"""
+        import numba.core.compiler_lock
         held, release = threading.Event(), threading.Event()
 
-        def compiling():  # holds the lock a kernel build holds
-            with kernels._LOCK:
+        def compiling():  # holds a lock that a kernel build or a numba compile holds
+            with {lock}:
                 held.set()
                 release.wait()
 

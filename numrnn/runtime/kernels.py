@@ -447,10 +447,12 @@ def _forget_in_child() -> None:
     """After ``fork``: a split lock of no live thread is replaced; a compile cut short by the fork is noted."""
     global _SPLIT_LOCK, _FORKED_MID_COMPILE
     _SPLIT_LOCK = threading.RLock()
-    compiler = sys.modules.get("numba.core.compiler_lock")
-    compiling = compiler is not None and not compiler.global_compiler_lock._lock.acquire(blocking=False)
-    if compiler is not None and not compiling:
-        compiler.global_compiler_lock._lock.release()
+    # numba's global compiler lock is an RLock (its ``_lock``, not public): held here only if another thread held it.
+    numba_lock = getattr(getattr(sys.modules.get("numba.core.compiler_lock"), "global_compiler_lock", None),
+                         "_lock", None)
+    compiling = numba_lock is not None and not numba_lock.acquire(blocking=False)
+    if numba_lock is not None and not compiling:
+        numba_lock.release()
     if compiling or _LOCK.locked() or any(k._first_call_lock.locked() for k in list(_KERNELS.values())):
         _FORKED_MID_COMPILE = True
 
