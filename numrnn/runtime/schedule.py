@@ -18,7 +18,8 @@ Policy (:class:`Scheduler`):
 - no split (one call in the calling thread) when ``B == 1`` or when the work
   per worker is below :data:`MIN_FLOPS_PER_WORKER` (a thread hand-off costs
   tens of microseconds);
-- ``NUMRNN_NUM_THREADS`` caps ``cores`` (``1`` disables the split).
+- ``NUMRNN_NUM_THREADS`` caps ``cores`` (``1`` disables the split; a unit or direction split forced
+  with ``NUMRNN_SCHEDULE`` still runs two workers).
 
 Inside each worker the generated code picks the per-step recurrent product by
 rows (the kernel's ``small`` argument): up to :func:`packed_product_rows`
