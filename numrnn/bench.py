@@ -491,13 +491,13 @@ def machine_line(gflops: float) -> str:
             f"numba {numba.__version__}")
 
 
-def _positive_seconds(text: str) -> float:
+def _seconds(text: str) -> float:
     try:
         value = float(text)
     except ValueError:
         value = float("nan")
-    if not 0 < value < float("inf"):
-        raise argparse.ArgumentTypeError(f"expected a positive number of seconds; got {text!r}")
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, 0 or more; got {text!r}")
     return value
 
 
@@ -507,7 +507,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="standard shapes to run (default: all)")
     parser.add_argument("--peers", nargs="*", choices=list(PEERS), default=list(PEERS),
                         help="peers to compare with, when installed (default: all; none with an empty list)")
-    parser.add_argument("--min-time", type=_positive_seconds, default=1.0,
+    parser.add_argument("--min-time", type=_seconds, default=1.0,
                         help="seconds of timed calls per system and shape, at least 5 calls (default 1.0)")
 
 

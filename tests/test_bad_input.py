@@ -160,9 +160,9 @@ def test_bad_spec(make, match):
 
 
 @pytest.mark.parametrize("name, value, read", [
-    ("NUMRNN_NUM_THREADS", "abc", schedule.cores.__wrapped__),  # the cached function's body: read anew
+    ("NUMRNN_NUM_THREADS", "abc", schedule.cores.__wrapped__),  # the cached functions' bodies: read anew
     ("NUMRNN_NUM_THREADS", "0", schedule.cores.__wrapped__),
-    ("NUMRNN_PACKED_PRODUCT_ROWS", "-1", schedule.packed_product_rows),
+    ("NUMRNN_PACKED_PRODUCT_ROWS", "-1", schedule.packed_product_rows.__wrapped__),
 ])
 def test_bad_environment_values_name_the_variable(name, value, read, monkeypatch):
     monkeypatch.setenv(name, value)
