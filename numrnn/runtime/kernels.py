@@ -9,6 +9,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 
 import numpy as np
 
@@ -382,7 +383,8 @@ def get_kernel(spec: StackSpec) -> Kernel:
     return kernel
 
 
-def _shared_path():
+def _shared_path() -> Path:
+    """Where the shared module's source lives (its compiled code is in ``__pycache__`` beside it)."""
     return cache_dir() / f"{shared_module_name()}.py"
 
 
@@ -404,7 +406,7 @@ def _recovering_cache(path, load):
     except Exception as error:
         if not raised_by_numba_cache(error) or not drop_compiled(path):
             raise
-        log.warning("numrnn: numba could not load the compiled code of %s from its cache (%s: %s); removed it, "
+        log.warning("numba could not load the compiled code of %s from its cache (%s: %s); removed it, "
                     "compiling again", path, type(error).__name__, error)
     return load()
 

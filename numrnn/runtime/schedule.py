@@ -141,7 +141,7 @@ _POOL: ThreadPoolExecutor | None = None
 _POOL_LOCK = threading.Lock()
 
 
-def env_int(name: str, minimum: int) -> int | None:
+def _env_int(name: str, minimum: int) -> int | None:
     """The integer in environment variable ``name`` (``None`` when unset or empty); a ``ValueError`` naming it
     unless it is a whole number of at least ``minimum``."""
     text = os.environ.get(name, "").strip()
@@ -159,7 +159,7 @@ def env_int(name: str, minimum: int) -> int | None:
 @functools.cache
 def cores() -> int:
     """Workers a call may use: ``NUMRNN_NUM_THREADS``, else the CPUs this process may run on (read once)."""
-    configured = env_int("NUMRNN_NUM_THREADS", 1)
+    configured = _env_int("NUMRNN_NUM_THREADS", 1)
     if configured is not None:
         return configured
     try:
@@ -463,7 +463,7 @@ def packed_product_rows() -> int:
     earlier, slower hand loop): BLAS (0 rows) there.
     ``NUMRNN_PACKED_PRODUCT_ROWS`` overrides the choice.
     """
-    configured = env_int("NUMRNN_PACKED_PRODUCT_ROWS", 0)
+    configured = _env_int("NUMRNN_PACKED_PRODUCT_ROWS", 0)
     if configured is not None:
         return configured
     for path in _openblas_paths():
