@@ -154,3 +154,51 @@ def test_compiled_code_the_cache_cannot_load_is_compiled_again(tmp_path):
     np.testing.assert_array_equal(got, expected)
     assert warning == ""
     assert cache_dir() != root  # the session's own cache was not touched
+
+
+def test_a_warm_start_loads_every_kind_of_kernel_without_numba_refreshing_its_registries():
+    # The first run compiles what the disk cache lacks; the second, a warm start, loads each kernel (unsplit,
+    # statically unrolled, unit split in float64, direction split) and runs it against the oracle before
+    # anything compiles. numba's refresh of its target context would import and install all its registries
+    # (0.2 s); the loads need none. A compile afterwards still refreshes first, and compiles.
+    script = """
+        import dataclasses
+        import numba
+        import numba.core.base
+        import numpy as np
+        import pytest
+
+        refreshes = 0
+        numba_refresh = numba.core.base.BaseContext.refresh
+
+        def counted_refresh(self):
+            global refreshes
+            refreshes += 1
+            numba_refresh(self)
+
+        numba.core.base.BaseContext.refresh = counted_refresh
+
+        from test_direction_split import CASES as DIRECTIONS
+        from test_grid import CASES as GRID, T, assert_forced_schedule_matches_reference
+        from test_unit_split import CASES as UNITS
+
+        stack = GRID["stack_lstm_gru_simple_carry"]
+        float64 = UNITS["float64_valid_sum_then_gru_last"]
+        bidir = DIRECTIONS["one_block_concat_lengths"]
+        runs = [(stack, "serial", None), (dataclasses.replace(stack, unroll=T), "serial", None),
+                (float64, "units", dataclasses.replace(float64, unit_split=2)),
+                (bidir, "directions", dataclasses.replace(bidir, direction_split=True))]
+        with pytest.MonkeyPatch.context() as monkeypatch:
+            for seed, (spec, schedule, split_spec) in enumerate(runs):
+                assert_forced_schedule_matches_reference(spec, seed, 1, monkeypatch, schedule, split_spec)
+        print("refreshes before a compile:", refreshes)
+        assert numba.njit(lambda a: a.sum())(np.arange(4.0)) == 6.0
+        print("a compile refreshed:", refreshes > 0)
+    """
+    tests = str(Path(__file__).parent)
+    env = {"PYTHONPATH": os.pathsep.join(filter(None, [tests, os.environ.get("PYTHONPATH")]))}
+    for run in ("compiles what the cache lacks", "loads from the cache"):
+        result = _run(script, env=env, timeout=300)
+        assert result.returncode == 0, f"{run}: {result.stderr}"
+    assert "refreshes before a compile: 0" in result.stdout
+    assert "a compile refreshed: True" in result.stdout

@@ -21,6 +21,7 @@ from numrnn.runtime.cache import (
     cache_dir,
     drop_compiled,
     import_module,
+    load_own_code_without_refresh,
     module_path,
     raised_by_numba_cache,
     write_if_changed,
@@ -393,6 +394,7 @@ def _import_shared() -> None:
     name = shared_module_name()
     if name not in sys.modules:
         preload_cython_blas()
+        load_own_code_without_refresh()
         path = _shared_path()
         write_if_changed(path, generate_shared())
         _recovering_cache(path, lambda: import_module(path, name))  # it loads its C functions when imported
