@@ -132,6 +132,13 @@ def test_float64_layer_computes_in_float64():
     np.testing.assert_allclose(as32(X), out, rtol=0, atol=1e-5)
 
 
+def test_a_float64_layer_reads_float64_input_on_the_call_that_builds_it():
+    x = np.random.default_rng(0).standard_normal((2, 5, 3))  # float64 values that float32 would round
+    layer = numrnn.GRU(4, return_sequences=True, dtype="float64")
+    built_by_the_call = layer(x)
+    np.testing.assert_array_equal(built_by_the_call, layer(x))
+
+
 def test_mask_carry_and_zero_output():
     mask = np.ones((3, 5), bool)
     mask[0, 3:] = False

@@ -186,11 +186,10 @@ class RecurrentLayer:
         """
         name = type(self).__name__
         layout = "(time, batch, features)" if self.time_major else "(batch, time, features)"
-        x = as_real_array(f"{name}: x", x, self.dtype if self.built else "float32")
+        x = as_real_array(f"{name}: x", x, self.dtype)
         check_sequence_input(f"{name}: x", x, layout, self.input_size)
         if not self.built:
             self.build(x.shape)
-            x = x.astype(self.dtype, copy=False)
         xt = np.ascontiguousarray(x if self.time_major else x.transpose(1, 0, 2))
         steps, batch = xt.shape[0], xt.shape[1]
         condition = None
