@@ -107,6 +107,36 @@ def test_initial_state_nested_or_flat():
     assert not np.allclose(nested[0], zero[0])
 
 
+def test_a_stack_hands_back_a_state_bare_where_its_initial_state_was():
+    # Keras's StackedRNNCells: a one-state cell given its state bare (not in a list) returns it bare.
+    layer = numrnn.RNN([numrnn.SimpleRNNCell(3), numrnn.LSTMCell(4), numrnn.GRUCell(2)], return_state=True)
+    h1, h2, c2, h3 = (RNG.standard_normal((3, n)).astype(np.float32) for n in (3, 4, 4, 2))
+    _, bare1, lstm, bare3 = layer(X, initial_state=[h1, [h2, c2], h3])
+    _, listed1, _, listed3 = layer(X, initial_state=[[h1], [h2, c2], [h3]])
+    assert isinstance(bare1, np.ndarray) and isinstance(bare3, np.ndarray) and len(lstm) == 2
+    assert len(listed1) == len(listed3) == 1
+    np.testing.assert_array_equal(bare1, listed1[0])
+    np.testing.assert_array_equal(bare3, listed3[0])
+
+    # Bidirectional gives each direction half of a flat list, so both halves come back bare.
+    bidir = numrnn.Bidirectional(numrnn.RNN([numrnn.SimpleRNNCell(3), numrnn.GRUCell(2)], return_state=True))
+    given = [h1, h3, 2 * h1, 2 * h3]
+    _, *states = bidir(X, initial_state=given)
+    assert [s.shape for s in states] == [(3, 3), (3, 2), (3, 3), (3, 2)]
+    _, *default = bidir(X)
+    assert [len(s) for s in default] == [1, 1, 1, 1]
+
+
+def test_keras_training_argument_is_accepted_and_changes_nothing():
+    layer = numrnn.GRU(3)
+    np.testing.assert_array_equal(layer(X, training=True), layer(X, training=False))
+    cell, stack = numrnn.LSTMCell(4), numrnn.StackedRNNCells([numrnn.GRUCell(3)])
+    states = cell.get_initial_state(3)
+    np.testing.assert_array_equal(cell(X[:, 0], states, training=True)[0], cell(X[:, 0], states)[0])
+    np.testing.assert_array_equal(stack(X[:, 0], [np.zeros((3, 3), np.float32)], training=True)[0],
+                                  stack(X[:, 0], [np.zeros((3, 3), np.float32)])[0])
+
+
 def test_stateful_stack_carries_and_resets():
     stateful = numrnn.RNN([numrnn.LSTMCell(4), numrnn.GRUCell(3)], return_sequences=True, stateful=True)
     plain = numrnn.RNN([numrnn.LSTMCell(4), numrnn.GRUCell(3)], return_sequences=True)

@@ -177,11 +177,13 @@ class RNNCell:
         sizes = self.state_size if isinstance(self.state_size, list) else [self.state_size]
         return [np.zeros((batch_size, n), dtype=self.dtype) for n in sizes]
 
-    def __call__(self, inputs, states):
+    def __call__(self, inputs, states, training=None):
         """One time step: ``(output, new_states)``, like Keras's ``cell(inputs, states)``.
 
         ``states`` is a list (``[h]``, or ``[h, c]`` for LSTM) or, for one-state
         cells, a bare array; the new states come back in the same form.
+        ``training`` is accepted as Keras code passes it; it changes nothing
+        (numrnn has no dropout).
         """
         nested = isinstance(states, (list, tuple))
         output, fresh = one_step(type(self).__name__, [self], inputs, list(states) if nested else [states])
@@ -298,8 +300,11 @@ class StackedRNNCells:
         """Per-cell zero states."""
         return [cell.get_initial_state(batch_size) for cell in self.cells]
 
-    def __call__(self, inputs, states):
-        """One time step of the whole stack: ``(output, new_states)``, states per cell as given."""
+    def __call__(self, inputs, states, training=None):
+        """One time step of the whole stack: ``(output, new_states)``, states per cell as given.
+
+        ``training``: accepted as Keras code passes it; it changes nothing.
+        """
         if not isinstance(states, (list, tuple)) or len(states) != len(self.cells):
             raise ValueError(f"StackedRNNCells: states: expected a list of {len(self.cells)} per-cell states; "
                              f"got {type(states).__name__}")

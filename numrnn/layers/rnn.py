@@ -52,7 +52,7 @@ class RecurrentLayer:
     def _masking(self, has_mask: bool) -> str:
         raise NotImplementedError
 
-    def _structure(self, output: np.ndarray, states: list[np.ndarray]):
+    def _structure(self, output: np.ndarray, states: list[np.ndarray], initial_state):
         raise NotImplementedError
 
     # -- structure -----------------------------------------------------------------------------
@@ -177,12 +177,13 @@ class RecurrentLayer:
         return [np.zeros(shape, dtype=self.dtype) for shape in self._state_shapes(batch)]
 
     # -- running -------------------------------------------------------------------------------
-    def __call__(self, x, mask=None, initial_state=None):
+    def __call__(self, x, mask=None, initial_state=None, training=None):
         """Run the layer on ``x`` (``(batch, time, features)``, or ``(time, batch, features)`` if time_major).
 
         ``mask``: optional boolean ``(batch, time)``. ``initial_state``: Keras
         nesting (per cell ``h`` or ``[h, c]``; per-cell lists for a stack) or a
-        flat list. Returns Keras 3's structure.
+        flat list. Returns Keras 3's structure. ``training`` is accepted as
+        Keras code passes it; it changes nothing (numrnn has no dropout).
         """
         name = type(self).__name__
         layout = "(time, batch, features)" if self.time_major else "(batch, time, features)"
@@ -203,18 +204,31 @@ class RecurrentLayer:
             self.states = [s.copy() for s in states]
         if self.return_sequences and not self.time_major:
             output = np.ascontiguousarray(output.transpose(1, 0, 2))
-        return self._structure(output, states)
+        return self._structure(output, states, initial_state)
 
-    def _cell_states(self, cells: list[RNNCell], states: list[np.ndarray], nested: bool) -> list:
-        """Flat states -> Keras's return structure: per cell ``[h]``/``[h, c]`` for a stack, else flat."""
+    def _cell_states(self, cells: list[RNNCell], states: list[np.ndarray], nested: bool, given=None) -> list:
+        """Flat states -> Keras's return structure: per cell ``[h]``/``[h, c]`` for a stack, else flat.
+
+        As Keras's ``StackedRNNCells``, a one-state cell whose entry of the
+        ``given`` initial state was a bare array (not in a list) gets its
+        state back bare.
+        """
         if not nested:
             return list(states)
+        bare = _bare_entries(given, len(cells))
         grouped, start = [], 0
-        for cell in cells:
+        for i, cell in enumerate(cells):
             n = len(cell.cell_spec().state_names)
-            grouped.append(states[start: start + n])
+            grouped.append(states[start] if n == 1 and i in bare else states[start: start + n])
             start += n
         return grouped
+
+
+def _bare_entries(given, count: int) -> set[int]:
+    """Indices of the entries of a per-cell initial state list that are single arrays rather than lists."""
+    if not isinstance(given, (list, tuple)) or len(given) != count:
+        return set()
+    return {i for i, entry in enumerate(given) if not isinstance(entry, (list, tuple))}
 
 
 class RNN(RecurrentLayer):
@@ -251,18 +265,18 @@ class RNN(RecurrentLayer):
             return "none"
         return "zero" if self.zero_output_for_mask else "carry"
 
-    def _structure(self, output, states):
+    def _structure(self, output, states, initial_state):
         # Keras returns a go_backwards sequence in processing order; the kernel stores it by input time.
         if self.go_backwards and self.return_sequences:
             axis = 0 if self.time_major else 1
             output = np.ascontiguousarray(np.flip(output, axis=axis))
         if not self.return_state:
             return output
-        return (output, *self.keras_states(states))
+        return (output, *self.keras_states(states, initial_state))
 
-    def keras_states(self, states: list[np.ndarray]) -> list:
-        """Flat states in Keras's return nesting for this layer."""
-        return self._cell_states(self.cells, states, isinstance(self.cell, StackedRNNCells))
+    def keras_states(self, states: list[np.ndarray], initial_state=None) -> list:
+        """Flat states in Keras's return nesting for this layer (and the nesting of ``initial_state``, if given)."""
+        return self._cell_states(self.cells, states, isinstance(self.cell, StackedRNNCells), initial_state)
 
     def get_config(self) -> dict:
         """Constructor arguments, the cell serialized Keras-style."""
@@ -374,7 +388,7 @@ class Bidirectional(RecurrentLayer):
         # Keras forces zero_output_for_mask = return_sequences on both directions.
         return "zero" if self.return_sequences else "carry"
 
-    def _structure(self, output, states):
+    def _structure(self, output, states, initial_state):
         if self.merge_mode is None:
             width = self.forward_layer.cells[-1].output_size
             outputs = (np.ascontiguousarray(output[..., :width]), np.ascontiguousarray(output[..., width:]))
@@ -383,8 +397,11 @@ class Bidirectional(RecurrentLayer):
         if not self.return_state:
             return outputs if self.merge_mode is None else output
         n_forward = sum(len(c.cell_spec().state_names) for c in self.forward_layer.cells)
-        forward = self.forward_layer.keras_states(states[:n_forward])
-        backward = self.backward_layer.keras_states(states[n_forward:])
+        # Keras gives each direction half of a list initial_state.
+        half = len(initial_state) // 2 if isinstance(initial_state, (list, tuple)) else None
+        forward = self.forward_layer.keras_states(states[:n_forward], None if half is None else initial_state[:half])
+        backward = self.backward_layer.keras_states(states[n_forward:],
+                                                    None if half is None else initial_state[half:])
         return (*outputs, *forward, *backward)
 
     def get_config(self) -> dict:
