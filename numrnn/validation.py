@@ -69,17 +69,17 @@ def check_sequence_input(name: str, x: np.ndarray, layout: str, input_size: int 
         raise ValueError(f"{name}: expected {input_size} features (the layer was built for them); got {x.shape[2]}")
 
 
-def as_mask(mask, batch: int, steps: int) -> np.ndarray:
+def as_mask(name: str, mask, batch: int, steps: int) -> np.ndarray:
     """A ``(batch, time)`` boolean mask; integer 0/1 masks are accepted."""
-    array = np.asarray(mask)
+    array = np.asarray(to_numpy(mask))
     if array.dtype.kind == "b":
         pass
     elif array.dtype.kind in "iu" and np.isin(array, (0, 1)).all():
         array = array.astype(bool)
     else:
-        raise TypeError(f"mask: expected a boolean (or 0/1 integer) array; got dtype {array.dtype}")
+        raise TypeError(f"{name}: expected a boolean (or 0/1 integer) array; got dtype {array.dtype}")
     if array.shape != (batch, steps):
-        raise ValueError(f"mask: expected shape (batch, time) = {(batch, steps)}; got {array.shape}")
+        raise ValueError(f"{name}: expected shape (batch, time) = {(batch, steps)}; got {array.shape}")
     return array
 
 

@@ -41,10 +41,10 @@ def test_bad_x(lstm, x, error, words):
 @pytest.mark.parametrize(
     "mask, error, words",
     [
-        (np.ones((2, 5), bool), ValueError, ["mask", "(2, 4)", "(2, 5)"]),
-        (np.ones((4, 2), bool), ValueError, ["mask", "(batch, time)", "(4, 2)"]),
-        (np.ones((2, 4), np.float32), TypeError, ["mask", "boolean", "float32"]),
-        (np.full((2, 4), 2), TypeError, ["mask", "0/1"]),
+        (np.ones((2, 5), bool), ValueError, ["LSTM: mask", "(2, 4)", "(2, 5)"]),
+        (np.ones((4, 2), bool), ValueError, ["LSTM: mask", "(batch, time)", "(4, 2)"]),
+        (np.ones((2, 4), np.float32), TypeError, ["LSTM: mask", "boolean", "float32"]),
+        (np.full((2, 4), 2), TypeError, ["LSTM: mask", "0/1"]),
     ],
     ids=["time", "transposed", "float", "not-binary"],
 )

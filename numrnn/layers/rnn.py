@@ -195,7 +195,7 @@ class RecurrentLayer:
         steps, batch = xt.shape[0], xt.shape[1]
         condition = None
         if mask is not None:
-            condition = np.ascontiguousarray(as_mask(mask, batch, steps).T)
+            condition = np.ascontiguousarray(as_mask(f"{name}: mask", mask, batch, steps).T)
         spec = self.spec(steps, self._masking(mask is not None))
         states = self._initial_states(initial_state, batch)
         weights = [array for cell in self.all_cells for array in cell.packed()]
