@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from test_compat_torch import FakeTensor
 
 import numrnn
 from codegen.spec import UNROLL_CEILING, CellSpec, StackSpec, simple_stack
@@ -57,6 +58,12 @@ def test_bad_mask(lstm, mask, error, words):
 
 def test_integer_masks_are_accepted(lstm):
     np.testing.assert_array_equal(lstm(X, mask=np.ones((2, 4), np.int64)), lstm(X, mask=np.ones((2, 4), bool)))
+
+
+def test_a_mask_may_be_a_torch_tensor(lstm):
+    mask = np.ones((2, 4), bool)
+    mask[1, 2:] = False
+    np.testing.assert_array_equal(lstm(X, mask=FakeTensor(mask)), lstm(X, mask=mask))
 
 
 def test_set_weights_count_shape_and_values(lstm):
