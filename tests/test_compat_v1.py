@@ -159,6 +159,10 @@ def test_bad_inputs_and_weights():
     weights[1] = np.zeros(15)
     with pytest.raises(ValueError, match=r"weights\[1\] \(lstm_cell/bias\) has shape \(15,\); expected \(16,\)"):
         cell.set_weights(weights)
+    weights = cell.get_weights()
+    weights[0][-1, 0] = np.nan  # a recurrent row of the first cell's kernel
+    with pytest.raises(ValueError, match=r"weights\[0\] \(lstm_cell/kernel\) holds NaN or infinite values"):
+        cell.set_weights(weights)
     with pytest.raises(ValueError, match="reuses the cell object"):
         MultiRNNCell([GRUCell(2)] * 2)
     with pytest.raises(ValueError, match="proj_clip is not supported"):

@@ -283,8 +283,8 @@ class LeafCell(RNNCell):
             for i, n in enumerate(names):  # name the array by its place in the caller's list and TF1 name
                 detail = detail.replace(f"arrays[{i}] ({n})", f"weights[{first + i}] ({self.name}/{n})")
             raise ValueError(f"{owner}: {detail}") from None
-        for name, array in logical.items():
-            check_finite(owner, f"{self.name} {name}", array)
+        for i, (array, name) in enumerate(zip(arrays, names)):  # the caller's arrays, by their TF1 names
+            check_finite(owner, f"weights[{first + i}] ({self.name}/{name})", array)
         return logical
 
     def assign_logical(self, logical: dict) -> None:
