@@ -128,7 +128,7 @@ def load_own_code_without_refresh() -> None:
         return
 
     def load_overload(self, sig, target_context):
-        if not getattr(self._py_func, "__module__", "").startswith(_OWN_MODULES):
+        if not getattr(getattr(self, "_py_func", None), "__module__", "").startswith(_OWN_MODULES):
             return numba_load(self, sig, target_context)
         rtsys.initialize(target_context)
         with self._guard_against_spurious_io_errors():
