@@ -75,7 +75,7 @@ class RNNCell:
         self.name = name or owner.lower()
         self.input_size: int | None = None
         self._logical: dict | None = None
-        self._packed: list[np.ndarray] | None = None
+        self._packed: tuple[dict, list[np.ndarray]] | None = None
 
     # -- description -------------------------------------------------------------------------
     def cell_spec(self) -> CellSpec:
@@ -156,10 +156,17 @@ class RNNCell:
         return self._logical
 
     def packed(self) -> list[np.ndarray]:
-        """The kernel's weight arguments for this cell, packed once per weight change."""
-        if self._packed is None:
-            self._packed = pack(self.cell_spec(), self.logical_weights(), self.dtype)
-        return self._packed
+        """The kernel's weight arguments for this cell, packed once per weight change.
+
+        The pack is kept with the weights it was made from, in one assignment:
+        a call that packed the old weights while another thread set new ones
+        cannot leave its pack in place for the calls after ``set_weights``.
+        """
+        logical = self.logical_weights()
+        kept = self._packed
+        if kept is None or kept[0] is not logical:
+            kept = self._packed = (logical, pack(self.cell_spec(), logical, self.dtype))
+        return kept[1]
 
     def count_params(self) -> int:
         """Number of scalar weights."""

@@ -80,8 +80,7 @@ class RNNBase:
         self.training = False
         self._params = self._initial_params()
         self._version = 0
-        self._packed_for = None
-        self._packed: list[np.ndarray] = []
+        self._packed: tuple[int, list[np.ndarray]] | None = None  # (version, packed weights)
 
     # -- structure -----------------------------------------------------------------------------
     @property
@@ -180,10 +179,13 @@ class RNNBase:
         return out
 
     def _packed_weights(self, spec: StackSpec) -> list[np.ndarray]:
-        if self._packed_for != self._version:
-            self._packed = pack_weights(spec, self.logical_weights())
-            self._packed_for = self._version
-        return self._packed
+        # The version is read before the weights and stored with the pack in one assignment, so a pack of
+        # weights that load_state_dict replaced meanwhile (another thread) is made again on the next call.
+        version = self._version
+        kept = self._packed
+        if kept is None or kept[0] != version:
+            kept = self._packed = (version, pack_weights(spec, self.logical_weights()))
+        return kept[1]
 
     def __getattr__(self, name):
         params = self.__dict__.get("_params", {})

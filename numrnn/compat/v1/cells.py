@@ -306,9 +306,11 @@ class LeafCell(RNNCell):
     def packed(self, dtype: str) -> list[np.ndarray]:
         """The kernel's weight arguments for this cell in ``dtype`` (cached)."""
         self._require_built("packed")
-        if dtype not in self._packed:
-            self._packed[dtype] = pack(self.cell_spec(), self._logical, dtype)
-        return self._packed[dtype]
+        logical = self._logical
+        kept = self._packed.get(dtype)
+        if kept is None or kept[0] is not logical:  # kept with its weights, as the Keras-style cells keep it
+            kept = self._packed[dtype] = (logical, pack(self.cell_spec(), logical, dtype))
+        return kept[1]
 
     def _require_built(self, what: str) -> None:
         if not self.built:
