@@ -202,3 +202,36 @@ def test_a_warm_start_loads_every_kind_of_kernel_without_numba_refreshing_its_re
         assert result.returncode == 0, f"{run}: {result.stderr}"
     assert "refreshes before a compile: 0" in result.stdout
     assert "a compile refreshed: True" in result.stdout
+
+
+def test_a_fork_waits_for_a_thread_setting_blas_threads():
+    # A thread is inside the setter of BLAS's thread count (a ctypes call: the GIL is released there) when the
+    # main thread forks. The child must not inherit that call half done (OpenBLAS's lock held, or the count set
+    # to 1 with no block open to give it back): the fork waits for it, and the child, inside the block the
+    # thread opened, gives BLAS the count the block saved.
+    script = """
+        import os, threading, time
+        from numrnn.runtime import schedule
+
+        count, setting, inside = [2], [False], threading.Event()
+
+        def fake_setter(n):
+            setting[0] = True
+            old, count[0] = count[0], n
+            if n == 1 and not inside.is_set():
+                inside.set()
+                time.sleep(0.5)
+            setting[0] = False
+            return old
+
+        schedule._blas_setters = lambda: [fake_setter]
+        threading.Thread(target=schedule.single_threaded_blas().__enter__, daemon=True).start()
+        inside.wait()
+        pid = os.fork()
+        if pid == 0:
+            os._exit(0 if not setting[0] and count[0] == 2 else 1)
+        print("child exit code", os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]), "parent count", count[0])
+    """
+    result = _run(script)
+    assert result.returncode == 0, result.stderr
+    assert "child exit code 0 parent count 1" in result.stdout

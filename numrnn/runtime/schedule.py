@@ -487,6 +487,23 @@ def pool() -> ThreadPoolExecutor:
     return _POOL
 
 
+def _hold_blas_setting() -> None:
+    """Before ``fork``: wait until no thread is setting BLAS's thread count, and keep others from starting.
+
+    The setter is a ctypes call, which releases the GIL: another thread could
+    fork while one was inside it. The child then inherited OpenBLAS's lock
+    held, and its next setter call waited forever, or a count of 1 with no
+    block open to give the caller's back (a probe forking while three
+    threads called layers: 8 hangs and 30 such counts in about 1300 forks).
+    """
+    _BLAS_LOCK.acquire()
+
+
+def _release_blas_setting() -> None:
+    """After ``fork``, in the parent: :func:`_hold_blas_setting` undone."""
+    _BLAS_LOCK.release()
+
+
 def _forget_in_child() -> None:
     """After ``fork``: the child has none of the parent's threads, so neither its pool nor a lock one of them held.
 
@@ -502,4 +519,5 @@ def _forget_in_child() -> None:
     _BLAS_LOCK, _BLAS_USERS = threading.Lock(), 0
 
 
-os.register_at_fork(after_in_child=_forget_in_child)
+os.register_at_fork(before=_hold_blas_setting, after_in_parent=_release_blas_setting,
+                    after_in_child=_forget_in_child)
