@@ -1,12 +1,17 @@
-"""Weights set while a call on another thread packs the old ones: the calls after the update use the new ones.
+"""Weights changing under concurrent calls: set while another call packs, and built by concurrent first calls.
 
 Each facade keeps its packed weights between calls. The race is made
 deterministic here: the pack function itself sets the new weights, as another
 thread's ``set_weights`` or ``load_state_dict`` would while a call packs. That
 racing call may run on either set; every later call must run on the new one.
+Concurrent first calls of an unbuilt layer or cell must all run on the default
+weights it keeps.
 """
 
 from __future__ import annotations
+
+import threading
+import time
 
 import numpy as np
 
@@ -60,3 +65,44 @@ def test_tf1_cell(monkeypatch):
     v1_nn.dynamic_rnn(cell, X, dtype=np.float32)
     np.testing.assert_array_equal(v1_nn.dynamic_rnn(cell, X, dtype=np.float32)[0],
                                   v1_nn.dynamic_rnn(fresh, X, dtype=np.float32)[0])
+
+
+def _slow_builds(monkeypatch, cls) -> None:
+    """``cls.build`` sleeps first, each later build longer: a first call's whole run fits in a second's sleep."""
+    real, started = cls.build, []
+
+    def slow_build(self, *args):
+        started.append(None)
+        time.sleep(0.2 * len(started))
+        real(self, *args)
+
+    monkeypatch.setattr(cls, "build", slow_build)
+
+
+def _first_calls_at_once(call, threads: int = 3) -> list:
+    results, barrier = [None] * threads, threading.Barrier(threads)
+
+    def run(i):
+        barrier.wait()
+        results[i] = call()
+
+    workers = [threading.Thread(target=run, args=(i,)) for i in range(threads)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(timeout=60)
+    return results
+
+
+def test_concurrent_first_calls_of_an_unbuilt_keras_layer_share_its_weights(monkeypatch):
+    _slow_builds(monkeypatch, keras_cells.RNNCell)
+    layer = numrnn.GRU(4)
+    for result in _first_calls_at_once(lambda: layer(X)):
+        np.testing.assert_array_equal(result, layer(X))
+
+
+def test_concurrent_first_calls_of_an_unbuilt_tf1_cell_share_its_weights(monkeypatch):
+    _slow_builds(monkeypatch, v1_cells.LeafCell)
+    cell = v1_nn.rnn_cell.GRUCell(4)
+    for result in _first_calls_at_once(lambda: v1_nn.dynamic_rnn(cell, X, dtype=np.float32)[0]):
+        np.testing.assert_array_equal(result, v1_nn.dynamic_rnn(cell, X, dtype=np.float32)[0])

@@ -7,6 +7,8 @@ for one step, the same code path as a whole sequence.
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 
 from codegen.cells import pack
@@ -15,6 +17,10 @@ from numrnn.compat.weights import keras_cell_arrays, keras_cell_weights
 from numrnn.layers.initializers import glorot_uniform, orthogonal
 from numrnn.runtime import get_kernel
 from numrnn.validation import as_real_array, as_shaped_array, check_finite, check_ndim, normalize_dtype
+
+#: Held while a first call builds default weights: concurrent first calls of one layer or cell build them
+#: once and all run on them (each used to draw its own, and most got weights the layer did not keep).
+BUILD_LOCK = threading.RLock()
 
 
 def normalize_activation(owner: str, name: str, value) -> str:
@@ -41,10 +47,11 @@ def one_step(owner: str, cells: list, inputs, states: list) -> tuple[np.ndarray,
     x = as_real_array(f"{owner}: inputs", inputs, dtype)
     check_ndim(f"{owner}: inputs", x, 2, "(batch, features)")
     width = x.shape[1]
-    for cell in cells:
-        if not cell.built:
-            cell.build(width)
-        width = cell.output_size
+    with BUILD_LOCK:
+        for cell in cells:
+            if not cell.built:
+                cell.build(width)
+            width = cell.output_size
     if x.shape[1] != cells[0].input_size:
         raise ValueError(f"{owner}: inputs: expected {cells[0].input_size} features; got {x.shape[1]}")
     expected = [zero for cell in cells for zero in cell.get_initial_state(x.shape[0])]

@@ -11,6 +11,7 @@ import numpy as np
 
 from codegen.spec import BlockSpec, DirectionSpec, StackSpec
 from numrnn.layers.cells import (
+    BUILD_LOCK,
     GRUCell,
     LSTMCell,
     RNNCell,
@@ -190,7 +191,9 @@ class RecurrentLayer:
         x = as_real_array(f"{name}: x", x, self.dtype)
         check_sequence_input(f"{name}: x", x, layout, self.input_size)
         if not self.built:
-            self.build(x.shape)
+            with BUILD_LOCK:
+                if not self.built:
+                    self.build(x.shape)
         xt = np.ascontiguousarray(x if self.time_major else x.transpose(1, 0, 2))
         steps, batch = xt.shape[0], xt.shape[1]
         condition = None

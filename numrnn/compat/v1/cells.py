@@ -17,6 +17,7 @@ import numpy as np
 from codegen.cells import pack
 from codegen.spec import ACTIVATIONS, CellSpec, simple_stack
 from numrnn.compat.weights import tf1_cell_arrays, tf1_cell_weights, tf1_weight_names
+from numrnn.layers.cells import BUILD_LOCK
 from numrnn.layers.initializers import glorot_uniform
 from numrnn.runtime import get_kernel
 from numrnn.validation import as_real_array, as_shaped_array, check_finite, check_ndim, normalize_dtype
@@ -107,8 +108,10 @@ class RNNCell:
     def ensure_built(self, name: str, features: int) -> None:
         """Build for ``features`` if needed, else check the feature size matches."""
         if not self.built:
-            self.build(features)
-        elif features != self.input_size:
+            with BUILD_LOCK:
+                if not self.built:
+                    self.build(features)
+        if features != self.input_size:
             raise ValueError(f"{name}: expected {self.input_size} features (the cell was built for them); "
                              f"got {features}")
 
