@@ -101,6 +101,14 @@ def test_concurrent_first_calls_of_an_unbuilt_keras_layer_share_its_weights(monk
         np.testing.assert_array_equal(result, layer(X))
 
 
+def test_concurrent_first_steps_of_an_unbuilt_keras_cell_share_its_weights(monkeypatch):
+    _slow_builds(monkeypatch, keras_cells.RNNCell)
+    cell = numrnn.LSTMCell(4)
+    states = cell.get_initial_state(X.shape[0])
+    for result in _first_calls_at_once(lambda: cell(X[:, 0], states)[0]):
+        np.testing.assert_array_equal(result, cell(X[:, 0], states)[0])
+
+
 def test_concurrent_first_calls_of_an_unbuilt_tf1_cell_share_its_weights(monkeypatch):
     _slow_builds(monkeypatch, v1_cells.LeafCell)
     cell = v1_nn.rnn_cell.GRUCell(4)

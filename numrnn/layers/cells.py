@@ -46,12 +46,13 @@ def one_step(owner: str, cells: list, inputs, states: list) -> tuple[np.ndarray,
     dtype = cells[0].dtype
     x = as_real_array(f"{owner}: inputs", inputs, dtype)
     check_ndim(f"{owner}: inputs", x, 2, "(batch, features)")
-    width = x.shape[1]
-    with BUILD_LOCK:
-        for cell in cells:
-            if not cell.built:
-                cell.build(width)
-            width = cell.output_size
+    if not all(cell.built for cell in cells):
+        with BUILD_LOCK:
+            width = x.shape[1]
+            for cell in cells:
+                if not cell.built:
+                    cell.build(width)
+                width = cell.output_size
     if x.shape[1] != cells[0].input_size:
         raise ValueError(f"{owner}: inputs: expected {cells[0].input_size} features; got {x.shape[1]}")
     expected = [zero for cell in cells for zero in cell.get_initial_state(x.shape[0])]
