@@ -9,6 +9,7 @@ import textwrap
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 import codegen.spec
 from codegen.spec import BlockSpec, CellSpec, DirectionSpec, StackSpec, simple_stack
@@ -63,12 +64,9 @@ def test_corrupt_file_is_regenerated(tmp_path, monkeypatch):
 def test_a_cache_folder_that_cannot_be_made_names_the_variable(tmp_path):
     taken = tmp_path / "a-file"
     taken.write_text("")
-    try:
+    with pytest.raises(ValueError) as error:
         cache.write_if_changed(taken / "k.py", "x = 1\n")
-    except ValueError as error:
-        assert str(taken) in str(error) and cache.CACHE_ENV in str(error)
-    else:
-        raise AssertionError("no error")
+    assert str(taken) in str(error.value) and cache.CACHE_ENV in str(error.value)
 
 
 def test_unchanged_file_is_not_rewritten(tmp_path):

@@ -400,11 +400,10 @@ class Bidirectional(RecurrentLayer):
         if not self.return_state:
             return outputs if self.merge_mode is None else output
         n_forward = sum(len(c.cell_spec().state_names) for c in self.forward_layer.cells)
-        # Keras gives each direction half of a list initial_state.
-        half = len(initial_state) // 2 if isinstance(initial_state, (list, tuple)) else None
-        forward = self.forward_layer.keras_states(states[:n_forward], None if half is None else initial_state[:half])
-        backward = self.backward_layer.keras_states(states[n_forward:],
-                                                    None if half is None else initial_state[half:])
+        given = initial_state if isinstance(initial_state, (list, tuple)) else []
+        half = len(given) // 2  # Keras gives each direction half of a list initial_state
+        forward = self.forward_layer.keras_states(states[:n_forward], given[:half])
+        backward = self.backward_layer.keras_states(states[n_forward:], given[half:])
         return (*outputs, *forward, *backward)
 
     def get_config(self) -> dict:

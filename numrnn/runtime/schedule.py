@@ -494,8 +494,8 @@ def _hold_blas_setting() -> None:
     fork while one was inside it. The child then inherited OpenBLAS's lock
     held, and its next setter call waited forever, or a count of 1 with no
     block open to give the caller's back (a probe forking while three
-    threads called layers: 8 hangs in about 1300 forks; 30 such counts in
-    950 beside two).
+    threads called layers: 8 hangs in about 1300 forks; beside two calling
+    threads, 30 such counts in 950).
     """
     _BLAS_LOCK.acquire()
 
