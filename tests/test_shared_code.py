@@ -16,6 +16,7 @@ from codegen.cells import ALIGNMENT, packed_names, split_packed, to_panels
 from codegen.spec import BlockSpec, CellSpec, DirectionSpec, StackSpec, simple_stack
 from codegen.targets.cpu import generate_shared, layers_of, shared_module_name
 from numrnn.runtime import get_kernel, pack_weights
+from numrnn.runtime.extern import linked
 
 
 def _defined_layer_functions(source: str) -> list[str]:
@@ -51,12 +52,12 @@ def test_kernels_import_the_shared_module_by_the_hash_of_its_source():
         assert "def _panel_product" not in source and "np.dot(" not in source
     shared = generate_shared()
     for suffix in ("_fast", "_exact"):
-        assert f"def panel_product{suffix}(h, wp, out, b0, b1, backward):" in shared
-        entry = f"def panel_product{suffix}_c(h, h0, h1, wp, wp0, wp1, wp2, out, out0, out1, b0, b1, backward):"
+        entry = (f"def panel_product{suffix}_c(h_data, h0, h1, wp_data, wp0, wp1, wp2, out_data, out0, out1, "
+                 "b0, b1, backward):")
         assert entry in shared
-        assert f"def dot{suffix}_c(a, a0, a1, b, b0, b1, out, out0, out1):" in shared
-        for rows in (1, 2, 3, 4):
-            assert f"def rows{rows}_panels1{suffix}(h, wp, out, b, p, cols):" in shared
+        assert f"def dot{suffix}_c(a_data, a0, a1, b_data, b0, b1, out_data, out0, out1):" in shared
+    # The micro-kernels are calls of one intrinsic inside the entries, not functions numba compiles on their own.
+    assert "@njit" not in shared and "def rows" not in shared
 
 
 def test_two_specs_run_on_one_shared_module():
@@ -89,6 +90,18 @@ def _input_order_product(h: np.ndarray, w: np.ndarray) -> np.ndarray:
     return out
 
 
+def _packed_product(shared, suffix: str):
+    """The shared module's packed product in ``suffix``'s flavor, called through its C entry (ctypes)."""
+    getattr(shared, f"link{suffix}")()
+    entry = linked(getattr(shared, f"PANEL_PRODUCT{suffix.upper()}")[0]).ctypes
+    pointer = entry.argtypes[0]
+
+    def product(h, wp, out, b0, b1, backward):
+        entry(h.ctypes.data_as(pointer), *h.shape, wp.ctypes.data_as(pointer), *wp.shape,
+              out.ctypes.data_as(pointer), *out.shape, b0, b1, backward)
+    return product
+
+
 def test_panel_product_covers_its_rows_and_every_column():
     # Every row-block size (1-4 and beyond; 1-3 leftover rows take 2 or 4 panels a pass when there are that many
     # full ones), a last panel that is partial or full, panels walked forward and backward, float64 bit for bit
@@ -96,8 +109,8 @@ def test_panel_product_covers_its_rows_and_every_column():
     # as forward (only the order of the panels changes, not any output's sum).
     shared = _shared_module()
     rng = np.random.default_rng(3)
-    for dtype, product, width in (("float64", shared.panel_product_exact, 8),
-                                  ("float32", shared.panel_product_fast, 16)):
+    for dtype, product, width in (("float64", _packed_product(shared, "_exact"), 8),
+                                  ("float32", _packed_product(shared, "_fast"), 16)):
         for inputs, outputs in ((1, 1), (5, 7), (9, width), (3, 2 * width + 3), (17, 3 * width - 1),
                                 (7, 4 * width + 5), (4, 2 * width), (6, 4 * width), (5, 8 * width + 1)):
             h = rng.standard_normal((11, inputs)).astype(dtype)

@@ -66,7 +66,7 @@ def to_panels(matrix: np.ndarray) -> np.ndarray:
     """``(inputs, outputs)`` -> ``(panels, inputs, P)``: column blocks of ``P`` (zero-padded), each contiguous.
 
     The layout of the packed recurrent product
-    (``codegen.cells.common.emit_panel_functions``): it reads one panel row
+    (``codegen.cells.common.emit_panel_product``): it reads one panel row
     by row, so a panel is a short contiguous stream rather than ``inputs``
     cache lines a row of ``matrix`` apart (8x128x512: 13.1 us from panels,
     25.8 us from the row-major matrix).

@@ -124,7 +124,7 @@ def emit_recurrent_product(em: Emitter, ctx: LayerContext, h: str, w: str, out: 
     """``out = h @ w`` for every row (``w`` packed ``(inputs, outputs)``) this step computes.
 
     Up to ``small`` rows (a runtime argument) the packed product
-    (:func:`emit_panel_functions`) over ``w``'s panel copy; above, one BLAS GEMM.
+    (:func:`emit_panel_product`) over ``w``'s panel copy; above, one BLAS GEMM.
 
     Rows that this step masks (padding past a length, a masked Keras step)
     keep their state, so the product's output for them is never read: the
@@ -150,11 +150,11 @@ def emit_recurrent_product(em: Emitter, ctx: LayerContext, h: str, w: str, out: 
 
 
 #: What the shared module's packed product needs from ``numrnn.runtime.simd``.
-SIMD_NAMES = ("vload", "vlane", "vmuladd", "vsplat", "vstore", "vzeros")
+SIMD_NAMES = ("panel_block",)
 
 
-def emit_panel_functions(em: Emitter, dtype: str, jit_options: str, suffix: str) -> None:
-    """``panel_product{suffix}(h, wp, out, b0, b1, backward)``: ``out[b0:b1] = h[b0:b1] @ w`` from ``w``'s panels.
+def emit_panel_product(em: Emitter, dtype: str) -> None:
+    """Body of a C entry: ``out[b0:b1] = h[b0:b1] @ w`` from ``w``'s panels ``wp``, last panel first if ``backward``.
 
     ``wp`` is ``(panels, inputs, P)``: column block ``p`` of ``w``, zero-padded
     to ``P`` columns (:func:`codegen.cells.to_panels`). A micro-kernel keeps a
@@ -181,39 +181,64 @@ def emit_panel_functions(em: Emitter, dtype: str, jit_options: str, suffix: str)
     hand loop that reassociated the sums drifted 2 ulp from PyTorch on the
     ``torch_rnn_relu_init`` fixture (|h| up to 68: 1.5e-5, over the 1e-5
     contract).
+
+    Each block is one call of the intrinsic
+    :func:`numrnn.runtime.simd.panel_block`, written out in this one function
+    (the C entry) rather than called from ``@njit`` functions: numba compiles
+    each function on its own (typing, lowering, LLVM's optimization and code
+    generation), then links and optimizes it again inside its caller, and
+    again inside the C entry. The seven functions of the earlier shared
+    module (a micro-kernel per block shape, from about 400 calls of smaller
+    intrinsics, then the loops over the panels) compiled in 5.1 s on a cold
+    machine; this entry, with the same loops, in about 1 s (below ``link``'s
+    1.6 s with the ``np.dot`` entry's).
     """
-    em(f"@njit({jit_options})")
-    with em.block(f"def store_lanes{suffix}(out, i, j, value, n):"):
-        em('"""out[i, j:j + n] = the first n lanes of value (a panel\'s last, partial vector)."""')
-        with em.block("for lane in range(n):"):
-            em("out[i, j + lane] = vlane(value, lane)")
-    em.blank()
-    em.blank()
-    for rows in range(1, PANEL_ROWS + 1):
-        _emit_micro_kernel(em, dtype, jit_options, suffix, rows, 1)
-        if PANELS_PER_PASS.get(rows, 1) > 1:
-            _emit_micro_kernel(em, dtype, jit_options, suffix, rows, PANELS_PER_PASS[rows])
-    em(f"@njit({jit_options})")
-    with em.block(f"def panel_product{suffix}(h, wp, out, b0, b1, backward):"):
-        em('"""out[b0:b1] = h[b0:b1] @ w, where wp holds w\'s column panels, last panel first if backward."""')
-        em("P = wp.shape[2]", "G = out.shape[1]", "n = wp.shape[0]",
-           f"b = b0 + (b1 - b0) // {PANEL_ROWS} * {PANEL_ROWS}")
+    em("P = wp.shape[2]", "G = out.shape[1]", "n = wp.shape[0]", f"b = b0 + (b1 - b0) // {PANEL_ROWS} * {PANEL_ROWS}")
+    with em.block("for i in range(n):"):
+        em("p = n - 1 - i if backward else i", "cols = min(P, G - p * P)")
+        with em.block(f"for r in range(b0, b, {PANEL_ROWS}):"):
+            _emit_micro_kernel(em, "r", PANEL_ROWS, 1)
+    for rows in range(1, PANEL_ROWS):
+        with em.block(f"{'if' if rows == 1 else 'elif'} b1 - b == {rows}:"):
+            _emit_leftover_rows(em, rows)
+
+
+def _emit_leftover_rows(em: Emitter, rows: int) -> None:
+    """Rows ``b..b+rows-1``: passes of :data:`PANELS_PER_PASS` panels, then the panels left one at a time.
+
+    Backward, the same passes in the opposite order. Each micro-kernel is
+    written once: a loop over two phases, one of each kind of pass.
+    """
+    panels = PANELS_PER_PASS.get(rows, 1)
+    if panels == 1:
         with em.block("for i in range(n):"):
             em("p = n - 1 - i if backward else i", "cols = min(P, G - p * P)")
-            with em.block(f"for r in range(b0, b, {PANEL_ROWS}):"):
-                em(f"{_micro_kernel_name(PANEL_ROWS, 1, suffix)}(h, wp, out, r, p, cols)")
-        for rows in range(1, PANEL_ROWS):
-            with em.block(f"{'if' if rows == 1 else 'elif'} b1 - b == {rows}:"):
-                _emit_leftover_rows(em, suffix, rows)
-    em.blank()
-    em.blank()
+            _emit_micro_kernel(em, "b", rows, 1)
+        return
+    # the panels that the multi-panel passes cover; forward they come first, backward last
+    em(f"full = G // ({panels} * P) * {panels}")
+    with em.block("for phase in range(2):"):
+        with em.block("if (phase == 0) != backward:"):
+            with em.block(f"for j in range(full // {panels}):"):
+                em(f"p = full - {panels} * (j + 1) if backward else {panels} * j")
+                _emit_micro_kernel(em, "b", rows, panels)
+        with em.block("else:"):
+            with em.block("for j in range(n - full):"):
+                em("p = n - 1 - j if backward else full + j", "cols = min(P, G - p * P)")
+                _emit_micro_kernel(em, "b", rows, 1)
+
+
+def _emit_micro_kernel(em: Emitter, row: str, rows: int, panels: int) -> None:
+    """Rows ``row..row+rows-1`` times panels ``p..p+panels-1`` (full ones, or one panel of ``cols`` columns)."""
+    em(f"panel_block(h, wp, out, {row}, p, {'cols' if panels == 1 else 'P'}, {rows}, {panels})")
 
 
 #: The C functions of the shared module (``numrnn.runtime.extern``), by the name kernels call them:
-#: (function in the shared module, its arrays with their dimensions, its int64 scalars).
+#: (what the function computes, its arrays with their dimensions, its int64 scalars, what emits its body).
 EXTERN_FUNCTIONS = {
-    PANEL_PRODUCT: ("panel_product{suffix}", (("h", 2), ("wp", 3), ("out", 2)), ("b0", "b1", "backward")),
-    DOT: ("np.dot", (("a", 2), ("b", 2), ("out", 2)), ()),
+    PANEL_PRODUCT: ("The packed product", (("h", 2), ("wp", 3), ("out", 2)), ("b0", "b1", "backward"),
+                    emit_panel_product),
+    DOT: ("np.dot", (("a", 2), ("b", 2), ("out", 2)), (), lambda em, dtype: em("np.dot(a, b, out)")),
 }
 
 
@@ -222,98 +247,37 @@ def extern_name(call: str, suffix: str) -> str:
     return f"{call[1:]}{suffix}"
 
 
-def emit_extern_functions(em: Emitter, dtype: str, suffix: str) -> None:
+def emit_extern_functions(em: Emitter, dtype: str, suffix: str, options: str) -> None:
     """The C entries of :data:`EXTERN_FUNCTIONS`, the intrinsics that call them, and ``link{suffix}()``.
 
     Kernels call the products through these intrinsics (``numrnn.runtime.extern``)
     rather than as ``@njit`` functions or ``np.dot``, so that numba does not
     compile a copy of them into every kernel; a kernel module calls
-    ``link{suffix}()`` when imported.
+    ``link{suffix}()`` when imported. Each entry takes its arrays as data
+    pointers and shapes (``h_data, h0, h1``), views them as arrays
+    (``numba.carray``) and computes on those; ``options`` are the jit options
+    of the entries beside those :func:`numrnn.runtime.extern.link` sets.
     """
     links = []
-    for call, (function, arrays, scalars) in EXTERN_FUNCTIONS.items():
+    for call, (what, arrays, scalars, emit_body) in EXTERN_FUNCTIONS.items():
         name = extern_name(call, suffix)
-        args = [a for array, ndim in arrays for a in (array, *(f"{array}{i}" for i in range(ndim)))]
-        views = [f"carray({array}, ({', '.join(f'{array}{i}' for i in range(ndim))}))" for array, ndim in arrays]
+        args = [a for array, ndim in arrays for a in (f"{array}_data", *(f"{array}{i}" for i in range(ndim)))]
         ndims = tuple(ndim for _, ndim in arrays)
         with em.block(f"def {name}_c({', '.join(args + list(scalars))}):"):
-            em(f'"""{function.format(suffix=suffix)} on C pointers and shapes (numrnn.runtime.extern)."""')
-            em(f"{function.format(suffix=suffix)}({', '.join(views + list(scalars))})")
+            em(f'"""{what} ({dtype}) on C pointers and shapes (numrnn.runtime.extern)."""',
+               *(f"{array} = carray({array}_data, ({', '.join(f'{array}{i}' for i in range(ndim))}))"
+                 for array, ndim in arrays))
+            emit_body(em, dtype)
         em.blank()
         em.blank()
         em(f"{name.upper()} = (f\"{{__name__}}.{name}\", {ndims!r}, {len(scalars)})",
            f"{name}_call = extern_call(*{name.upper()})")
         em.blank()
         em.blank()
-        links.append(f"link({name.upper()}[0], {name}_c, {dtype}, *{name.upper()}[1:])")
+        links.append(f"link({name.upper()}[0], {name}_c, {dtype}, *{name.upper()}[1:]{options})")
     with em.block(f"def link{suffix}():"):
         em(f'"""Compile or load the {dtype} C entries and name them to LLVM, once per process (before any kernel)."""',
            *links)
-
-
-def _emit_leftover_rows(em: Emitter, suffix: str, rows: int) -> None:
-    """Rows ``b..b+rows-1``: passes of :data:`PANELS_PER_PASS` panels, then the panels left one at a time.
-
-    Backward, the same passes in the opposite order.
-    """
-    panels = PANELS_PER_PASS.get(rows, 1)
-    single = f"{_micro_kernel_name(rows, 1, suffix)}(h, wp, out, b, p, min(P, G - p * P))"
-    multi = f"{_micro_kernel_name(rows, panels, suffix)}(h, wp, out, b, p)"
-    # the panels that the multi-panel passes cover
-    em(f"full = G // ({panels} * P) * {panels}" if panels > 1 else "full = 0")
-    with em.block("if backward:"):
-        em("p = n - 1")
-        with em.block("while p >= full:"):
-            em(single, "p -= 1")
-        if panels > 1:
-            em(f"p = full - {panels}")
-            with em.block("while p >= 0:"):
-                em(multi, f"p -= {panels}")
-    with em.block("else:"):
-        em("p = np.int64(0)")  # a bare 0 compiles each micro-kernel once more, for a literal p
-        if panels > 1:
-            with em.block("while p < full:"):
-                em(multi, f"p += {panels}")
-        with em.block("while p < n:"):
-            em(single, "p += 1")
-
-
-def _micro_kernel_name(rows: int, panels: int, suffix: str) -> str:
-    return f"rows{rows}_panels{panels}{suffix}"
-
-
-def _emit_micro_kernel(em: Emitter, dtype: str, jit_options: str, suffix: str, rows: int, panels: int) -> None:
-    """Rows ``b..b+rows-1`` times panels ``p..p+panels-1`` (full ones, or one panel of ``cols`` columns)."""
-    vectors = [(q, v) for q in range(panels) for v in range(PANEL_VECTORS)]
-    acc = {(r, q, v): f"a{r}_{q}{v}" for r in range(rows) for q, v in vectors}
-    args = "h, wp, out, b, p" + (", cols" if panels == 1 else "")
-    em(f"@njit({jit_options})")
-    with em.block(f"def {_micro_kernel_name(rows, panels, suffix)}({args}):"):
-        what = "panel p, its first cols columns" if panels == 1 else f"panels p..p+{panels - 1}"
-        em(f'"""out[b:b + {rows}] = h[b:b + {rows}] @ {what}."""')
-        # The lanes of numrnn.runtime.simd's vectors, as a literal: a change of width changes this source,
-        # and so the shared module's name and its disk cache.
-        em(f"L = {panel_width(dtype) // PANEL_VECTORS}", *(f"{a} = vzeros(wp)" for a in acc.values()))
-        with em.block("for k in range(wp.shape[1]):"):
-            em(*(f"w{q}{v} = vload(wp, p + {q}, k, {v} * L)" for q, v in vectors))
-            for r in range(rows):
-                em(f"x = vsplat(h, b + {r}, k)",
-                   *(f"{acc[r, q, v]} = vmuladd(x, w{q}{v}, {acc[r, q, v]})" for q, v in vectors))
-        em("g = p * wp.shape[2]")
-        stores = [f"vstore(out, b + {r}, g + {q * PANEL_VECTORS + v} * L, {acc[r, q, v]})"
-                  for r in range(rows) for q, v in vectors]
-        if panels > 1:
-            em(*stores)
-        else:
-            with em.block("if cols == wp.shape[2]:"):
-                em(*stores)
-            with em.block("else:"):
-                for v in range(PANEL_VECTORS):
-                    with em.block(f"if cols > {v} * L:"):
-                        em(*(f"store_lanes{suffix}(out, b + {r}, g + {v} * L, {acc[r, 0, v]}, min(L, cols - {v} * L))"
-                             for r in range(rows)))
-    em.blank()
-    em.blank()
 
 
 @dataclass(frozen=True)

@@ -26,7 +26,7 @@ projections, the sequences between layers and blocks); the module's
 (:class:`Workspace`).
 
 ``small``: up to this many batch rows, a step's recurrent product is the
-packed product (``codegen.cells.common.emit_panel_functions``, over the
+packed product (``codegen.cells.common.emit_panel_product``, over the
 ``*_panels`` weights) instead of a BLAS call (the runtime checks which BLAS it
 has; see ``numrnn.runtime.schedule.packed_product_rows``); where it is
 positive, input projections of up to :data:`PACKED_PROJECTION_MAX_ROWS` rows
@@ -51,7 +51,6 @@ from codegen.cells.common import (
     LayerContext,
     emit_extern_functions,
     emit_math_helpers,
-    emit_panel_functions,
     emit_scratch_for_output,
     emit_step_times,
     extern_name,
@@ -374,14 +373,13 @@ def generate_shared() -> str:
     em = Emitter()
     em('"""numrnn: the functions every CPU kernel shares. Generated; do not edit."""', "",
        *(f"# numrnn.runtime.{name} sha1 {_runtime_source_hash(name)}" for name in ("simd", "extern", "views")),
-       "import numpy as np", "from numba import carray, float32, float64, njit", "",
+       "import numpy as np", "from numba import carray, float32, float64", "",
        "from numrnn.runtime.extern import extern_call, link",
        f"from numrnn.runtime.simd import {', '.join(SIMD_NAMES)}")
     for dtype, suffix in SHARED_SUFFIX.items():
         em.blank()
         em.blank()
-        emit_panel_functions(em, dtype, jit_options(dtype), suffix)
-        emit_extern_functions(em, dtype, suffix)
+        emit_extern_functions(em, dtype, suffix, f", {FAST_MATH}" if dtype == "float32" else "")
     return em.source()
 
 

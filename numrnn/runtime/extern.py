@@ -3,7 +3,7 @@
 When an ``@njit`` function calls another, numba links the callee's LLVM
 module into the caller's, then optimizes and generates machine code for the
 whole module again; ``np.dot`` likewise adds numba's checks and BLAS call at
-every call site. The packed product (``codegen.cells.common.emit_panel_functions``)
+every call site. The packed product (``codegen.cells.common.emit_panel_product``)
 and its micro-kernels were most of the code of a small kernel, so every
 kernel, and every layer function, compiled them again.
 
@@ -38,20 +38,27 @@ def c_signature(dtype: types.Float, ndims: tuple[int, ...], scalars: int) -> typ
     return types.void(*arrays, *(types.int64,) * scalars)
 
 
-def link(symbol: str, entry, dtype: types.Float, ndims: tuple[int, ...], scalars: int) -> None:
+def link(symbol: str, entry, dtype: types.Float, ndims: tuple[int, ...], scalars: int, **options) -> None:
     """Compile (or load) ``entry`` as a C function of :func:`c_signature` and give LLVM its address as ``symbol``.
 
     Once per process and symbol. ``entry`` is the shared module's plain
     Python function that wraps the pointers in arrays (``numba.carray``) and
-    calls the product; it lives there so that its disk cache does too.
+    computes; it lives there so that its disk cache does too. ``options``
+    are further jit options (``fastmath``).
     """
     with _LOCK:
         if symbol in _LINKED:
             return
         signature = c_signature(dtype, ndims, scalars)
-        compiled = cfunc(signature, cache=True, nogil=True, error_model="numpy")(entry)
+        compiled = cfunc(signature, cache=True, nogil=True, error_model="numpy", **options)(entry)
         llvm.add_symbol(symbol, compiled.address)
         _LINKED[symbol] = compiled  # keeps the machine code alive
+
+
+def linked(symbol: str):
+    """The C function :func:`link` compiled for ``symbol`` (a ``numba.cfunc``: ``.address``, ``.ctypes``)."""
+    with _LOCK:
+        return _LINKED[symbol]
 
 
 def extern_call(symbol: str, ndims: tuple[int, ...], scalars: int):

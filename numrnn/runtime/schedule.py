@@ -446,7 +446,7 @@ PACKED_PRODUCT_MAX_ROWS = 128
 def packed_product_rows() -> int:
     """Batch rows up to which the per-step recurrent product is the packed product rather than BLAS.
 
-    The packed product (``codegen.cells.common.emit_panel_functions``) reads
+    The packed product (``codegen.cells.common.emit_panel_product``) reads
     weights packed once, in panels; a BLAS GEMM packs its operands again on
     every call. Measured with OpenBLAS's Haswell kernels (AVX2 Zen 3, one
     thread, inside ``@njit``, rows x inputs x outputs, packed / BLAS):

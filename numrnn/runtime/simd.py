@@ -1,19 +1,25 @@
-"""Fixed-width float vectors for ``@njit`` code: the registers of the packed recurrent product.
+"""The packed recurrent product's micro-kernel, as one numba intrinsic that writes its LLVM loop directly.
 
 LLVM vectorizes a loop over an array, but it keeps the partial sums of a
 matrix product in memory (it cannot prove that the output does not alias the
 weights), so each multiply-add of the old hand loop was a load, a store and
-two weight loads. These intrinsics let the generated micro-kernel
-(``codegen.cells.common.emit_panel_functions``) hold a block of outputs in
-vector registers over the whole input loop: the 4x128x512 product of
-bidir_masked's workers went 18.2 -> 9.5 us (one thread, AVX2 Zen 3, one call
-from Python at a time; figures from a loop inside ``@njit`` are in
+two weight loads. :func:`panel_block` holds a block of outputs in vector
+registers over the whole input loop: the 4x128x512 product of bidir_masked's
+workers went 18.2 -> 9.5 us (one thread, AVX2 Zen 3, one call from Python at
+a time; figures from a loop inside ``@njit`` are in
 ``numrnn.runtime.schedule.packed_product_rows``).
 
 A vector is 32 bytes: 8 float32 or 4 float64 lanes (one AVX register; LLVM
-splits it on narrower machines). ``vmuladd`` is one fused multiply-add for
+splits it on narrower machines). A multiply-add is one fused multiply-add for
 float32, whose kernels may contract anyway (``codegen.targets.cpu.FAST_MATH``),
 and a multiply then an add for float64, which stays exact.
+
+The block used to be Python source of six small intrinsics (a load, a
+broadcast, a multiply-add ... per vector), written out per block shape in
+the shared module. numba typed and lowered each of those calls (about 400 of
+them) one by one: 1.5 of the 3 s that module took to compile on a cold
+machine. Built here, a block is one call to type, and its IR is the same
+loop.
 
 Indices are not checked: the callers are generated loops whose bounds come
 from the arrays' shapes.
@@ -24,99 +30,132 @@ from __future__ import annotations
 from llvmlite import ir
 from numba import types
 from numba.core import cgutils
-from numba.extending import intrinsic, models, register_model
+from numba.extending import intrinsic
 
-from codegen.cells.common import VECTOR_BYTES
-
-
-class Vector(types.Type):
-    """A numba type: ``lanes`` values of ``dtype`` in one register."""
-
-    def __init__(self, dtype: types.Float):
-        self.dtype = dtype
-        self.lanes = VECTOR_BYTES // (dtype.bitwidth // 8)
-        super().__init__(name=f"vector({dtype}x{self.lanes})")
+from codegen.cells.common import PANEL_VECTORS, VECTOR_BYTES
 
 
-@register_model(Vector)
-class _VectorModel(models.PrimitiveModel):
-    def __init__(self, dmm, fe_type):
-        super().__init__(dmm, fe_type, _llvm_vector(fe_type))
-
-
-def _llvm_vector(vector: Vector) -> ir.VectorType:
-    element = ir.FloatType() if vector.dtype.bitwidth == 32 else ir.DoubleType()
-    return ir.VectorType(element, vector.lanes)
-
-
-def _item_pointer(context, builder, array_type, array, indices):
-    """Address of ``array[indices]``, no wraparound and no bounds check."""
-    view = context.make_array(array_type)(context, builder, array)
-    return cgutils.get_item_pointer2(context, builder, view.data, cgutils.unpack_tuple(builder, view.shape),
-                                     cgutils.unpack_tuple(builder, view.strides), array_type.layout, indices,
-                                     wraparound=False)
-
-
-def _vector_pointer(context, builder, sig, args, count):
-    pointer = _item_pointer(context, builder, sig.args[0], args[0], args[1:1 + count])
-    return builder.bitcast(pointer, _llvm_vector(Vector(sig.args[0].dtype)).as_pointer())
+def _is_c_array(array: types.Type, ndim: int) -> bool:
+    return isinstance(array, types.Array) and array.layout == "C" and array.ndim == ndim
 
 
 @intrinsic
-def vload(typingctx, array, i, j, k):
-    """``array[i, j, k:k + lanes]`` of a 3-d array whose last axis is contiguous."""
-    def codegen(context, builder, sig, args):
-        return builder.load(_vector_pointer(context, builder, sig, args, 3), align=array.dtype.bitwidth // 8)
-    return Vector(array.dtype)(array, i, j, k), codegen
+def panel_block(typingctx, h, wp, out, row, p, cols, rows, panels):
+    """``out[row:row + rows, block] = h[row:row + rows] @ panels p..p+panels-1`` of ``wp``.
 
+    ``wp`` is ``(panels, inputs, P)``, C-contiguous, ``P`` being
+    :data:`PANEL_VECTORS` vectors; ``h`` is ``(rows, inputs)`` and ``out``
+    ``(rows, outputs)``, both C-contiguous. ``rows`` and ``panels`` are
+    literal integers. With one panel, only its first ``cols`` columns are
+    stored (the matrix's last, partial panel); with more, all of them.
+    Each output adds its terms in input order, one multiply-add each.
+    """
+    if not (_is_c_array(h, 2) and _is_c_array(wp, 3) and _is_c_array(out, 2)
+            and h.dtype == wp.dtype == out.dtype and isinstance(h.dtype, types.Float)
+            and isinstance(rows, types.IntegerLiteral) and isinstance(panels, types.IntegerLiteral)
+            and all(isinstance(a, types.Integer) for a in (row, p, cols))):
+        return None
+    block = _Block(h.dtype, rows.literal_value, panels.literal_value)
 
-@intrinsic
-def vstore(typingctx, array, i, j, value):
-    """``array[i, j:j + lanes] = value`` of a 2-d array whose last axis is contiguous."""
     def codegen(context, builder, sig, args):
-        builder.store(args[3], _vector_pointer(context, builder, sig, args, 2), align=array.dtype.bitwidth // 8)
+        arrays = [context.make_array(t)(context, builder, a) for t, a in zip(sig.args[:3], args[:3])]
+        row_, p_, cols_ = (context.cast(builder, a, t, types.int64) for a, t in zip(args[3:6], sig.args[3:6]))
+        block.emit(builder, *arrays, row_, p_, cols_)
         return context.get_dummy_value()
-    return types.none(array, i, j, value), codegen
+
+    return types.none(h, wp, out, row, p, cols, rows, panels), codegen
 
 
-@intrinsic
-def vlane(typingctx, value, lane):
-    """Lane ``lane`` of ``value``, a scalar."""
-    def codegen(context, builder, sig, args):
-        return builder.extract_element(args[0], args[1])
-    return value.dtype(value, lane), codegen
+class _Block:
+    """The LLVM IR of one block shape: ``rows`` rows by ``panels`` panels of ``dtype``."""
+
+    def __init__(self, dtype: types.Float, rows: int, panels: int):
+        self.rows, self.panels = rows, panels
+        self.exact = dtype.bitwidth == 64
+        self.scalar = ir.DoubleType() if self.exact else ir.FloatType()
+        self.lanes = VECTOR_BYTES // (dtype.bitwidth // 8)
+        self.vector = ir.VectorType(self.scalar, self.lanes)
+        self.align = dtype.bitwidth // 8
+
+    def emit(self, builder: ir.IRBuilder, h, wp, out, row, p, cols) -> None:
+        """The block at the builder's position: zeroed accumulators, the input loop, the stores."""
+        inputs, width = cgutils.unpack_tuple(builder, wp.shape)[1:]
+        h_stride = cgutils.unpack_tuple(builder, h.shape)[1]
+        out_stride = cgutils.unpack_tuple(builder, out.shape)[1]
+        vectors = [(q, v) for q in range(self.panels) for v in range(PANEL_VECTORS)]
+        acc = {}
+        for r in range(self.rows):
+            for qv in vectors:
+                acc[r, qv] = cgutils.alloca_once(builder, self.vector)
+                builder.store(ir.Constant(self.vector, [0.0] * self.lanes), acc[r, qv])
+        with cgutils.for_range(builder, inputs) as loop:
+            k = loop.index
+            weights = {}
+            for q, v in vectors:
+                panel_row = builder.add(builder.mul(builder.add(p, _i64(q)), inputs), k)
+                start = builder.add(builder.mul(panel_row, width), _i64(v * self.lanes))
+                weights[q, v] = self._load(builder, wp.data, start)
+            for r in range(self.rows):
+                x = self._splat(builder, h.data, builder.add(builder.mul(builder.add(row, _i64(r)), h_stride), k))
+                for qv in vectors:
+                    builder.store(self._muladd(builder, x, weights[qv], builder.load(acc[r, qv])), acc[r, qv])
+        first = builder.mul(p, width)
+
+        def start_of(r, column):
+            return builder.add(builder.mul(builder.add(row, _i64(r)), out_stride), builder.add(first, column))
+
+        def store_all():
+            for r in range(self.rows):
+                for q, v in vectors:
+                    column = _i64((q * PANEL_VECTORS + v) * self.lanes)
+                    pointer = self._vector_pointer(builder, out.data, start_of(r, column))
+                    builder.store(builder.load(acc[r, (q, v)]), pointer, align=self.align)
+
+        if self.panels > 1:
+            store_all()
+            return
+        with builder.if_else(builder.icmp_signed("==", cols, width)) as (full, partial):
+            with full:
+                store_all()
+            with partial:
+                for v in range(PANEL_VECTORS):
+                    self._store_lanes(builder, out.data, [acc[r, (0, v)] for r in range(self.rows)],
+                                      [start_of(r, _i64(v * self.lanes)) for r in range(self.rows)],
+                                      builder.sub(cols, _i64(v * self.lanes)))
+
+    def _store_lanes(self, builder, data, accumulators, starts, count) -> None:
+        """Each accumulator's first ``min(lanes, count)`` lanes from its row's start (none if ``count <= 0``)."""
+        count = builder.select(builder.icmp_signed("<", count, _i64(self.lanes)), count, _i64(self.lanes))
+        with cgutils.for_range(builder, count) as loop:
+            lane = loop.index
+            for accumulator, start in zip(accumulators, starts):
+                value = builder.extract_element(builder.load(accumulator), lane)
+                builder.store(value, builder.gep(data, [builder.add(start, lane)], inbounds=True))
+
+    def _vector_pointer(self, builder, data, start):
+        return builder.bitcast(builder.gep(data, [start], inbounds=True), self.vector.as_pointer())
+
+    def _load(self, builder, data, start):
+        return builder.load(self._vector_pointer(builder, data, start), align=self.align)
+
+    def _splat(self, builder, data, index):
+        scalar = builder.load(builder.gep(data, [index], inbounds=True))
+        one = builder.insert_element(ir.Constant(self.vector, ir.Undefined), scalar, _i32(0))
+        return builder.shuffle_vector(one, ir.Constant(self.vector, ir.Undefined),
+                                      ir.Constant(ir.VectorType(ir.IntType(32), self.lanes), [0] * self.lanes))
+
+    def _muladd(self, builder, x, w, acc):
+        """``acc + x * w`` per lane: fused for float32, a rounded product then a sum for float64."""
+        if self.exact:
+            return builder.fadd(acc, builder.fmul(x, w))
+        fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(self.vector, [self.vector] * 3),
+                                             f"llvm.fma.v{self.lanes}f32")
+        return builder.call(fma, [x, w, acc])
 
 
-@intrinsic
-def vsplat(typingctx, array, i, j):
-    """A vector with ``array[i, j]`` (2-d) in every lane."""
-    def codegen(context, builder, sig, args):
-        vector = _llvm_vector(Vector(array.dtype))
-        scalar = builder.load(_item_pointer(context, builder, sig.args[0], args[0], args[1:]))
-        one = builder.insert_element(ir.Constant(vector, ir.Undefined), scalar, ir.Constant(ir.IntType(32), 0))
-        zeros = ir.Constant(ir.VectorType(ir.IntType(32), vector.count), [0] * vector.count)
-        return builder.shuffle_vector(one, ir.Constant(vector, ir.Undefined), zeros)
-    return Vector(array.dtype)(array, i, j), codegen
+def _i64(value: int) -> ir.Constant:
+    return ir.Constant(ir.IntType(64), value)
 
 
-@intrinsic
-def vzeros(typingctx, array):
-    """A vector of zeros of ``array``'s dtype."""
-    def codegen(context, builder, sig, args):
-        vector = _llvm_vector(Vector(array.dtype))
-        return ir.Constant(vector, [0.0] * vector.count)
-    return Vector(array.dtype)(array), codegen
-
-
-@intrinsic
-def vmuladd(typingctx, x, w, acc):
-    """``acc + x * w`` per lane: fused for float32, a rounded product then a sum for float64."""
-    def codegen(context, builder, sig, args):
-        a, b, c = args
-        if x.dtype.bitwidth == 64:
-            return builder.fadd(c, builder.fmul(a, b))
-        vector = _llvm_vector(x)
-        fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vector, [vector] * 3),
-                                             f"llvm.fma.v{vector.count}f32")
-        return builder.call(fma, [a, b, c])
-    return x(x, w, acc), codegen
+def _i32(value: int) -> ir.Constant:
+    return ir.Constant(ir.IntType(32), value)
