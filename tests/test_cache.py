@@ -69,6 +69,28 @@ def test_a_cache_folder_that_cannot_be_made_names_the_variable(tmp_path):
     assert str(taken) in str(error.value) and cache.CACHE_ENV in str(error.value)
 
 
+def test_a_cache_folder_that_cannot_be_written_names_the_variable(tmp_path, monkeypatch):
+    # Root writes to read-only folders, so the refusals are simulated where they happen.
+    def refuse(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(cache.tempfile, "mkstemp", refuse)
+    with pytest.raises(ValueError, match="Permission denied") as error:
+        cache.write_if_changed(tmp_path / "k.py", "x = 1\n")
+    assert str(tmp_path) in str(error.value) and cache.CACHE_ENV in str(error.value)
+
+
+def test_a_full_disk_leaves_no_temporary_file_and_names_the_variable(tmp_path, monkeypatch):
+    def full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(cache.os, "replace", full)
+    with pytest.raises(ValueError, match="No space left on device") as error:
+        cache.write_if_changed(tmp_path / "k.py", "x = 1\n")
+    assert str(tmp_path) in str(error.value) and cache.CACHE_ENV in str(error.value)
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_unchanged_file_is_not_rewritten(tmp_path):
     path = tmp_path / "k.py"
     assert cache.write_if_changed(path, "x = 1\n")

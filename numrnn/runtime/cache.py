@@ -48,17 +48,26 @@ def write_if_changed(path: Path, source: str) -> bool:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as error:
-        raise ValueError(f"the kernel cache folder {str(path.parent)!r} cannot be made ({error.strerror}); set "
-                         f"{CACHE_ENV} to a folder numrnn may write to") from None
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.stem, suffix=".tmp")
+        raise _unwritable(path.parent, "made", error) from None
+    try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.stem, suffix=".tmp")
+    except OSError as error:  # a read-only folder, or one of another user's
+        raise _unwritable(path.parent, "written to", error) from None
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
             handle.write(source)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as error:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(error, OSError):  # a full disk, a quota
+            raise _unwritable(path.parent, "written to", error) from None
         raise
     return True
+
+
+def _unwritable(folder: Path, what: str, error: OSError) -> ValueError:
+    return ValueError(f"the kernel cache folder {str(folder)!r} cannot be {what} ({error.strerror or error}); "
+                      f"set {CACHE_ENV} to a folder numrnn may write to")
 
 
 def drop_compiled(path: Path | str) -> bool:
