@@ -166,7 +166,7 @@ def emit_panel_product(em: Emitter, dtype: str) -> None:
     product waits on the multiply-add latency (1x256x512: 13.2 us one panel
     at a time, against 7.8 us for OpenBLAS's gemv).
 
-    The layers pass ``backward = s % 2``: odd steps walk the panels last to
+    The layers pass ``backward = s % 2`` (any nonzero value is backward): odd steps walk the panels last to
     first. A recurrent matrix a little larger than the cache that holds it
     (LSTM(256) split over two cores: 512 KiB each, the whole of a Zen 3 L2)
     read in the same order every step misses on every line, since each line
@@ -193,9 +193,10 @@ def emit_panel_product(em: Emitter, dtype: str) -> None:
     machine; this entry, with the same loops, in about 1 s (below ``link``'s
     1.6 s with the ``np.dot`` entry's).
     """
-    em("P = wp.shape[2]", "G = out.shape[1]", "n = wp.shape[0]", f"b = b0 + (b1 - b0) // {PANEL_ROWS} * {PANEL_ROWS}")
+    em("P = wp.shape[2]", "G = out.shape[1]", "n = wp.shape[0]", f"b = b0 + (b1 - b0) // {PANEL_ROWS} * {PANEL_ROWS}",
+       "back = backward != 0")
     with em.block("for i in range(n):"):
-        em("p = n - 1 - i if backward else i", "cols = min(P, G - p * P)")
+        em("p = n - 1 - i if back else i", "cols = min(P, G - p * P)")
         with em.block(f"for r in range(b0, b, {PANEL_ROWS}):"):
             _emit_micro_kernel(em, "r", PANEL_ROWS, 1)
     for rows in range(1, PANEL_ROWS):
@@ -212,19 +213,19 @@ def _emit_leftover_rows(em: Emitter, rows: int) -> None:
     panels = PANELS_PER_PASS.get(rows, 1)
     if panels == 1:
         with em.block("for i in range(n):"):
-            em("p = n - 1 - i if backward else i", "cols = min(P, G - p * P)")
+            em("p = n - 1 - i if back else i", "cols = min(P, G - p * P)")
             _emit_micro_kernel(em, "b", rows, 1)
         return
     # the panels that the multi-panel passes cover; forward they come first, backward last
     em(f"full = G // ({panels} * P) * {panels}")
     with em.block("for phase in range(2):"):
-        with em.block("if (phase == 0) != backward:"):
+        with em.block("if (phase == 0) != back:"):
             with em.block(f"for j in range(full // {panels}):"):
-                em(f"p = full - {panels} * (j + 1) if backward else {panels} * j")
+                em(f"p = full - {panels} * (j + 1) if back else {panels} * j")
                 _emit_micro_kernel(em, "b", rows, panels)
         with em.block("else:"):
             with em.block("for j in range(n - full):"):
-                em("p = n - 1 - j if backward else full + j", "cols = min(P, G - p * P)")
+                em("p = n - 1 - j if back else full + j", "cols = min(P, G - p * P)")
                 _emit_micro_kernel(em, "b", rows, 1)
 
 

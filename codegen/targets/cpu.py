@@ -47,7 +47,9 @@ from codegen.cells.common import (
     DOT,
     EXTERN_FUNCTIONS,
     PANEL_PRODUCT,
+    PANEL_VECTORS,
     SIMD_NAMES,
+    VECTOR_BYTES,
     LayerContext,
     emit_extern_functions,
     emit_math_helpers,
@@ -373,6 +375,8 @@ def generate_shared() -> str:
     em = Emitter()
     em('"""numrnn: the functions every CPU kernel shares. Generated; do not edit."""', "",
        *(f"# numrnn.runtime.{name} sha1 {_runtime_source_hash(name)}" for name in ("simd", "extern", "views")),
+       # numrnn.runtime.simd builds its vectors from these: a new width must change the module's name.
+       f"# panel_block: {VECTOR_BYTES}-byte vectors, {PANEL_VECTORS} per panel",
        "import numpy as np", "from numba import carray, float32, float64", "",
        "from numrnn.runtime.extern import extern_call, link",
        f"from numrnn.runtime.simd import {', '.join(SIMD_NAMES)}")
