@@ -1,6 +1,6 @@
 """What happens around the calls: a forked child, the interpreter's exit, a damaged disk cache.
 
-Each case runs a script in a fresh process (a hang fails the test at its
+Most cases run a script in a fresh process (a hang fails the test at its
 timeout instead of stopping the suite). The batch split is forced on two
 workers, whatever the machine's cores, since its thread pool is what a fork
 or the exit used to break; the script checks that the pool really ran.
@@ -14,11 +14,14 @@ import signal
 import subprocess
 import sys
 import textwrap
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import pytest
+from reference import run_stack
 
+from codegen.spec import CellSpec, simple_stack
 from numrnn.runtime import kernels
 from numrnn.runtime.cache import cache_dir
 
@@ -106,6 +109,39 @@ def test_a_batch_split_call_at_exit_returns_its_result():
     assert "Error" not in result.stderr
 
 
+class _QueuedThenRefused:
+    """A pool whose ``submit`` queues the job, lets a pool thread run it, then raises: a thread that cannot start
+    at interpreter exit does so from Python 3.12, after the job is already queued for the threads it has."""
+
+    def __init__(self):
+        self.pool = ThreadPoolExecutor(1)
+
+    def submit(self, job, *args):
+        self.pool.submit(job, *args).result()
+        raise RuntimeError("can't create new thread at interpreter shutdown")
+
+
+def test_rows_the_pool_queued_then_refused_run_once(monkeypatch):
+    # The caller used to run the refused rows again after the pool thread had: their states advanced twice.
+    spec = simple_stack([CellSpec("gru", 4)], 3, dtype="float64")
+    rng = np.random.default_rng(5)
+    weights = [{k: rng.uniform(-0.5, 0.5, shape) for k, shape in cell.weight_shapes(n).items()}
+               for cell, n in zip(spec.cells, spec.input_sizes())]
+    x = rng.standard_normal((6, 4, 3))
+    kernel = kernels.get_kernel(spec)
+    refusing = _QueuedThenRefused()
+    monkeypatch.setattr(kernels, "pool", lambda: refusing)
+    states = [np.zeros((4, 4))]
+    y = np.empty((6, 4, 4))
+    try:
+        kernel._run_batch_split(2, x, [], states, kernels.pack_weights(spec, weights), y)
+    finally:
+        refusing.pool.shutdown()
+    expected, ((h,),) = run_stack(spec, weights, x)
+    np.testing.assert_allclose(y, expected, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(states[0], h, rtol=1e-12, atol=1e-12)
+
+
 def _cache_with_shared_module(root: Path) -> Path:
     """A cache directory holding a copy of the session's compiled shared module (so only the kernel compiles)."""
     kernels._import_shared()
@@ -167,6 +203,7 @@ def test_a_warm_start_loads_every_kind_of_kernel_without_numba_refreshing_its_re
         import numba.core.base
         import numpy as np
         import pytest
+from reference import run_stack
 
         refreshes = 0
         numba_refresh = numba.core.base.BaseContext.refresh

@@ -9,6 +9,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -295,15 +296,26 @@ class Kernel:
         self(x, cond[0] if cond else None, states, weights, out=y)
 
     def _run_batch_split(self, workers: int, x, cond, states, weights, y) -> None:
-        """Each worker's rows on the pool; rows the pool refuses (the interpreter is exiting) on this thread."""
-        futures = []
+        """Each worker's rows on the pool; rows the pool refuses (the interpreter is exiting) on this thread.
+
+        A refusal can come after the pool queued the rows: from Python 3.12, a
+        thread that cannot start at interpreter exit raises out of ``submit``
+        while an existing pool thread may still take the queued job. Each
+        job's rows therefore run once, on whichever thread claims them first,
+        since running them twice would advance their states twice.
+        """
+        futures, refused = [], []
         for b0, b1 in split_rows(x.shape[1], workers):
+            job = _RunOnce(partial(self._run_rows, b0, b1, x, cond, states, weights, y))
             try:
-                futures.append(pool().submit(self._run_rows, b0, b1, x, cond, states, weights, y))
+                futures.append(pool().submit(job))
             except RuntimeError:  # "cannot schedule new futures after (interpreter) shutdown": atexit, daemon threads
-                self._run_rows(b0, b1, x, cond, states, weights, y)
+                job()
+                refused.append(job)
         for future in futures:
             future.result()
+        for job in refused:
+            job.wait()
 
     def _run_rows(self, b0: int, b1: int, x, cond, states, weights, y) -> None:
         """One worker of the batch split: rows ``b0:b1`` as their own contiguous call."""
@@ -355,6 +367,33 @@ class Kernel:
     def _workspace(self, T: int, T_out: int, rows: int) -> Borrowed:
         """A workspace for a call on ``rows`` rows, from this kernel's pool."""
         return self._workspaces.borrow(self.workspace_size(T, T_out, rows), self._dtype)
+
+
+class _RunOnce:
+    """A call that runs once, on the first thread that calls it; :meth:`wait` waits for it and re-raises its error."""
+
+    def __init__(self, run):
+        self._run = run
+        self._claim = threading.Lock()
+        self._finished = threading.Event()
+        self._error: BaseException | None = None
+
+    def __call__(self) -> None:
+        if not self._claim.acquire(blocking=False):
+            return
+        try:
+            self._run()
+        except BaseException as error:
+            self._error = error
+            raise
+        finally:
+            self._finished.set()
+
+    def wait(self) -> None:
+        """Once the call has run (on any thread): its error, if it raised one."""
+        self._finished.wait()
+        if self._error is not None:
+            raise self._error
 
 
 def _partners():
