@@ -69,26 +69,20 @@ def test_a_cache_folder_that_cannot_be_made_names_the_variable(tmp_path):
     assert str(taken) in str(error.value) and cache.CACHE_ENV in str(error.value)
 
 
-def test_a_cache_folder_that_cannot_be_written_names_the_variable(tmp_path, monkeypatch):
+@pytest.mark.parametrize("refused, error", [
+    ((cache.tempfile, "mkstemp"), PermissionError(13, "Permission denied")),  # a read-only folder
+    ((cache.os, "replace"), OSError(28, "No space left on device")),  # a full disk
+])
+def test_a_cache_folder_that_cannot_be_written_names_the_variable(tmp_path, monkeypatch, refused, error):
     # Root writes to read-only folders, so the refusals are simulated where they happen.
     def refuse(*args, **kwargs):
-        raise PermissionError(13, "Permission denied")
+        raise error
 
-    monkeypatch.setattr(cache.tempfile, "mkstemp", refuse)
-    with pytest.raises(ValueError, match="Permission denied") as error:
+    monkeypatch.setattr(*refused, refuse)
+    with pytest.raises(ValueError, match=error.strerror) as raised:
         cache.write_if_changed(tmp_path / "k.py", "x = 1\n")
-    assert str(tmp_path) in str(error.value) and cache.CACHE_ENV in str(error.value)
-
-
-def test_a_full_disk_leaves_no_temporary_file_and_names_the_variable(tmp_path, monkeypatch):
-    def full(*args, **kwargs):
-        raise OSError(28, "No space left on device")
-
-    monkeypatch.setattr(cache.os, "replace", full)
-    with pytest.raises(ValueError, match="No space left on device") as error:
-        cache.write_if_changed(tmp_path / "k.py", "x = 1\n")
-    assert str(tmp_path) in str(error.value) and cache.CACHE_ENV in str(error.value)
-    assert list(tmp_path.iterdir()) == []
+    assert str(tmp_path) in str(raised.value) and cache.CACHE_ENV in str(raised.value)
+    assert list(tmp_path.iterdir()) == []  # no temporary file left behind
 
 
 def test_unchanged_file_is_not_rewritten(tmp_path):
