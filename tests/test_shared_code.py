@@ -57,6 +57,8 @@ def test_kernels_import_the_shared_module_by_the_hash_of_its_source():
                  "b0, b1, backward):")
         assert entry in shared
         assert f"def dot{suffix}_c(a_data, a0, a1, b_data, b0, b1, out_data, out0, out1):" in shared
+    # No np.dot: numba would compile its checks and its own BLAS call into the entry.
+    assert "np.dot" not in shared and "gemm(a, b, out)" in shared
     # The micro-kernels are calls of one intrinsic inside the entries, not functions numba compiles on their own.
     assert "@njit" not in shared and "def rows" not in shared
 
@@ -110,16 +112,35 @@ def _input_order_product(h: np.ndarray, w: np.ndarray) -> np.ndarray:
     return out
 
 
-def _packed_product(shared, suffix: str):
-    """The shared module's packed product in ``suffix``'s flavor, called through its C entry (ctypes)."""
+def _c_entry(shared, name: str, suffix: str):
+    """The shared module's C entry ``name`` (``PANEL_PRODUCT``, ``DOT``) in ``suffix``'s flavor, called on arrays and
+    integers through ctypes (each array as its data pointer and shape)."""
     getattr(shared, f"link{suffix}")()
-    entry = linked(getattr(shared, f"PANEL_PRODUCT{suffix.upper()}")[0]).ctypes
+    entry = linked(getattr(shared, f"{name}{suffix.upper()}")[0]).ctypes
     pointer = entry.argtypes[0]
 
-    def product(h, wp, out, b0, b1, backward):
-        entry(h.ctypes.data_as(pointer), *h.shape, wp.ctypes.data_as(pointer), *wp.shape,
-              out.ctypes.data_as(pointer), *out.shape, b0, b1, backward)
-    return product
+    def call(*arguments):
+        flat = []
+        for value in arguments:
+            flat += [value.ctypes.data_as(pointer), *value.shape] if isinstance(value, np.ndarray) else [value]
+        entry(*flat)
+    return call
+
+
+def test_gemm_entry_multiplies_any_shape():
+    # The kernels' BLAS product, each of np.dot's calls: a dot product (one row, one column), a matrix-vector
+    # product (one row or one column), a GEMM, zeros where a size is 0, and nothing to write without rows.
+    shared = _shared_module()
+    rng = np.random.default_rng(13)
+    for dtype, suffix, rtol in (("float64", "_exact", 1e-12), ("float32", "_fast", 1e-5)):
+        dot = _c_entry(shared, "DOT", suffix)
+        for m, k, n in ((1, 1, 1), (1, 9, 300), (5, 7, 1), (3, 5, 7), (50, 32, 256), (129, 64, 33), (4, 0, 5),
+                        (0, 3, 4)):
+            a = rng.standard_normal((m, k)).astype(dtype)
+            b = rng.standard_normal((k, n)).astype(dtype)
+            out = np.full((m, n), np.nan, dtype=dtype)
+            dot(a, b, out)
+            np.testing.assert_allclose(out, a.astype(np.float64) @ b, rtol=rtol, atol=rtol)
 
 
 def test_panel_product_covers_its_rows_and_every_column():
@@ -129,8 +150,8 @@ def test_panel_product_covers_its_rows_and_every_column():
     # b0..b1 untouched.
     shared = _shared_module()
     rng = np.random.default_rng(3)
-    for dtype, product, width in (("float64", _packed_product(shared, "_exact"), 8),
-                                  ("float32", _packed_product(shared, "_fast"), 16)):
+    for dtype, product, width in (("float64", _c_entry(shared, "PANEL_PRODUCT", "_exact"), 8),
+                                  ("float32", _c_entry(shared, "PANEL_PRODUCT", "_fast"), 16)):
         for inputs, outputs in ((1, 1), (5, 7), (9, width), (3, 2 * width + 3), (17, 3 * width - 1),
                                 (7, 4 * width + 5), (4, 2 * width), (6, 4 * width), (5, 8 * width + 1)):
             h = rng.standard_normal((11, inputs)).astype(dtype)

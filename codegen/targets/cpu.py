@@ -377,8 +377,8 @@ def generate_shared() -> str:
        *(f"# numrnn.runtime.{name} sha1 {_runtime_source_hash(name)}" for name in ("simd", "extern", "views")),
        # numrnn.runtime.simd builds its vectors from these: a new width must change the module's name.
        f"# panel_block: {VECTOR_BYTES}-byte vectors, {PANEL_VECTORS} per panel",
-       "import numpy as np", "from numba import carray, float32, float64", "",
-       "from numrnn.runtime.extern import extern_call, link",
+       "from numba import carray, float32, float64", "",
+       "from numrnn.runtime.extern import extern_call, gemm, link, link_blas",
        f"from numrnn.runtime.simd import {', '.join(SIMD_NAMES)}")
     for dtype, suffix in SHARED_SUFFIX.items():
         em.blank()
@@ -562,9 +562,8 @@ def emit_input_projection(em: Emitter, spec: StackSpec, inputs: int, weights: di
     call: one thread, rows x inputs x outputs, packed / OpenBLAS, 50x256x512
     154 / 226 us, 100x256x512 309 / 361 us, 50x32x256 16 / 19 us, even at
     about 200 rows, BLAS ahead from 400.
-    The GEMM writes into ``xw`` (``np.dot``'s ``out`` form, called through
-    the shared module's C entry ``_dot``, as the layers' recurrent products
-    are: ``numrnn.runtime.extern``).
+    The GEMM writes into ``xw`` (called through the shared module's C entry
+    ``_dot``, as the layers' recurrent products are: ``numrnn.runtime.extern``).
     """
     wx = weights["wx"]
     em(f"xw = {buffers.projection(wx)}", f"xs = {VIEW}(src, 0, (T * B, {inputs}))")

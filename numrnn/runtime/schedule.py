@@ -310,7 +310,7 @@ def choose(spec: StackSpec, steps: int, batch: int) -> tuple[str, int]:
 
 
 def _blas_setters() -> list:
-    """``openblas_set_num_threads_local`` of each OpenBLAS that ``np.dot`` in ``@njit`` may call."""
+    """``openblas_set_num_threads_local`` of each OpenBLAS that the kernels' GEMMs may call."""
     global _SETTERS
     if _SETTERS is None:
         setters = []
@@ -371,7 +371,7 @@ _BLAS_SAVED: list[int] = []
 
 
 def _openblas_paths() -> list[str]:
-    """SciPy's OpenBLAS (the one ``np.dot`` calls inside ``@njit``), when it is a bundled wheel library."""
+    """SciPy's OpenBLAS (the kernels' GEMMs call it: ``numrnn.runtime.extern.gemm``), when it is a wheel's own."""
     import scipy
 
     base = os.path.dirname(os.path.dirname(scipy.__file__))
@@ -379,17 +379,16 @@ def _openblas_paths() -> list[str]:
 
 
 def preload_cython_blas() -> None:
-    """Import ``scipy.linalg.cython_blas`` by itself, before numba imports it through ``scipy.linalg``.
+    """Import ``scipy.linalg.cython_blas`` by itself, before anything imports it through ``scipy.linalg``.
 
-    numba checks that BLAS is there with ``import scipy.linalg.cython_blas``
-    the first time it compiles or loads a function, and its ``np.dot`` finds
-    the BLAS functions in that module. Python imports a package before its
+    The kernels' GEMMs call the BLAS functions of that module
+    (``numrnn.runtime.extern.link_blas`` imports it), as numba's ``np.dot``
+    does. Python imports a package before its
     submodule, and ``scipy.linalg``'s ``__init__`` imports most of SciPy's
     linear algebra: 0.30 of the 1.0 s that a process with a warm disk cache
     took to its first seed000 result. The extension module alone loads in
     0.03 s (it needs only the ``scipy`` package, not ``scipy.linalg``), and
-    with it in ``sys.modules`` both numba's import and its lookups find it
-    there. ``import scipy.linalg`` later still runs that package's
+    with it in ``sys.modules`` an import of it finds it there. ``import scipy.linalg`` later still runs that package's
     ``__init__`` as usual, and :class:`_AttachPreloaded` then sets the
     package's ``cython_blas`` attribute, which Python sets only when it loads
     a submodule itself. Where anything differs from what this expects, it

@@ -20,7 +20,7 @@ shape in the shared module: seven functions that compiled in 5.1 s on a
 cold machine. Written out in one function, they still took 2.9 s, 1.5 s of
 it numba typing and lowering those calls (about 400) one by one. Built
 here, a block is one call to type, and its IR is the same loop; the
-module's C entries compile in 1.6 s. The module's source names
+module's C entries compile in 1.2-1.4 s. The module's source names
 ``VECTOR_BYTES`` and ``PANEL_VECTORS`` (``codegen.targets.cpu.generate_shared``),
 so that a change of either changes its name and so its disk cache.
 
