@@ -8,7 +8,7 @@ from test_compat_torch import FakeTensor
 
 import numrnn
 from codegen.spec import UNROLL_CEILING, CellSpec, StackSpec, simple_stack
-from numrnn.runtime import schedule
+from numrnn.runtime import get_kernel, pack_weights, schedule
 
 X = np.zeros((2, 4, 3), np.float32)
 
@@ -175,3 +175,12 @@ def test_bad_environment_values_name_the_variable(name, value, read, monkeypatch
     monkeypatch.setenv(name, value)
     with pytest.raises(ValueError, match=f"{name} must be a whole number of at least .*; got '{value}'"):
         read()
+
+
+def test_more_rows_than_blas_takes_is_refused_before_any_work():
+    # 2**16 steps of 2**15 + 1 rows: one zero broadcast, no memory; BLAS's sizes are 32-bit.
+    spec = simple_stack([CellSpec("gru", 2)], 1)
+    x = np.lib.stride_tricks.as_strided(np.zeros(1, np.float32), shape=(2**16, 2**15 + 1, 1), strides=(0, 0, 0))
+    weights = pack_weights(spec, [{k: np.zeros(s) for k, s in spec.cells[0].weight_shapes(1).items()}])
+    with pytest.raises(ValueError, match=r"x: 65536 steps of 32769 rows .* at most 2147483647"):
+        get_kernel(spec)(x, None, [np.zeros((2**15 + 1, 2), np.float32)], weights)

@@ -9,6 +9,8 @@ from __future__ import annotations
 import sys
 
 import numpy as np
+import pytest
+from numba import njit
 from reference import run_stack
 
 import codegen.targets.cpu
@@ -16,7 +18,7 @@ from codegen import generate_source
 from codegen.cells import ALIGNMENT, packed_names, split_packed, to_panels
 from codegen.spec import BlockSpec, CellSpec, DirectionSpec, StackSpec, simple_stack
 from codegen.targets.cpu import generate_shared, layers_of, shared_module_name
-from numrnn.runtime import get_kernel, pack_weights
+from numrnn.runtime import extern, get_kernel, pack_weights
 from numrnn.runtime.extern import linked
 
 
@@ -127,20 +129,45 @@ def _c_entry(shared, name: str, suffix: str):
     return call
 
 
-def test_gemm_entry_multiplies_any_shape():
-    # The kernels' BLAS product, each of np.dot's calls: a dot product (one row, one column), a matrix-vector
-    # product (one row or one column), a GEMM, zeros where a size is 0, and nothing to write without rows.
+@njit
+def _numba_dot(a, b, out):
+    np.dot(a, b, out)
+
+
+def test_gemm_entry_is_numbas_np_dot_bit_for_bit():
+    # Each of np.dot's BLAS calls: a dot product (one row, one column), a matrix-vector product (one row or one
+    # column), a GEMM; zeros where the inner size is 0, nothing to write without rows or columns.
     shared = _shared_module()
     rng = np.random.default_rng(13)
-    for dtype, suffix, rtol in (("float64", "_exact", 1e-12), ("float32", "_fast", 1e-5)):
+    for dtype, suffix in (("float64", "_exact"), ("float32", "_fast")):
         dot = _c_entry(shared, "DOT", suffix)
-        for m, k, n in ((1, 1, 1), (1, 9, 300), (5, 7, 1), (3, 5, 7), (50, 32, 256), (129, 64, 33), (4, 0, 5),
-                        (0, 3, 4)):
+        for m, k, n in ((1, 1, 1), (1, 37, 1), (1, 9, 300), (5, 7, 1), (3, 5, 7), (50, 32, 256), (129, 64, 33),
+                        (4, 0, 5), (0, 3, 4), (3, 4, 0)):
             a = rng.standard_normal((m, k)).astype(dtype)
             b = rng.standard_normal((k, n)).astype(dtype)
-            out = np.full((m, n), np.nan, dtype=dtype)
+            out, expected = np.full((m, n), np.nan, dtype=dtype), np.full((m, n), np.nan, dtype=dtype)
             dot(a, b, out)
-            np.testing.assert_allclose(out, a.astype(np.float64) @ b, rtol=rtol, atol=rtol)
+            _numba_dot(a, b, expected)
+            np.testing.assert_array_equal(out, expected)
+            np.testing.assert_allclose(out, a.astype(np.float64) @ b, rtol=1e-5, atol=1e-5)
+
+
+def test_blas_symbols_are_all_linked_or_none(monkeypatch):
+    # A scipy without one of the functions: an error, and no symbol named (an entry calling one that was left
+    # out would jump to nowhere); the next call tries again.
+    extern.link_blas()
+    capsules = extern._BLAS.__pyx_capi__
+
+    class Partial:
+        __pyx_capi__ = {name: capsule for name, capsule in capsules.items() if name != "sgemv"}
+
+    monkeypatch.setattr(extern, "_BLAS", None)
+    monkeypatch.setattr(extern.importlib, "import_module", lambda name: Partial)
+    added = []
+    monkeypatch.setattr(extern.llvm, "add_symbol", lambda symbol, address: added.append(symbol))
+    with pytest.raises(KeyError, match="sgemv"):
+        extern.link_blas()
+    assert added == [] and extern._BLAS is None
 
 
 def test_panel_product_covers_its_rows_and_every_column():

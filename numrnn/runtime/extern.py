@@ -83,21 +83,27 @@ def link_blas() -> None:
     are the functions numba's ``np.dot`` calls (through its C helper), from
     the Cython module's table of C functions.
     """
+    global _BLAS
     with _LOCK:
-        if blas_symbol("gemm", 32) in _LINKED:
+        if _BLAS is not None:
             return
         blas = importlib.import_module("scipy.linalg.cython_blas")
-        for (name, bits), function in BLAS_FUNCTIONS.items():
-            llvm.add_symbol(blas_symbol(name, bits), _capsule_address(blas.__pyx_capi__[function]))
-            _LINKED[blas_symbol(name, bits)] = blas  # keeps the module, and so the function, loaded
+        # Every address first: a symbol left out would make a loaded entry jump to nowhere.
+        addresses = {blas_symbol(*key): _capsule_address(blas.__pyx_capi__[function])
+                     for key, function in BLAS_FUNCTIONS.items()}
+        for symbol, address in addresses.items():
+            llvm.add_symbol(symbol, address)
+        _BLAS = blas  # keeps the module, and so its functions, loaded
+
+
+_BLAS = None
+_CAPSULE_NAME = ctypes.PYFUNCTYPE(ctypes.c_char_p, ctypes.py_object)(("PyCapsule_GetName", ctypes.pythonapi))
+_CAPSULE_POINTER = ctypes.PYFUNCTYPE(ctypes.c_void_p, ctypes.py_object, ctypes.c_char_p)(
+    ("PyCapsule_GetPointer", ctypes.pythonapi))
 
 
 def _capsule_address(capsule) -> int:
-    name = ctypes.pythonapi.PyCapsule_GetName
-    name.restype, name.argtypes = ctypes.c_char_p, [ctypes.py_object]
-    pointer = ctypes.pythonapi.PyCapsule_GetPointer
-    pointer.restype, pointer.argtypes = ctypes.c_void_p, [ctypes.py_object, ctypes.c_char_p]
-    return pointer(capsule, name(capsule))
+    return _CAPSULE_POINTER(capsule, _CAPSULE_NAME(capsule))
 
 
 @intrinsic
@@ -111,7 +117,9 @@ def gemm(typingctx, a, b, out):
     ``out.T = b.T @ a.T``, gets ``b`` first, no transposes, and each array's
     row length as its leading dimension. Without ``np.dot``'s checks, which
     numba compiles with it: the callers' shapes come from the arrays they
-    allocate. The sizes must fit BLAS's 32-bit integers, as ``np.dot``'s.
+    allocate, and a kernel refuses a call with more rows than BLAS's 32-bit
+    sizes take (``numrnn.runtime.kernels.MAX_BLAS_ROWS``); the other sizes
+    are a layer's widths.
     """
     arrays = (a, b, out)
     if not (all(isinstance(t, types.Array) and t.layout == "C" and t.ndim == 2 for t in arrays)

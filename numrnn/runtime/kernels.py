@@ -53,6 +53,8 @@ _SPLIT_LOCK = threading.RLock()
 _NO_BLOCK = contextlib.nullcontext()
 #: Calls of one row and up to this many steps skip the scheduler (streaming, one step per call).
 STREAMING_MAX_STEPS = 4
+#: Most ``T * B`` rows a call may have: BLAS takes 32-bit sizes (``numrnn.runtime.extern.gemm``).
+MAX_BLAS_ROWS = 2**31 - 1
 #: Weight slices kept per unit-split kernel (one entry per distinct set of packed weights).
 _SLICE_CACHE_SIZE = 8
 
@@ -140,6 +142,9 @@ class Kernel:
         ``out``: the ``(T or 1, B, W)`` output buffer, allocated when not given.
         """
         T, B = x.shape[0], x.shape[1]
+        if T * B > MAX_BLAS_ROWS:
+            raise ValueError(f"x: {T} steps of {B} rows are {T * B} rows of input projection; BLAS takes at most "
+                             f"{MAX_BLAS_ROWS} (split the batch or the sequence)")
         if self.spec.unroll is not None and T != self.spec.unroll:
             raise ValueError(f"{self.spec.kernel_name()}: this kernel is statically unrolled for "
                              f"{self.spec.unroll} time steps; got {T}")

@@ -392,7 +392,7 @@ def preload_cython_blas() -> None:
     ``__init__`` as usual, and :class:`_AttachPreloaded` then sets the
     package's ``cython_blas`` attribute, which Python sets only when it loads
     a submodule itself. Where anything differs from what this expects, it
-    does nothing and numba imports the module its own way.
+    does nothing, and the module is imported the usual way (with ``scipy.linalg``).
     """
     name = "scipy.linalg.cython_blas"
     if name in sys.modules or "scipy.linalg" in sys.modules:
