@@ -203,7 +203,6 @@ def test_a_warm_start_loads_every_kind_of_kernel_without_numba_refreshing_its_re
         import numba.core.base
         import numpy as np
         import pytest
-from reference import run_stack
 
         refreshes = 0
         numba_refresh = numba.core.base.BaseContext.refresh
