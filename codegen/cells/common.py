@@ -153,7 +153,7 @@ def emit_recurrent_product(em: Emitter, ctx: LayerContext, h: str, w: str, out: 
 SIMD_NAMES = ("panel_block",)
 
 
-def emit_panel_product(em: Emitter, dtype: str) -> None:
+def emit_panel_product(em: Emitter) -> None:
     """Body of a C entry: ``out[b0:b1] = h[b0:b1] @ w`` from ``w``'s panels ``wp``, last panel first if ``backward``.
 
     ``wp`` is ``(panels, inputs, P)``: column block ``p`` of ``w``, zero-padded
@@ -166,12 +166,13 @@ def emit_panel_product(em: Emitter, dtype: str) -> None:
     product waits on the multiply-add latency (1x256x512: 13.2 us one panel
     at a time, against 7.8 us for OpenBLAS's gemv).
 
-    The layers pass ``backward = s % 2`` (any nonzero value is backward): odd steps walk the panels last to
-    first. A recurrent matrix a little larger than the cache that holds it
-    (LSTM(256) split over two cores: 512 KiB each, the whole of a Zen 3 L2)
-    read in the same order every step misses on every line, since each line
-    is evicted just before it is needed again; read back and forth, a step
-    starts with the lines the last one read most recently.
+    The layers pass ``backward = s % 2`` (any nonzero value is backward):
+    odd steps walk the panels last to first. A recurrent matrix a little
+    larger than the cache that holds it (LSTM(256) split over two cores: 512
+    KiB each, the whole of a Zen 3 L2) read in the same order every step
+    misses on every line, since each line is evicted just before it is
+    needed again; read back and forth, a step starts with the lines the last
+    one read most recently.
 
     ``h`` has ``inputs`` columns and ``out`` the matrix's ``outputs``, as
     the layer functions allocate them: nothing is bounds-checked.
@@ -238,7 +239,7 @@ def _emit_micro_kernel(em: Emitter, row: str, rows: int, panels: int) -> None:
 EXTERN_FUNCTIONS = {
     PANEL_PRODUCT: ("The packed product", (("h", 2), ("wp", 3), ("out", 2)), ("b0", "b1", "backward"),
                     emit_panel_product),
-    DOT: ("out = a @ b by BLAS", (("a", 2), ("b", 2), ("out", 2)), (), lambda em, dtype: em("gemm(a, b, out)")),
+    DOT: ("out = a @ b by BLAS", (("a", 2), ("b", 2), ("out", 2)), (), lambda em: em("gemm(a, b, out)")),
 }
 
 
@@ -267,7 +268,7 @@ def emit_extern_functions(em: Emitter, dtype: str, suffix: str, options: str) ->
             em(f'"""{what} ({dtype}) on C pointers and shapes (numrnn.runtime.extern)."""',
                *(f"{array} = carray({array}_data, ({', '.join(f'{array}{i}' for i in range(ndim))}))"
                  for array, ndim in arrays))
-            emit_body(em, dtype)
+            emit_body(em)
         em.blank()
         em.blank()
         em(f"{name.upper()} = (f\"{{__name__}}.{name}\", {ndims!r}, {len(scalars)})",
