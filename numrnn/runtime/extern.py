@@ -37,6 +37,11 @@ _LINKED: dict[str, object] = {}
 _LOCK = threading.Lock()
 
 
+def is_c_array(array: types.Type, ndim: int) -> bool:
+    """Whether a numba type is a C-contiguous array of ``ndim`` dimensions (what the C entries take)."""
+    return isinstance(array, types.Array) and array.layout == "C" and array.ndim == ndim
+
+
 def c_signature(dtype: types.Float, ndims: tuple[int, ...], scalars: int) -> types.Signature:
     """The C function's arguments: per array a pointer and its ``ndim`` sizes, then ``scalars`` int64 values."""
     arrays = [t for ndim in ndims for t in (types.CPointer(dtype), *(types.int64,) * ndim)]
@@ -122,7 +127,7 @@ def gemm(typingctx, a, b, out):
     are a layer's widths.
     """
     arrays = (a, b, out)
-    if not (all(isinstance(t, types.Array) and t.layout == "C" and t.ndim == 2 for t in arrays)
+    if not (all(is_c_array(t, 2) for t in arrays)
             and a.dtype == b.dtype == out.dtype and a.dtype in (types.float32, types.float64)):
         return None
 
@@ -212,8 +217,7 @@ def extern_call(symbol: str, ndims: tuple[int, ...], scalars: int):
     def call(typingctx, *args):
         arrays = args[:len(ndims)]
         if len(args) != len(ndims) + scalars or not all(
-                isinstance(a, types.Array) and a.layout == "C" and a.ndim == n and a.dtype == arrays[0].dtype
-                for a, n in zip(arrays, ndims)):
+                is_c_array(a, n) and a.dtype == arrays[0].dtype for a, n in zip(arrays, ndims)):
             return None
         if not all(isinstance(a, types.Integer) for a in args[len(ndims):]):
             return None

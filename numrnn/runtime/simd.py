@@ -36,10 +36,7 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from codegen.cells.common import PANEL_VECTORS, VECTOR_BYTES
-
-
-def _is_c_array(array: types.Type, ndim: int) -> bool:
-    return isinstance(array, types.Array) and array.layout == "C" and array.ndim == ndim
+from numrnn.runtime.extern import is_c_array
 
 
 @intrinsic
@@ -53,7 +50,7 @@ def panel_block(typingctx, h, wp, out, row, p, cols, rows, panels):
     stored (the matrix's last, partial panel); with more, all of them.
     Each output adds its terms in input order, one multiply-add each.
     """
-    if not (_is_c_array(h, 2) and _is_c_array(wp, 3) and _is_c_array(out, 2)
+    if not (is_c_array(h, 2) and is_c_array(wp, 3) and is_c_array(out, 2)
             and h.dtype == wp.dtype == out.dtype and isinstance(h.dtype, types.Float)
             and isinstance(rows, types.IntegerLiteral) and isinstance(panels, types.IntegerLiteral)
             and all(isinstance(a, types.Integer) for a in (row, p, cols))):
