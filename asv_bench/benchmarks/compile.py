@@ -5,7 +5,9 @@ compiles or loads its cached machine code), on the seed000 stack
 (3xGRU(120), dynamic loop) and on a static unroll of T=16, in the
 benchmark's process. :class:`WarmStart` times what a user's new process
 waits for: from ``import numrnn`` to the first result of a Keras-style layer
-whose kernel is in the disk cache, numba's own import and set-up included.
+whose kernel is in the disk cache, numba's own import and set-up included;
+:class:`ColdStart` the same on a machine whose cache is empty (numrnn's
+shared entries compile then too, in a helper process beside the kernel).
 """
 
 from __future__ import annotations
@@ -124,10 +126,10 @@ class WarmStart:
     def setup(self, name):
         self.samples = [self._fresh_process(name) for _ in range(4)][1:]
 
-    def _fresh_process(self, name) -> tuple[float, float]:
+    def _fresh_process(self, name, env=None) -> tuple[float, float]:
         args = [str(a) for a in WARM_START_STACKS[name]]
         result = subprocess.run([sys.executable, "-c", _WARM_START_SCRIPT, *args], capture_output=True, text=True,
-                                check=True)
+                                check=True, env=env)
         imported, first_result = result.stdout.split()
         return float(imported), float(first_result)
 
@@ -142,3 +144,19 @@ class WarmStart:
         return statistics.median(imported for imported, _ in self.samples)
 
     track_import.unit = "seconds"
+
+
+class ColdStart(WarmStart):
+    """A fresh process's first result on an empty cache folder: seconds after ``import numrnn``.
+
+    The median of three fresh processes, each with a new folder: the shared
+    entries compile (in a helper process) as well as the kernel.
+    """
+
+    params = ["seed000"]
+
+    def setup(self, name):
+        self.samples = []
+        for _ in range(3):
+            with tempfile.TemporaryDirectory(prefix="numrnn-asv-cold-") as folder:
+                self.samples.append(self._fresh_process(name, {**os.environ, disk_cache.CACHE_ENV: folder}))

@@ -257,7 +257,7 @@ def emit_extern_functions(em: Emitter, dtype: str, suffix: str, options: str) ->
     ``link{suffix}()`` when imported. Each entry takes its arrays as data
     pointers and shapes (``h_data, h0, h1``), views them as arrays
     (``numba.carray``) and computes on those; ``options`` are the jit options
-    of the entries beside those :func:`numrnn.runtime.extern.link` sets.
+    of the entries beside those :func:`numrnn.runtime.extern.link_group` sets.
     """
     links = []
     for call, (what, arrays, scalars, emit_body) in EXTERN_FUNCTIONS.items():
@@ -275,10 +275,11 @@ def emit_extern_functions(em: Emitter, dtype: str, suffix: str, options: str) ->
            f"{name}_call = extern_call(*{name.upper()})")
         em.blank()
         em.blank()
-        links.append(f"link({name.upper()}[0], {name}_c, {dtype}, *{name.upper()}[1:]{options})")
+        links.append(f"({name.upper()}, {name}_c)")
     with em.block(f"def link{suffix}():"):
         em(f'"""Compile or load the {dtype} C entries and name them to LLVM, once per process (before any kernel)."""',
-           "link_blas()", *links)
+           "link_blas()",
+           f'link_group(f"{{__name__}}.link{suffix}", ({", ".join(links)}), {dtype}{options})')
 
 
 @dataclass(frozen=True)

@@ -378,7 +378,7 @@ def generate_shared() -> str:
        # numrnn.runtime.simd builds its vectors from these: a new width must change the module's name.
        f"# panel_block: {VECTOR_BYTES}-byte vectors, {PANEL_VECTORS} per panel",
        "from numba import carray, float32, float64", "",
-       "from numrnn.runtime.extern import extern_call, gemm, link, link_blas",
+       "from numrnn.runtime.extern import extern_call, gemm, link_blas, link_group",
        f"from numrnn.runtime.simd import {', '.join(SIMD_NAMES)}")
     for dtype, suffix in SHARED_SUFFIX.items():
         em.blank()

@@ -8,33 +8,53 @@ and its micro-kernels were most of the code of a small kernel, so every
 kernel, and every layer function, compiled them again.
 
 Instead the shared module compiles each product once as a C function
-(``numba.cfunc``, cached on disk like the rest), and :func:`link` gives its
-address a name in LLVM's symbol table (``llvmlite.binding.add_symbol``).
+(``numba.cfunc``, cached on disk like the rest), and :func:`link_group`
+gives its address a name in LLVM's symbol table
+(``llvmlite.binding.add_symbol``).
 The GEMM's entry calls scipy's BLAS itself (:func:`gemm`), as ``np.dot``
 would, without the checks and the dispatch numba compiles with ``np.dot``
 (0.5 s of a cold machine's first compile).
 :func:`extern_call` makes the intrinsic that kernels call it through: it
 declares the function by that name and passes each array as its data pointer
 and shape. The kernels' cached machine code keeps the name, which LLVM
-resolves again when a later process loads it, so :func:`link` must run
-before a kernel is compiled or loaded; the kernel modules call it when
+resolves again when a later process loads it, so :func:`link_group` must
+run before a kernel is compiled or loaded; the kernel modules call it when
 imported.
+
+On a machine that has not compiled the entries yet (1.2-1.4 s, most of a
+cold machine's first result), :func:`link_group` hands their compile to a
+helper process, which fills numba's disk cache, and names a forwarder to
+LLVM in each one's place, so that the kernel compiles here meanwhile, on the
+other core. A forwarder jumps through a cell that :func:`finish_links` fills
+with the entry's address once the helper is done; a forwarder called before
+then calls :func:`finish_links` itself (through a ctypes callback, which
+takes the GIL). Kernels compiled after that call the entries directly.
 """
 
 from __future__ import annotations
 
 import ctypes
 import importlib
-import threading
+import logging
+import os
+import sys
+import traceback
+from dataclasses import dataclass
+from threading import Lock
 
 import llvmlite.binding as llvm
 from llvmlite import ir
 from numba import cfunc, types
-from numba.core import cgutils
+from numba.core import cgutils, sigutils
+from numba.core.ccallback import CFunc
 from numba.extending import intrinsic
 
+from numrnn.runtime import helper
+
+log = logging.getLogger("numrnn")
+
 _LINKED: dict[str, object] = {}
-_LOCK = threading.Lock()
+_LOCK = Lock()
 
 
 def is_c_array(array: types.Type, ndim: int) -> bool:
@@ -48,27 +68,193 @@ def c_signature(dtype: types.Float, ndims: tuple[int, ...], scalars: int) -> typ
     return types.void(*arrays, *(types.int64,) * scalars)
 
 
-def link(symbol: str, entry, dtype: types.Float, ndims: tuple[int, ...], scalars: int, **options) -> None:
-    """Compile (or load) ``entry`` as a C function of :func:`c_signature` and give LLVM its address as ``symbol``.
+def link_group(link_function: str, entries, dtype: types.Float, **options) -> None:
+    """Compile (or load) each entry as a C function of :func:`c_signature` and name its address ``symbol`` to LLVM.
 
-    Once per process and symbol. ``entry`` is the shared module's plain
+    Once per process and symbol. ``entries`` are ``((symbol, ndims,
+    scalars), function)`` pairs: ``function`` is the shared module's plain
     Python function that wraps the pointers in arrays (``numba.carray``) and
     computes; it lives there so that its disk cache does too. ``options``
-    are further jit options (``fastmath``).
+    are further jit options (``fastmath``). Entries that are not in numba's
+    disk cache are compiled by a helper process that runs ``link_function``
+    (the shared module's qualified name of the function that calls this),
+    while forwarders stand in for them (above); without a helper
+    (:func:`numrnn.runtime.helper.allowed`, never in the helper itself), here.
     """
     with _LOCK:
-        if symbol in _LINKED:
+        missing, loaded_any = [], False
+        for (symbol, ndims, scalars), function in entries:
+            if symbol in _LINKED or any(symbol in d.symbols for d in _PENDING):
+                continue
+            signature = c_signature(dtype, ndims, scalars)
+            loaded = _load_cached(function, signature, options)
+            if loaded is not None:
+                _name(symbol, loaded)
+                loaded_any = True
+            else:
+                missing.append((symbol, function, signature))
+        if not missing:
+            if loaded_any:  # a helper started early, before the cache could be read, is not needed
+                helper.done(link_function)
             return
-        signature = c_signature(dtype, ndims, scalars)
-        compiled = cfunc(signature, cache=True, nogil=True, error_model="numpy", **options)(entry)
-        llvm.add_symbol(symbol, compiled.address)
-        _LINKED[symbol] = compiled  # keeps the machine code alive
+        if helper.allowed() and not _IN_HELPER:
+            try:
+                _PENDING.append(_Deferred.start(link_function, missing, options))
+                return
+            except OSError as error:  # no interpreter to start: compile here
+                log.warning("numrnn: could not start a helper process to compile the shared entries (%s); "
+                            "compiling them here", error)
+        for symbol, function, signature in missing:
+            _name(symbol, _compile(function, signature, options))
+
+
+def compile_here() -> None:
+    """Make this process compile every entry itself (the helper process calls this first)."""
+    global _IN_HELPER
+    _IN_HELPER = True
+
+
+_IN_HELPER = False
+
+
+def finish_links() -> None:
+    """Link the entries that helper processes compile: wait for each helper, then load its entries (or compile
+    them here if it failed) and point their forwarders at them. Returns at once when nothing is pending."""
+    if not _PENDING:
+        return
+    with _LOCK:
+        while _PENDING:
+            _PENDING[0].finish()
+            _PENDING.pop(0)
 
 
 def linked(symbol: str):
-    """The C function :func:`link` compiled for ``symbol`` (a ``numba.cfunc``: ``.address``, ``.ctypes``)."""
+    """The C function :func:`link_group` compiled for ``symbol`` (a ``numba.cfunc``: ``.address``, ``.ctypes``)."""
+    finish_links()
     with _LOCK:
         return _LINKED[symbol]
+
+
+def _name(symbol: str, compiled) -> None:
+    llvm.add_symbol(symbol, compiled.address)
+    _LINKED[symbol] = compiled  # keeps the machine code alive
+
+
+def _jit_options(options: dict) -> dict:
+    return {"nogil": True, "error_model": "numpy", **options}
+
+
+def _compile(function, signature: types.Signature, options: dict):
+    """The entry from numba's disk cache, else compiled (and cached)."""
+    return cfunc(signature, cache=True, **_jit_options(options))(function)
+
+
+class _NotCached(Exception):
+    pass
+
+
+class _CacheOnly(CFunc):
+    """A ``numba.cfunc`` that loads from the disk cache and raises :class:`_NotCached` instead of compiling."""
+
+    def _compile_uncached(self):
+        raise _NotCached
+
+
+def _load_cached(function, signature: types.Signature, options: dict):
+    """The entry from numba's disk cache, or None where it has none."""
+    loaded = _CacheOnly(function, sigutils.normalize_signature(signature), locals={}, options=_jit_options(options))
+    loaded.enable_caching()
+    try:
+        loaded.compile()
+    except _NotCached:
+        return None
+    return loaded
+
+
+@dataclass
+class _Deferred:
+    """Entries a helper process compiles, and the forwarders named in their place meanwhile."""
+
+    running: helper.Helper
+    entries: list  # (symbol, function, signature)
+    options: dict
+    cells: list[int]  # per entry, the address of the cell its forwarder jumps through
+    engine: object  # the forwarders' machine code
+
+    @property
+    def symbols(self) -> list[str]:
+        return [symbol for symbol, _, _ in self.entries]
+
+    @classmethod
+    def start(cls, link_function: str, entries: list, options: dict) -> _Deferred:
+        running = helper.start(link_function)
+        engine, functions, cells = _forwarders([signature for _, _, signature in entries])
+        for (symbol, _, _), address in zip(entries, functions):
+            llvm.add_symbol(symbol, address)
+        return cls(running, entries, options, cells, engine)
+
+    def finish(self) -> None:
+        """Wait for the helper, then load (or compile) each entry, fill its cell and name it to LLVM."""
+        failure = self.running.wait()
+        helper.done(self.running.link_function)
+        if failure is not None:
+            log.warning("numrnn: the helper process compiling %s failed (%s); compiling here",
+                        self.running.link_function, failure)
+        for (symbol, function, signature), cell in zip(self.entries, self.cells):
+            compiled = _compile(function, signature, self.options)
+            ctypes.c_void_p.from_address(cell).value = compiled.address
+            _name(symbol, compiled)
+        _FORWARDERS.append(self.engine)  # kernels compiled meanwhile keep jumping through it
+
+
+_PENDING: list[_Deferred] = []
+_FORWARDERS: list = []
+
+
+def _forwarders(signatures: list[types.Signature]) -> tuple[object, list[int], list[int]]:
+    """Machine code of one forwarder per C signature: each loads its cell and calls the address it holds,
+    calling :func:`finish_links` first while the cell is empty. Returns the execution engine that holds
+    the code, the forwarders' addresses and their cells'."""
+    llvm.initialize_native_target()
+    llvm.initialize_native_asmprinter()
+    module = ir.Module("numrnn_forwarders")
+    module.triple = llvm.get_process_triple()
+    finish = ir.Function(module, ir.FunctionType(ir.VoidType(), []), _FINISH_SYMBOL)
+    for i, signature in enumerate(signatures):
+        arguments = [ir.IntType(8).as_pointer() if isinstance(t, types.CPointer) else ir.IntType(64)
+                     for t in signature.args]
+        pointer = ir.FunctionType(ir.VoidType(), arguments).as_pointer()
+        cell = ir.GlobalVariable(module, pointer, f"cell{i}")
+        cell.initializer = ir.Constant(pointer, None)
+        forwarder = ir.Function(module, pointer.pointee, f"forward{i}")
+        builder = ir.IRBuilder(forwarder.append_basic_block())
+        with builder.if_then(builder.icmp_unsigned("==", builder.load(cell), ir.Constant(pointer, None)),
+                             likely=False):
+            builder.call(finish, [])
+        builder.call(builder.load(cell), list(forwarder.args))
+        builder.ret_void()
+    llvm.add_symbol(_FINISH_SYMBOL, ctypes.cast(_FINISH_CALLBACK, ctypes.c_void_p).value)
+    parsed = llvm.parse_assembly(str(module))
+    engine = llvm.create_mcjit_compiler(parsed, llvm.Target.from_default_triple().create_target_machine())
+    engine.finalize_object()
+    return (engine, [engine.get_function_address(f"forward{i}") for i in range(len(signatures))],
+            [engine.get_global_value_address(f"cell{i}") for i in range(len(signatures))])
+
+
+def _finish_from_kernel() -> None:
+    """:func:`finish_links` for a forwarder called before its cell was filled. An exception cannot reach
+    the kernel that called it, and returning would run a product that was never linked: it aborts."""
+    try:
+        finish_links()
+    except BaseException:
+        traceback.print_exc()
+        sys.stderr.write("numrnn: could not link the shared entries a running kernel called; aborting\n")
+        sys.stderr.flush()
+        os.abort()
+
+
+_FINISH_SYMBOL = "numrnn_finish_links"
+_FINISH_CALLBACK = ctypes.CFUNCTYPE(None)(_finish_from_kernel)
 
 
 #: scipy's BLAS functions (``scipy.linalg.cython_blas``) that :func:`gemm` calls, by name and float width.
@@ -208,7 +394,7 @@ class _Blas:
 
 
 def extern_call(symbol: str, ndims: tuple[int, ...], scalars: int):
-    """An intrinsic ``call(*arrays, *scalars)`` that calls the C function :func:`link` named ``symbol``.
+    """An intrinsic ``call(*arrays, *scalars)`` that calls the C function :func:`link_group` named ``symbol``.
 
     The arrays must be C-contiguous, of one float dtype, with ``ndims``
     dimensions; the scalars are integers, passed as int64.

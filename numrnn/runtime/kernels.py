@@ -16,8 +16,15 @@ import numpy as np
 
 from codegen import StackSpec, generate_source
 from codegen.cells import aligned_copy, pack, packed_names, split_packed
-from codegen.targets.cpu import PACKED_PROJECTION_MAX_ROWS, condition_args, generate_shared, shared_module_name
+from codegen.targets.cpu import (
+    PACKED_PROJECTION_MAX_ROWS,
+    SHARED_SUFFIX,
+    condition_args,
+    generate_shared,
+    shared_module_name,
+)
 from codegen.targets.cpu_dirsplit import WORKERS as DIRECTION_WORKERS
+from numrnn.runtime import helper
 from numrnn.runtime.cache import (
     cache_dir,
     drop_compiled,
@@ -231,7 +238,8 @@ class Kernel:
                 team.run(self.function, jobs)
             else:
                 _check_can_compile()
-                _recovering_cache(self.path, lambda: team.run(self.function, jobs))
+                _recovering_cache(self.path, lambda: self._compile_for(team.lead_arguments(jobs[0])))
+                team.run(self.function, jobs)
         if start is not None:
             self.compile_seconds = time.perf_counter() - start
             log.debug("first call of %s took %.2f s (compile or cache load, and one run)", self.spec.kernel_name(),
@@ -292,13 +300,24 @@ class Kernel:
                 start = time.perf_counter()
                 row = [np.ascontiguousarray(c[:, :1] if c.ndim == 2 else c[:1]) for c in cond]
                 with single_threaded_blas(), self._workspace(x.shape[0], y.shape[0], 1) as ws:
-                    _recovering_cache(self.path, lambda: self.function(
-                        np.ascontiguousarray(x[:, :1]), *row, *[s[:1].copy() for s in states], *weights,
-                        np.empty((y.shape[0], 1, y.shape[2]), dtype=y.dtype), ws, 0))
+                    args = (np.ascontiguousarray(x[:, :1]), *row, *[s[:1].copy() for s in states], *weights,
+                            np.empty((y.shape[0], 1, y.shape[2]), dtype=y.dtype), ws, 0)
+                    _recovering_cache(self.path, lambda: self._compile_for(args))
+                    self.function(*args)
                 self.compile_seconds = time.perf_counter() - start
                 log.debug("first call of %s took %.2f s (compile or cache load)", self.spec.kernel_name(),
                           self.compile_seconds)
         self(x, cond[0] if cond else None, states, weights, out=y)
+
+    def _compile_for(self, args: tuple) -> None:
+        """Compile (or load) the kernel for ``args``' types, then link the shared entries that a helper process
+        compiled meanwhile (``numrnn.runtime.extern.finish_links``), so that a failure raises here, not in a run."""
+        from numba import typeof
+
+        from numrnn.runtime.extern import finish_links
+
+        self.function.compile(tuple(typeof(a) for a in args))
+        finish_links()
 
     def _run_batch_split(self, workers: int, x, cond, states, weights, y) -> None:
         """Each worker's rows on the pool; rows the pool refuses (the interpreter is exiting) on this thread.
@@ -444,6 +463,35 @@ def _import_shared() -> None:
         _recovering_cache(path, lambda: import_module(path, name))  # it loads its C functions when imported
 
 
+def _start_helper_early(dtype: str) -> None:
+    """Start the helper that compiles the shared entries of ``dtype`` (``numrnn.runtime.helper``) before this
+    process imports numba, where the disk cache shows none of them: 0.3 s sooner than the kernel module's
+    link call, which would start it otherwise (and stops it if the entries turn out to be cached)."""
+    name = shared_module_name()
+    if name in sys.modules or not helper.allowed():
+        return
+    path = _shared_path()
+    write_if_changed(path, generate_shared())  # before the helper reads it: a later write would change its stamp
+    suffix = SHARED_SUFFIX[dtype]
+    if any((path.parent / "__pycache__").glob(f"{name}.*{suffix}_c-*.nbi")):  # numba's index files
+        return
+    with contextlib.suppress(OSError):  # the link call tries again, and compiles here if it cannot
+        helper.start(f"{name}.link{suffix}")
+
+
+def compile_shared(link_function: str) -> None:
+    """Run the shared module's ``link_function`` (qualified name) compiling every entry here: what the helper
+    process of ``numrnn.runtime.extern.link_group`` does, filling numba's disk cache for its parent."""
+    module_name, function = link_function.rsplit(".", 1)
+    if module_name != shared_module_name():
+        sys.exit(f"numrnn helper: asked for {module_name}, but this numrnn generates {shared_module_name()}")
+    from numrnn.runtime.extern import compile_here
+
+    compile_here()
+    _import_shared()
+    getattr(sys.modules[module_name], function)()
+
+
 def _recovering_cache(path, load):
     """``load()``, which may load machine code from numba's disk cache; if that cache fails to load, once
     more after removing the cached code of the module at ``path``, so that numba compiles it again."""
@@ -459,6 +507,7 @@ def _recovering_cache(path, load):
 
 def _build(spec: StackSpec) -> Kernel:
     start = time.perf_counter()
+    _start_helper_early(spec.dtype)
     _import_shared()
     source = generate_source(spec)
     path = module_path(spec)

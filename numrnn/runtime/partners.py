@@ -67,7 +67,7 @@ class Partners:
             raise ValueError(f"a split call of {n} workers needs more than the {self.workers} there are")
         self.flags.fill(0)
         try:
-            if kernel(*jobs[0], self.ctl, self.boxes, sync.LEAD):
+            if kernel(*self.lead_arguments(jobs[0])):
                 self.hot_calls += 1
             else:
                 self.cold_calls += 1
@@ -81,6 +81,10 @@ class Partners:
             error, self._errors[w] = self._errors[w], None
             if error is not None:
                 raise error
+
+    def lead_arguments(self, job: tuple) -> tuple:
+        """The arguments :meth:`run` first calls the kernel with on this thread, for ``job``."""
+        return (*job, self.ctl, self.boxes, sync.LEAD)
 
     def ready(self, w: int) -> int:
         """Partner ``w``'s state word: the tag of the kernel it waits in, or a ``numrnn.runtime.sync`` state."""
