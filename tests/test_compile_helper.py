@@ -21,14 +21,16 @@ from numrnn.runtime import helper
 
 _SCRIPT = textwrap.dedent(
     """
-    import json, logging, sys
+    import dataclasses, json, logging, os, sys, threading, time
     import numpy as np
     sys.path.insert(0, {tests!r})
     from reference import run_stack
     from numrnn.runtime import helper
 
     mode = sys.argv[1]
-    if mode != "helper":
+    if mode == "fork":  # a slow helper: the fork comes while a thread waits for it
+        helper._CODE = "import time; time.sleep(3); " + helper._CODE
+    elif mode != "helper":
         helper._CODE = "import sys; sys.exit(3)"
     messages = []
     handler = logging.Handler()
@@ -45,38 +47,66 @@ _SCRIPT = textwrap.dedent(
         extern._compile = refuse
     rng = np.random.default_rng(3)
     # 50 steps of 4 rows: the projection's 200 rows take the GEMM entry, each step's 4 rows the packed product.
-    x = rng.standard_normal((50, 4, 3)).astype(np.float32)
+    x = rng.standard_normal((50, 4, 3))
 
 
-    def problem(kind):
-        spec = simple_stack([CellSpec(kind, 8)], 3, dtype="float32")
-        weights = [{{k: rng.uniform(-0.5, 0.5, s).astype(np.float32) for k, s in c.weight_shapes(n).items()}}
+    def problem(kind, dtype="float32"):
+        spec = simple_stack([CellSpec(kind, 8)], 3, dtype=dtype)
+        weights = [{{k: rng.uniform(-0.5, 0.5, s).astype(dtype) for k, s in c.weight_shapes(n).items()}}
                    for c, n in zip(spec.cells, spec.input_sizes())]
-        states = [np.zeros((4, 8), np.float32) for c in spec.cells for _ in c.state_sizes]
+        states = [np.zeros((4, 8), dtype) for c in spec.cells for _ in c.state_sizes]
         return spec, weights, states, get_kernel(spec), pack_weights(spec, weights)
 
 
+    def error(spec, weights, states, kernel, packed, rows=4):
+        y = kernel(x[:, :rows].astype(spec.dtype), None, [s[:rows].copy() for s in states], packed)
+        return float(np.abs(y - run_stack(spec, weights, x[:, :rows])[0]).max())
+
+
     spec, weights, states, kernel, packed = problem("lstm")
-    # In "helper" mode, a second kernel is built (and links) while the helper still compiles the entries.
-    others = [problem("gru")] if mode == "helper" else []
     if mode == "abort":  # straight into the kernel, as only tests do: the forwarder links, and cannot raise
         y = np.empty((50, 4, 8), np.float32)
-        kernel.function(x, *states, *packed, y, np.empty(kernel.workspace_size(50, 50, 4), np.float32), 4)
+        kernel.function(x.astype(np.float32), *states, *packed, y,
+                        np.empty(kernel.workspace_size(50, 50, 4), np.float32), 4)
         sys.exit("the kernel returned")
-    try:
-        y = kernel(x, None, states, packed)
-    except RuntimeError as error:
-        print(json.dumps({{"error": str(error)}}))
+    if mode == "fork":  # a unit split's first call waits for the helper on a thread; a child forked then links
+        split = get_kernel(dataclasses.replace(spec, unit_split=2))
+        result = {{}}
+        thread = threading.Thread(target=lambda: result.update(error=error(spec, weights, states, split, packed, 1)))
+        thread.start()
+        while not (extern._PENDING and extern._PENDING[0].lock.locked()):
+            time.sleep(0.01)
+        pid = os.fork()
+        if pid == 0:
+            os._exit(0 if error(*problem("gru", "float64")) < 1e-10 else 1)
+        deadline = time.monotonic() + 120
+        while os.waitpid(pid, os.WNOHANG) == (0, 0):
+            if time.monotonic() > deadline:
+                os.kill(pid, 9)
+                print(json.dumps({{"child": "hung"}}))
+                sys.exit()
+            time.sleep(0.05)
+        thread.join()
+        print(json.dumps({{"child": "done", "error": result["error"]}}))
         sys.exit()
-    error = float(np.abs(y - run_stack(spec, weights, x)[0]).max())
-    for spec, weights, states, kernel, packed in others:
-        error = max(error, float(np.abs(kernel(x, None, states, packed) - run_stack(spec, weights, x)[0]).max()))
+    # In "helper" mode two more kernels link while the helper compiles: one of each flavor.
+    others = [problem("gru"), problem("lstm", "float64")] if mode == "helper" else []
+    try:
+        worst = error(spec, weights, states, kernel, packed)
+    except RuntimeError as exception:
+        print(json.dumps({{"error": str(exception)}}))
+        sys.exit()
+    still_pending = [str(d.dtype) for d in extern._PENDING]  # the first call linked its own flavor only
+    for other in others:
+        worst = max(worst, error(*other))
     print(json.dumps({{
-        "error": error,
+        "error": worst,
         "helper": any("started" in m for m in messages if m.startswith("helper process")),
         "failed": [m for m in messages if "failed" in m],
         "forwarders": len(extern._FORWARDERS),
         "left": len(extern._PENDING) + len(helper._HELPERS),
+        "still_pending": still_pending,
+        "loaded": sorted(compiled.cache_hits for compiled in extern._LINKED.values()),
     }}))
     """
 ).format(tests=str(Path(__file__).resolve().parent))
@@ -97,12 +127,14 @@ def _result(process: subprocess.CompletedProcess) -> dict:
 @pytest.mark.skipif(not helper.allowed(), reason="one core: the entries compile in the process that needs them")
 def test_a_cold_machine_compiles_the_entries_in_a_helper_then_loads_them(tmp_path):
     first = _result(_run(tmp_path, "helper"))
-    # The kernel ran through the forwarders, which the helper's entries replaced: right answers, nothing left.
+    # The kernels ran through the forwarders, which the entries the helpers compiled replaced: right answers,
+    # each entry loaded from the cache a helper filled, nothing left running.
     assert first["error"] < 1e-5 and first["helper"] and first["failed"] == []
-    assert first["forwarders"] == 1 and first["left"] == 0
+    assert first["forwarders"] == 2 and first["left"] == 0 and first["loaded"] == [1, 1, 1, 1]
+    assert first["still_pending"] == ["float64"]  # a float32 kernel's first call does not wait for float64's
     second = _result(_run(tmp_path, "helper"))
     assert second["error"] == first["error"]
-    assert not second["helper"] and second["forwarders"] == 0  # loaded from the cache the helper filled
+    assert not second["helper"] and second["forwarders"] == 0 and second["loaded"] == [1, 1, 1, 1]
 
 
 @pytest.mark.skipif(not helper.allowed(), reason="one core: no helper to fail")
@@ -110,6 +142,7 @@ def test_a_failing_helper_leaves_the_compile_to_this_process(tmp_path):
     result = _result(_run(tmp_path, "failing"))
     assert result["error"] < 1e-5 and result["helper"] and result["left"] == 0
     assert len(result["failed"]) == 1 and "exit status 3" in result["failed"][0]
+    assert result["loaded"] == [0, 0]  # compiled here
 
 
 def test_no_helper_when_turned_off(tmp_path):
@@ -132,6 +165,12 @@ def test_a_forwarder_that_cannot_link_aborts_rather_than_return(tmp_path):
     assert "no compiler here" in process.stderr
 
 
+@pytest.mark.skipif(not helper.allowed() or not hasattr(os, "fork"), reason="no helper, or no fork")
+def test_a_child_forked_while_a_thread_waits_for_the_helper_links_its_own(tmp_path):
+    # The waiting thread holds no lock the child needs: the child builds, links and runs a kernel of its own.
+    assert _result(_run(tmp_path, "fork")) == {"child": "done", "error": pytest.approx(0, abs=1e-5)}
+
+
 def test_a_helper_past_its_time_is_killed(monkeypatch):
     monkeypatch.setattr(helper, "_CODE", "import time; time.sleep(60)")
     monkeypatch.setattr(helper, "HELPER_TIMEOUT", 0.2)
@@ -151,3 +190,13 @@ def test_a_helper_no_longer_needed_is_stopped(monkeypatch):
     assert started.process.returncode == -signal.SIGKILL
     assert helper.start("numrnn_shared_test.link_unneeded") is not started  # forgotten: a new one
     helper.done("numrnn_shared_test.link_unneeded")
+
+
+@pytest.mark.parametrize("frozen, executable", [(True, sys.executable), (False, "/usr/bin/uwsgi"), (False, "")])
+def test_no_helper_without_a_python_to_start(monkeypatch, frozen, executable):
+    # A frozen application's or an embedding server's executable would start the application, not run the
+    # helper's code: the first call would wait for it in vain.
+    monkeypatch.delenv(helper.HELPER_ENV, raising=False)
+    monkeypatch.setattr(sys, "frozen", frozen, raising=False)
+    monkeypatch.setattr(sys, "executable", executable)
+    assert not helper.allowed()

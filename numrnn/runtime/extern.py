@@ -37,9 +37,8 @@ import ctypes
 import importlib
 import logging
 import os
-import sys
 import traceback
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from threading import Lock
 
 import llvmlite.binding as llvm
@@ -81,6 +80,8 @@ def link_group(link_function: str, entries, dtype: types.Float, **options) -> No
     while forwarders stand in for them (above); without a helper
     (:func:`numrnn.runtime.helper.allowed`, never in the helper itself), here.
     """
+    if all(symbol in _LINKED for (symbol, _, _), _ in entries):
+        return
     with _LOCK:
         missing, loaded_any = [], False
         for (symbol, ndims, scalars), function in entries:
@@ -99,10 +100,10 @@ def link_group(link_function: str, entries, dtype: types.Float, **options) -> No
             return
         if helper.allowed() and not _IN_HELPER:
             try:
-                _PENDING.append(_Deferred.start(link_function, missing, options))
+                _PENDING.append(_Deferred.start(link_function, missing, dtype, options))
                 return
             except OSError as error:  # no interpreter to start: compile here
-                log.warning("numrnn: could not start a helper process to compile the shared entries (%s); "
+                log.warning("could not start a helper process to compile the shared entries (%s); "
                             "compiling them here", error)
         for symbol, function, signature in missing:
             _name(symbol, _compile(function, signature, options))
@@ -117,15 +118,13 @@ def compile_here() -> None:
 _IN_HELPER = False
 
 
-def finish_links() -> None:
-    """Link the entries that helper processes compile: wait for each helper, then load its entries (or compile
-    them here if it failed) and point their forwarders at them. Returns at once when nothing is pending."""
-    if not _PENDING:
-        return
-    with _LOCK:
-        while _PENDING:
-            _PENDING[0].finish()
-            _PENDING.pop(0)
+def finish_links(dtype: str | None = None) -> None:
+    """Link the entries (of ``dtype``'s flavor, else all) that helper processes compile: wait for each helper,
+    then load its entries (or compile them here if it failed) and point their forwarders at them. Returns at
+    once when nothing is pending."""
+    for deferred in list(_PENDING):
+        if dtype is None or str(deferred.dtype) == dtype:
+            deferred.finish()
 
 
 def linked(symbol: str):
@@ -177,34 +176,42 @@ class _Deferred:
 
     running: helper.Helper
     entries: list  # (symbol, function, signature)
+    dtype: types.Float
     options: dict
     cells: list[int]  # per entry, the address of the cell its forwarder jumps through
     engine: object  # the forwarders' machine code
+    #: Held while a thread waits for the helper; not ``_LOCK``, so that other kernels link meanwhile.
+    lock: Lock = field(default_factory=Lock)
 
     @property
     def symbols(self) -> list[str]:
         return [symbol for symbol, _, _ in self.entries]
 
     @classmethod
-    def start(cls, link_function: str, entries: list, options: dict) -> _Deferred:
+    def start(cls, link_function: str, entries: list, dtype: types.Float, options: dict) -> _Deferred:
         running = helper.start(link_function)
         engine, functions, cells = _forwarders([signature for _, _, signature in entries])
         for (symbol, _, _), address in zip(entries, functions):
             llvm.add_symbol(symbol, address)
-        return cls(running, entries, options, cells, engine)
+        return cls(running, entries, dtype, options, cells, engine)
 
     def finish(self) -> None:
         """Wait for the helper, then load (or compile) each entry, fill its cell and name it to LLVM."""
-        failure = self.running.wait()
-        helper.done(self.running.link_function)
-        if failure is not None:
-            log.warning("numrnn: the helper process compiling %s failed (%s); compiling here",
-                        self.running.link_function, failure)
-        for (symbol, function, signature), cell in zip(self.entries, self.cells):
-            compiled = _compile(function, signature, self.options)
-            ctypes.c_void_p.from_address(cell).value = compiled.address
-            _name(symbol, compiled)
-        _FORWARDERS.append(self.engine)  # kernels compiled meanwhile keep jumping through it
+        with self.lock:
+            if self not in _PENDING:  # another thread finished it
+                return
+            failure = self.running.wait()
+            helper.done(self.running.link_function)
+            if failure is not None:
+                log.warning("the helper process compiling %s failed (%s); compiling here",
+                            self.running.link_function, failure)
+            with _LOCK:
+                for (symbol, function, signature), cell in zip(self.entries, self.cells):
+                    compiled = _compile(function, signature, self.options)
+                    ctypes.c_void_p.from_address(cell).value = compiled.address
+                    _name(symbol, compiled)
+                _FORWARDERS.append(self.engine)  # kernels compiled meanwhile keep jumping through it
+                _PENDING.remove(self)
 
 
 _PENDING: list[_Deferred] = []
@@ -243,14 +250,26 @@ def _forwarders(signatures: list[types.Signature]) -> tuple[object, list[int], l
 
 def _finish_from_kernel() -> None:
     """:func:`finish_links` for a forwarder called before its cell was filled. An exception cannot reach
-    the kernel that called it, and returning would run a product that was never linked: it aborts."""
+    the kernel that called it, and returning would run a product that was never linked: it aborts (a
+    KeyboardInterrupt while it waits too)."""
     try:
         finish_links()
     except BaseException:
-        traceback.print_exc()
-        sys.stderr.write("numrnn: could not link the shared entries a running kernel called; aborting\n")
-        sys.stderr.flush()
-        os.abort()
+        try:
+            traceback.print_exc()
+            os.write(2, b"numrnn: could not link the shared entries a running kernel called; aborting\n")
+        finally:
+            os.abort()
+
+
+def _forget_in_child() -> None:
+    """After ``fork``: a thread that waited for a helper is not in the child, so nor is the lock it held."""
+    for deferred in _PENDING:
+        deferred.lock = Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_in_child)
 
 
 _FINISH_SYMBOL = "numrnn_finish_links"
@@ -275,6 +294,8 @@ def link_blas() -> None:
     the Cython module's table of C functions.
     """
     global _BLAS
+    if _BLAS is not None:
+        return
     with _LOCK:
         if _BLAS is not None:
             return

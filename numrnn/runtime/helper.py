@@ -25,11 +25,13 @@ log = logging.getLogger("numrnn")
 
 #: ``0`` compiles the shared entries in the process that needs them, never in a helper.
 HELPER_ENV = "NUMRNN_COMPILE_HELPER"
-#: Seconds :meth:`Helper.wait` waits before it gives up on a helper (killing it).
-HELPER_TIMEOUT = 300.0
-#: The helper's program: its arguments are the link function and the folder this numrnn (and codegen) is in,
-#: which it looks in last (first would put a site-packages folder before the standard library).
-_CODE = ("import sys; sys.path.append(sys.argv[2]); "
+#: Seconds :meth:`Helper.wait` waits before it gives up on a helper (killing it); one takes 2-3 s here.
+HELPER_TIMEOUT = 120.0
+#: The helper's program: its arguments are the link function and the folder this numrnn (and codegen) is in.
+#: It does not look in its working folder (``-c`` puts it first), where another ``numrnn`` or ``codegen``
+#: folder could be, and looks in numrnn's last (first would put a site-packages folder before the standard
+#: library).
+_CODE = ("import sys; sys.path[:] = [p for p in sys.path if p]; sys.path.append(sys.argv[2]); "
          "from numrnn.runtime.kernels import compile_shared; compile_shared(sys.argv[1])")
 
 _HELPERS: dict[str, Helper] = {}
@@ -72,9 +74,12 @@ class Helper:
 
 
 def allowed() -> bool:
-    """Whether a compile may go to a helper: not with ``NUMRNN_COMPILE_HELPER=0``, not without an interpreter
-    to start, and only with a second core to run it on."""
-    if os.environ.get(HELPER_ENV, "1").strip() == "0" or not sys.executable:
+    """Whether a compile may go to a helper: not with ``NUMRNN_COMPILE_HELPER=0``, only with a Python
+    interpreter to start (not in a frozen application or a server that embeds Python, whose executable
+    would start the application again), and only with a second core to run it on."""
+    if os.environ.get(HELPER_ENV, "1").strip() == "0" or getattr(sys, "frozen", False):
+        return False
+    if not os.path.basename(sys.executable or "").lower().startswith(("python", "pypy")):
         return False
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     return cores > 1

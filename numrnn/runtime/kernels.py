@@ -238,7 +238,7 @@ class Kernel:
                 team.run(self.function, jobs)
             else:
                 _check_can_compile()
-                _recovering_cache(self.path, lambda: self._compile_for(team.lead_arguments(jobs[0])))
+                self._compile_for(team.lead_arguments(jobs[0]))
                 team.run(self.function, jobs)
         if start is not None:
             self.compile_seconds = time.perf_counter() - start
@@ -302,7 +302,7 @@ class Kernel:
                 with single_threaded_blas(), self._workspace(x.shape[0], y.shape[0], 1) as ws:
                     args = (np.ascontiguousarray(x[:, :1]), *row, *[s[:1].copy() for s in states], *weights,
                             np.empty((y.shape[0], 1, y.shape[2]), dtype=y.dtype), ws, 0)
-                    _recovering_cache(self.path, lambda: self._compile_for(args))
+                    self._compile_for(args)
                     self.function(*args)
                 self.compile_seconds = time.perf_counter() - start
                 log.debug("first call of %s took %.2f s (compile or cache load)", self.spec.kernel_name(),
@@ -311,13 +311,14 @@ class Kernel:
 
     def _compile_for(self, args: tuple) -> None:
         """Compile (or load) the kernel for ``args``' types, then link the shared entries that a helper process
-        compiled meanwhile (``numrnn.runtime.extern.finish_links``), so that a failure raises here, not in a run."""
+        compiled meanwhile (``numrnn.runtime.extern.finish_links``), so that a failure raises here, not in a run.
+        A cache that fails to load is removed (the kernel's or the shared module's) and compiled again."""
         from numba import typeof
 
         from numrnn.runtime.extern import finish_links
 
-        self.function.compile(tuple(typeof(a) for a in args))
-        finish_links()
+        _recovering_cache(self.path, lambda: self.function.compile(tuple(typeof(a) for a in args)))
+        _recovering_cache(_shared_path(), lambda: finish_links(self.spec.dtype))
 
     def _run_batch_split(self, workers: int, x, cond, states, weights, y) -> None:
         """Each worker's rows on the pool; rows the pool refuses (the interpreter is exiting) on this thread.
@@ -468,8 +469,8 @@ def _start_helper_early(dtype: str) -> None:
     process imports numba, where the disk cache shows none of them: 0.3 s sooner than the kernel module's
     link call, which would start it otherwise (and stops it if the entries turn out to be cached)."""
     name = shared_module_name()
-    if name in sys.modules or not helper.allowed():
-        return
+    if name in sys.modules or not helper.allowed() or os.environ.get("NUMBA_CACHE_DIR"):
+        return  # numba's index files are elsewhere then
     path = _shared_path()
     write_if_changed(path, generate_shared())  # before the helper reads it: a later write would change its stamp
     suffix = SHARED_SUFFIX[dtype]
@@ -550,7 +551,9 @@ def _forget_in_child() -> None:
     compiling = numba_lock is not None and not numba_lock.acquire(blocking=False)
     if numba_lock is not None and not compiling:
         numba_lock.release()
-    if compiling or _LOCK.locked() or any(k._first_call_lock.locked() for k in list(_KERNELS.values())):
+    extern = sys.modules.get("numrnn.runtime.extern")  # links the shared entries under its lock
+    linking = (extern is not None and extern._LOCK.locked()) or helper._LOCK.locked()
+    if compiling or linking or _LOCK.locked() or any(k._first_call_lock.locked() for k in list(_KERNELS.values())):
         _FORKED_MID_COMPILE = True
 
 
