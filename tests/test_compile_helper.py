@@ -1,8 +1,8 @@
 """The helper process that compiles the shared entries while a cold machine compiles its first kernel.
 
-``numrnn.runtime.helper`` and ``numrnn.runtime.extern.link_group``: each case
-runs a fresh process on an empty cache folder, since this process has the
-entries linked already.
+``numrnn.runtime.helper`` and ``numrnn.runtime.extern.link_group``: the cases
+that compile run a fresh process on an empty cache folder, since this
+process has the entries linked already.
 """
 
 from __future__ import annotations

@@ -110,6 +110,8 @@ def done(link_function: str) -> None:
     """Forget the helper of ``link_function``, stopping it if it still runs (its entries were found cached)."""
     with _LOCK:
         helper = _HELPERS.pop(link_function, None)
-    if helper is not None and helper.process.poll() is None:
+    if helper is None:
+        return
+    if helper.process.poll() is None:
         helper.process.kill()
-        helper.wait()
+    helper.wait()  # reaps it and closes its stderr file
