@@ -469,13 +469,13 @@ def _start_helper_early(dtype: str) -> None:
     process imports numba, where the disk cache shows none of them: 0.3 s sooner than the kernel module's
     link call, which would start it otherwise (and stops it if the entries turn out to be cached)."""
     name = shared_module_name()
+    # With NUMBA_CACHE_DIR set, numba's index files are not where this looks for them.
     if name in sys.modules or not helper.allowed() or os.environ.get("NUMBA_CACHE_DIR"):
-        return  # numba's index files are elsewhere then
-    path = _shared_path()
-    write_if_changed(path, generate_shared())  # before the helper reads it: a later write would change its stamp
-    suffix = SHARED_SUFFIX[dtype]
-    if any((path.parent / "__pycache__").glob(f"{name}.*{suffix}_c-*.nbi")):  # numba's index files
         return
+    path, suffix = _shared_path(), SHARED_SUFFIX[dtype]
+    if any((path.parent / "__pycache__").glob(f"{name}.*{suffix}_c-*.nbi")):
+        return
+    write_if_changed(path, generate_shared())  # before the helper reads it: a later write would change its stamp
     with contextlib.suppress(OSError):  # the link call tries again, and compiles here if it cannot
         helper.start(f"{name}.link{suffix}")
 

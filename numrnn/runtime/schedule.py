@@ -388,11 +388,12 @@ def preload_cython_blas() -> None:
     linear algebra: 0.30 of the 1.0 s that a process with a warm disk cache
     took to its first seed000 result. The extension module alone loads in
     0.03 s (it needs only the ``scipy`` package, not ``scipy.linalg``), and
-    with it in ``sys.modules`` an import of it finds it there. ``import scipy.linalg`` later still runs that package's
-    ``__init__`` as usual, and :class:`_AttachPreloaded` then sets the
-    package's ``cython_blas`` attribute, which Python sets only when it loads
-    a submodule itself. Where anything differs from what this expects, it
-    does nothing, and the module is imported the usual way (with ``scipy.linalg``).
+    with it in ``sys.modules`` an import of it finds it there. ``import
+    scipy.linalg`` later still runs that package's ``__init__`` as usual, and
+    :class:`_AttachPreloaded` then sets the package's ``cython_blas``
+    attribute, which Python sets only when it loads a submodule itself. Where
+    anything differs from what this expects, it does nothing, and the module
+    is imported the usual way (with ``scipy.linalg``).
     """
     name = "scipy.linalg.cython_blas"
     if name in sys.modules or "scipy.linalg" in sys.modules:

@@ -21,8 +21,9 @@ cold machine. Written out in one function, they still took 2.9 s, 1.5 s of
 it numba typing and lowering those calls (about 400) one by one. Built
 here, a block is one call to type, and its IR is the same loop; the
 module's C entries compile in 1.2-1.4 s. The module's source names
-``VECTOR_BYTES`` and ``PANEL_VECTORS`` (``codegen.targets.cpu.generate_shared``),
-so that a change of either changes its name and so its disk cache.
+``VECTOR_BYTES`` and ``PANEL_VECTORS``
+(``codegen.targets.cpu.generate_shared``), so that a change of either
+changes its name and so its disk cache.
 
 Indices are not checked: the callers are generated loops whose bounds come
 from the arrays' shapes.
@@ -45,10 +46,11 @@ def panel_block(typingctx, h, wp, out, row, p, cols, rows, panels):
 
     ``wp`` is ``(panels, inputs, P)``, C-contiguous, ``P`` being
     :data:`PANEL_VECTORS` vectors; ``h`` (``inputs`` columns) and ``out``
-    (the matrix's outputs) are C-contiguous with one row per batch row. ``rows`` and ``panels`` are
-    literal integers. With one panel, only its first ``cols`` columns are
-    stored (the matrix's last, partial panel); with more, all of them.
-    Each output adds its terms in input order, one multiply-add each.
+    (the matrix's outputs) are C-contiguous with one row per batch row.
+    ``rows`` and ``panels`` are literal integers. With one panel, only its
+    first ``cols`` columns are stored (the matrix's last, partial panel);
+    with more, all of them. Each output adds its terms in input order, one
+    multiply-add each.
     """
     if not (is_c_array(h, 2) and is_c_array(wp, 3) and is_c_array(out, 2)
             and h.dtype == wp.dtype == out.dtype and isinstance(h.dtype, types.Float)
