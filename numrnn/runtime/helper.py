@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from threading import Lock
 
+from numrnn.runtime import cpus
+
 log = logging.getLogger("numrnn")
 
 #: ``0`` compiles the shared entries in the process that needs them, never in a helper.
@@ -76,13 +78,13 @@ class Helper:
 def allowed() -> bool:
     """Whether a compile may go to a helper: not with ``NUMRNN_COMPILE_HELPER=0``, only with a Python
     interpreter to start (not in a frozen application or a server that embeds Python, whose executable
-    would start the application again), and only with a second core to run it on."""
+    would start the application again), and only with a second CPU to run it on (a container's CPU quota
+    counts: :mod:`numrnn.runtime.cpus`)."""
     if os.environ.get(HELPER_ENV, "1").strip() == "0" or getattr(sys, "frozen", False):
         return False
     if not os.path.basename(sys.executable or "").lower().startswith(("python", "pypy")):
         return False
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return cores > 1
+    return cpus.available() > 1
 
 
 def start(link_function: str) -> Helper:

@@ -132,6 +132,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from codegen import StackSpec
 from codegen.targets.cpu_dirsplit import WORKERS as DIRECTION_WORKERS
+from numrnn.runtime import cpus
 
 #: Below this many FLOPs per worker the split costs more than it saves (hand-off ~30 us; 2 MFLOP is
 #: ~50 us of work here).
@@ -158,14 +159,12 @@ def _env_int(name: str, minimum: int) -> int | None:
 
 @functools.cache
 def cores() -> int:
-    """Workers a call may use: ``NUMRNN_NUM_THREADS``, else the CPUs this process may run on (read once)."""
+    """Workers a call may use: ``NUMRNN_NUM_THREADS``, else the CPUs this process may keep busy, its cgroups'
+    CPU quota included (:func:`numrnn.runtime.cpus.available`; read once)."""
     configured = _env_int("NUMRNN_NUM_THREADS", 1)
     if configured is not None:
         return configured
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
+    return cpus.available()
 
 
 def stack_flops(spec: StackSpec, steps: int, batch: int) -> float:
