@@ -271,3 +271,15 @@ def test_a_fork_waits_for_a_thread_setting_blas_threads():
     result = _run(script)
     assert result.returncode == 0, result.stderr
     assert "child exit code 0 parent count 1" in result.stdout
+
+
+def test_numrnn_imports_and_runs_where_python_cannot_fork():
+    """Windows has no ``os.register_at_fork``: each runtime module registers its fork hooks only where it is."""
+    script = ("import os\n"
+              "del os.fork, os.register_at_fork\n"
+              f"{PRELUDE}\n"
+              "from numrnn.runtime import extern, helper, partners\n"
+              "print('ran', y.shape)\n")
+    result = _run(script)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "ran (8, 64)" in result.stdout

@@ -557,7 +557,8 @@ def _forget_in_child() -> None:
         _FORKED_MID_COMPILE = True
 
 
-os.register_at_fork(after_in_child=_forget_in_child)
+if hasattr(os, "register_at_fork"):  # no fork on Windows
+    os.register_at_fork(after_in_child=_forget_in_child)
 
 
 def clear_memory_cache() -> None:

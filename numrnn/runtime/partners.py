@@ -138,5 +138,6 @@ def _send_home() -> None:
         sync.evict_partners(_PARTNERS.ctl, _PARTNERS.workers)
 
 
-os.register_at_fork(after_in_child=_forget_in_child)
+if hasattr(os, "register_at_fork"):  # no fork on Windows
+    os.register_at_fork(after_in_child=_forget_in_child)
 atexit.register(_send_home)

@@ -519,5 +519,6 @@ def _forget_in_child() -> None:
     _BLAS_LOCK, _BLAS_USERS = threading.Lock(), 0
 
 
-os.register_at_fork(before=_hold_blas_setting, after_in_parent=_release_blas_setting,
-                    after_in_child=_forget_in_child)
+if hasattr(os, "register_at_fork"):  # no fork on Windows
+    os.register_at_fork(before=_hold_blas_setting, after_in_parent=_release_blas_setting,
+                        after_in_child=_forget_in_child)
