@@ -1,4 +1,4 @@
-"""The CPU count calls split over: the affinity mask capped by the cgroups' CPU quota, read from fake trees."""
+"""The CPU count calls split over: the affinity mask by core, capped by the cgroups' CPU quota (fake trees)."""
 
 from __future__ import annotations
 
@@ -28,7 +28,8 @@ def _tree(tmp_path, mountinfo: str, cgroup: str, files: dict[str, str]) -> str:
 
 @pytest.fixture
 def four_cpus(monkeypatch):
-    monkeypatch.setattr(cpus, "affinity_count", lambda: 4)
+    """Four allowed CPUs, each its own core (a tree without sysfs counts every CPU)."""
+    monkeypatch.setattr(cpus, "allowed_cpus", lambda: {0, 1, 2, 3})
 
 
 @pytest.mark.parametrize(("cpu_max", "expected_quota", "expected_cpus"), [
@@ -96,7 +97,7 @@ def test_quota_sets_the_workers_and_the_helper(monkeypatch):
     """One CPU of quota: calls are not split (one worker), and no helper compiles beside the kernel."""
     monkeypatch.delenv("NUMRNN_NUM_THREADS", raising=False)
     monkeypatch.delenv(helper.HELPER_ENV, raising=False)
-    monkeypatch.setattr(cpus, "affinity_count", lambda: 4)
+    monkeypatch.setattr(cpus, "allowed_cpus", lambda: {0, 1, 2, 3})
     monkeypatch.setattr(cpus, "quota", lambda root="/": 1.0)
     schedule.cores.cache_clear()
     try:
@@ -109,8 +110,46 @@ def test_quota_sets_the_workers_and_the_helper(monkeypatch):
         schedule.cores.cache_clear()
 
 
+def _topology(tmp_path, siblings: dict[int, str]) -> str:
+    """A fake sysfs with each CPU's ``thread_siblings_list``."""
+    for cpu, text in siblings.items():
+        folder = tmp_path / f"sys/devices/system/cpu/cpu{cpu}/topology"
+        folder.mkdir(parents=True)
+        (folder / "thread_siblings_list").write_text(text + "\n")
+    return str(tmp_path)
+
+
+#: Two cores of two hardware threads each, numbered as Linux numbers them on x86 (siblings n and n + 2).
+SMT_PAIRS = {0: "0,2", 1: "1,3", 2: "0,2", 3: "1,3"}
+
+
+@pytest.mark.parametrize(("siblings", "allowed", "cores"), [
+    (SMT_PAIRS, {0, 1, 2, 3}, 2),
+    (SMT_PAIRS, {0, 2}, 1),  # both threads of one core
+    (SMT_PAIRS, {0, 1}, 2),  # one thread of each
+    ({0: "0-1", 1: "0-1", 2: "2-3", 3: "2-3", 4: "4", 5: "5"}, {0, 1, 2, 3, 4, 5}, 4),  # ranges, some cores alone
+    ({0: "0", 1: "1"}, {0, 1}, 2),  # no SMT, as on this project's machine
+])
+def test_hardware_threads_of_one_core_count_once(tmp_path, siblings, allowed, cores):
+    root = _topology(tmp_path, siblings)
+    assert cpus.core_count(root, allowed) == cores
+
+
+def test_workers_count_cores_and_the_helper_threads(tmp_path, monkeypatch):
+    root = _topology(tmp_path, SMT_PAIRS)
+    monkeypatch.setattr(cpus, "allowed_cpus", lambda: {0, 1, 2, 3})
+    assert cpus.available(root) == 2
+    assert cpus.available(root, by_core=False) == 4
+
+
+def test_unreadable_topology_counts_every_cpu(tmp_path):
+    root = _topology(tmp_path, {0: "0,2", 2: "garbage"})
+    assert cpus.core_count(root, {0, 1, 2}) == 3  # cpu1 has no file, cpu2's cannot be parsed
+    assert cpus.core_count(str(tmp_path / "nothing"), {0, 1}) == 2
+
+
 def test_this_machine_reads_without_error():
     """The real files parse (whatever they say): a positive count no larger than the affinity mask."""
     limit = cpus.quota()
     assert limit is None or limit > 0
-    assert 1 <= cpus.available() <= cpus.affinity_count()
+    assert 1 <= cpus.available() <= cpus.available(by_core=False) <= len(cpus.allowed_cpus())

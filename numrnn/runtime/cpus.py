@@ -1,4 +1,11 @@
-"""How many CPUs this process may keep busy: its affinity mask, capped by its cgroups' CPU quota.
+"""How many CPUs this process may keep busy: its affinity mask, by core, capped by its cgroups' CPU quota.
+
+Workers of a split call count cores, not hardware threads: two threads of
+one core share its L1 and L2, which the unit split's slices and the packed
+product's panels are sized for, and a partner spinning at a barrier on the
+sibling takes issue slots from the worker it waits for. ONNX Runtime and
+PyTorch size their thread pools by physical cores too. A compile helper
+process counts hardware threads: it needs no cache to itself, only time.
 
 A container given one CPU's time (``docker run --cpus=1``, a Kubernetes CPU
 limit) still sees every CPU of the host in its affinity mask. Split calls
@@ -20,24 +27,51 @@ import os
 from pathlib import Path
 
 
-def available(root: str = "/") -> int:
-    """CPUs a call may use: the affinity mask's count, capped by the cgroups' quota (at least 1).
+def available(root: str = "/", *, by_core: bool = True) -> int:
+    """CPUs this process may keep busy, capped by its cgroups' quota (at least 1).
 
-    ``root``: the file system root to read ``/proc`` and the cgroup mounts
-    under (tests pass a fake tree).
+    ``by_core``: the cores of the affinity mask (:func:`core_count`), else
+    its hardware threads. ``root``: the file system root to read ``/proc``,
+    ``/sys`` and the cgroup mounts under (tests pass a fake tree).
     """
-    count = affinity_count()
+    count = core_count(root) if by_core else len(allowed_cpus())
     limit = quota(root)
     if limit is not None:
         count = min(count, math.floor(limit))
     return max(count, 1)
 
 
-def affinity_count() -> int:
-    """CPUs in this process's affinity mask (the machine's count where there is no mask, as on macOS)."""
+def allowed_cpus() -> set[int]:
+    """The CPUs of this process's affinity mask (every CPU of the machine where there is none, as on macOS)."""
     if hasattr(os, "sched_getaffinity"):
-        return len(os.sched_getaffinity(0))
-    return os.cpu_count() or 1
+        return set(os.sched_getaffinity(0))
+    return set(range(os.cpu_count() or 1))
+
+
+def core_count(root: str = "/", cpus: set[int] | None = None) -> int:
+    """Cores among ``cpus`` (default: :func:`allowed_cpus`), each core's hardware threads counted once.
+
+    From each CPU's ``topology/thread_siblings_list`` in sysfs; where one
+    cannot be read (no sysfs, as on macOS), every CPU counts.
+    """
+    cpus = allowed_cpus() if cpus is None else cpus
+    cores = set()
+    for cpu in cpus:
+        try:
+            siblings = _cpu_list(_read(root, f"/sys/devices/system/cpu/cpu{cpu}/topology/thread_siblings_list"))
+        except (OSError, ValueError):
+            return len(cpus)
+        cores.add(frozenset(siblings & cpus) or frozenset([cpu]))
+    return len(cores)
+
+
+def _cpu_list(text: str) -> set[int]:
+    """The CPUs of a sysfs list such as ``0-3,8,10-11``."""
+    cpus = set()
+    for part in text.strip().split(","):
+        first, _, last = part.partition("-")
+        cpus.update(range(int(first), int(last or first) + 1))
+    return cpus
 
 
 def quota(root: str = "/") -> float | None:

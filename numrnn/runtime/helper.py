@@ -78,13 +78,13 @@ class Helper:
 def allowed() -> bool:
     """Whether a compile may go to a helper: not with ``NUMRNN_COMPILE_HELPER=0``, only with a Python
     interpreter to start (not in a frozen application or a server that embeds Python, whose executable
-    would start the application again), and only with a second CPU to run it on (a container's CPU quota
-    counts: :mod:`numrnn.runtime.cpus`)."""
+    would start the application again), and only with a second CPU (a hardware thread will do) to run it
+    on, a container's CPU quota counting (:mod:`numrnn.runtime.cpus`)."""
     if os.environ.get(HELPER_ENV, "1").strip() == "0" or getattr(sys, "frozen", False):
         return False
     if not os.path.basename(sys.executable or "").lower().startswith(("python", "pypy")):
         return False
-    return cpus.available() > 1
+    return cpus.available(by_core=False) > 1
 
 
 def start(link_function: str) -> Helper:

@@ -159,7 +159,7 @@ def _env_int(name: str, minimum: int) -> int | None:
 
 @functools.cache
 def cores() -> int:
-    """Workers a call may use: ``NUMRNN_NUM_THREADS``, else the CPUs this process may keep busy, its cgroups'
+    """Workers a call may use: ``NUMRNN_NUM_THREADS``, else the cores this process may keep busy, its cgroups'
     CPU quota included (:func:`numrnn.runtime.cpus.available`; read once)."""
     configured = _env_int("NUMRNN_NUM_THREADS", 1)
     if configured is not None:
