@@ -3,8 +3,8 @@
 Workers of a split call count cores, not hardware threads: two threads of
 one core share its L1 and L2, which the unit split's slices and the packed
 product's panels are sized for, and a partner spinning at a barrier on the
-sibling takes issue slots from the worker it waits for. ONNX Runtime and
-PyTorch size their thread pools by physical cores too. A compile helper
+sibling takes issue slots from the worker it waits for. ONNX Runtime's
+default intra-op pool has a thread per physical core too. A compile helper
 process counts hardware threads: it needs no cache to itself, only time.
 
 A container given one CPU's time (``docker run --cpus=1``, a Kubernetes CPU
@@ -129,8 +129,8 @@ def _cpu_mounts(text: str) -> list[tuple[str, str, int]]:
 
 
 def _relative(path: str, mount_root: str) -> str:
-    """``path`` below the mount's root (``""`` when the mount shows only the process's own cgroup, as in a
-    container with a cgroup namespace, or when the path lies outside it)."""
+    """``path`` below the mount's root: ``""`` where the process's cgroup is the root (a container's v1
+    mounts, whose root is the container's cgroup; a cgroup namespace) or lies outside it."""
     path, mount_root = path.rstrip("/"), mount_root.rstrip("/")
     if mount_root and not (path == mount_root or path.startswith(mount_root + "/")):
         return ""
