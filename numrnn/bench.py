@@ -35,6 +35,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from codegen.spec import BlockSpec, CellSpec, DirectionSpec, StackSpec
+from numrnn.runtime.schedule import cores
 
 
 @dataclass(frozen=True)
@@ -228,7 +229,7 @@ def _onnx(problem: Problem):
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 14)])
     onnx.checker.check_model(model)
     options = ort.SessionOptions()
-    options.intra_op_num_threads = os.cpu_count() or 1
+    options.intra_op_num_threads = cores()
     session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
     names = [result, *state_out]
     li = len(per_layer) - 1
@@ -251,7 +252,7 @@ def _torch(problem: Problem):
     from numrnn.compat.weights import torch_layer_arrays
 
     shape, spec = problem.shape, problem.spec
-    torch.set_num_threads(os.cpu_count() or 1)
+    torch.set_num_threads(cores())
     n_dirs = 2 if shape.bidirectional else 1
     modules, width = [], shape.input_size
     cells = list(zip(spec.cells, problem.weights))
@@ -303,6 +304,11 @@ def _tensorflow(problem: Problem):
 
     from numrnn.compat.weights import keras_cell_arrays
 
+    if tf.config.threading.get_intra_op_parallelism_threads() != cores():
+        try:
+            tf.config.threading.set_intra_op_parallelism_threads(cores())
+        except RuntimeError:  # its runtime has started (an earlier shape set it already, or the caller used it)
+            pass
     shape, spec = problem.shape, problem.spec
     cells = list(zip(spec.cells, problem.weights))
     n_dirs = 2 if shape.bidirectional else 1
@@ -476,7 +482,8 @@ def bench_shape(shape: Shape, peers: list[str], min_time: float) -> list[dict]:
 
 
 def machine_line(gflops: float) -> str:
-    """CPU, cores, sgemm rate, the OpenBLAS kernels in use, numpy/numba versions."""
+    """CPU, cores (numrnn's workers, and the peers' threads; the machine's CPUs where they differ), sgemm rate,
+    the OpenBLAS kernels in use, numpy/numba versions."""
     import numba
 
     cpu = platform.processor() or platform.machine()
@@ -486,7 +493,9 @@ def machine_line(gflops: float) -> str:
     except (OSError, StopIteration):
         pass
     blas = os.environ.get("OPENBLAS_CORETYPE", "auto")
-    return (f"machine: {cpu}, {os.cpu_count()} cores; numpy sgemm {gflops:.0f} GFLOP/s (best of 10, 2048^3); "
+    used = f"{cores()} core{'s' if cores() > 1 else ''}"
+    count = used if cores() == os.cpu_count() else f"{used} of {os.cpu_count()} CPUs"
+    return (f"machine: {cpu}, {count}; numpy sgemm {gflops:.0f} GFLOP/s (best of 10, 2048^3); "
             f"OPENBLAS_CORETYPE={blas}; python {platform.python_version()}, numpy {np.__version__}, "
             f"numba {numba.__version__}")
 

@@ -14,6 +14,15 @@ def test_bench_runs_without_peers(capsys):
     assert "tiny64" in out and "streaming" in out and "numrnn" in out
 
 
+def test_machine_line_names_the_cores_numrnn_and_the_peers_use(monkeypatch):
+    """Where a cgroup quota or ``NUMRNN_NUM_THREADS`` leaves fewer workers than CPUs, the line says both."""
+    monkeypatch.setattr(bench.os, "cpu_count", lambda: 8)
+    monkeypatch.setattr(bench, "cores", lambda: 1)
+    assert ", 1 core of 8 CPUs; numpy sgemm 100 GFLOP/s" in bench.machine_line(100.0)
+    monkeypatch.setattr(bench, "cores", lambda: 8)
+    assert ", 8 cores; numpy sgemm" in bench.machine_line(100.0)
+
+
 def test_missing_peer_is_a_note(monkeypatch):
     monkeypatch.setitem(bench.PEER_MODULES, "torch", "numrnn_no_such_module")
     found, notes = bench.installed_peers(["torch"])
