@@ -183,6 +183,23 @@ def test_a_helper_past_its_time_is_killed(monkeypatch):
         helper.done("numrnn_shared_test.link_slow")
 
 
+@pytest.mark.parametrize("pidfd", [True, False])
+def test_waiting_for_a_helper_returns_its_status_or_times_out(monkeypatch, pidfd):
+    """Woken by the exit where Linux gives a pidfd, polling as ``Popen.wait`` does elsewhere: the same answers."""
+    if not pidfd:
+        monkeypatch.delattr(helper.os, "pidfd_open", raising=False)
+    exiting = subprocess.Popen([sys.executable, "-c", "import sys; sys.exit(3)"])
+    assert helper._wait_for_exit(exiting, 30) == 3
+    assert helper._wait_for_exit(exiting, 30) == 3  # reaped already: the status it kept
+    sleeping = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        with pytest.raises(subprocess.TimeoutExpired):
+            helper._wait_for_exit(sleeping, 0.2)
+    finally:
+        sleeping.kill()
+        sleeping.wait()
+
+
 def test_a_helper_no_longer_needed_is_stopped(monkeypatch):
     monkeypatch.setattr(helper, "_CODE", "import time; time.sleep(60)")
     started = helper.start("numrnn_shared_test.link_unneeded")

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
+import select
 import subprocess
 import sys
 import tempfile
@@ -58,7 +59,7 @@ class Helper:
 
     def _wait(self) -> str | None:
         try:
-            returncode = self.process.wait(timeout=HELPER_TIMEOUT)
+            returncode = _wait_for_exit(self.process, HELPER_TIMEOUT)
         except subprocess.TimeoutExpired:
             self.process.kill()
             self.process.wait()
@@ -73,6 +74,28 @@ class Helper:
                       time.perf_counter() - self.started)
             return None
         return failure + (f":\n{message[-2000:]}" if message else "")
+
+
+def _wait_for_exit(process: subprocess.Popen, timeout: float) -> int:
+    """``process.wait(timeout)``, woken by the exit itself where Linux gives the process a file descriptor.
+
+    ``Popen.wait`` with a timeout polls, sleeping up to 50 ms between looks:
+    helpers that slept 0.3-1.4 s were reaped 9-47 ms after they printed
+    their last line, against 7-16 ms here (their interpreter's shutdown).
+    """
+    if hasattr(os, "pidfd_open") and process.returncode is None:
+        start = time.monotonic()
+        try:
+            descriptor = os.pidfd_open(process.pid)
+        except OSError:  # a kernel before 5.3, or the process is already reaped
+            pass
+        else:
+            try:
+                select.select([descriptor], [], [], timeout)  # readable once the process has exited
+            finally:
+                os.close(descriptor)
+            timeout = max(timeout - (time.monotonic() - start), 0.0)
+    return process.wait(timeout=timeout)
 
 
 def allowed() -> bool:
