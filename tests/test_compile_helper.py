@@ -200,6 +200,25 @@ def test_waiting_for_a_helper_returns_its_status_or_times_out(monkeypatch, pidfd
         sleeping.wait()
 
 
+def test_waiting_for_a_helper_with_descriptors_past_1023():
+    """A process with more than 1024 files open (a busy server) still waits: ``select`` would refuse its pidfd."""
+    resource = pytest.importorskip("resource")
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < 1200:
+        pytest.skip(f"the hard limit on open files is {hard}")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, 1200), hard))
+    held = []
+    try:
+        while not held or held[-1] < 1100:
+            held.append(os.open(os.devnull, os.O_RDONLY))
+        exiting = subprocess.Popen([sys.executable, "-c", "import sys; sys.exit(3)"])
+        assert helper._wait_for_exit(exiting, 30) == 3
+    finally:
+        for descriptor in held:
+            os.close(descriptor)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
 def test_a_helper_no_longer_needed_is_stopped(monkeypatch):
     monkeypatch.setattr(helper, "_CODE", "import time; time.sleep(60)")
     started = helper.start("numrnn_shared_test.link_unneeded")

@@ -12,6 +12,7 @@ first kernel of a process can start its helper before numba is imported.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import select
 import subprocess
@@ -90,8 +91,10 @@ def _wait_for_exit(process: subprocess.Popen, timeout: float) -> int:
         except OSError:  # a kernel before 5.3, or the process is already reaped
             pass
         else:
-            try:
-                select.select([descriptor], [], [], timeout)  # readable once the process has exited
+            try:  # poll, not select: select refuses descriptors past 1023, which a busy server may hand out
+                waiting = select.poll()
+                waiting.register(descriptor, select.POLLIN)  # readable once the process has exited
+                waiting.poll(math.ceil(timeout * 1000))
             finally:
                 os.close(descriptor)
             timeout = max(timeout - (time.monotonic() - start), 0.0)
