@@ -307,7 +307,7 @@ def _tensorflow(problem: Problem):
     if tf.config.threading.get_intra_op_parallelism_threads() != cores():
         try:
             tf.config.threading.set_intra_op_parallelism_threads(cores())
-        except RuntimeError:  # its runtime has started (an earlier shape set it already, or the caller used it)
+        except RuntimeError:  # the caller ran TensorFlow before: its runtime keeps the count it started with
             pass
     shape, spec = problem.shape, problem.spec
     cells = list(zip(spec.cells, problem.weights))
@@ -493,8 +493,9 @@ def machine_line(gflops: float) -> str:
     except (OSError, StopIteration):
         pass
     blas = os.environ.get("OPENBLAS_CORETYPE", "auto")
-    used = f"{cores()} core{'s' if cores() > 1 else ''}"
-    count = used if cores() == os.cpu_count() else f"{used} of {os.cpu_count()} CPUs"
+    workers = cores()
+    used = f"{workers} core{'s' if workers > 1 else ''}"
+    count = used if workers == os.cpu_count() else f"{used} of {os.cpu_count()} CPUs"
     return (f"machine: {cpu}, {count}; numpy sgemm {gflops:.0f} GFLOP/s (best of 10, 2048^3); "
             f"OPENBLAS_CORETYPE={blas}; python {platform.python_version()}, numpy {np.__version__}, "
             f"numba {numba.__version__}")
