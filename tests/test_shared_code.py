@@ -6,7 +6,11 @@ Both exist for compile time (see ``codegen.targets.cpu.layers_of`` and
 
 from __future__ import annotations
 
+import os
+import subprocess
 import sys
+import textwrap
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,6 +20,7 @@ from reference import run_stack
 import codegen.targets.cpu
 from codegen import generate_source
 from codegen.cells import ALIGNMENT, packed_names, split_packed, to_panels
+from codegen.cells.common import panel_width, vector_bytes
 from codegen.spec import BlockSpec, CellSpec, DirectionSpec, StackSpec, simple_stack
 from codegen.targets.cpu import generate_shared, layers_of, shared_module_name
 from numrnn.runtime import extern, get_kernel, pack_weights
@@ -66,10 +71,11 @@ def test_kernels_import_the_shared_module_by_the_hash_of_its_source():
 
 
 def test_the_shared_module_is_renamed_when_its_vectors_change(monkeypatch):
-    # numrnn.runtime.simd builds the blocks from these constants, which the generated calls do not show:
+    # numrnn.runtime.simd builds the blocks from these, which the generated calls do not show:
     # the source must, or a cached entry of the old width would run on panels of the new one.
     before = generate_shared()
-    for constant, value in (("VECTOR_BYTES", 64), ("PANEL_VECTORS", 3)):
+    other_width = {32: 64, 64: 32}[vector_bytes()]
+    for constant, value in (("vector_bytes", lambda: other_width), ("PANEL_VECTORS", 3)):
         with monkeypatch.context() as patched:
             patched.setattr(codegen.targets.cpu, constant, value)
             generate_shared.cache_clear()
@@ -177,8 +183,9 @@ def test_panel_product_covers_its_rows_and_every_column():
     # b0..b1 untouched.
     shared = _shared_module()
     rng = np.random.default_rng(3)
-    for dtype, product, width in (("float64", _c_entry(shared, "PANEL_PRODUCT", "_exact"), 8),
-                                  ("float32", _c_entry(shared, "PANEL_PRODUCT", "_fast"), 16)):
+    for dtype, product in (("float64", _c_entry(shared, "PANEL_PRODUCT", "_exact")),
+                           ("float32", _c_entry(shared, "PANEL_PRODUCT", "_fast"))):
+        width = panel_width(dtype)
         for inputs, outputs in ((1, 1), (5, 7), (9, width), (3, 2 * width + 3), (17, 3 * width - 1),
                                 (7, 4 * width + 5), (4, 2 * width), (6, 4 * width), (5, 8 * width + 1)):
             h = rng.standard_normal((11, inputs)).astype(dtype)
@@ -209,3 +216,65 @@ def test_packed_weights_start_on_a_cache_line_and_keep_their_values():
     for part in range(2):
         sliced = split_packed(lstm, packed[:len(names)], part, 2)
         assert all(a.ctypes.data % ALIGNMENT == 0 and a.flags.c_contiguous for a in sliced)
+
+
+@pytest.mark.parametrize("environment, width", [
+    ({"NUMBA_CPU_FEATURES": "+avx2,+fma,+avx512f"}, 64),
+    ({"NUMBA_CPU_FEATURES": "+avx2,+fma,-avx512f"}, 32),
+    ({"NUMBA_CPU_FEATURES": "+avx2,+avx512f", "NUMBA_ENABLE_AVX": "0"}, 32),
+    ({"NUMBA_CPU_NAME": "generic"}, 32),  # numba compiles for no features then
+    ({"NUMBA_CPU_FEATURES": "+avx512f", "NUMRNN_VECTOR_BYTES": "32"}, 32),
+    ({"NUMBA_CPU_FEATURES": "", "NUMRNN_VECTOR_BYTES": "64"}, 64),
+])
+def test_the_vector_width_follows_numbas_target(environment, width, monkeypatch):
+    for name in ("NUMBA_CPU_FEATURES", "NUMBA_CPU_NAME", "NUMBA_ENABLE_AVX", "NUMRNN_VECTOR_BYTES"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in environment.items():
+        monkeypatch.setenv(name, value)
+    assert vector_bytes.__wrapped__() == width
+
+
+def test_a_vector_width_other_than_32_or_64_is_refused(monkeypatch):
+    monkeypatch.setenv("NUMRNN_VECTOR_BYTES", "48")
+    with pytest.raises(ValueError, match="NUMRNN_VECTOR_BYTES must be one of 32, 64; got '48'"):
+        vector_bytes.__wrapped__()
+
+
+def test_the_other_vector_width_matches_the_reference():
+    # A machine's tests run its own width; the other one runs here in a fresh process, on the packed product
+    # for every row (1 to 7: the 4-row blocks and each leftover pass) and partial panels of both dtypes.
+    script = """
+        import numpy as np
+        from reference import run_stack
+        from codegen.cells.common import panel_width
+        from codegen.spec import CellSpec, simple_stack
+        from numrnn.runtime import get_kernel, pack_weights
+
+        rng = np.random.default_rng(3)
+        for dtype, cells in (("float32", [CellSpec("gru", 37), CellSpec("lstm", 9)]),
+                             ("float64", [CellSpec("lstm", 21)])):
+            spec = simple_stack(cells, 5, dtype=dtype)
+            weights = [{k: rng.uniform(-0.5, 0.5, s) for k, s in c.weight_shapes(n).items()}
+                       for c, n in zip(spec.cells, spec.input_sizes())]
+            kernel = get_kernel(spec)
+            for rows in range(1, 8):
+                x = rng.standard_normal((6, rows, 5))
+                states = [np.zeros((rows, n)) for c in spec.cells for n in c.state_sizes]
+                y = np.empty((6, rows, spec.output_size))
+                ws = np.empty(kernel.workspace_size(6, 6, rows))
+                cast = [a.astype(dtype) for a in (x, *states)]
+                y, ws = y.astype(dtype), ws.astype(dtype)
+                kernel.function(*cast, *pack_weights(spec, weights), y, ws, 128)
+                expected, _ = run_stack(spec, weights, x)
+                tolerance = 2e-5 if dtype == "float32" else 1e-10
+                np.testing.assert_allclose(y, expected, rtol=tolerance, atol=tolerance)
+        print("panel width", panel_width("float32"))
+    """
+    other = {32: 64, 64: 32}[vector_bytes()]
+    tests = str(Path(__file__).parent)
+    env = {**os.environ, "NUMRNN_VECTOR_BYTES": str(other),
+           "PYTHONPATH": os.pathsep.join(filter(None, [tests, str(Path(tests).parent), os.environ.get("PYTHONPATH")]))}
+    result = subprocess.run([sys.executable, "-c", textwrap.dedent(script)], env=env, capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 0, result.stderr
+    assert f"panel width {2 * other // 4}" in result.stdout

@@ -8,6 +8,8 @@ state arrays (updated in place), ``out`` the output ``(T_out, B, width)``.
 
 from __future__ import annotations
 
+import functools
+import os
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -91,8 +93,8 @@ def emit_math_helpers(em: Emitter, dtype: str, jit_options: str) -> None:
         em("return HALF + HALF * _tanh(HALF * x)")
 
 
-#: Bytes of one vector register the packed product works in (AVX2; ``numrnn.runtime.simd``).
-VECTOR_BYTES = 32
+#: Bytes of one vector the packed product can work in (``numrnn.runtime.simd``): AVX2's, AVX-512's.
+VECTOR_WIDTHS = (32, 64)
 #: Vectors per panel: the packed product's output block is ``PANEL_ROWS`` rows by one panel.
 PANEL_VECTORS = 2
 PANEL_ROWS = 4
@@ -110,9 +112,52 @@ PANEL_PRODUCT = "_panel_product"
 DOT = "_dot"
 
 
+@functools.cache
+def vector_bytes() -> int:
+    """Bytes of one vector of the packed product: 64 where numba compiles for AVX-512, else 32.
+
+    Zen 4 runs a 64-byte operation as two 32-byte halves, yet the wider
+    vectors were faster there (fewer instructions and loads per multiply-add;
+    ``numrnn bench``, alternating processes, 32 -> 64 bytes: seed002
+    15.1-15.2 -> 14.4-14.5 ms, throughput512 277 -> 265 ms, seed000 71.5 ->
+    68.9 ms, tiny64 46.1-46.8 against 46.5-47.4 us, latency256 within noise).
+    Cores with full-width AVX-512 units do twice the multiply-adds per cycle
+    with them. The target is numba's: ``NUMBA_CPU_FEATURES`` where set (none
+    for ``NUMBA_CPU_NAME=generic``), else the host's as LLVM reads them, none
+    of AVX with ``NUMBA_ENABLE_AVX=0``. ``NUMRNN_VECTOR_BYTES`` (32 or 64)
+    overrides; either width runs anywhere, LLVM splitting vectors wider than
+    the machine's.
+    """
+    configured = os.environ.get("NUMRNN_VECTOR_BYTES", "").strip()
+    if configured:
+        if configured not in {str(width) for width in VECTOR_WIDTHS}:
+            raise ValueError(f"NUMRNN_VECTOR_BYTES must be one of {', '.join(map(str, VECTOR_WIDTHS))}; "
+                             f"got {configured!r}")
+        return int(configured)
+    return 64 if "+avx512f" in _target_features() else 32
+
+
+def _target_features() -> set[str]:
+    """The CPU features numba compiles for, as LLVM spells them (``+avx2``, ``-avx512f`` ...)."""
+    features = os.environ.get("NUMBA_CPU_FEATURES")
+    if features is None and os.environ.get("NUMBA_CPU_NAME", "").strip().lower() == "generic":
+        features = ""
+    if features is None:
+        from llvmlite import binding  # numba imports it anyway; not at ``import numrnn``
+
+        try:
+            features = binding.get_host_cpu_features().flatten()
+        except RuntimeError:  # LLVM cannot read this host's features
+            features = ""
+    enabled = {feature.strip() for feature in features.split(",")}
+    if os.environ.get("NUMBA_ENABLE_AVX", "").strip() == "0":
+        enabled = {feature for feature in enabled if not feature.startswith("+avx")}
+    return enabled
+
+
 def panel_width(dtype: str) -> int:
     """Output columns per panel of the packed recurrent matrix."""
-    return PANEL_VECTORS * VECTOR_BYTES // {"float32": 4, "float64": 8}[dtype]
+    return PANEL_VECTORS * vector_bytes() // {"float32": 4, "float64": 8}[dtype]
 
 
 def panels_name(matrix: str) -> str:

@@ -27,8 +27,8 @@ projections, the sequences between layers and blocks); the module's
 
 ``small``: up to this many batch rows, a step's recurrent product is the
 packed product (``codegen.cells.common.emit_panel_product``, over the
-``*_panels`` weights) instead of a BLAS call (the runtime checks which BLAS it
-has; see ``numrnn.runtime.schedule.packed_product_rows``); where it is
+``*_panels`` weights) instead of a BLAS call (see
+``numrnn.runtime.schedule.packed_product_rows``); where it is
 positive, input projections of up to :data:`PACKED_PROJECTION_MAX_ROWS` rows
 are the packed product too.
 """
@@ -49,7 +49,6 @@ from codegen.cells.common import (
     PANEL_PRODUCT,
     PANEL_VECTORS,
     SIMD_NAMES,
-    VECTOR_BYTES,
     LayerContext,
     emit_extern_functions,
     emit_math_helpers,
@@ -57,6 +56,7 @@ from codegen.cells.common import (
     emit_step_times,
     extern_name,
     panels_name,
+    vector_bytes,
 )
 from codegen.emit import Emitter
 from codegen.spec import CODEGEN_VERSION, CellSpec, StackSpec
@@ -376,7 +376,7 @@ def generate_shared() -> str:
     em('"""numrnn: the functions every CPU kernel shares. Generated; do not edit."""', "",
        *(f"# numrnn.runtime.{name} sha1 {_runtime_source_hash(name)}" for name in ("simd", "extern", "views")),
        # numrnn.runtime.simd builds its vectors from these: a new width must change the module's name.
-       f"# panel_block: {VECTOR_BYTES}-byte vectors, {PANEL_VECTORS} per panel",
+       f"# panel_block: {vector_bytes()}-byte vectors, {PANEL_VECTORS} per panel",
        "from numba import carray, float32, float64", "",
        "from numrnn.runtime.extern import extern_call, gemm, link_blas, link_group",
        f"from numrnn.runtime.simd import {', '.join(SIMD_NAMES)}")

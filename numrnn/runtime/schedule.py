@@ -88,8 +88,8 @@ past the hand loop) 0.51-0.77. throughput512 (2xLSTM(512) B64 T100 D512):
 560 -> 432 ms.
 Those figures predate the packed product. With it, every batch worker up to
 :data:`PACKED_PRODUCT_MAX_ROWS` rows runs the packed product, so the
-GEMM-sized unit split only remains where BLAS keeps those rows (AVX-512
-small-matrix kernels). Alternating both schedules in one process, packed
+GEMM-sized unit split only remains where ``NUMRNN_PACKED_PRODUCT_ROWS``
+leaves those rows to BLAS. Alternating both schedules in one process, packed
 products on, medians: throughput512 batch 379 / units 411 ms, seed002 26.8 /
 34.3 ms, seed000 155 / 162 ms.
 
@@ -292,7 +292,7 @@ class Scheduler:
             return True
         if self.recurrent_bytes < UNIT_SPLIT_MIN_GEMM_WEIGHT_BYTES:
             return False
-        # Not measured below 9 rows per batch worker with BLAS's AVX-512 small-matrix kernels (no packed product).
+        # Only where BLAS takes a batch worker's rows (NUMRNN_PACKED_PRODUCT_ROWS under them); not measured below 9.
         return self.workers * max(packed_product_rows(), 8) < batch <= UNIT_SPLIT_MAX_GEMM_ROWS
 
     def batch_choice(self, steps: int, batch: int) -> tuple[str, int]:
@@ -433,10 +433,6 @@ class _AttachPreloaded(importlib.abc.MetaPathFinder):
         return spec
 
 
-#: OpenBLAS cores with AVX-512 small-matrix GEMM kernels.
-_AVX512_CORES = ("skylakex", "cooperlake", "sapphirerapids")
-
-
 #: Rows per worker up to which the packed product ran faster than BLAS wherever it was measured.
 PACKED_PRODUCT_MAX_ROWS = 128
 
@@ -456,24 +452,23 @@ def packed_product_rows() -> int:
     and forth: B=1 whole calls, packed / gemv, medians of two fresh processes:
     LSTM(64) T50 99-106 / 115-120 us, LSTM(256) T100 1.77-1.97 / 1.95-2.15 ms,
     LSTM(128) T100 681-694 / 668-749 us, GRU(256) T100 1.07-1.56 / 1.22-1.42 ms
-    (it used to lose at one row: LSTM(64) 83.4 against 75.9 us). OpenBLAS's
-    SkylakeX kernels have small-matrix GEMMs for AVX-512
-    (4x128x512 2.7 us, 8x128x512 4.4 us, against 9.0 and 17.5 us for an
-    earlier, slower hand loop): BLAS (0 rows) there.
+    (it used to lose at one row: LSTM(64) 83.4 against 75.9 us).
+
+    OpenBLAS's SkylakeX kernels have small-matrix GEMMs for AVX-512, which on
+    an early session's Zen 5 beat the hand loop that preceded the packed
+    product (4x128x512 2.7 against 9.0 us), so BLAS took every row where
+    OpenBLAS had them. On an AVX-512 Zen 4 (OpenBLAS SkylakeX), the packed
+    product with 32-byte vectors beat them on every standard shape (two runs
+    of ``numrnn bench``, alternating, BLAS / packed: seed000 77.1-77.5 /
+    70.8-73.8 ms, seed002 16.7-17.7 / 15.5-15.8 ms, latency256 867 / 816 us,
+    tiny64 54 / 46 us, throughput512 341-357 / 280-283 ms, bidir_masked
+    4.9-5.7 / 4.9-5.0 ms), and it now takes AVX-512's vectors where numba
+    compiles for them (``codegen.cells.common.vector_bytes``), so it runs
+    wherever BLAS's small-matrix kernels would.
     ``NUMRNN_PACKED_PRODUCT_ROWS`` overrides the choice.
     """
     configured = _env_int("NUMRNN_PACKED_PRODUCT_ROWS", 0)
-    if configured is not None:
-        return configured
-    for path in _openblas_paths():
-        try:
-            corename = ctypes.CDLL(path).scipy_openblas_get_corename
-        except (OSError, AttributeError):
-            continue
-        corename.restype = ctypes.c_char_p
-        if corename().decode().lower() in _AVX512_CORES:
-            return 0
-    return PACKED_PRODUCT_MAX_ROWS
+    return PACKED_PRODUCT_MAX_ROWS if configured is None else configured
 
 
 def pool() -> ThreadPoolExecutor:

@@ -9,8 +9,9 @@ workers went 18.2 -> 9.5 us (one thread, AVX2 Zen 3, one call from Python at
 a time; figures from a loop inside ``@njit`` are in
 ``numrnn.runtime.schedule.packed_product_rows``).
 
-A vector is 32 bytes: 8 float32 or 4 float64 lanes (one AVX register; LLVM
-splits it on narrower machines). A multiply-add is one fused multiply-add for
+A vector is ``codegen.cells.common.vector_bytes()`` bytes: 32 (8 float32 or
+4 float64 lanes, one AVX register) or, where numba compiles for AVX-512, 64
+(LLVM splits a vector wider than the machine's). A multiply-add is one fused multiply-add for
 float32, whose kernels may contract anyway (``codegen.targets.cpu.FAST_MATH``),
 and a multiply then an add for float64, which stays exact.
 
@@ -20,8 +21,8 @@ shape in the shared module: seven functions that compiled in 5.1 s on a
 cold machine. Written out in one function, they still took 2.9 s, 1.5 s of
 it numba typing and lowering those calls (about 400) one by one. Built
 here, a block is one call to type, and its IR is the same loop; the
-module's C entries compile in 1.2-1.4 s. The module's source names
-``VECTOR_BYTES`` and ``PANEL_VECTORS``
+module's C entries compile in 1.2-1.4 s. The module's source names the
+vector width and ``PANEL_VECTORS``
 (``codegen.targets.cpu.generate_shared``), so that a change of either
 changes its name and so its disk cache.
 
@@ -36,7 +37,7 @@ from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from codegen.cells.common import PANEL_VECTORS, VECTOR_BYTES
+from codegen.cells.common import PANEL_VECTORS, vector_bytes
 from numrnn.runtime.extern import is_c_array
 
 
@@ -75,7 +76,7 @@ class _Block:
         self.rows, self.panels = rows, panels
         self.exact = dtype.bitwidth == 64
         self.scalar = ir.DoubleType() if self.exact else ir.FloatType()
-        self.lanes = VECTOR_BYTES // (dtype.bitwidth // 8)
+        self.lanes = vector_bytes() // (dtype.bitwidth // 8)
         self.vector = ir.VectorType(self.scalar, self.lanes)
         self.align = dtype.bitwidth // 8
 
