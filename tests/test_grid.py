@@ -166,3 +166,53 @@ def assert_forced_schedule_matches_reference(spec, seed, batch, monkeypatch, sch
     if split_spec is not None:
         assert get_kernel(split_spec).compile_seconds is not None  # it really ran split
     assert_matches_reference(spec, got, got_states, expected, expected_states)
+
+
+@pytest.mark.parametrize("name", ["stack_lstm_gru_simple_carry", "lstm_carry_last", "lstm_tf1_variants_lengths",
+                                  "simple_tanh_seq", "gru_nobias_tanh_sigmoid_swapped",
+                                  "float64_stack_carry"])
+def test_one_row_calls_of_a_few_steps_carry_their_states_like_one_long_call(name, monkeypatch):
+    # Streaming: after the first call, one-row calls of up to STREAMING_MAX_STEPS steps take the kernel's fast
+    # path (no scheduler, no checks that cannot fail there). Chunks of 1-4 steps, states carried in place,
+    # read as one call of all the steps; the scheduler must not be asked.
+    spec = CASES[name]
+    rng = np.random.default_rng(5)
+    weights = _weights(spec, rng)
+    chunks = (1, 3, 2, 4, 1)
+    initial = [tuple(rng.standard_normal((1, n)).astype(spec.dtype) for n in c.state_sizes) for c in spec.cells]
+    x = rng.standard_normal((sum(chunks), 1, D)).astype(spec.dtype)
+    mask = None
+    if spec.masking in ("carry", "zero"):
+        mask = rng.random((sum(chunks), 1)) > 0.3
+        # A call starts its carried output from zeros, as a Keras call does: each chunk's first step is valid.
+        mask[np.cumsum((0,) + chunks[:-1])] = True
+    full = np.full(1, sum(chunks), dtype=np.int64) if spec.masking == "lengths" else None
+    expected, expected_states = run_stack(spec, weights, x, mask=mask, lengths=full, initial_states=initial)
+    kernel, packed = get_kernel(spec), pack_weights(spec, weights)
+    states = [np.array(s) for cell_states in initial for s in cell_states]
+    outputs, start = [], 0
+    for n, steps in enumerate(chunks):
+        if n == 1:  # compiled by now: the scheduler is not asked again
+            monkeypatch.setattr(kernel, "_scheduler", None)
+        condition = (mask[start:start + steps] if mask is not None
+                     else np.full(1, steps, dtype=np.int64) if full is not None else None)
+        outputs.append(kernel(np.ascontiguousarray(x[start:start + steps]), condition, states, packed))
+        start += steps
+    grouped = [tuple(states[i:i + len(c.state_names)]) for i, c in
+               zip(np.cumsum([0] + [len(c.state_names) for c in spec.cells]), spec.cells)]
+    if spec.return_sequences:
+        got = np.concatenate(outputs)
+    else:  # the last chunk's output: the last step's (carried over masked steps, as one call would)
+        got = outputs[-1]
+    assert_matches_reference(spec, got, grouped, expected, expected_states)
+
+
+def test_a_static_kernel_refuses_another_length_on_one_row_after_its_first_call():
+    spec = dataclasses.replace(CASES["lstm_carry_last"], unroll=T)
+    rng = np.random.default_rng(2)
+    weights = _weights(spec, rng)
+    x, mask, _, initial = _inputs(spec, rng, batch=1)
+    got, _ = _run_kernel(spec, weights, x, mask, None, initial)
+    assert got.shape == (1, spec.output_size)
+    with pytest.raises(ValueError, match=f"statically unrolled for {T} time steps; got 2"):
+        _run_kernel(spec, weights, x[:2], mask[:2], None, initial)

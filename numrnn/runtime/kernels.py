@@ -149,6 +149,22 @@ class Kernel:
         ``out``: the ``(T or 1, B, W)`` output buffer, allocated when not given.
         """
         T, B = x.shape[0], x.shape[1]
+        if B == 1 and T <= STREAMING_MAX_STEPS and self._stream is not None:
+            # Fast path (streaming): no split, input projection too small for OpenBLAS to thread, and none
+            # of the checks below can fail. LSTM(32), one step per call: the bare numba call takes 1.3 us
+            # (0.8 of it numba's dispatch of the 11 arguments), and this path added 1.2 us to it before
+            # it came first, with nothing but what it needs. Its product is BLAS's gemv (small = 0): the
+            # packed product took 3.9-6.4 us per call against 3.6-6.0 (minimums, four fresh processes each).
+            function, shapes, dtype, has_condition, sequences = self._stream
+            y = np.empty(shapes[T], dtype) if out is None else out
+            ws = getattr(self._thread_local, "ws", None)
+            if ws is None or ws.size < self._streaming_size:
+                ws = self._thread_workspace(self._streaming_size)
+            if has_condition:
+                function(x, condition, *states, *weights, y, ws, 0)
+            else:
+                function(x, *states, *weights, y, ws, 0)
+            return y if sequences else y[0]
         if T * B > MAX_BLAS_ROWS:
             raise ValueError(f"x: {T} steps of {B} rows are {T * B} rows of input projection; BLAS takes at most "
                              f"{MAX_BLAS_ROWS} (split the batch or the sequence)")
@@ -160,10 +176,7 @@ class Kernel:
         if self.spec.unit_split > 1 or self.spec.direction_split:
             self._run_split(x, cond, states, weights, y)
         elif B == 1 and T <= STREAMING_MAX_STEPS and self.compile_seconds is not None:
-            # Fast path (streaming): no split, input projection too small for OpenBLAS to thread.
-            # Measured, LSTM(32) one step per call: 2.7 us for the bare numba call, 10 us through
-            # the general path below. Its product is BLAS's gemv (small = 0): the packed product
-            # took 3.9-6.4 us per call against 3.6-6.0 (minimums, four fresh processes each).
+            # A statically unrolled kernel's streaming call (the fast path above is for the dynamic loop).
             self.function(x, *cond, *states, *weights, y, self._thread_workspace(self._streaming_size), 0)
         else:
             schedule, workers = self._scheduler.choose(T, B)
@@ -194,6 +207,10 @@ class Kernel:
         self._shared: tuple[tuple[int, int, int], tuple[np.ndarray, ...]] | None = None
         self._streaming_size = (self.workspace_size(STREAMING_MAX_STEPS, STREAMING_MAX_STEPS, 1)
                                 if self.workspace_size is not None else 0)
+        #: What the fast path of one-row calls of up to STREAMING_MAX_STEPS steps needs, in one attribute
+        #: (each costs a lookup in a 2 us call); set once compiled, for unsplit kernels of the dynamic loop (a
+        #: static one checks its T first).
+        self._stream: tuple | None = None
 
     def _try_split(self, schedule: str, workers: int, x, cond, states, weights, y) -> bool:
         """Run the call on the unit- or direction-split kernel; False if another split call is running."""
@@ -305,6 +322,10 @@ class Kernel:
                     self._compile_for(args)
                     self.function(*args)
                 self.compile_seconds = time.perf_counter() - start
+                if self.spec.unroll is None:
+                    shapes = tuple((T if self._sequences else 1, 1, self._width)
+                                   for T in range(STREAMING_MAX_STEPS + 1))
+                    self._stream = (self.function, shapes, self._dtype, self._has_condition, self._sequences)
                 log.debug("first call of %s took %.2f s (compile or cache load)", self.spec.kernel_name(),
                           self.compile_seconds)
         self(x, cond[0] if cond else None, states, weights, out=y)
