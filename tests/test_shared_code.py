@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -221,17 +220,34 @@ def test_packed_weights_start_on_a_cache_line_and_keep_their_values():
 @pytest.mark.parametrize("environment, width", [
     ({"NUMBA_CPU_FEATURES": "+avx2,+fma,+avx512f"}, 64),
     ({"NUMBA_CPU_FEATURES": "+avx2,+fma,-avx512f"}, 32),
-    ({"NUMBA_CPU_FEATURES": "+avx2,+avx512f", "NUMBA_ENABLE_AVX": "0"}, 32),
+    ({"NUMBA_CPU_FEATURES": "+avx2,+avx512f", "NUMBA_ENABLE_AVX": "0"}, 64),  # numba takes given features as given
     ({"NUMBA_CPU_NAME": "generic"}, 32),  # numba compiles for no features then
+    ({"NUMBA_ENABLE_AVX": "0"}, 32),  # the host's features without AVX
+    ({"NUMBA_CPU_NAME": "nocona"}, 32),  # numba turns AVX off for it (virtual machines report it wrongly)
     ({"NUMBA_CPU_FEATURES": "+avx512f", "NUMRNN_VECTOR_BYTES": "32"}, 32),
     ({"NUMBA_CPU_FEATURES": "", "NUMRNN_VECTOR_BYTES": "64"}, 64),
 ])
-def test_the_vector_width_follows_numbas_target(environment, width, monkeypatch):
+def test_the_vector_width_follows_numbas_environment_before_numba_is_imported(environment, width, monkeypatch):
+    monkeypatch.delitem(sys.modules, "numba.core.config")  # as before numba's import: its environment is read
     for name in ("NUMBA_CPU_FEATURES", "NUMBA_CPU_NAME", "NUMBA_ENABLE_AVX", "NUMRNN_VECTOR_BYTES"):
         monkeypatch.delenv(name, raising=False)
     for name, value in environment.items():
         monkeypatch.setenv(name, value)
     assert vector_bytes.__wrapped__() == width
+
+
+def test_the_vector_width_follows_numbas_settings_once_it_is_imported(monkeypatch):
+    # Read from numba.core.config, which its config file or the caller may have set; not from the environment.
+    from numba.core import config
+
+    monkeypatch.delenv("NUMRNN_VECTOR_BYTES", raising=False)
+    monkeypatch.setenv("NUMBA_CPU_FEATURES", "+avx512f")
+    for name, features, enable_avx, width in (("generic", "", True, 32), (None, "+avx2,+avx512f", True, 64),
+                                              (None, "+avx2,-avx512f", True, 32), (None, None, False, 32)):
+        monkeypatch.setattr(config, "CPU_NAME", name)
+        monkeypatch.setattr(config, "CPU_FEATURES", features)
+        monkeypatch.setattr(config, "ENABLE_AVX", enable_avx)
+        assert vector_bytes.__wrapped__() == width
 
 
 def test_a_vector_width_other_than_32_or_64_is_refused(monkeypatch):
@@ -240,41 +256,100 @@ def test_a_vector_width_other_than_32_or_64_is_refused(monkeypatch):
         vector_bytes.__wrapped__()
 
 
-def test_the_other_vector_width_matches_the_reference():
-    # A machine's tests run its own width; the other one runs here in a fresh process, on the packed product
-    # for every row (1 to 7: the 4-row blocks and each leftover pass) and partial panels of both dtypes.
-    script = """
-        import numpy as np
-        from reference import run_stack
-        from codegen.cells.common import panel_width
-        from codegen.spec import CellSpec, simple_stack
-        from numrnn.runtime import get_kernel, pack_weights
+#: Runs the packed product on every row (1 to 7: the 4-row blocks and each leftover pass, one row's four panels
+#: a pass) and partial panels, both dtypes, at this process's vector width; ``outputs()`` returns the results.
+_WIDTH_SCRIPT = """
+import numpy as np
+from codegen.spec import CellSpec, simple_stack
+from numrnn.runtime import get_kernel, pack_weights
 
-        rng = np.random.default_rng(3)
-        for dtype, cells in (("float32", [CellSpec("gru", 37), CellSpec("lstm", 9)]),
-                             ("float64", [CellSpec("lstm", 21)])):
-            spec = simple_stack(cells, 5, dtype=dtype)
-            weights = [{k: rng.uniform(-0.5, 0.5, s) for k, s in c.weight_shapes(n).items()}
-                       for c, n in zip(spec.cells, spec.input_sizes())]
-            kernel = get_kernel(spec)
-            for rows in range(1, 8):
-                x = rng.standard_normal((6, rows, 5))
-                states = [np.zeros((rows, n)) for c in spec.cells for n in c.state_sizes]
-                y = np.empty((6, rows, spec.output_size))
-                ws = np.empty(kernel.workspace_size(6, 6, rows))
-                cast = [a.astype(dtype) for a in (x, *states)]
-                y, ws = y.astype(dtype), ws.astype(dtype)
-                kernel.function(*cast, *pack_weights(spec, weights), y, ws, 128)
-                expected, _ = run_stack(spec, weights, x)
-                tolerance = 2e-5 if dtype == "float32" else 1e-10
-                np.testing.assert_allclose(y, expected, rtol=tolerance, atol=tolerance)
-        print("panel width", panel_width("float32"))
-    """
+
+def outputs():
+    rng = np.random.default_rng(3)
+    results = []
+    for dtype, cells in (("float32", [CellSpec("gru", 43), CellSpec("lstm", 9)]), ("float64", [CellSpec("lstm", 21)])):
+        spec = simple_stack(cells, 5, dtype=dtype)
+        weights = [{k: rng.uniform(-0.5, 0.5, s) for k, s in c.weight_shapes(n).items()}
+                   for c, n in zip(spec.cells, spec.input_sizes())]
+        kernel = get_kernel(spec)
+        for rows in range(1, 8):
+            x = rng.standard_normal((6, rows, 5)).astype(dtype)
+            states = [np.zeros((rows, n), dtype) for c in spec.cells for n in c.state_sizes]
+            y = np.empty((6, rows, spec.output_size), dtype)
+            ws = np.empty(kernel.workspace_size(6, 6, rows), dtype)
+            kernel.function(x, *states, *pack_weights(spec, weights), y, ws, 128)
+            results.append((spec, weights, x, y))
+    return results
+"""
+
+
+def test_the_other_vector_width_computes_the_same_sums_and_packs_again(tmp_path):
+    # A machine's tests run its own width; the other one runs in a fresh process. Each output adds its terms in
+    # input order, one multiply-add each, at either width: the results are equal bit for bit. A layer pickled
+    # here packs its weights again there; weights packed here are refused there, by name.
+    import pickle
+
+    import numrnn
+
+    namespace = {}
+    exec(_WIDTH_SCRIPT, namespace)
+    here = namespace["outputs"]()
+    for spec, weights, x, y in here:
+        expected, _ = run_stack(spec, weights, x)
+        tolerance = 2e-5 if spec.dtype == "float32" else 1e-10
+        np.testing.assert_allclose(y, expected, rtol=tolerance, atol=tolerance)
+    layer = numrnn.LSTM(40, return_sequences=True)
+    x = np.random.default_rng(4).standard_normal((3, 6, 5)).astype(np.float32)
+    lstm40 = simple_stack([CellSpec("lstm", 40)], 5)
+    stale = pack_weights(lstm40, [{k: np.ones(s) for k, s in lstm40.cells[0].weight_shapes(5).items()}])
+    with open(tmp_path / "here.pickle", "wb") as file:
+        pickle.dump(([y for *_, y in here], layer, layer(x), x, stale), file)
+    script = _WIDTH_SCRIPT + """
+import pickle, sys
+import numpy as np
+import pytest
+from codegen.cells.common import panel_width
+from codegen.spec import CellSpec, simple_stack
+
+with open(sys.argv[1], "rb") as file:
+    ys, layer, layer_y, x, stale = pickle.load(file)
+for y, (*_, there) in zip(ys, outputs(), strict=True):
+    np.testing.assert_array_equal(there, y)
+np.testing.assert_array_equal(layer(x), layer_y)
+spec = simple_stack([CellSpec("lstm", 40)], 5)
+kernel = get_kernel(spec)
+states = [np.zeros((3, 40), np.float32) for _ in range(2)]
+with pytest.raises(ValueError, match=f"w0_wx_panels: panels of {panel_width('float32')} columns expected"):
+    kernel(np.ascontiguousarray(x.transpose(1, 0, 2)), None, states, stale)
+print("panel width", panel_width("float32"))
+"""
     other = {32: 64, 64: 32}[vector_bytes()]
     tests = str(Path(__file__).parent)
     env = {**os.environ, "NUMRNN_VECTOR_BYTES": str(other),
            "PYTHONPATH": os.pathsep.join(filter(None, [tests, str(Path(tests).parent), os.environ.get("PYTHONPATH")]))}
-    result = subprocess.run([sys.executable, "-c", textwrap.dedent(script)], env=env, capture_output=True, text=True,
-                            timeout=600)
+    result = subprocess.run([sys.executable, "-c", script, str(tmp_path / "here.pickle")], env=env,
+                            capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr
     assert f"panel width {2 * other // 4}" in result.stdout
+
+
+def test_kernels_refuse_panels_of_another_width(monkeypatch):
+    # Panels packed for other vectors (another process's): the unsplit kernel checks them in its generated code,
+    # a split call in Python before it cuts them into the workers' slices.
+    spec = simple_stack([CellSpec("lstm", 4)], 3, dtype="float64")
+    rng = np.random.default_rng(2)
+    weights = [{k: rng.uniform(-0.5, 0.5, s) for k, s in c.weight_shapes(n).items()}
+               for c, n in zip(spec.cells, spec.input_sizes())]
+    packed = pack_weights(spec, weights)
+    names = packed_names(spec.cells[0])
+    index = names.index("wh_panels")
+    wide = packed[index]
+    packed[index] = np.zeros(wide.shape[:2] + (2 * wide.shape[2],))
+    kernel = get_kernel(spec)
+    x, states = np.zeros((5, 2, 3)), [np.zeros((2, 4)), np.zeros((2, 4))]
+    width = panel_width("float64")
+    with pytest.raises(ValueError, match=f"w0_wh_panels: panels of {width} columns expected, as this process"):
+        kernel(x, None, states, packed)
+    monkeypatch.setenv("NUMRNN_SCHEDULE", "units")
+    with pytest.raises(ValueError, match=rf"weights\[{index}\] \(cell 0 wh_panels\): panels of {width} columns"):
+        kernel(x, None, states, packed)

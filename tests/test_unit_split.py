@@ -133,7 +133,7 @@ def test_auto_policy_splits_units_only_for_large_recurrent_matrices_at_one_row_o
     assert schedule.choose(tiny, 50, 64) == ("batch", 2)
     monkeypatch.setattr(schedule, "packed_product_rows", lambda: schedule.PACKED_PRODUCT_MAX_ROWS)  # the default
     assert schedule.choose(latency, 100, 64) == ("batch", 2)  # every batch worker runs the packed product
-    monkeypatch.setattr(schedule, "packed_product_rows", lambda: 0)  # NUMRNN_PACKED_PRODUCT_ROWS=0: BLAS for every row
+    monkeypatch.setattr(schedule, "packed_product_rows", lambda: 0)  # BLAS for every row
     assert schedule.choose(latency, 100, 17) == ("units", 2)
     projected = simple_stack([CellSpec("lstm", 256, proj_units=128)], 256)
     assert schedule.choose(projected, 100, 1) == ("serial", 1)

@@ -46,8 +46,9 @@ def packed_names(cell: CellSpec) -> list[str]:
     return ["wx", panels_name("wx")] + (["b"] if cell.use_bias else []) + recurrent_names(cell)
 
 
-#: Byte alignment of every packed array (a cache line). The packed product loads 32-byte vectors from
-#: 64-byte panel rows; 16 or 48 bytes off a line, every other load straddles two lines. One thread,
+#: Byte alignment of every packed array (a cache line). The packed product loads its vectors from panel
+#: rows of two; measured with 32-byte vectors (64-byte panel rows), 16 or 48 bytes off a line, every other
+#: load straddles two lines. One thread,
 #: rows x inputs x outputs, panels aligned / 16, 32, 48 bytes off: 1x64x256 0.68 / 1.11, 0.97, 1.07 us;
 #: 32x512x2048 800 / 798, 868, 849 us. numpy's own arrays of this size start 16 bytes into a page.
 ALIGNMENT = 64

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import functools
 import os
+import platform
+import sys
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -121,12 +123,14 @@ def vector_bytes() -> int:
     ``numrnn bench``, alternating processes, 32 -> 64 bytes: seed002
     15.1-15.2 -> 14.4-14.5 ms, throughput512 277 -> 265 ms, seed000 71.5 ->
     68.9 ms, tiny64 46.1-46.8 against 46.5-47.4 us, latency256 within noise).
-    Cores with full-width AVX-512 units do twice the multiply-adds per cycle
-    with them. The target is numba's: ``NUMBA_CPU_FEATURES`` where set (none
-    for ``NUMBA_CPU_NAME=generic``), else the host's as LLVM reads them, none
-    of AVX with ``NUMBA_ENABLE_AVX=0``. ``NUMRNN_VECTOR_BYTES`` (32 or 64)
-    overrides; either width runs anywhere, LLVM splitting vectors wider than
-    the machine's.
+    Cores with full-width AVX-512 units can do twice the multiply-adds per
+    cycle with them (not measured here). The target is numba's
+    (:func:`_target_features`). ``NUMRNN_VECTOR_BYTES`` (32 or 64) overrides;
+    either width computes the same sums on any machine, but 64-byte vectors
+    where numba compiles without AVX-512 are split by LLVM and spill (the
+    block shapes are sized for AVX2's 16 registers), so they run slower.
+    Weights packed in one process fit only kernels of its width: the facades
+    pack again after unpickling, and the kernels refuse other panels.
     """
     configured = os.environ.get("NUMRNN_VECTOR_BYTES", "").strip()
     if configured:
@@ -138,21 +142,53 @@ def vector_bytes() -> int:
 
 
 def _target_features() -> set[str]:
-    """The CPU features numba compiles for, as LLVM spells them (``+avx2``, ``-avx512f`` ...)."""
-    features = os.environ.get("NUMBA_CPU_FEATURES")
-    if features is None and os.environ.get("NUMBA_CPU_NAME", "").strip().lower() == "generic":
-        features = ""
+    """The CPU features numba compiles for, as LLVM spells them (``+avx2``, ``-avx512f`` ...).
+
+    numba's settings where numba is imported (they may come from its config
+    file or be set in code); before that, its environment variables, read as
+    numba reads them (``numba.core.config``, ``numba.core.codegen``): explicit
+    features as given, none for the generic CPU, else the host's, without
+    AVX where numba turns it off.
+    """
+    config = sys.modules.get("numba.core.config")
+    if config is not None:
+        name, features, enable_avx = config.CPU_NAME, config.CPU_FEATURES, config.ENABLE_AVX
+    else:
+        name, features, enable_avx = os.environ.get("NUMBA_CPU_NAME"), os.environ.get("NUMBA_CPU_FEATURES"), None
+        if features is None and str(name).lower() == "generic":
+            features = ""
     if features is None:
         from llvmlite import binding  # numba imports it anyway; not at ``import numrnn``
 
         try:
-            features = binding.get_host_cpu_features().flatten()
+            host = binding.get_host_cpu_features()
         except RuntimeError:  # LLVM cannot read this host's features
-            features = ""
-    enabled = {feature.strip() for feature in features.split(",")}
-    if os.environ.get("NUMBA_ENABLE_AVX", "").strip() == "0":
-        enabled = {feature for feature in enabled if not feature.startswith("+avx")}
-    return enabled
+            return set()
+        if not (_numba_enables_avx(name or binding.get_host_cpu_name()) if enable_avx is None else enable_avx):
+            host = {feature: enabled and not feature.startswith("avx") for feature, enabled in host.items()}
+        return {("+" if enabled else "-") + feature for feature, enabled in host.items()}
+    return {feature.strip() for feature in features.split(",")}
+
+
+def _numba_enables_avx(cpu_name: str) -> bool:
+    """numba's ``ENABLE_AVX`` before numba is imported: ``NUMBA_ENABLE_AVX``, else its default for ``cpu_name``."""
+    setting = os.environ.get("NUMBA_ENABLE_AVX")
+    if setting is not None:
+        try:
+            return bool(int(setting))
+        except ValueError:
+            return True  # numba warns and keeps its default, the function that computes it: true
+    if sys.platform.startswith("linux") and platform.machine() in ("i386", "i586", "i686", "x86_64"):
+        try:
+            with open("/proc/cpuinfo") as cpuinfo:
+                flags = next((line.partition(":")[2].split() for line in cpuinfo
+                              if line.partition(":")[0].strip() == "flags"), [])
+        except OSError:
+            flags = ["avx"]
+        if "avx" not in flags:
+            return False
+    # AVX is off for CPUs where LLVM's AVX code was slow, and for a name that virtual machines report wrongly.
+    return cpu_name not in {"corei7-avx", "core-avx-i", "sandybridge", "ivybridge", "nocona"}
 
 
 def panel_width(dtype: str) -> int:

@@ -55,6 +55,7 @@ from codegen.cells.common import (
     emit_scratch_for_output,
     emit_step_times,
     extern_name,
+    panel_width,
     panels_name,
     vector_bytes,
 )
@@ -510,7 +511,24 @@ def _emit_kernel(em: Emitter, spec: StackSpec, layers: list[Layer], workspace: W
             elif not last_block:
                 body("inp = dest")
         workspace.emit_check(em)
+        emit_panel_checks(em, spec)
         em.extend(body)
+
+
+def emit_panel_checks(em: Emitter, spec: StackSpec) -> None:
+    """Raise unless every panel argument is as wide as this process packs them.
+
+    The packed product's C entry cannot check what it reads, and panels that
+    another process packed (pickled, saved) may be for other vectors
+    (``codegen.cells.common.vector_bytes``): narrower ones would leave outputs
+    unwritten, wider ones would be written past their rows.
+    """
+    width = panel_width(spec.dtype)
+    for argument in kernel_arguments(spec):
+        if argument.endswith(panels_name("")):
+            with em.block(f"if {argument}.shape[2] != {width}:"):
+                em(f'raise ValueError("{argument}: panels of {width} columns expected, as this process packs them '
+                   f'(weights packed by another process or machine: pack them again in this one)")')
 
 
 def chain_of(layers: list[Layer], block: int, direction: int) -> list[Layer]:

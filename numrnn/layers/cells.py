@@ -163,6 +163,11 @@ class RNNCell:
         self._require_built("logical_weights")
         return self._logical
 
+    def __getstate__(self) -> dict:
+        # The pack is made again after unpickling: its panels are as wide as this process's vectors
+        # (codegen.cells.common.vector_bytes), which another process or machine may not share.
+        return {**self.__dict__, "_packed": None}
+
     def packed(self) -> list[np.ndarray]:
         """The kernel's weight arguments for this cell, packed once per weight change.
 

@@ -16,6 +16,7 @@ import numpy as np
 
 from codegen import StackSpec, generate_source
 from codegen.cells import aligned_copy, pack, packed_names, split_packed
+from codegen.cells.common import panel_width, panels_name
 from codegen.targets.cpu import (
     PACKED_PROJECTION_MAX_ROWS,
     SHARED_SUFFIX,
@@ -207,6 +208,9 @@ class Kernel:
         self._shared: tuple[tuple[int, int, int], tuple[np.ndarray, ...]] | None = None
         self._streaming_size = (self.workspace_size(STREAMING_MAX_STEPS, STREAMING_MAX_STEPS, 1)
                                 if self.workspace_size is not None else 0)
+        names = [f"cell {k} {name}" for k, cell in enumerate(self.spec.cells) for name in packed_names(cell)]
+        width = panel_width(self.spec.dtype)
+        self._panel_weights = [(i, name, width) for i, name in enumerate(names) if name.endswith(panels_name(""))]
         #: What the fast path of one-row calls of up to STREAMING_MAX_STEPS steps needs, in one attribute
         #: (each costs a lookup in a 2 us call); set once compiled, for unsplit kernels of the dynamic loop (a
         #: static one checks its T first).
@@ -239,6 +243,7 @@ class Kernel:
         the call raises instead of hanging.
         """
         start = time.perf_counter() if self.compile_seconds is None else None
+        self._check_panels(weights)
         T, B = x.shape[0], x.shape[1]
         if self.spec.unit_split > 1:
             n, weights = self.spec.unit_split, self._worker_weights(weights)
@@ -261,6 +266,18 @@ class Kernel:
             self.compile_seconds = time.perf_counter() - start
             log.debug("first call of %s took %.2f s (compile or cache load, and one run)", self.spec.kernel_name(),
                       self.compile_seconds)
+
+    def _check_panels(self, weights: list[np.ndarray]) -> None:
+        """Raise unless every panel weight is as wide as this process packs them (``emit_panel_checks``).
+
+        The unsplit kernels check it themselves; a split kernel's workers get
+        column slices of the panels, cut in Python, so the check is made here.
+        """
+        for index, name, width in self._panel_weights:
+            if weights[index].shape[-1] != width:
+                raise ValueError(f"weights[{index}] ({name}): panels of {width} columns expected, as this process "
+                                 f"packs them; got {weights[index].shape[-1]} (weights packed by another process or "
+                                 f"machine: pack them again in this one)")
 
     def _shared_buffers(self, T: int, T_out: int, B: int) -> tuple[np.ndarray, ...]:
         """The generated ``shared_buffers`` of a call's shape, kept for the next call of that shape.

@@ -88,8 +88,8 @@ past the hand loop) 0.51-0.77. throughput512 (2xLSTM(512) B64 T100 D512):
 560 -> 432 ms.
 Those figures predate the packed product. With it, every batch worker up to
 :data:`PACKED_PRODUCT_MAX_ROWS` rows runs the packed product, so the
-GEMM-sized unit split only remains where ``NUMRNN_PACKED_PRODUCT_ROWS``
-leaves those rows to BLAS. Alternating both schedules in one process, packed
+GEMM-sized unit split only remains where BLAS keeps those rows
+(:func:`packed_product_rows`). Alternating both schedules in one process, packed
 products on, medians: throughput512 batch 379 / units 411 ms, seed002 26.8 /
 34.3 ms, seed000 155 / 162 ms.
 
@@ -131,6 +131,7 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 
 from codegen import StackSpec
+from codegen.cells.common import vector_bytes
 from codegen.targets.cpu_dirsplit import WORKERS as DIRECTION_WORKERS
 from numrnn.runtime import cpus
 
@@ -292,7 +293,7 @@ class Scheduler:
             return True
         if self.recurrent_bytes < UNIT_SPLIT_MIN_GEMM_WEIGHT_BYTES:
             return False
-        # Only where BLAS takes a batch worker's rows (NUMRNN_PACKED_PRODUCT_ROWS under them); not measured below 9.
+        # Only where BLAS takes a batch worker's rows (see packed_product_rows); not measured below 9 rows.
         return self.workers * max(packed_product_rows(), 8) < batch <= UNIT_SPLIT_MAX_GEMM_ROWS
 
     def batch_choice(self, steps: int, batch: int) -> tuple[str, int]:
@@ -462,13 +463,37 @@ def packed_product_rows() -> int:
     of ``numrnn bench``, alternating, BLAS / packed: seed000 77.1-77.5 /
     70.8-73.8 ms, seed002 16.7-17.7 / 15.5-15.8 ms, latency256 867 / 816 us,
     tiny64 54 / 46 us, throughput512 341-357 / 280-283 ms, bidir_masked
-    4.9-5.7 / 4.9-5.0 ms), and it now takes AVX-512's vectors where numba
-    compiles for them (``codegen.cells.common.vector_bytes``), so it runs
-    wherever BLAS's small-matrix kernels would.
+    4.9-5.7 / 4.9-5.0 ms). It now takes AVX-512's vectors where numba
+    compiles for them (``codegen.cells.common.vector_bytes``), as wide as
+    those kernels' own. Where its vectors are narrower than theirs (numba
+    compiling without AVX-512, or ``NUMRNN_VECTOR_BYTES=32``), BLAS keeps the
+    rows, as before: a core with full-width AVX-512 units may do twice the
+    packed product's multiply-adds there (not measured).
     ``NUMRNN_PACKED_PRODUCT_ROWS`` overrides the choice.
     """
     configured = _env_int("NUMRNN_PACKED_PRODUCT_ROWS", 0)
-    return PACKED_PRODUCT_MAX_ROWS if configured is None else configured
+    if configured is not None:
+        return configured
+    if vector_bytes() < 64 and _openblas_has_avx512_kernels():
+        return 0
+    return PACKED_PRODUCT_MAX_ROWS
+
+
+#: OpenBLAS cores with AVX-512 small-matrix GEMM kernels.
+_AVX512_CORES = ("skylakex", "cooperlake", "sapphirerapids")
+
+
+def _openblas_has_avx512_kernels() -> bool:
+    """Whether an OpenBLAS that the kernels' GEMMs may call runs its AVX-512 kernels."""
+    for path in _openblas_paths():
+        try:
+            corename = ctypes.CDLL(path).scipy_openblas_get_corename
+        except (OSError, AttributeError):
+            continue
+        corename.restype = ctypes.c_char_p
+        if corename().decode().lower() in _AVX512_CORES:
+            return True
+    return False
 
 
 def pool() -> ThreadPoolExecutor:

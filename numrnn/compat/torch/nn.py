@@ -178,6 +178,10 @@ class RNNBase:
             out.append(torch_layer_weights(cell, **arrays))
         return out
 
+    def __getstate__(self) -> dict:
+        # The pack is made again after unpickling, as the Keras-style cells' is (its panels' width is the process's).
+        return {**self.__dict__, "_packed": None}
+
     def _packed_weights(self, spec: StackSpec) -> list[np.ndarray]:
         # The version is read before the weights and stored with the pack in one assignment, so a pack of
         # weights that load_state_dict replaced meanwhile (another thread) is made again on the next call.

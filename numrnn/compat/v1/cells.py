@@ -306,6 +306,10 @@ class LeafCell(RNNCell):
         self._require_built("get_weights")
         return [np.asarray(a, dtype=self._dtype) for a in tf1_cell_arrays(self.cell_spec(), self._logical)]
 
+    def __getstate__(self) -> dict:
+        # Packs are made again after unpickling, as the Keras-style cells' are (their panels' width is the process's).
+        return {**self.__dict__, "_packed": {}}
+
     def packed(self, dtype: str) -> list[np.ndarray]:
         """The kernel's weight arguments for this cell in ``dtype`` (cached)."""
         self._require_built("packed")
