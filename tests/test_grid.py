@@ -204,7 +204,7 @@ def test_one_row_calls_of_a_few_steps_carry_their_states_like_one_long_call(name
         else:
             outputs.append(kernel(chunk, condition, states, packed))
         start += steps
-    assert kernel._stream is not None  # the fast path's constants: it ran
+    assert kernel._stream_shapes is not None  # set once compiled: the fast path ran
     grouped = [tuple(states[i:i + len(c.state_names)]) for i, c in
                zip(np.cumsum([0] + [len(c.state_names) for c in spec.cells]), spec.cells)]
     if spec.return_sequences:

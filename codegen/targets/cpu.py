@@ -527,8 +527,13 @@ def emit_panel_checks(em: Emitter, spec: StackSpec) -> None:
     for argument in kernel_arguments(spec):
         if argument.endswith(panels_name("")):
             with em.block(f"if {argument}.shape[2] != {width}:"):
-                em(f'raise ValueError("{argument}: panels of {width} columns expected, as this process packs them '
-                   f'(weights packed by another process or machine: pack them again in this one)")')
+                em(f'raise ValueError("{wrong_panels_message(argument, width)}")')
+
+
+def wrong_panels_message(argument: str, width: int) -> str:
+    """What a kernel says of an ``argument`` whose panels are not ``width`` columns wide (split calls say it too)."""
+    return (f"{argument}: panels of {width} columns expected, as this process packs them "
+            "(weights packed by another process or machine: pack them again in this one)")
 
 
 def chain_of(layers: list[Layer], block: int, direction: int) -> list[Layer]:

@@ -23,6 +23,7 @@ from codegen.targets.cpu import (
     condition_args,
     generate_shared,
     shared_module_name,
+    wrong_panels_message,
 )
 from codegen.targets.cpu_dirsplit import WORKERS as DIRECTION_WORKERS
 from numrnn.runtime import helper
@@ -150,23 +151,20 @@ class Kernel:
         ``out``: the ``(T or 1, B, W)`` output buffer, allocated when not given.
         """
         T, B = x.shape[0], x.shape[1]
-        if B == 1 and T <= STREAMING_MAX_STEPS and self._stream is not None:
+        if B == 1 and T <= STREAMING_MAX_STEPS and self._stream_shapes is not None:
             # Fast path (streaming): no split, input projection too small for OpenBLAS to thread, and none
             # of the checks below can fail. LSTM(32), one step per call: the bare numba call takes 1.3 us
             # (0.8 of it numba's dispatch of the 11 arguments), and this path added 1.2 us to it before
-            # it came first, with nothing but what it needs. Its product is BLAS's gemv (small = 0): the
+            # it came first, with nothing but what it needs (1.0 us since). Its product is BLAS's gemv (small = 0): the
             # packed product took 3.9-6.4 us per call against 3.6-6.0 (AVX2 Zen 3, minimums, four fresh
             # processes each); on an AVX-512 Zen 4, 1.28 against 1.33 us (bare calls, best of 7 x 100000).
-            function, shapes, dtype, has_condition, sequences = self._stream
-            y = np.empty(shapes[T], dtype) if out is None else out
-            ws = getattr(self._thread_local, "ws", None)
-            if ws is None or ws.size < self._streaming_size:
-                ws = self._thread_workspace(self._streaming_size)
-            if has_condition:
-                function(x, condition, *states, *weights, y, ws, 0)
+            y = np.empty(self._stream_shapes[T], self._dtype) if out is None else out
+            ws = self._thread_workspace(self._streaming_size)
+            if self._has_condition:
+                self.function(x, condition, *states, *weights, y, ws, 0)
             else:
-                function(x, *states, *weights, y, ws, 0)
-            return y if sequences else y[0]
+                self.function(x, *states, *weights, y, ws, 0)
+            return y if self._sequences else y[0]
         if T * B > MAX_BLAS_ROWS:
             raise ValueError(f"x: {T} steps of {B} rows are {T * B} rows of input projection; BLAS takes at most "
                              f"{MAX_BLAS_ROWS} (split the batch or the sequence)")
@@ -210,12 +208,12 @@ class Kernel:
         self._streaming_size = (self.workspace_size(STREAMING_MAX_STEPS, STREAMING_MAX_STEPS, 1)
                                 if self.workspace_size is not None else 0)
         names = [f"cell {k} {name}" for k, cell in enumerate(self.spec.cells) for name in packed_names(cell)]
-        width = panel_width(self.spec.dtype)
-        self._panel_weights = [(i, name, width) for i, name in enumerate(names) if name.endswith(panels_name(""))]
-        #: What the fast path of one-row calls of up to STREAMING_MAX_STEPS steps needs, in one attribute
-        #: (each costs a lookup in a 2 us call); set once compiled, for unsplit kernels of the dynamic loop (a
-        #: static one checks its T first).
-        self._stream: tuple | None = None
+        self._panel_weights = [(i, name) for i, name in enumerate(names) if name.endswith(panels_name(""))]
+        self._panel_width = panel_width(self.spec.dtype)
+        #: The output's shape of a one-row call of ``T`` (up to STREAMING_MAX_STEPS) steps, by ``T``: set once
+        #: compiled, for unsplit kernels of the dynamic loop (a static one checks its T first), which then take
+        #: the fast path.
+        self._stream_shapes: tuple | None = None
 
     def _try_split(self, schedule: str, workers: int, x, cond, states, weights, y) -> bool:
         """Run the call on the unit- or direction-split kernel; False if another split call is running."""
@@ -274,11 +272,10 @@ class Kernel:
         The unsplit kernels check it themselves; a split kernel's workers get
         column slices of the panels, cut in Python, so the check is made here.
         """
-        for index, name, width in self._panel_weights:
-            if weights[index].shape[-1] != width:
-                raise ValueError(f"weights[{index}] ({name}): panels of {width} columns expected, as this process "
-                                 f"packs them; got {weights[index].shape[-1]} (weights packed by another process or "
-                                 f"machine: pack them again in this one)")
+        for index, name in self._panel_weights:
+            if weights[index].shape[-1] != self._panel_width:
+                raise ValueError(f"{wrong_panels_message(f'weights[{index}] ({name})', self._panel_width)}; "
+                                 f"got {weights[index].shape[-1]} columns")
 
     def _shared_buffers(self, T: int, T_out: int, B: int) -> tuple[np.ndarray, ...]:
         """The generated ``shared_buffers`` of a call's shape, kept for the next call of that shape.
@@ -341,9 +338,8 @@ class Kernel:
                     self.function(*args)
                 self.compile_seconds = time.perf_counter() - start
                 if self.spec.unroll is None:
-                    shapes = tuple((T if self._sequences else 1, 1, self._width)
-                                   for T in range(STREAMING_MAX_STEPS + 1))
-                    self._stream = (self.function, shapes, self._dtype, self._has_condition, self._sequences)
+                    self._stream_shapes = tuple((T if self._sequences else 1, 1, self._width)
+                                                for T in range(STREAMING_MAX_STEPS + 1))
                 log.debug("first call of %s took %.2f s (compile or cache load)", self.spec.kernel_name(),
                           self.compile_seconds)
         self(x, cond[0] if cond else None, states, weights, out=y)
