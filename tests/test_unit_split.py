@@ -216,3 +216,80 @@ def test_overlapping_single_threaded_blas_blocks_restore_the_count_when_the_last
         assert [setter(3) for setter in setters] == [3] * len(setters)
     finally:
         leave.set()
+
+
+def test_auto_policy_times_both_schedules_for_one_row_calls_at_the_edge_of_the_splits_gain(monkeypatch):
+    monkeypatch.delenv("NUMRNN_SCHEDULE", raising=False)
+    monkeypatch.setattr(schedule, "cores", lambda: 2)
+    tiny = simple_stack([CellSpec("lstm", 64)], 32)  # 64 KiB, 49 kFLOP a step
+    schedule_, workers, measured = schedule.Scheduler(tiny).plan(50, 1)
+    assert (schedule_, workers) == ("serial", 1)
+    assert measured.options == (("serial", 1), ("units", 2))
+    assert schedule.Scheduler(tiny).plan(50, 2)[2].options == (("batch", 2), ("units", 2))
+    assert schedule.Scheduler(tiny).plan(11, 1)[2].options == (("serial", 1), ("units", 2))  # 0.54 MFLOP
+    assert schedule.Scheduler(tiny).plan(10, 1)[2] is None  # 0.49 MFLOP
+    assert schedule.Scheduler(tiny).plan(50, 3)[2] is None  # more rows than a unit split takes
+    assert schedule.Scheduler(simple_stack([CellSpec("lstm", 48)], 32)).plan(100, 1)[2] is None  # 36 KiB
+    assert schedule.Scheduler(simple_stack([CellSpec("lstm", 256)], 256)).plan(100, 1) == ("units", 2, None)
+    assert schedule.Scheduler(simple_stack([CellSpec("lstm", 64, proj_units=32)], 32)).plan(50, 1)[2] is None
+    monkeypatch.setenv("NUMRNN_SCHEDULE", "serial")
+    assert schedule.Scheduler(tiny).plan(50, 1) == ("serial", 1, None)
+    monkeypatch.delenv("NUMRNN_SCHEDULE")
+    monkeypatch.setattr(schedule, "cores", lambda: 1)
+    assert schedule.Scheduler(tiny).plan(50, 1) == ("serial", 1, None)
+
+
+def test_measured_choice_times_each_option_then_runs_the_faster_and_times_both_again_every_round():
+    serial, units = ("serial", 1), ("units", 2)
+    choice = schedule.MeasuredChoice((serial, units))
+    samples = choice.SAMPLES
+    clock, seconds = 100.0, {serial: 3.0, units: 2.0}
+
+    def call():
+        option, timed = choice.pick(clock)
+        if timed:
+            choice.record(option, seconds[option])
+        return option, timed
+
+    first_round = [call() for _ in range(2 * (samples + 1))]
+    assert first_round == [(serial, False)] + [(serial, True)] * samples + [(units, False)] + [(units, True)] * samples
+    assert choice.medians() == {serial: 3.0, units: 2.0}
+    assert [call() for _ in range(5)] == [(units, False)] * 5  # the faster, untimed, until the next round
+    clock += 2 * choice.ROUND_SECONDS
+    assert [call() for _ in range(4)] == [(serial, False), (serial, True), (units, False), (units, True)]
+    assert call() == (units, False)
+    seconds[serial] = 1.0  # the host moved the threads: serial is faster now
+    for _ in range(samples // 2 + 1):
+        clock += 2 * choice.ROUND_SECONDS
+        assert [call()[0] for _ in range(4)] == [serial, serial, units, units]
+    assert choice.medians()[serial] == 1.0
+    assert call() == (serial, False)
+    clock += 2 * choice.ROUND_SECONDS
+    assert [call()[0] for _ in range(4)] == [units, units, serial, serial]  # the other option first
+
+
+def test_measured_calls_run_both_schedules_with_the_same_results(monkeypatch):
+    # A measured shape alternates the serial kernel and the unit split call by call: the results must not
+    # depend on which ran (every output sums its terms in the same order on both), bit for bit.
+    spec = CASES["stack_carry"]
+    monkeypatch.delenv("NUMRNN_SCHEDULE", raising=False)
+    monkeypatch.setattr(schedule, "cores", lambda: 2)
+    monkeypatch.setattr(schedule, "MEASURED_MIN_WEIGHT_BYTES", 0)
+    monkeypatch.setattr(schedule, "MEASURED_MIN_FLOPS", 0)
+    kernel = get_kernel(spec)
+    monkeypatch.setattr(kernel, "_scheduler", schedule.Scheduler(spec))
+    rng = np.random.default_rng(11)
+    weights = _weights(spec, rng)
+    x = rng.standard_normal((7, 1, D)).astype(spec.dtype)
+    mask = rng.random((7, 1)) > 0.3
+    initial = [tuple(rng.standard_normal((1, n)).astype(spec.dtype) for n in c.state_sizes) for c in spec.cells]
+    expected, expected_states = run_stack(spec, weights, x, mask=mask, initial_states=initial)
+    first, first_states = _run_kernel(spec, weights, x, mask, None, initial)
+    assert_matches_reference(spec, first, first_states, expected, expected_states)
+    for _ in range(2 * schedule.MeasuredChoice.SAMPLES + 2):
+        got, got_states = _run_kernel(spec, weights, x, mask, None, initial)
+        np.testing.assert_array_equal(got, first)
+        for got_cell, first_cell in zip(got_states, first_states):
+            for got_state, first_state in zip(got_cell, first_cell):
+                np.testing.assert_array_equal(got_state, first_state)
+    assert set(kernel._scheduler.plan(7, 1)[2].medians()) == {("serial", 1), ("units", 2)}

@@ -179,19 +179,31 @@ class Kernel:
             # A statically unrolled kernel's streaming call (the fast path above is for the dynamic loop).
             self.function(x, *cond, *states, *weights, y, self._thread_workspace(self._streaming_size), 0)
         else:
-            schedule, workers = self._scheduler.choose(T, B)
-            if schedule in ("units", "directions"):
-                if self._try_split(schedule, workers, x, cond, states, weights, y):
-                    return y if self._sequences else y[0]
-                workers = self._scheduler.batch_choice(T, B)[1]  # another split call is running
-            if self.compile_seconds is None:
-                self._first_call(x, cond, states, weights, y)
-                return y if self._sequences else y[0]
-            if workers == 1:
-                self._run_serial(x, cond, states, weights, y)
+            schedule, workers, measured = self._scheduler.plan(T, B)
+            if measured is None:
+                self._run_scheduled(schedule, workers, x, cond, states, weights, y)
             else:
-                self._run_batch_split(workers, x, cond, states, weights, y)
+                start = time.perf_counter()
+                option, timed = measured.pick(start)
+                if self._run_scheduled(*option, x, cond, states, weights, y) and timed:
+                    measured.record(option, time.perf_counter() - start)
         return y if self._sequences else y[0]
+
+    def _run_scheduled(self, schedule: str, workers: int, x, cond, states, weights, y) -> bool:
+        """Run the call as ``schedule`` on ``workers``; False if it ran otherwise (a first call, a busy split)."""
+        as_scheduled = True
+        if schedule in ("units", "directions"):
+            if self._try_split(schedule, workers, x, cond, states, weights, y):
+                return True
+            workers, as_scheduled = self._scheduler.batch_choice(x.shape[0], x.shape[1])[1], False  # a split is running
+        if self.compile_seconds is None:
+            self._first_call(x, cond, states, weights, y)
+            return False
+        if workers == 1:
+            self._run_serial(x, cond, states, weights, y)
+        else:
+            self._run_batch_split(workers, x, cond, states, weights, y)
+        return as_scheduled
 
     def __post_init__(self):
         self._sequences = self.spec.return_sequences

@@ -46,6 +46,12 @@ inside the kernel (:mod:`numrnn.runtime.partners`), not on the pool. Policy
   :data:`UNIT_SPLIT_MAX_GEMM_ROWS` and a recurrent matrix of at least
   :data:`UNIT_SPLIT_MIN_GEMM_WEIGHT_BYTES`; one split call runs at a time (a
   concurrent one falls back, so the partners can never wait on each other);
+- one- or two-row calls that the unit split could run, short of those
+  thresholds but with a recurrent matrix of at least
+  :data:`MEASURED_MIN_WEIGHT_BYTES` and :data:`MEASURED_MIN_FLOPS` a call,
+  are timed both ways (:class:`MeasuredChoice`): whether the split pays there
+  depends on the machine and, on a virtual one, on where the host runs its
+  CPUs at the time;
 - otherwise the batch split above.
 
 Why those limits (measured on the 2-core benchmark machine, 512 KiB L2 per
@@ -199,6 +205,13 @@ UNIT_SPLIT_MIN_FLOPS = 2.5e6
 #: Largest batch run with the direction split (a bidirectional stack; from 5 rows the batch split was
 #: as fast or faster).
 DIRECTION_SPLIT_MAX_ROWS = 4
+#: The smallest recurrent matrix whose one-row calls below the thresholds above are timed both ways
+#: (:class:`MeasuredChoice`): LSTM(64)'s 64 KiB split lost on an AVX2 Zen 3 and won from about 30
+#: steps on an AVX-512 Zen 4; LSTM(48)'s 36 KiB lost at every length on both.
+MEASURED_MIN_WEIGHT_BYTES = 64 * 1024
+#: Fewer FLOPs than this per call are never split, timed or not (LSTM(64) B1 T10, 1.0 MFLOP, lost by
+#: 1.2x on the Zen 4).
+MEASURED_MIN_FLOPS = 0.5e6
 SCHEDULES = ("auto", "serial", "batch", "units", "directions")
 
 
@@ -245,13 +258,22 @@ class Scheduler:
         self.workers = cores()
         self.flops_per_row_step = stack_flops(spec, 1, 1)
         self.recurrent_bytes = largest_recurrent_bytes(spec)
-        self.splits_units = (self.recurrent_bytes >= UNIT_SPLIT_MIN_WEIGHT_BYTES
-                             and unit_split_blocker(spec, self.workers) is None)
+        splittable = unit_split_blocker(spec, self.workers) is None
+        self.splits_units = splittable and self.recurrent_bytes >= UNIT_SPLIT_MIN_WEIGHT_BYTES
+        self.measures_units = splittable and self.recurrent_bytes >= MEASURED_MIN_WEIGHT_BYTES
         self.splits_directions = direction_split_blocker(spec, self.workers) is None
-        self._chosen: dict[tuple, tuple[str, int]] = {}
+        self._chosen: dict[tuple, tuple[str, int, MeasuredChoice | None]] = {}
 
     def choose(self, steps: int, batch: int) -> tuple[str, int]:
         """``("directions", 2)``, ``("units", n)``, ``("batch", n)`` or ``("serial", 1)`` for a call.
+
+        For a shape whose choice is measured (:meth:`plan`), the schedule it
+        runs until the timings decide.
+        """
+        return self.plan(steps, batch)[:2]
+
+    def plan(self, steps: int, batch: int) -> tuple[str, int, MeasuredChoice | None]:
+        """:meth:`choose`'s schedule and workers, and the :class:`MeasuredChoice` that overrides them, if any.
 
         Remembered per shape and ``NUMRNN_SCHEDULE`` (2.7 us a call worked
         out, of an 80-100 us tiny64 call).
@@ -261,8 +283,15 @@ class Scheduler:
         if chosen is None:
             if len(self._chosen) >= MAX_REMEMBERED_SHAPES:
                 self._chosen.clear()
-            chosen = self._chosen[key] = self._choose(steps, batch)
+            chosen = self._chosen[key] = self._plan(steps, batch)
         return chosen
+
+    def _plan(self, steps: int, batch: int) -> tuple[str, int, MeasuredChoice | None]:
+        schedule, workers = self._choose(steps, batch)
+        if (schedule in ("serial", "batch") and forced_schedule() == "auto" and self.measures_units
+                and batch <= UNIT_SPLIT_MAX_ROWS and self.flops_per_row_step * steps * batch >= MEASURED_MIN_FLOPS):
+            return schedule, workers, MeasuredChoice(((schedule, workers), ("units", self.workers)))
+        return schedule, workers, None
 
     def _choose(self, steps: int, batch: int) -> tuple[str, int]:
         forced = forced_schedule()
@@ -302,6 +331,78 @@ class Scheduler:
         if n > 1 and self.flops_per_row_step * steps * batch / n < MIN_FLOPS_PER_WORKER:
             n = 1
         return ("batch", n) if n > 1 else ("serial", 1)
+
+
+class MeasuredChoice:
+    """One call shape's schedule picked by timing its calls: whichever option ran them faster lately.
+
+    For one-row calls at the edge of the unit split's gain (the module
+    docstring): the split's per-step barrier is a round trip between two
+    cores, and on a virtual machine that round trip depends on where the host
+    runs the two virtual CPUs at the time. On the AVX-512 Zen 4 guest it took
+    50, 100-120 or 190-540 ns (the same two-thread ping-pong, started anew),
+    and tiny64 split ran in 37-39 us against 46 us serial when it was short,
+    in 66-68 us when it was long, for seconds at a time.
+
+    So the calls of such a shape run in rounds. The first round runs every
+    option :data:`SAMPLES` times; after it, the option with the shortest
+    median of its last :data:`SAMPLES` timed calls runs every call, untimed,
+    and every :data:`ROUND_SECONDS` a round of two calls of each option (the
+    others, then the best) adds one timed call to each. The first call of an
+    option in a round is not timed: it pays for the change (a compile or a
+    cache load, partners woken from sleep, weights not yet in cache). Both
+    options compute the same sums in the same order, so the results do not
+    depend on which ran.
+
+    ``options`` are ``(schedule, workers)`` pairs, the static rule's first.
+    Calls from several threads may interleave their timings; that only blurs
+    the choice.
+    """
+
+    SAMPLES = 3
+    ROUND_SECONDS = 0.05
+
+    def __init__(self, options: tuple[tuple[str, int], ...]):
+        self.options = options
+        self.best = options[0]
+        self._times: dict[tuple[str, int], list[float]] = {option: [] for option in options}
+        self._medians: dict[tuple[str, int], float] = {}
+        # The calls left of the current round, (option, timed) popped from the end.
+        self._round = [(option, timed) for option in reversed(options)
+                       for timed in [True] * self.SAMPLES + [False]]
+        self._round_at = 0.0  # when the last round's last call started
+
+    def pick(self, now: float) -> tuple[tuple[str, int], bool]:
+        """The option this call runs, and whether to time it (:meth:`record`); ``now``: its start."""
+        if self._round:
+            try:
+                call = self._round.pop()
+            except IndexError:  # another thread took the round's last call
+                pass
+            else:
+                if not self._round:
+                    self._round_at = now
+                return call
+        if now - self._round_at < self.ROUND_SECONDS:
+            return self.best, False
+        order = [option for option in self.options if option != self.best] + [self.best]
+        self._round = [(option, timed) for option in reversed(order) for timed in (True, False)]
+        return self._round.pop()
+
+    def medians(self) -> dict[tuple[str, int], float]:
+        """The median seconds of each option's last :data:`SAMPLES` timed calls (options timed that often)."""
+        return dict(self._medians)
+
+    def record(self, option: tuple[str, int], seconds: float) -> None:
+        """A timed call of ``option`` took ``seconds``."""
+        times = self._times[option]
+        times.append(seconds)
+        if len(times) > self.SAMPLES:
+            del times[0]
+        if len(times) == self.SAMPLES:
+            self._medians[option] = sorted(times)[self.SAMPLES // 2]
+            if len(self._medians) == len(self.options):
+                self.best = min(self._medians, key=self._medians.__getitem__)
 
 
 def choose(spec: StackSpec, steps: int, batch: int) -> tuple[str, int]:
