@@ -12,6 +12,8 @@ call.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from codegen.cells import gru, lstm, simple
@@ -54,11 +56,18 @@ def packed_names(cell: CellSpec) -> list[str]:
 ALIGNMENT = 64
 
 
+def aligned_empty(shape: tuple[int, ...], dtype) -> np.ndarray:
+    """An uninitialized C-contiguous array whose data starts on an :data:`ALIGNMENT`-byte boundary."""
+    dtype = np.dtype(dtype)
+    size = math.prod(shape)
+    flat = np.empty(size + ALIGNMENT // dtype.itemsize, dtype=dtype)
+    start = (-flat.ctypes.data % ALIGNMENT) // dtype.itemsize
+    return flat[start:start + size].reshape(shape)
+
+
 def aligned_copy(array: np.ndarray) -> np.ndarray:
     """A C-contiguous copy of ``array`` whose data starts on an :data:`ALIGNMENT`-byte boundary."""
-    flat = np.empty(array.size + ALIGNMENT // array.itemsize, dtype=array.dtype)
-    start = (-flat.ctypes.data % ALIGNMENT) // array.itemsize
-    out = flat[start:start + array.size].reshape(array.shape)
+    out = aligned_empty(array.shape, array.dtype)
     out[...] = array
     return out
 
