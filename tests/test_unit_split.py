@@ -29,7 +29,7 @@ from test_grid import (
 
 from codegen.cells import packed_names, split_packed
 from codegen.spec import BlockSpec, CellSpec, DirectionSpec, StackSpec, simple_stack
-from numrnn.runtime import get_kernel, pack_weights, schedule, sync
+from numrnn.runtime import get_kernel, kernels, pack_weights, schedule, sync
 
 LSTM_OPTIONS = CellSpec("lstm", 6, peephole=True, cell_clip=0.8, forget_bias=1.0)
 
@@ -218,9 +218,10 @@ def test_overlapping_single_threaded_blas_blocks_restore_the_count_when_the_last
         leave.set()
 
 
-def test_auto_policy_times_both_schedules_for_one_row_calls_at_the_edge_of_the_splits_gain(monkeypatch):
+def test_auto_policy_times_both_schedules_for_calls_at_the_edge_of_the_splits_gain(monkeypatch):
     monkeypatch.delenv("NUMRNN_SCHEDULE", raising=False)
     monkeypatch.setattr(schedule, "cores", lambda: 2)
+    monkeypatch.setattr(schedule, "packed_product_rows", lambda: schedule.PACKED_PRODUCT_MAX_ROWS)
     tiny = simple_stack([CellSpec("lstm", 64)], 32)  # 64 KiB, 49 kFLOP a step
     schedule_, workers, measured = schedule.Scheduler(tiny).plan(50, 1)
     assert (schedule_, workers) == ("serial", 1)
@@ -229,12 +230,17 @@ def test_auto_policy_times_both_schedules_for_one_row_calls_at_the_edge_of_the_s
     assert schedule.Scheduler(tiny).plan(11, 1)[2].options == (("serial", 1), ("units", 2))  # 0.54 MFLOP
     assert schedule.Scheduler(tiny).plan(10, 1)[2] is None  # 0.49 MFLOP
     assert schedule.Scheduler(tiny).plan(50, 3)[2] is None  # more rows than a unit split takes
+    assert schedule.Scheduler(tiny).plan(129, 1)[2] is None  # BLAS projects the input
     assert schedule.Scheduler(simple_stack([CellSpec("lstm", 48)], 32)).plan(100, 1)[2] is None  # 36 KiB
+    assert schedule.Scheduler(simple_stack([CellSpec("lstm", 72)], 32)).plan(100, 1)[2] is None  # 36 units a worker
+    assert schedule.Scheduler(simple_stack([CellSpec("lstm", 64)], 32, dtype="float64")).plan(50, 1)[2] is None
     assert schedule.Scheduler(simple_stack([CellSpec("lstm", 256)], 256)).plan(100, 1) == ("units", 2, None)
     assert schedule.Scheduler(simple_stack([CellSpec("lstm", 64, proj_units=32)], 32)).plan(50, 1)[2] is None
     monkeypatch.setenv("NUMRNN_SCHEDULE", "serial")
     assert schedule.Scheduler(tiny).plan(50, 1) == ("serial", 1, None)
     monkeypatch.delenv("NUMRNN_SCHEDULE")
+    monkeypatch.setattr(schedule, "packed_product_rows", lambda: 0)  # BLAS takes every product
+    assert schedule.Scheduler(tiny).plan(50, 1)[2] is None
     monkeypatch.setattr(schedule, "cores", lambda: 1)
     assert schedule.Scheduler(tiny).plan(50, 1) == ("serial", 1, None)
 
@@ -242,7 +248,7 @@ def test_auto_policy_times_both_schedules_for_one_row_calls_at_the_edge_of_the_s
 def test_measured_choice_times_each_option_then_runs_the_faster_and_times_both_again_every_round():
     serial, units = ("serial", 1), ("units", 2)
     choice = schedule.MeasuredChoice((serial, units))
-    samples = choice.SAMPLES
+    samples, round_calls = choice.SAMPLES, choice.ROUND_CALLS
     clock, seconds = 100.0, {serial: 3.0, units: 2.0}
 
     def call():
@@ -254,42 +260,96 @@ def test_measured_choice_times_each_option_then_runs_the_faster_and_times_both_a
     first_round = [call() for _ in range(2 * (samples + 1))]
     assert first_round == [(serial, False)] + [(serial, True)] * samples + [(units, False)] + [(units, True)] * samples
     assert choice.medians() == {serial: 3.0, units: 2.0}
-    assert [call() for _ in range(5)] == [(units, False)] * 5  # the faster, untimed, until the next round
+    assert [call() for _ in range(2 * round_calls)] == [(units, False)] * 2 * round_calls  # no round: too soon
     clock += 2 * choice.ROUND_SECONDS
     assert [call() for _ in range(4)] == [(serial, False), (serial, True), (units, False), (units, True)]
-    assert call() == (units, False)
+    clock += 2 * choice.ROUND_SECONDS
+    assert [call() for _ in range(round_calls - 1)] == [(units, False)] * (round_calls - 1)  # too few calls
+    assert call() == (serial, False)  # the round's first call
+    assert [call() for _ in range(3)] == [(serial, True), (units, False), (units, True)]
     seconds[serial] = 1.0  # the host moved the threads: serial is faster now
     for _ in range(samples // 2 + 1):
         clock += 2 * choice.ROUND_SECONDS
-        assert [call()[0] for _ in range(4)] == [serial, serial, units, units]
+        assert [call()[0] for _ in range(round_calls + 3)][-4:] == [serial, serial, units, units]
     assert choice.medians()[serial] == 1.0
-    assert call() == (serial, False)
+    assert choice.best == serial
     clock += 2 * choice.ROUND_SECONDS
-    assert [call()[0] for _ in range(4)] == [units, units, serial, serial]  # the other option first
+    assert [call()[0] for _ in range(round_calls + 3)][-4:] == [units, units, serial, serial]  # the other first
 
 
-def test_measured_calls_run_both_schedules_with_the_same_results(monkeypatch):
-    # A measured shape alternates the serial kernel and the unit split call by call: the results must not
+#: A stack in the measured zone on its own: 64 and 110 KiB recurrent matrices, 32 and 48 units a worker.
+MEASURED = simple_stack([CellSpec("lstm", 64), CellSpec("gru", 96)], 32, masking="carry")
+
+
+def _measured_weights(rng) -> list[dict]:
+    """Weights of :data:`MEASURED` scaled by their fan-in, so that float32 stays within the oracle's 1e-5."""
+    return [{k: (rng.standard_normal(s) / np.sqrt(s[0])).astype(np.float32) for k, s in cell.weight_shapes(n).items()}
+            for cell, n in zip(MEASURED.cells, MEASURED.input_sizes())]
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+def test_measured_calls_run_both_schedules_with_the_same_results(batch, monkeypatch):
+    # A measured shape runs the static choice and the unit split call by call: the results must not
     # depend on which ran (every output sums its terms in the same order on both), bit for bit.
-    spec = CASES["stack_carry"]
+    if schedule.packed_product_rows() < batch:
+        pytest.skip("BLAS takes the per-step products here: such calls are not measured")
     monkeypatch.delenv("NUMRNN_SCHEDULE", raising=False)
     monkeypatch.setattr(schedule, "cores", lambda: 2)
-    monkeypatch.setattr(schedule, "MEASURED_MIN_WEIGHT_BYTES", 0)
-    monkeypatch.setattr(schedule, "MEASURED_MIN_FLOPS", 0)
-    kernel = get_kernel(spec)
-    monkeypatch.setattr(kernel, "_scheduler", schedule.Scheduler(spec))
+    kernel = get_kernel(MEASURED)
+    monkeypatch.setattr(kernel, "_scheduler", schedule.Scheduler(MEASURED))
+    assert kernel._scheduler.plan(24, batch)[2] is not None
+    splits = []
+    run_split = type(kernel)._run_split
+    monkeypatch.setattr(type(kernel), "_run_split", lambda k, *a: splits.append(k) or run_split(k, *a))
     rng = np.random.default_rng(11)
-    weights = _weights(spec, rng)
-    x = rng.standard_normal((7, 1, D)).astype(spec.dtype)
-    mask = rng.random((7, 1)) > 0.3
-    initial = [tuple(rng.standard_normal((1, n)).astype(spec.dtype) for n in c.state_sizes) for c in spec.cells]
-    expected, expected_states = run_stack(spec, weights, x, mask=mask, initial_states=initial)
-    first, first_states = _run_kernel(spec, weights, x, mask, None, initial)
-    assert_matches_reference(spec, first, first_states, expected, expected_states)
+    weights = _measured_weights(rng)
+    x = rng.standard_normal((24, batch, MEASURED.input_size)).astype(np.float32)
+    mask = rng.random((24, batch)) > 0.3
+    initial = [tuple(rng.standard_normal((batch, n)).astype(np.float32) for n in c.state_sizes)
+               for c in MEASURED.cells]
+    expected, expected_states = run_stack(MEASURED, weights, x, mask=mask, initial_states=initial)
+    first, first_states = _run_kernel(MEASURED, weights, x, mask, None, initial)
+    assert_matches_reference(MEASURED, first, first_states, expected, expected_states)
     for _ in range(2 * schedule.MeasuredChoice.SAMPLES + 2):
-        got, got_states = _run_kernel(spec, weights, x, mask, None, initial)
+        got, got_states = _run_kernel(MEASURED, weights, x, mask, None, initial)
         np.testing.assert_array_equal(got, first)
         for got_cell, first_cell in zip(got_states, first_states):
             for got_state, first_state in zip(got_cell, first_cell):
                 np.testing.assert_array_equal(got_state, first_state)
-    assert set(kernel._scheduler.plan(7, 1)[2].medians()) == {("serial", 1), ("units", 2)}
+    assert len(splits) >= schedule.MeasuredChoice.SAMPLES + 1  # the split really ran
+    assert set(kernel._scheduler.plan(24, batch)[2].medians()) == set(kernel._scheduler.plan(24, batch)[2].options)
+
+
+def test_measured_calls_that_find_the_split_busy_time_only_the_static_choice(monkeypatch):
+    # Another thread's split call holds the partners: a measured call picked for the split runs the
+    # static choice instead, and its time must not count as the split's.
+    if schedule.packed_product_rows() < 1:
+        pytest.skip("BLAS takes the per-step products here: such calls are not measured")
+    monkeypatch.delenv("NUMRNN_SCHEDULE", raising=False)
+    monkeypatch.setattr(schedule, "cores", lambda: 2)
+    kernel = get_kernel(MEASURED)
+    monkeypatch.setattr(kernel, "_scheduler", schedule.Scheduler(MEASURED))
+    rng = np.random.default_rng(12)
+    weights = _measured_weights(rng)
+    x = rng.standard_normal((24, 1, MEASURED.input_size)).astype(np.float32)
+    mask = rng.random((24, 1)) > 0.3
+    initial = [tuple(np.zeros((1, n), np.float32) for n in c.state_sizes) for c in MEASURED.cells]
+    held, release = threading.Event(), threading.Event()
+
+    def hold_split_lock():
+        with kernels._SPLIT_LOCK:
+            held.set()
+            release.wait(30)
+
+    holder = threading.Thread(target=hold_split_lock)
+    holder.start()
+    try:
+        assert held.wait(30)
+        for _ in range(2 * schedule.MeasuredChoice.SAMPLES + 2):
+            _run_kernel(MEASURED, weights, x, mask, None, initial)
+    finally:
+        release.set()
+        holder.join(30)
+    measured = kernel._scheduler.plan(24, 1)[2]
+    assert set(measured.medians()) == {("serial", 1)}
+    assert measured.best == ("serial", 1)

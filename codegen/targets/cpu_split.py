@@ -94,7 +94,7 @@ def block_buffers(spec: StackSpec, bi: int) -> list[tuple[str, str]]:
 def emit_shared_buffers_function(em: Emitter, spec: StackSpec, buffers: list[tuple[str, str]]) -> None:
     """The module's ``shared_buffers(T, T_out, B)``: every buffer the workers of one call share."""
     with em.block("def shared_buffers(T, T_out, B):"):
-        em('"""Buffers every worker of one call reads (allocated once per call by the runtime)."""')
+        em('"""Buffers every worker of one call reads (the runtime keeps a set per call shape)."""')
         # Aligned, so that two workers' slices of a row share no cache line where the slices are whole lines
         # (tiny64 split, h exchange 16 or 32 bytes off a line: 0.5-1.5 us a call slower).
         shapes = "".join(f"{ALIGNED_EMPTY}({shape}, np.{spec.dtype}), " for _, shape in buffers)

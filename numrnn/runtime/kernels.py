@@ -66,6 +66,8 @@ STREAMING_MAX_STEPS = 4
 MAX_BLAS_ROWS = 2**31 - 1
 #: Weight slices kept per unit-split kernel (one entry per distinct set of packed weights).
 _SLICE_CACHE_SIZE = 8
+#: Call shapes whose shared buffers a split kernel keeps.
+_SHARED_CACHE_SIZE = 8
 
 
 class WorkspacePool:
@@ -185,16 +187,19 @@ class Kernel:
             else:
                 start = time.perf_counter()
                 option, timed = measured.pick(start)
+                if _FORKED_MID_COMPILE:  # the split kernel may need a compile, which cannot run here
+                    option, timed = (schedule, workers), False
                 if self._run_scheduled(*option, x, cond, states, weights, y) and timed:
                     measured.record(option, time.perf_counter() - start)
         return y if self._sequences else y[0]
 
     def _run_scheduled(self, schedule: str, workers: int, x, cond, states, weights, y) -> bool:
-        """Run the call as ``schedule`` on ``workers``; False if it ran otherwise (a first call, a busy split)."""
+        """Run the call as ``schedule`` on ``workers``; False if it ran otherwise or compiled (a busy split)."""
         as_scheduled = True
         if schedule in ("units", "directions"):
+            split = self._split_kernels.get((schedule, workers))
             if self._try_split(schedule, workers, x, cond, states, weights, y):
-                return True
+                return split is not None and split.compile_seconds is not None
             workers, as_scheduled = self._scheduler.batch_choice(x.shape[0], x.shape[1])[1], False  # a split is running
         if self.compile_seconds is None:
             self._first_call(x, cond, states, weights, y)
@@ -216,7 +221,7 @@ class Kernel:
         self._slices: dict[tuple[int, ...], tuple[list, list[list[np.ndarray]]]] = {}
         self._workspaces = WorkspacePool()
         self._thread_local = threading.local()  # short calls' workspaces
-        self._shared: tuple[tuple[int, int, int], tuple[np.ndarray, ...]] | None = None
+        self._shared: dict[tuple[int, int, int], tuple[np.ndarray, ...]] = {}
         self._streaming_size = (self.workspace_size(STREAMING_MAX_STEPS, STREAMING_MAX_STEPS, 1)
                                 if self.workspace_size is not None else 0)
         names = [f"cell {k} {name}" for k, cell in enumerate(self.spec.cells) for name in packed_names(cell)]
@@ -290,19 +295,24 @@ class Kernel:
                                  f"got {weights[index].shape[-1]} columns")
 
     def _shared_buffers(self, T: int, T_out: int, B: int) -> tuple[np.ndarray, ...]:
-        """The generated ``shared_buffers`` of a call's shape, kept for the next call of that shape.
+        """The generated ``shared_buffers`` of a call's shape, kept for later calls of that shape.
 
         Only one split call runs at a time (``_SPLIT_LOCK``) and every worker
-        writes its part of a buffer before any reads it, so one set serves
-        every call. Sets over :data:`SMALL_WORKSPACE` elements (a direction
-        split's block outputs on long inputs) are not kept: their call is long
-        enough not to notice the allocation.
+        writes its part of a buffer before any reads it, so one set per shape
+        serves every call. Up to :data:`_SHARED_CACHE_SIZE` shapes are kept
+        (the buffers start on a cache line, which costs 2 us each to allocate);
+        sets over :data:`SMALL_WORKSPACE` elements (a direction split's block
+        outputs on long inputs) are not: their call is long enough not to
+        notice the allocation.
         """
         key = (T, T_out, B)
-        if self._shared is not None and self._shared[0] == key:
-            return self._shared[1]
-        buffers = self.shared_buffers(T, T_out, B)
-        self._shared = (key, buffers) if sum(b.size for b in buffers) <= SMALL_WORKSPACE else None
+        buffers = self._shared.get(key)
+        if buffers is None:
+            buffers = self.shared_buffers(T, T_out, B)
+            if sum(b.size for b in buffers) <= SMALL_WORKSPACE:
+                if len(self._shared) >= _SHARED_CACHE_SIZE:
+                    self._shared.pop(next(iter(self._shared)))
+                self._shared[key] = buffers
         return buffers
 
     def _worker_weights(self, weights: list[np.ndarray]) -> list[np.ndarray]:

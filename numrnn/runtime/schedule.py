@@ -46,12 +46,14 @@ inside the kernel (:mod:`numrnn.runtime.partners`), not on the pool. Policy
   :data:`UNIT_SPLIT_MAX_GEMM_ROWS` and a recurrent matrix of at least
   :data:`UNIT_SPLIT_MIN_GEMM_WEIGHT_BYTES`; one split call runs at a time (a
   concurrent one falls back, so the partners can never wait on each other);
-- one- or two-row calls that the unit split could run, short of those
-  thresholds but with a recurrent matrix of at least
+- one- or two-row float32 calls that the unit split could run, short of
+  those thresholds but with a recurrent matrix of at least
   :data:`MEASURED_MIN_WEIGHT_BYTES` and :data:`MEASURED_MIN_FLOPS` a call,
   are timed both ways (:class:`MeasuredChoice`): whether the split pays there
   depends on the machine and, on a virtual one, on where the host runs its
-  CPUs at the time;
+  CPUs at the time. Only calls whose products are all packed ones (up to
+  ``PACKED_PROJECTION_MAX_ROWS`` rows of input projection) with whole
+  vectors of units per worker, on which both schedules give the same bits;
 - otherwise the batch split above.
 
 Why those limits (measured on the 2-core benchmark machine, 512 KiB L2 per
@@ -138,6 +140,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from codegen import StackSpec
 from codegen.cells.common import vector_bytes
+from codegen.targets.cpu import PACKED_PROJECTION_MAX_ROWS
 from codegen.targets.cpu_dirsplit import WORKERS as DIRECTION_WORKERS
 from numrnn.runtime import cpus
 
@@ -205,12 +208,12 @@ UNIT_SPLIT_MIN_FLOPS = 2.5e6
 #: Largest batch run with the direction split (a bidirectional stack; from 5 rows the batch split was
 #: as fast or faster).
 DIRECTION_SPLIT_MAX_ROWS = 4
-#: The smallest recurrent matrix whose one-row calls below the thresholds above are timed both ways
-#: (:class:`MeasuredChoice`): LSTM(64)'s 64 KiB split lost on an AVX2 Zen 3 and won from about 30
-#: steps on an AVX-512 Zen 4; LSTM(48)'s 36 KiB lost at every length on both.
+#: The smallest recurrent matrix whose one- or two-row calls below the thresholds above are timed
+#: both ways (:class:`MeasuredChoice`): LSTM(64)'s 64 KiB split lost on an AVX2 Zen 3 and won from
+#: about 30 steps on an AVX-512 Zen 4; LSTM(48)'s 36 KiB lost at every length on both.
 MEASURED_MIN_WEIGHT_BYTES = 64 * 1024
-#: Fewer FLOPs than this per call are never split, timed or not (LSTM(64) B1 T10, 1.0 MFLOP, lost by
-#: 1.2x on the Zen 4).
+#: Fewer FLOPs than this per call are never split, timed or not (LSTM(64) B1 T10 D32, 0.49 MFLOP,
+#: lost by 1.2x on the Zen 4).
 MEASURED_MIN_FLOPS = 0.5e6
 SCHEDULES = ("auto", "serial", "batch", "units", "directions")
 
@@ -231,6 +234,17 @@ def largest_recurrent_bytes(spec: StackSpec) -> int:
     return max(cell.output_size * cell.gates * cell.units * itemsize for cell in spec.cells)
 
 
+def same_sums_when_split(spec: StackSpec, workers: int) -> bool:
+    """Whether the unit split computes bit for bit what the serial kernel does (on packed products).
+
+    float32, and every worker's units a whole number of vectors: then each
+    worker's gate loops run whole vectors as the serial loop does, never a
+    unit in the scalar remainder that the serial loop vectorized.
+    """
+    lanes = vector_bytes() // 4
+    return spec.dtype == "float32" and all(cell.units // workers % lanes == 0 for cell in spec.cells)
+
+
 def forced_schedule() -> str:
     """``NUMRNN_SCHEDULE`` (``auto`` when unset); an unknown value is a ``ValueError``."""
     value = os.environ.get("NUMRNN_SCHEDULE", "auto").strip().lower() or "auto"
@@ -247,8 +261,8 @@ class Scheduler:
     """The schedule of one spec's calls (see the module docstring).
 
     What depends only on the spec (its FLOPs per row and step, whether its
-    units can split) is worked out once, here, and each shape's choice once
-    (:meth:`choose`); a call then pays for an environment read and a dict
+    units can split) is worked out once, here, and each shape's plan once
+    (:meth:`plan`); a call then pays for an environment read and a dict
     lookup. Worked out per call, the policy cost 11-14 us (most of it summing
     the FLOPs over the cells), about 8 % of a tiny64 call.
     """
@@ -260,15 +274,16 @@ class Scheduler:
         self.recurrent_bytes = largest_recurrent_bytes(spec)
         splittable = unit_split_blocker(spec, self.workers) is None
         self.splits_units = splittable and self.recurrent_bytes >= UNIT_SPLIT_MIN_WEIGHT_BYTES
-        self.measures_units = splittable and self.recurrent_bytes >= MEASURED_MIN_WEIGHT_BYTES
+        self.measures_units = (splittable and self.recurrent_bytes >= MEASURED_MIN_WEIGHT_BYTES
+                               and same_sums_when_split(spec, self.workers))
         self.splits_directions = direction_split_blocker(spec, self.workers) is None
         self._chosen: dict[tuple, tuple[str, int, MeasuredChoice | None]] = {}
 
     def choose(self, steps: int, batch: int) -> tuple[str, int]:
         """``("directions", 2)``, ``("units", n)``, ``("batch", n)`` or ``("serial", 1)`` for a call.
 
-        For a shape whose choice is measured (:meth:`plan`), the schedule it
-        runs until the timings decide.
+        The static rule's choice: where :meth:`plan` measures, the timings
+        may run the unit split instead.
         """
         return self.plan(steps, batch)[:2]
 
@@ -287,14 +302,25 @@ class Scheduler:
         return chosen
 
     def _plan(self, steps: int, batch: int) -> tuple[str, int, MeasuredChoice | None]:
-        schedule, workers = self._choose(steps, batch)
-        if (schedule in ("serial", "batch") and forced_schedule() == "auto" and self.measures_units
-                and batch <= UNIT_SPLIT_MAX_ROWS and self.flops_per_row_step * steps * batch >= MEASURED_MIN_FLOPS):
+        forced = forced_schedule()
+        schedule, workers = self._choose(steps, batch, forced)
+        if schedule in ("serial", "batch") and forced == "auto" and self._measures(steps, batch):
             return schedule, workers, MeasuredChoice(((schedule, workers), ("units", self.workers)))
         return schedule, workers, None
 
-    def _choose(self, steps: int, batch: int) -> tuple[str, int]:
-        forced = forced_schedule()
+    def _measures(self, steps: int, batch: int) -> bool:
+        """Whether a call's schedule is timed: a small enough call whose every product is the packed one.
+
+        BLAS would make the options' sums differ: its edge kernels add a
+        matrix's last columns in another order than its main kernel, and a
+        worker's column slice puts other columns at the edge (GRU(80) and
+        SimpleRNN(136) differed in the last bits, float32).
+        """
+        return (self.measures_units and batch <= min(UNIT_SPLIT_MAX_ROWS, packed_product_rows())
+                and steps * batch <= PACKED_PROJECTION_MAX_ROWS
+                and self.flops_per_row_step * steps * batch >= MEASURED_MIN_FLOPS)
+
+    def _choose(self, steps: int, batch: int, forced: str) -> tuple[str, int]:
         if forced == "serial":
             return "serial", 1
         if forced == "units":
@@ -336,23 +362,25 @@ class Scheduler:
 class MeasuredChoice:
     """One call shape's schedule picked by timing its calls: whichever option ran them faster lately.
 
-    For one-row calls at the edge of the unit split's gain (the module
-    docstring): the split's per-step barrier is a round trip between two
-    cores, and on a virtual machine that round trip depends on where the host
-    runs the two virtual CPUs at the time. On the AVX-512 Zen 4 guest it took
-    50, 100-120 or 190-540 ns (the same two-thread ping-pong, started anew),
-    and tiny64 split ran in 37-39 us against 46 us serial when it was short,
-    in 66-68 us when it was long, for seconds at a time.
+    For calls of one or two rows at the edge of the unit split's gain (the
+    module docstring): the split's per-step barrier is a round trip between
+    two cores, and on a virtual machine that round trip depends on where the
+    host runs the two virtual CPUs at the time. On the AVX-512 Zen 4 guest it
+    took 50, 100-120 or 190-540 ns (the same two-thread ping-pong, started
+    anew), and tiny64 split ran in 37-39 us against 46 us serial when it was
+    short, in 66-70 us when it was long, for seconds at a time.
 
-    So the calls of such a shape run in rounds. The first round runs every
-    option :data:`SAMPLES` times; after it, the option with the shortest
+    So the calls of such a shape run in rounds. The first round runs each
+    option :data:`SAMPLES` + 1 times; after it, the option with the shortest
     median of its last :data:`SAMPLES` timed calls runs every call, untimed,
-    and every :data:`ROUND_SECONDS` a round of two calls of each option (the
-    others, then the best) adds one timed call to each. The first call of an
-    option in a round is not timed: it pays for the change (a compile or a
-    cache load, partners woken from sleep, weights not yet in cache). Both
-    options compute the same sums in the same order, so the results do not
-    depend on which ran.
+    and once :data:`ROUND_SECONDS` and :data:`ROUND_CALLS` calls have passed
+    since the last round, a round of two calls of each option (the others,
+    then the best) adds one timed call to each. The first call of an option
+    in a round is not timed: it pays for the change (a compile or a cache
+    load, partners woken from sleep, weights not yet in cache). The plan
+    measures only calls on which both options compute the same sums in the
+    same order (:meth:`Scheduler._measures`), so the results do not depend
+    on which ran.
 
     ``options`` are ``(schedule, workers)`` pairs, the static rule's first.
     Calls from several threads may interleave their timings; that only blurs
@@ -361,6 +389,7 @@ class MeasuredChoice:
 
     SAMPLES = 3
     ROUND_SECONDS = 0.05
+    ROUND_CALLS = 32
 
     def __init__(self, options: tuple[tuple[str, int], ...]):
         self.options = options
@@ -371,6 +400,7 @@ class MeasuredChoice:
         self._round = [(option, timed) for option in reversed(options)
                        for timed in [True] * self.SAMPLES + [False]]
         self._round_at = 0.0  # when the last round's last call started
+        self._calls = 0  # calls of the best since then
 
     def pick(self, now: float) -> tuple[tuple[str, int], bool]:
         """The option this call runs, and whether to time it (:meth:`record`); ``now``: its start."""
@@ -381,16 +411,19 @@ class MeasuredChoice:
                 pass
             else:
                 if not self._round:
-                    self._round_at = now
+                    self._round_at, self._calls = now, 0
                 return call
-        if now - self._round_at < self.ROUND_SECONDS:
+        self._calls += 1
+        if self._calls < self.ROUND_CALLS or now - self._round_at < self.ROUND_SECONDS:
             return self.best, False
         order = [option for option in self.options if option != self.best] + [self.best]
-        self._round = [(option, timed) for option in reversed(order) for timed in (True, False)]
-        return self._round.pop()
+        calls = [(option, timed) for option in reversed(order) for timed in (True, False)]
+        call = calls.pop()
+        self._round = calls  # stored whole, after its first call is taken: another thread may pop it at once
+        return call
 
     def medians(self) -> dict[tuple[str, int], float]:
-        """The median seconds of each option's last :data:`SAMPLES` timed calls (options timed that often)."""
+        """The median of each option's last :data:`SAMPLES` timed calls, in seconds (options timed that often)."""
         return dict(self._medians)
 
     def record(self, option: tuple[str, int], seconds: float) -> None:
