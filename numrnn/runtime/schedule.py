@@ -371,13 +371,17 @@ class MeasuredChoice:
     short, in 66-70 us when it was long, for seconds at a time.
 
     So the calls of such a shape run in rounds. The first round runs each
-    option :data:`SAMPLES` + 1 times; after it, the option with the shortest
-    median of its last :data:`SAMPLES` timed calls runs every call, untimed,
+    option :data:`SAMPLES` + 1 times; after it, the option whose last
+    :data:`SAMPLES` timed calls include the shortest runs every call, untimed,
     and once :data:`ROUND_SECONDS` and :data:`ROUND_CALLS` calls have passed
     since the last round, a round of two calls of each option (the others,
     then the best) adds one timed call to each. The first call of an option
     in a round is not timed: it pays for the change (a compile or a cache
-    load, partners woken from sleep, weights not yet in cache). The plan
+    load, partners woken from sleep, weights not yet in cache). Each option
+    counts by its shortest call, not a median: other threads only ever slow
+    a call down, and in ``numrnn bench`` the first split call after a peer's
+    turn took 2.7 ms instead of 40 us (the partner's core still taken by the
+    peer's spinning threads), often enough to move a median of three. The plan
     measures only calls on which both options compute the same sums in the
     same order (:meth:`Scheduler._measures`), so the results do not depend
     on which ran.
@@ -395,7 +399,7 @@ class MeasuredChoice:
         self.options = options
         self.best = options[0]
         self._times: dict[tuple[str, int], list[float]] = {option: [] for option in options}
-        self._medians: dict[tuple[str, int], float] = {}
+        self._shortest: dict[tuple[str, int], float] = {}
         # The calls left of the current round, (option, timed) popped from the end.
         self._round = [(option, timed) for option in reversed(options)
                        for timed in [True] * self.SAMPLES + [False]]
@@ -422,9 +426,9 @@ class MeasuredChoice:
         self._round = calls  # stored whole, after its first call is taken: another thread may pop it at once
         return call
 
-    def medians(self) -> dict[tuple[str, int], float]:
-        """The median of each option's last :data:`SAMPLES` timed calls, in seconds (options timed that often)."""
-        return dict(self._medians)
+    def shortest(self) -> dict[tuple[str, int], float]:
+        """The shortest of each option's last :data:`SAMPLES` timed calls, in seconds (options timed that often)."""
+        return dict(self._shortest)
 
     def record(self, option: tuple[str, int], seconds: float) -> None:
         """A timed call of ``option`` took ``seconds``."""
@@ -433,9 +437,9 @@ class MeasuredChoice:
         if len(times) > self.SAMPLES:
             del times[0]
         if len(times) == self.SAMPLES:
-            self._medians[option] = sorted(times)[self.SAMPLES // 2]
-            if len(self._medians) == len(self.options):
-                self.best = min(self._medians, key=self._medians.__getitem__)
+            self._shortest[option] = min(times)
+            if len(self._shortest) == len(self.options):
+                self.best = min(self._shortest, key=self._shortest.__getitem__)
 
 
 def choose(spec: StackSpec, steps: int, batch: int) -> tuple[str, int]:
