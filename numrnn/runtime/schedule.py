@@ -209,8 +209,9 @@ UNIT_SPLIT_MIN_FLOPS = 2.5e6
 #: as fast or faster).
 DIRECTION_SPLIT_MAX_ROWS = 4
 #: The smallest recurrent matrix whose one- or two-row calls below the thresholds above are timed
-#: both ways (:class:`MeasuredChoice`): LSTM(64)'s 64 KiB split lost on an AVX2 Zen 3 and won from
-#: about 30 steps on an AVX-512 Zen 4; LSTM(48)'s 36 KiB lost at every length on both.
+#: both ways (:class:`MeasuredChoice`): LSTM(64)'s 64 KiB split broke even or lost on an AVX2 Zen 3
+#: (units / serial 0.87-1.02 at T=100, 1.00-1.24 at T=50) and won from about 30 steps on an AVX-512
+#: Zen 4 (0.89 at T=50, 0.84 at T=100); LSTM(48)'s 36 KiB lost at every length there (1.13-1.63, T=10-100).
 MEASURED_MIN_WEIGHT_BYTES = 64 * 1024
 #: Fewer FLOPs than this per call are never split, timed or not (LSTM(64) B1 T10 D32, 0.49 MFLOP,
 #: lost by 1.2x on the Zen 4).
