@@ -259,7 +259,7 @@ def test_measured_choice_times_each_option_then_runs_the_faster_and_times_both_a
 
     first_round = [call() for _ in range(2 * (samples + 1))]
     assert first_round == [(serial, False)] + [(serial, True)] * samples + [(units, False)] + [(units, True)] * samples
-    assert choice.shortest() == {serial: 3.0, units: 2.0}
+    assert choice.typical() == {serial: 3.0, units: 2.0}
     assert [call() for _ in range(2 * round_calls)] == [(units, False)] * 2 * round_calls  # no round: too soon
     clock += 2 * choice.ROUND_SECONDS
     assert [call() for _ in range(4)] == [(serial, False), (serial, True), (units, False), (units, True)]
@@ -267,21 +267,26 @@ def test_measured_choice_times_each_option_then_runs_the_faster_and_times_both_a
     assert [call() for _ in range(round_calls - 1)] == [(units, False)] * (round_calls - 1)  # too few calls
     assert call() == (serial, False)  # the round's first call
     assert [call() for _ in range(3)] == [(serial, True), (units, False), (units, True)]
-    seconds[units] = 30.0  # a slow split call (its partner's core was busy): one does not outweigh the others
-    clock += 2 * choice.ROUND_SECONDS
-    assert [call()[0] for _ in range(round_calls + 3)][-4:] == [serial, serial, units, units]
+
+    def round_():
+        nonlocal clock
+        clock += 2 * choice.ROUND_SECONDS
+        return [option for option, _ in (call() for _ in range(round_calls + 3))][-4:]
+
+    seconds[units] = 300.0  # a split call whose partner's core was busy: left out, not a median's middle
+    assert round_() == [serial, serial, units, units]
+    seconds[units] = 20.0
+    assert round_() == [serial, serial, units, units]
+    assert choice.typical()[units] == 2.0  # 300 and 20 are over three times the 2.0 still among the last three
     assert choice.best == units
     seconds[units] = 4.0  # the host moved the threads: the split is slower now
-    for _ in range(samples - 1):
-        clock += 2 * choice.ROUND_SECONDS
-        assert [call()[0] for _ in range(round_calls + 3)][-4:] == [serial, serial, units, units]
-    assert choice.shortest() == {serial: 3.0, units: 4.0}  # every 2.0 has left the last three
+    assert round_() == [serial, serial, units, units]  # 300, 20, 4: both over three times 4 left out
     assert choice.best == serial
-    clock += 2 * choice.ROUND_SECONDS
-    assert [call()[0] for _ in range(round_calls + 3)][-4:] == [units, units, serial, serial]  # the other first
-    seconds[units] = 2.0  # and faster again: one call tells
-    clock += 2 * choice.ROUND_SECONDS
-    assert [call()[0] for _ in range(round_calls + 3)][-4:] == [units, units, serial, serial]
+    seconds[units] = 2.0  # and faster again: two calls tell
+    assert round_() == [units, units, serial, serial]  # the other option first
+    assert choice.best == serial
+    assert round_() == [units, units, serial, serial]
+    assert choice.typical()[units] == 2.0
     assert choice.best == units
 
 
@@ -325,7 +330,7 @@ def test_measured_calls_run_both_schedules_with_the_same_results(batch, monkeypa
             for got_state, first_state in zip(got_cell, first_cell):
                 np.testing.assert_array_equal(got_state, first_state)
     assert len(splits) >= schedule.MeasuredChoice.SAMPLES + 1  # the split really ran
-    assert set(kernel._scheduler.plan(24, batch)[2].shortest()) == set(kernel._scheduler.plan(24, batch)[2].options)
+    assert set(kernel._scheduler.plan(24, batch)[2].typical()) == set(kernel._scheduler.plan(24, batch)[2].options)
 
 
 def test_measured_calls_that_find_the_split_busy_time_only_the_static_choice(monkeypatch):
@@ -359,5 +364,5 @@ def test_measured_calls_that_find_the_split_busy_time_only_the_static_choice(mon
         release.set()
         holder.join(30)
     measured = kernel._scheduler.plan(24, 1)[2]
-    assert set(measured.shortest()) == {("serial", 1)}
+    assert set(measured.typical()) == {("serial", 1)}
     assert measured.best == ("serial", 1)

@@ -161,7 +161,7 @@ class Kernel:
             # packed product took 3.9-6.4 us per call against 3.6-6.0 (AVX2 Zen 3, minimums, four fresh
             # processes each); on an AVX-512 Zen 4, 1.28 against 1.33 us (bare calls, best of 7 x 100000).
             y = np.empty(self._stream_shapes[T], self._dtype) if out is None else out
-            ws = getattr(self._thread_local, "ws", None)  # _thread_workspace, inlined (0.15 us of 2.4)
+            ws = getattr(self._thread_local, "ws", None)  # _thread_workspace, inlined
             if ws is None or ws.size < self._streaming_size:
                 ws = self._thread_workspace(self._streaming_size)
             if self._has_condition:

@@ -1,4 +1,4 @@
-"""How one kernel call uses the cores: the batch split, chosen from the spec and the input shape.
+"""How one kernel call uses the cores, chosen from the spec and the input shape (timed calls at the unit split's edge).
 
 Batch rows are independent for the whole sequence and every layer, so a call
 with ``B`` rows can run as ``n`` calls of the same compiled kernel on ``B / n``
@@ -372,17 +372,20 @@ class MeasuredChoice:
     short, in 66-70 us when it was long, for seconds at a time.
 
     So the calls of such a shape run in rounds. The first round runs each
-    option :data:`SAMPLES` + 1 times; after it, the option whose last
-    :data:`SAMPLES` timed calls include the shortest runs every call, untimed,
+    option :data:`SAMPLES` + 1 times; after it, the option that ran its
+    timed calls faster (below) runs every call, untimed,
     and once :data:`ROUND_SECONDS` and :data:`ROUND_CALLS` calls have passed
     since the last round, a round of two calls of each option (the others,
     then the best) adds one timed call to each. The first call of an option
     in a round is not timed: it pays for the change (a compile or a cache
     load, partners woken from sleep, weights not yet in cache). Each option
-    counts by its shortest call, not a median: other threads only ever slow
-    a call down, and in ``numrnn bench`` the first split call after a peer's
-    turn took 2.7 ms instead of 40 us (the partner's core still taken by the
-    peer's spinning threads), often enough to move a median of three. The plan
+    counts by the median of its last :data:`SAMPLES` timed calls, leaving out
+    those over :data:`OUTLIER_FACTOR` times the shortest of them: in ``numrnn
+    bench`` the first split call after a peer's turn took 2.7 ms instead of
+    40 us (the partner's core still taken by the peer's spinning threads),
+    often enough to move a plain median of three, while the shortest alone
+    would keep an option that ran fast once for three rounds after the host
+    made it slow. The plan
     measures only calls on which both options compute the same sums in the
     same order (:meth:`Scheduler._measures`), so the results do not depend
     on which ran.
@@ -393,6 +396,7 @@ class MeasuredChoice:
     """
 
     SAMPLES = 3
+    OUTLIER_FACTOR = 3.0
     ROUND_SECONDS = 0.05
     ROUND_CALLS = 32
 
@@ -400,7 +404,7 @@ class MeasuredChoice:
         self.options = options
         self.best = options[0]
         self._times: dict[tuple[str, int], list[float]] = {option: [] for option in options}
-        self._shortest: dict[tuple[str, int], float] = {}
+        self._typical: dict[tuple[str, int], float] = {}
         # The calls left of the current round, (option, timed) popped from the end.
         self._round = [(option, timed) for option in reversed(options)
                        for timed in [True] * self.SAMPLES + [False]]
@@ -427,9 +431,9 @@ class MeasuredChoice:
         self._round = calls  # stored whole, after its first call is taken: another thread may pop it at once
         return call
 
-    def shortest(self) -> dict[tuple[str, int], float]:
-        """The shortest of each option's last :data:`SAMPLES` timed calls, in seconds (options timed that often)."""
-        return dict(self._shortest)
+    def typical(self) -> dict[tuple[str, int], float]:
+        """Each option's time a call as compared, in seconds (options timed :data:`SAMPLES` times)."""
+        return dict(self._typical)
 
     def record(self, option: tuple[str, int], seconds: float) -> None:
         """A timed call of ``option`` took ``seconds``."""
@@ -438,9 +442,11 @@ class MeasuredChoice:
         if len(times) > self.SAMPLES:
             del times[0]
         if len(times) == self.SAMPLES:
-            self._shortest[option] = min(times)
-            if len(self._shortest) == len(self.options):
-                self.best = min(self._shortest, key=self._shortest.__getitem__)
+            ceiling = self.OUTLIER_FACTOR * min(times)
+            kept = sorted(t for t in times if t <= ceiling)
+            self._typical[option] = kept[len(kept) // 2]  # of two, the longer: a lone fast call does not decide
+            if len(self._typical) == len(self.options):
+                self.best = min(self._typical, key=self._typical.__getitem__)
 
 
 def choose(spec: StackSpec, steps: int, batch: int) -> tuple[str, int]:
