@@ -366,6 +366,7 @@ class Kernel:
                                                 for T in range(STREAMING_MAX_STEPS + 1))
                 log.debug("first call of %s took %.2f s (compile or cache load)", self.spec.kernel_name(),
                           self.compile_seconds)
+        # Through __call__ again: a measured shape (MeasuredChoice) counts this run as its next call.
         self(x, cond[0] if cond else None, states, weights, out=y)
 
     def _compile_for(self, args: tuple) -> None:
