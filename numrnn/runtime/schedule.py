@@ -372,23 +372,23 @@ class MeasuredChoice:
     short, in 66-70 us when it was long, for seconds at a time.
 
     So the calls of such a shape run in rounds. The first round runs each
-    option :data:`SAMPLES` + 1 times; after it, the option that ran its
-    timed calls faster (below) runs every call, untimed,
-    and once :data:`ROUND_SECONDS` and :data:`ROUND_CALLS` calls have passed
-    since the last round, a round of two calls of each option (the others,
-    then the best) adds one timed call to each. The first call of an option
-    in a round is not timed: it pays for the change (a compile or a cache
-    load, partners woken from sleep, weights not yet in cache). Each option
-    counts by the median of its last :data:`SAMPLES` timed calls, leaving out
-    those over :data:`OUTLIER_FACTOR` times the shortest of them: in ``numrnn
-    bench`` the first split call after a peer's turn took 2.7 ms instead of
-    40 us (the partner's core still taken by the peer's spinning threads),
-    often enough to move a plain median of three, while the shortest alone
-    would keep an option that ran fast once for three rounds after the host
-    made it slow. The plan
-    measures only calls on which both options compute the same sums in the
-    same order (:meth:`Scheduler._measures`), so the results do not depend
-    on which ran.
+    option :data:`SAMPLES` + 1 times; after it, the option that ran its timed
+    calls faster (below) runs every call, untimed, and once
+    :data:`ROUND_SECONDS` and :data:`ROUND_CALLS` calls have passed since the
+    last round, a round of two calls of each option (the others, then the
+    best) adds one timed call to each. The first call of an option in a
+    round is not timed: it pays for the change (a compile or a cache load,
+    partners woken from sleep, weights not yet in cache).
+
+    Each option counts by the median of its last :data:`SAMPLES` timed
+    calls, leaving out those over :data:`OUTLIER_FACTOR` times the shortest
+    of them: in ``numrnn bench`` the first split call after a peer's turn
+    took 2.7 ms instead of 40 us (the partner's core still taken by the
+    peer's spinning threads), often enough to move a plain median of three,
+    while the shortest alone would keep an option that ran fast once for
+    three rounds after the host made it slow. The plan measures only calls
+    on which both options compute the same sums in the same order
+    (:meth:`Scheduler._measures`), so the results do not depend on which ran.
 
     ``options`` are ``(schedule, workers)`` pairs, the static rule's first.
     Calls from several threads may interleave their timings; that only blurs
