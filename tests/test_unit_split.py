@@ -300,16 +300,22 @@ def _measured_weights(rng) -> list[dict]:
             for cell, n in zip(MEASURED.cells, MEASURED.input_sizes())]
 
 
-@pytest.mark.parametrize("batch", [1, 2])
-def test_measured_calls_run_both_schedules_with_the_same_results(batch, monkeypatch):
-    # A measured shape runs the static choice and the unit split call by call: the results must not
-    # depend on which ran (every output sums its terms in the same order on both), bit for bit.
+def _measured_kernel(monkeypatch, batch: int):
+    """:data:`MEASURED`'s kernel with a fresh scheduler on two cores, ``NUMRNN_SCHEDULE`` unset."""
     if schedule.packed_product_rows() < batch:
         pytest.skip("BLAS takes the per-step products here: such calls are not measured")
     monkeypatch.delenv("NUMRNN_SCHEDULE", raising=False)
     monkeypatch.setattr(schedule, "cores", lambda: 2)
     kernel = get_kernel(MEASURED)
     monkeypatch.setattr(kernel, "_scheduler", schedule.Scheduler(MEASURED))
+    return kernel
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+def test_measured_calls_run_both_schedules_with_the_same_results(batch, monkeypatch):
+    # A measured shape runs the static choice and the unit split call by call: the results must not
+    # depend on which ran (every output sums its terms in the same order on both), bit for bit.
+    kernel = _measured_kernel(monkeypatch, batch)
     assert kernel._scheduler.plan(24, batch)[2] is not None
     splits = []
     run_split = type(kernel)._run_split
@@ -336,12 +342,7 @@ def test_measured_calls_run_both_schedules_with_the_same_results(batch, monkeypa
 def test_measured_calls_that_find_the_split_busy_time_only_the_static_choice(monkeypatch):
     # Another thread's split call holds the partners: a measured call picked for the split runs the
     # static choice instead, and its time must not count as the split's.
-    if schedule.packed_product_rows() < 1:
-        pytest.skip("BLAS takes the per-step products here: such calls are not measured")
-    monkeypatch.delenv("NUMRNN_SCHEDULE", raising=False)
-    monkeypatch.setattr(schedule, "cores", lambda: 2)
-    kernel = get_kernel(MEASURED)
-    monkeypatch.setattr(kernel, "_scheduler", schedule.Scheduler(MEASURED))
+    kernel = _measured_kernel(monkeypatch, 1)
     rng = np.random.default_rng(12)
     weights = _measured_weights(rng)
     x = rng.standard_normal((24, 1, MEASURED.input_size)).astype(np.float32)

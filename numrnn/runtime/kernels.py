@@ -313,9 +313,7 @@ class Kernel:
         if buffers is None:
             buffers = self.shared_buffers(T, T_out, B)
             if sum(b.size for b in buffers) <= SMALL_WORKSPACE:
-                if len(self._shared) >= _SHARED_CACHE_SIZE:
-                    self._shared.pop(next(iter(self._shared)))
-                self._shared[key] = buffers
+                _keep(self._shared, key, buffers, _SHARED_CACHE_SIZE)
         return buffers
 
     def _worker_weights(self, weights: list[np.ndarray]) -> list[np.ndarray]:
@@ -337,9 +335,7 @@ class Kernel:
                 parts[me].extend(split_packed(cell, weights[pos:pos + count], me, n))
             pos += count
         stacked = [aligned_copy(np.stack(slices)) for slices in zip(*parts)]
-        if len(self._slices) >= _SLICE_CACHE_SIZE:
-            self._slices.pop(next(iter(self._slices)))
-        self._slices[key] = (list(weights), stacked)  # holding the arrays keeps their ids unique
+        _keep(self._slices, key, (list(weights), stacked), _SLICE_CACHE_SIZE)  # holding the arrays keeps ids unique
         return stacked
 
     def _first_call(self, x, cond, states, weights, y) -> None:
@@ -453,6 +449,13 @@ class Kernel:
     def _workspace(self, T: int, T_out: int, rows: int) -> Borrowed:
         """A workspace for a call on ``rows`` rows, from this kernel's pool."""
         return self._workspaces.borrow(self.workspace_size(T, T_out, rows), self._dtype)
+
+
+def _keep(cache: dict, key, value, size: int) -> None:
+    """``cache[key] = value``, first dropping the oldest entry when ``cache`` already holds ``size``."""
+    if len(cache) >= size:
+        cache.pop(next(iter(cache)))
+    cache[key] = value
 
 
 class _RunOnce:

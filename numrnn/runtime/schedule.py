@@ -405,11 +405,9 @@ class MeasuredChoice:
         self.best = options[0]
         self._times: dict[tuple[str, int], list[float]] = {option: [] for option in options}
         self._typical: dict[tuple[str, int], float] = {}
-        # The calls left of the current round, (option, timed) popped from the end.
-        self._round = [(option, timed) for option in reversed(options)
-                       for timed in [True] * self.SAMPLES + [False]]
+        self._round = self._round_of(options, self.SAMPLES)  # the calls left of the current round
         self._round_at = 0.0  # when the last round's last call started
-        self._calls = 0  # calls of the best since then
+        self._since = 0  # calls of the best since then
 
     def pick(self, now: float) -> tuple[tuple[str, int], bool]:
         """The option this call runs, and whether to time it (:meth:`record`); ``now``: its start."""
@@ -420,16 +418,21 @@ class MeasuredChoice:
                 pass
             else:
                 if not self._round:
-                    self._round_at, self._calls = now, 0
+                    self._round_at, self._since = now, 0
                 return call
-        self._calls += 1
-        if self._calls < self.ROUND_CALLS or now - self._round_at < self.ROUND_SECONDS:
+        self._since += 1
+        if self._since < self.ROUND_CALLS or now - self._round_at < self.ROUND_SECONDS:
             return self.best, False
-        order = [option for option in self.options if option != self.best] + [self.best]
-        calls = [(option, timed) for option in reversed(order) for timed in (True, False)]
+        calls = self._round_of([option for option in self.options if option != self.best] + [self.best], 1)
         call = calls.pop()
         self._round = calls  # stored whole, after its first call is taken: another thread may pop it at once
         return call
+
+    @staticmethod
+    def _round_of(order, timed: int) -> list[tuple[tuple[str, int], bool]]:
+        """A round's calls, ``(option, timed)`` popped from the end: each option in ``order`` once untimed, then
+        ``timed`` times timed."""
+        return [(option, is_timed) for option in reversed(order) for is_timed in [True] * timed + [False]]
 
     def typical(self) -> dict[tuple[str, int], float]:
         """Each option's time a call as compared, in seconds (options timed :data:`SAMPLES` times)."""
