@@ -106,10 +106,21 @@ PANEL_ROWS = 4
 #: minimum of 15 interleaved repeats: 3 rows 9.5 -> 5.6 us, 7 rows 15.5 -> 11.4 us; 256x1024, 3 rows
 #: 36 -> 23 us). Two rows keep two panels (3.1 against 5.3 us one at a time).
 PANELS_PER_PASS = {1: 4, 2: 2}
+#: The fused product (:func:`emit_fused_product`): recurrent panels per pass, input projection rows per block.
+FUSED_PANELS = PANELS_PER_PASS[1]
+FUSED_ROWS = 8
+#: The smallest recurrent matrix (one worker's slice, bytes) whose layers fuse their projection into the
+#: step's product: one thread, one row, a step's product and its share of the projection, separate / fused
+#: (``fused_block``), medians of 9 x 4,000 steps with each step reading the last one's h: inputs x outputs
+#: 64x128 (32 KiB, read from L1) 0.43 / 0.46 us; 64x256 0.93 / 0.82; 128x256 1.75 / 1.62; 256x512 7.2 / 7.0
+#: (7.1-7.2 / 6.6-6.8 without reading h back).
+FUSED_MIN_BYTES = 64 * 1024
 #: The product's matrices, by packed name (every cell kind's ``recurrent_names`` that are one).
 PRODUCT_MATRICES = ("wh", "whzr", "whh")
 #: The packed-product function, as a kernel module names it (from the shared module).
 PANEL_PRODUCT = "_panel_product"
+#: The fused product function, as a kernel module names it (from the shared module).
+FUSED_PRODUCT = "_fused_product"
 #: ``out = a @ b`` by BLAS (``numrnn.runtime.extern.gemm``), as a kernel module names it (from the shared module).
 DOT = "_dot"
 
@@ -207,13 +218,24 @@ def emit_recurrent_product(em: Emitter, ctx: LayerContext, h: str, w: str, out: 
     Up to ``small`` rows (a runtime argument) the packed product
     (:func:`emit_panel_product`) over ``w``'s panel copy; above, one BLAS GEMM.
 
+    A layer that fuses its input projection (``ctx.fused_projection``)
+    takes :func:`emit_fused_product` instead for the step's first product
+    (the one that reads the previous ``h``) when its runtime flag ``fuse``
+    is set: one row, the projection's rows (``xs``, ``wxp``, ``xwr``) not
+    yet projected.
+
     Rows that this step masks (padding past a length, a masked Keras step)
     keep their state, so the product's output for them is never read: the
     packed product covers the rows from the first to the last unmasked one,
     and a step that masks every row skips it.
     """
     masked = ctx.masked_condition
-    with em.block("if B <= small:"):
+    fused = ctx.fused_projection and h == ctx.recurrent_input
+    if fused:
+        with em.block("if fuse:"):
+            reverse = int(ctx.reverse == "full")
+            em(f"{FUSED_PRODUCT}({h}, {panels_name(w)}, {out}, xs, wxp, xwr, s, T, np.int64({reverse}))")
+    with em.block(f"{'elif' if fused else 'if'} B <= small:"):
         if masked() is None:
             # np.int64: a bare 0 would type as a literal, and numba would compile a second
             # panel product for it beside the masked layers' (int64) one.
@@ -231,7 +253,7 @@ def emit_recurrent_product(em: Emitter, ctx: LayerContext, h: str, w: str, out: 
 
 
 #: What the shared module's packed product needs from ``numrnn.runtime.simd``.
-SIMD_NAMES = ("panel_block",)
+SIMD_NAMES = ("fused_block", "panel_block")
 
 
 def emit_panel_product(em: Emitter) -> None:
@@ -310,9 +332,78 @@ def _emit_leftover_rows(em: Emitter, rows: int) -> None:
                 _emit_micro_kernel(em, "b", rows, 1)
 
 
-def _emit_micro_kernel(em: Emitter, row: str, rows: int, panels: int) -> None:
-    """Rows ``row..row+rows-1`` times panels ``p..p+panels-1`` (full ones, or one panel of ``cols`` columns)."""
-    em(f"panel_block(h, wp, out, {row}, p, {'cols' if panels == 1 else 'P'}, {rows}, {panels})")
+def emit_fused_product(em: Emitter) -> None:
+    """Body of a C entry: step ``s``'s recurrent product (one row) and its share of a later block's input projection.
+
+    ``out[0] = h[0] @ up`` as :func:`emit_panel_product` computes it for one
+    row, and, in the same passes (``numrnn.runtime.simd.fused_block``), a
+    slice of ``xw = x @ wp`` (``wp`` the input kernel's panels): while steps
+    ``FUSED_ROWS * j`` to ``FUSED_ROWS * j + FUSED_ROWS - 1`` run, each one
+    projects ``1 / FUSED_ROWS`` of the vectors of the next block of rows
+    (those of steps ``FUSED_ROWS * (j + 1)`` on: counted from the first
+    row, or from the last when ``reverse``), so every row is ready a step
+    before the step that reads it; the first block is projected before the
+    loop. A block of fewer rows, at the end, is projected whole by the first
+    step of the block before it. Odd steps run the recurrent passes last to
+    first, as the packed product does.
+
+    At one row the product multiplies each weight it loads once, and a
+    recurrent matrix read from L2 keeps it at half the multiply-add rate;
+    the projection's slice loads one weight vector per ``FUSED_ROWS``
+    multiply-adds. LSTM(256) at one row, one of two workers (a 512 KiB
+    slice), a step 7.2 us as product then projection, 6.6-7.0 us fused
+    (``FUSED_MIN_BYTES``).
+    """
+    em("P = up.shape[2]", "G = out.shape[1]", "n = up.shape[0]", "Gx = xw.shape[1]",
+       f"vectors = {PANEL_VECTORS} * wp.shape[0]", f"lanes = P // {PANEL_VECTORS}", "back = s % 2 != 0",
+       f"first = (s // {FUSED_ROWS} + 1) * {FUSED_ROWS}", f"count = min({FUSED_ROWS}, steps - first)",
+       "row = steps - first - count if reverse != 0 else first",
+       f"passes = G // ({FUSED_PANELS} * P)", "units = 0",
+       f"u0 = (s % {FUSED_ROWS}) * -(-vectors // {FUSED_ROWS})", "p = 0")
+    with em.block(f"if count == {FUSED_ROWS}:"):
+        em(f"units = max(0, min(-(-vectors // {FUSED_ROWS}), vectors - u0))")
+    with em.block(f"elif count > 0 and s % {FUSED_ROWS} == 0:"):
+        _emit_short_block(em)
+    with em.block("for phase in range(2):"):
+        with em.block("if (phase == 0) != back:"):
+            with em.block("for i in range(passes):"):
+                em(f"p = {FUSED_PANELS} * (passes - 1 - i if back else i)")
+                with em.block("if i < units:"):
+                    _emit_projection_unit(em, "u0 + i", FUSED_PANELS)
+                with em.block("else:"):
+                    _emit_micro_kernel(em, "0", 1, FUSED_PANELS, "up")
+        with em.block("else:"):
+            with em.block(f"for j in range(n - passes * {FUSED_PANELS}):"):
+                em(f"p = n - 1 - j if back else passes * {FUSED_PANELS} + j", "cols = min(P, G - p * P)")
+                _emit_micro_kernel(em, "0", 1, 1, "up")
+    with em.block("for i in range(passes, units):"):
+        _emit_projection_unit(em, "u0 + i", 0)
+
+
+def _emit_projection_unit(em: Emitter, unit: str, rec_panels: int) -> None:
+    """Vector ``unit`` of the block's projection, with the recurrent pass from panel ``p`` when ``rec_panels``."""
+    em(f"q = ({unit}) // {PANEL_VECTORS}", f"v = ({unit}) % {PANEL_VECTORS}", "valid = min(P, Gx - q * P) - v * lanes")
+    with em.block("if valid > 0:"):
+        em(f"fused_block(h, up, out, x, wp, xw, p, row, q, v, valid, {rec_panels})")
+    if rec_panels:
+        with em.block("else:"):
+            _emit_micro_kernel(em, "0", 1, rec_panels, "up")
+
+
+def _emit_short_block(em: Emitter) -> None:
+    """The projection of rows ``row..row+count-1`` (fewer than ``FUSED_ROWS``), panel by panel."""
+    with em.block("for pq in range(wp.shape[0]):"):
+        em("width = min(P, Gx - pq * P)", "r = row")
+        with em.block(f"if count >= {PANEL_ROWS}:"):
+            em(f"panel_block(x, wp, xw, row, pq, width, {PANEL_ROWS}, 1)", f"r = row + {PANEL_ROWS}")
+        for rows in range(1, PANEL_ROWS):
+            with em.block(f"{'if' if rows == 1 else 'elif'} row + count - r == {rows}:"):
+                em(f"panel_block(x, wp, xw, r, pq, width, {rows}, 1)")
+
+
+def _emit_micro_kernel(em: Emitter, row: str, rows: int, panels: int, matrix: str = "wp") -> None:
+    """Rows ``row..row+rows-1`` times panels ``p..p+panels-1`` of ``matrix`` (full ones, or one of ``cols`` columns)."""
+    em(f"panel_block(h, {matrix}, out, {row}, p, {'cols' if panels == 1 else 'P'}, {rows}, {panels})")
 
 
 #: The C functions of the shared module (``numrnn.runtime.extern``), by the name kernels call them:
@@ -320,6 +411,8 @@ def _emit_micro_kernel(em: Emitter, row: str, rows: int, panels: int) -> None:
 EXTERN_FUNCTIONS = {
     PANEL_PRODUCT: ("The packed product", (("h", 2), ("wp", 3), ("out", 2)), ("b0", "b1", "backward"),
                     emit_panel_product),
+    FUSED_PRODUCT: ("The fused product", (("h", 2), ("up", 3), ("out", 2), ("x", 2), ("wp", 3), ("xw", 2)),
+                    ("s", "steps", "reverse"), emit_fused_product),
     DOT: ("out = a @ b by BLAS", (("a", 2), ("b", 2), ("out", 2)), (), lambda em: em("gemm(a, b, out)")),
 }
 
@@ -374,6 +467,8 @@ class LayerContext:
     ``recurrent_input``: the array the step's recurrent product reads: ``h``
     itself, or under the unit split the whole previous ``h`` while ``h`` is
     the worker's own slice of the new one.
+    ``fused_projection``: the layer may project its input as it goes, in the
+    step's product (:func:`emit_fused_product`).
     """
 
     cell: CellSpec
@@ -383,6 +478,7 @@ class LayerContext:
     out_offset: int
     dtype: str = "float64"
     recurrent_input: str = "h"
+    fused_projection: bool = False
 
     @property
     def units(self) -> int:

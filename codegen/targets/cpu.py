@@ -574,7 +574,7 @@ PACKED_PROJECTION_MAX_ROWS = 128
 
 
 def emit_input_projection(em: Emitter, spec: StackSpec, inputs: int, weights: dict[str, str],
-                          buffers: Workspace | NewArrays) -> None:
+                          buffers: Workspace | NewArrays, deferred: str | None = None) -> None:
     """``xw = src.reshape(T * B, inputs) @ wx``: one product over every step, or a loop for a few inputs.
 
     ``weights``: the layer's packed names -> argument names; ``buffers``:
@@ -588,11 +588,18 @@ def emit_input_projection(em: Emitter, spec: StackSpec, inputs: int, weights: di
     about 200 rows, BLAS ahead from 400.
     The GEMM writes into ``xw`` (called through the shared module's C entry
     ``_dot``, as the layers' recurrent products are: ``numrnn.runtime.extern``).
+    Where the runtime condition ``deferred`` holds, nothing is projected
+    here: the layer does it in its steps (its fused product).
     """
     wx = weights["wx"]
     em(f"xw = {buffers.projection(wx)}", f"xs = {VIEW}(src, 0, (T * B, {inputs}))")
     if inputs > LOOP_PROJECTION_MAX_INPUTS:
-        with em.block(f"if T * B <= {PACKED_PROJECTION_MAX_ROWS} and small > 0:"):
+        packed = f"if T * B <= {PACKED_PROJECTION_MAX_ROWS} and small > 0:"
+        if deferred is not None:
+            with em.block(f"if {deferred}:"):
+                em("pass  # projected by the layer, step by step")
+            packed = f"el{packed}"
+        with em.block(packed):
             em(f"{PANEL_PRODUCT}(xs, {weights[panels_name('wx')]}, xw, np.int64(0), T * B, np.int64(0))")
         if live_condition(spec) is None:
             with em.block("else:"):

@@ -37,7 +37,7 @@ from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from codegen.cells.common import PANEL_VECTORS, vector_bytes
+from codegen.cells.common import FUSED_PANELS, FUSED_ROWS, PANEL_VECTORS, vector_bytes
 from numrnn.runtime.extern import is_c_array
 
 
@@ -67,6 +67,44 @@ def panel_block(typingctx, h, wp, out, row, p, cols, rows, panels):
         return context.get_dummy_value()
 
     return types.none(h, wp, out, row, p, cols, rows, panels), codegen
+
+
+@intrinsic
+def fused_block(typingctx, h, up, out, x, wp, xw, p, row, q, v, valid, rec_panels):
+    """Row 0 of ``h`` times ``rec_panels`` panels of ``up``, and ``FUSED_ROWS`` rows of ``x`` times a vector of ``wp``.
+
+    The first is a pass of the recurrent product (``out[0, panels p..]``,
+    as :func:`panel_block` computes it with one row); the second is a
+    slice of a later step's input projection: rows ``row..row +
+    FUSED_ROWS - 1`` of ``xw`` at vector ``v`` of panel ``q``, of which
+    only the first ``valid`` lanes are stored (the matrix's last, partial
+    panel). ``rec_panels`` is a literal, :data:`FUSED_PANELS` or 0 (the
+    projection alone). At one row the product loads one weight vector per
+    multiply-add, so reading its matrix from L2 leaves half the
+    multiply-adds idle; the projection's slice loads one weight vector per
+    :data:`FUSED_ROWS` multiply-adds and fills them
+    (``codegen.cells.common.emit_fused_product``).
+
+    The two share one loop over their common inputs, then each finishes
+    its own (the recurrent matrix has ``units`` inputs, the input kernel
+    ``inputs``). Every output adds its terms in input order, one
+    multiply-add each, as :func:`panel_block` does: the same sums.
+    """
+    arrays, integers = (h, up, out, x, wp, xw), (p, row, q, v, valid)
+    if not (all(is_c_array(a, n) for a, n in zip(arrays, (2, 3, 2, 2, 3, 2)))
+            and len({a.dtype for a in arrays}) == 1 and isinstance(h.dtype, types.Float)
+            and isinstance(rec_panels, types.IntegerLiteral) and rec_panels.literal_value in (0, FUSED_PANELS)
+            and all(isinstance(a, types.Integer) for a in integers)):
+        return None
+    block = _FusedBlock(h.dtype, rec_panels.literal_value)
+
+    def codegen(context, builder, sig, args):
+        made = [context.make_array(t)(context, builder, a) for t, a in zip(sig.args[:6], args[:6])]
+        scalars = [context.cast(builder, a, t, types.int64) for a, t in zip(args[6:11], sig.args[6:11])]
+        block.emit(builder, *made, *scalars)
+        return context.get_dummy_value()
+
+    return types.none(*arrays, *integers, rec_panels), codegen
 
 
 class _Block:
@@ -154,6 +192,68 @@ class _Block:
         fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(self.vector, [self.vector] * 3),
                                              f"llvm.fma.v{self.lanes}f32")
         return builder.call(fma, [x, w, acc])
+
+
+class _FusedBlock(_Block):
+    """The LLVM IR of :func:`fused_block`: a one-row pass of ``rec_panels`` panels and a projection slice."""
+
+    def __init__(self, dtype: types.Float, rec_panels: int):
+        super().__init__(dtype, 1, rec_panels)
+
+    def emit(self, builder: ir.IRBuilder, h, up, out, x, wp, xw, p, row, q, v, valid) -> None:
+        """Zeroed accumulators, the shared input loop and each side's own, the stores."""
+        rec_inputs, rec_width = cgutils.unpack_tuple(builder, up.shape)[1:]
+        proj_inputs, proj_width = cgutils.unpack_tuple(builder, wp.shape)[1:]
+        x_stride = cgutils.unpack_tuple(builder, x.shape)[1]
+        xw_stride = cgutils.unpack_tuple(builder, xw.shape)[1]
+        recurrent = [(k, w) for k in range(self.panels) for w in range(PANEL_VECTORS)]
+        zero = ir.Constant(self.vector, [0.0] * self.lanes)
+        rec_acc = {kw: cgutils.alloca_once_value(builder, zero) for kw in recurrent}
+        proj_acc = [cgutils.alloca_once_value(builder, zero) for _ in range(FUSED_ROWS)]
+        proj_column = builder.add(builder.mul(q, proj_width), builder.mul(v, _i64(self.lanes)))
+
+        def add_recurrent(k):
+            hk = self._splat(builder, h.data, k)
+            for panel, w in recurrent:
+                panel_row = builder.add(builder.mul(builder.add(p, _i64(panel)), rec_inputs), k)
+                start = builder.add(builder.mul(panel_row, rec_width), _i64(w * self.lanes))
+                weight = self._load(builder, up.data, start)
+                acc = rec_acc[panel, w]
+                builder.store(self._muladd(builder, hk, weight, builder.load(acc)), acc)
+
+        def add_projection(k):
+            panel_row = builder.add(builder.mul(q, proj_inputs), k)
+            weight = self._load(builder, wp.data, builder.add(builder.mul(panel_row, proj_width),
+                                                              builder.mul(v, _i64(self.lanes))))
+            for r, acc in enumerate(proj_acc):
+                xk = self._splat(builder, x.data, builder.add(builder.mul(builder.add(row, _i64(r)), x_stride), k))
+                builder.store(self._muladd(builder, xk, weight, builder.load(acc)), acc)
+
+        def loop(start, stop, *bodies):
+            with cgutils.for_range(builder, builder.sub(stop, start)) as counter:
+                k = builder.add(counter.index, start)
+                for body in bodies:
+                    body(k)
+
+        if self.panels:
+            shared = builder.select(builder.icmp_signed("<", rec_inputs, proj_inputs), rec_inputs, proj_inputs)
+            loop(_i64(0), shared, add_recurrent, add_projection)
+            loop(shared, rec_inputs, add_recurrent)
+            loop(shared, proj_inputs, add_projection)
+            for panel, w in recurrent:
+                column = builder.add(builder.mul(builder.add(p, _i64(panel)), rec_width), _i64(w * self.lanes))
+                builder.store(builder.load(rec_acc[panel, w]), self._vector_pointer(builder, out.data, column),
+                              align=self.align)
+        else:
+            loop(_i64(0), proj_inputs, add_projection)
+        starts = [builder.add(builder.mul(builder.add(row, _i64(r)), xw_stride), proj_column)
+                  for r in range(FUSED_ROWS)]
+        with builder.if_else(builder.icmp_signed(">=", valid, _i64(self.lanes))) as (full, partial):
+            with full:
+                for acc, start in zip(proj_acc, starts):
+                    builder.store(builder.load(acc), self._vector_pointer(builder, xw.data, start), align=self.align)
+            with partial:
+                self._store_lanes(builder, xw.data, proj_acc, starts, valid)
 
 
 def _i64(value: int) -> ir.Constant:
