@@ -1,14 +1,17 @@
-"""The fused product: unit-split layers at one row project their input inside the steps' products.
+"""The fused product: layers at one row project their input inside the steps' products.
 
-``codegen.cells.common.emit_fused_product``: a layer whose slice of the
-recurrent matrix is read from L2 projects the next block of rows a slice per
-step, in the same passes as its recurrent product. Each case runs forced
-through the unit split and through one thread, at step counts around the
-block size (a short block alone, one block, a block and a short one, many,
-and past the packed projection's 128 rows, where it projects up front
-again), and at two rows (never fused). Not at four steps or fewer: one-row
-calls that short take the streaming path, one thread and BLAS. Split and serial must agree to the bit (every sum is the
-packed product's, in input order), and both must match the oracle.
+``codegen.cells.common.emit_fused_product``: a layer whose recurrent matrix
+(a unit-split worker's slice of it) is read from L2 projects the next block
+of rows a slice per step, in the same passes as its recurrent product. Each
+case runs forced through the unit split and through one thread, at step
+counts around the block size (a short block alone, one block, a block and a
+short one, many, and past the packed projection's 128 rows, where it
+projects up front again), and at two rows (never fused). Not at four steps
+or fewer: one-row calls that short take the streaming path, one thread and
+BLAS. Split and serial must agree to the bit (every sum is the packed
+product's, in input order), and both must match the oracle. LSTM(64) fuses
+serial only (a worker's 32 KiB is read from L1): fused against unfused, and
+its static unroll against its loop.
 """
 
 from __future__ import annotations
@@ -20,10 +23,10 @@ import pytest
 from reference import run_stack
 from test_grid import _run_kernel, assert_matches_reference
 
+from codegen import generate_source
 from codegen.cells.common import FUSED_ROWS
 from codegen.spec import BlockSpec, CellSpec, DirectionSpec, StackSpec, simple_stack
-from codegen.targets.cpu import layers_of
-from codegen.targets.cpu_split import fuses_projection
+from codegen.targets.cpu import FUSE_CONDITION, fuses_projection, layers_of
 from numrnn.runtime import get_kernel
 
 LSTM128 = CellSpec("lstm", 128)
@@ -35,29 +38,37 @@ CASES = {
                 BlockSpec((DirectionSpec((CellSpec("gru", 136),)),))),
         input_size=40),
     "float64_simple": simple_stack([CellSpec("simple", 256)], 20, dtype="float64"),
+    "lstm64_serial_only": simple_stack([CellSpec("lstm", 64)], 32),
 }
+SERIAL_ONLY = {"lstm64_serial_only"}
 
 
-def _split(spec: StackSpec) -> StackSpec:
-    return dataclasses.replace(spec, unit_split=2)
+def _fuses(spec: StackSpec, workers: int = 1) -> list[bool]:
+    return [fuses_projection(layer.context, layer.cell.units // workers) for layer in layers_of(spec)]
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
-def test_layers_whose_slice_is_read_from_l2_fuse_their_projection(name):
-    split = _split(CASES[name])
-    assert all(fuses_projection(split, layer) for layer in layers_of(split))
+def test_layers_whose_matrix_is_read_from_l2_fuse_their_projection(name):
+    assert all(_fuses(CASES[name]))
+    assert all(_fuses(CASES[name], 2)) == (name not in SERIAL_ONLY)
 
 
 @pytest.mark.parametrize("spec, reason", [
-    (simple_stack([CellSpec("lstm", 64)], 32), "a 32 KiB slice, read from L1"),
+    (simple_stack([CellSpec("lstm", 32)], 32), "16 KiB, read from L1"),
     (simple_stack([LSTM128], 40, masking="carry"), "masked steps skip the product"),
     (StackSpec(blocks=(BlockSpec((DirectionSpec((LSTM128,)), DirectionSpec((LSTM128,), "valid")), "concat"),),
                input_size=40, masking="lengths"), "each row's own reversal"),
-    (simple_stack([LSTM128], 4), "a loop projection of four inputs"),
 ])
 def test_layers_the_fused_product_cannot_serve_do_not_fuse(spec, reason):
-    split = _split(spec)
-    assert not any(fuses_projection(split, layer) for layer in layers_of(split)), reason
+    assert not any(_fuses(spec)), reason
+
+
+def test_a_layer_with_a_loop_projection_calls_its_fused_function_unfused():
+    # GRU(120) x 3 on two inputs (seed000): the first layer's projection is a loop, the others' a product, and
+    # all three call one function, compiled once (a literal False would have compiled it twice).
+    source = generate_source(simple_stack([CellSpec("gru", 120)] * 3, 2))
+    assert source.count("def _layer") == 1 and "_fused_product(" in source
+    assert source.count("fuse = np.bool_(False)") == 1 and source.count(f"fuse = {FUSE_CONDITION}") == 2
 
 
 def _scaled_weights(spec: StackSpec, rng) -> list[dict]:
@@ -71,6 +82,13 @@ def _run(spec, weights, x, initial, schedule, monkeypatch):
     return _run_kernel(spec, weights, x, None, None, initial)
 
 
+def _assert_bit_equal(got, got_states, expected, expected_states) -> None:
+    np.testing.assert_array_equal(got, expected)
+    for got_cell, expected_cell in zip(got_states, expected_states, strict=True):
+        for a, b in zip(got_cell, expected_cell, strict=True):
+            np.testing.assert_array_equal(a, b)
+
+
 @pytest.mark.parametrize("steps, batch", [(5, 1), (FUSED_ROWS, 1), (FUSED_ROWS + 5, 1), (100, 1), (129, 1), (13, 2)])
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_fused_split_equals_the_serial_kernel_bit_for_bit_and_the_oracle(name, steps, batch, monkeypatch):
@@ -80,11 +98,11 @@ def test_fused_split_equals_the_serial_kernel_bit_for_bit_and_the_oracle(name, s
     x = rng.standard_normal((steps, batch, spec.input_size)).astype(spec.dtype)
     initial = [tuple(rng.standard_normal((batch, n)).astype(spec.dtype) for n in c.state_sizes) for c in spec.cells]
     split, split_states = _run(spec, weights, x, initial, "units", monkeypatch)
-    assert get_kernel(_split(spec)).compile_seconds is not None  # it really ran split
+    assert get_kernel(dataclasses.replace(spec, unit_split=2)).compile_seconds is not None  # it really ran split
     serial, serial_states = _run(spec, weights, x, initial, "serial", monkeypatch)
-    np.testing.assert_array_equal(split, serial)
-    for split_cell, serial_cell in zip(split_states, serial_states):
-        for a, b in zip(split_cell, serial_cell):
-            np.testing.assert_array_equal(a, b)
+    _assert_bit_equal(split, split_states, serial, serial_states)
+    if name in SERIAL_ONLY and steps in (FUSED_ROWS + 5, 100):  # the static unroll's steps fuse too
+        static = dataclasses.replace(spec, unroll=steps)
+        _assert_bit_equal(*_run(static, weights, x, initial, "serial", monkeypatch), serial, serial_states)
     expected, expected_states = run_stack(spec, weights, x, initial_states=initial)
     assert_matches_reference(spec, split, split_states, expected, expected_states)

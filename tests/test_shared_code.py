@@ -53,8 +53,8 @@ def test_kernels_import_the_shared_module_by_the_hash_of_its_source():
     assert name.startswith("numrnn_shared_") and len(name) == len("numrnn_shared_") + 16
     for dtype, suffix in (("float32", "_fast"), ("float64", "_exact")):
         source = generate_source(simple_stack([CellSpec("lstm", 3)], 2, dtype=dtype))
-        assert (f"from {name} import panel_product{suffix}_call as _panel_product, dot{suffix}_call as _dot, "
-                f"link{suffix}") in source
+        assert (f"from {name} import panel_product{suffix}_call as _panel_product, "
+                f"fused_product{suffix}_call as _fused_product, dot{suffix}_call as _dot, link{suffix}") in source
         assert f"\nlink{suffix}()\n" in source
         assert "def _panel_product" not in source and "np.dot(" not in source
     shared = generate_shared()

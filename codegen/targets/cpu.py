@@ -30,7 +30,9 @@ packed product (``codegen.cells.common.emit_panel_product``, over the
 ``*_panels`` weights) instead of a BLAS call (see
 ``numrnn.runtime.schedule.packed_product_rows``); where it is
 positive, input projections of up to :data:`PACKED_PROJECTION_MAX_ROWS` rows
-are the packed product too.
+are the packed product too. At one row, a layer whose recurrent matrix is
+read from L2 projects its input inside its steps' products instead
+(:func:`fuses_projection`).
 """
 
 from __future__ import annotations
@@ -39,13 +41,15 @@ import hashlib
 import importlib.util
 import os
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache, partial
 
 from codegen.cells import emitter_for, packed_names, recurrent_names
 from codegen.cells.common import (
     DOT,
     EXTERN_FUNCTIONS,
+    FUSED_MIN_BYTES,
+    FUSED_ROWS,
     PANEL_PRODUCT,
     PANEL_VECTORS,
     SIMD_NAMES,
@@ -446,8 +450,10 @@ def _emit_layer_function(em: Emitter, spec: StackSpec, layer: Layer) -> None:
     """
     cell, ctx = layer.cell, layer.context
     emitter = emitter_for(cell)
+    fused = fuses_projection(ctx, cell.units)
+    ctx = replace(ctx, fused_projection=fused)
     params = ["xw", *input_bias_args(cell), *recurrent_names(cell), *cell.state_names, *condition_args(spec),
-              "out", "small"]
+              "out", "small", *(FUSED_PARAMS if fused else [])]
     scratch = emitter.scratch_names(cell) + (["op"] if ctx.carries_output else [])
     step_params = ["s", "T", "B", *params, *scratch]
     if spec.unroll is not None:
@@ -462,6 +468,8 @@ def _emit_layer_function(em: Emitter, spec: StackSpec, layer: Layer) -> None:
         em(f"T = {spec.unroll}" if spec.unroll is not None else "T = xw.shape[0]", "B = xw.shape[1]")
         emitter.emit_scratch(em, ctx, spec.dtype)
         emit_scratch_for_output(em, ctx, spec.dtype)
+        if fused:
+            emit_first_projection_block(em, ctx)
         if spec.unroll is not None:
             rest = ", ".join(step_params[1:])
             for step in range(spec.unroll):
@@ -554,13 +562,15 @@ def emit_layer_call(em: Emitter, spec: StackSpec, layer: Layer, *, is_last: bool
     cell = layer.cell
     gu = cell.gates * cell.units
     weights = dict(zip(packed_names(cell), layer.weight_args()))
-    emit_input_projection(em, spec, layer.input_size, weights, buffers)
+    fused = fuses_projection(layer.context, cell.units)
+    emit_input_projection(em, spec, layer.input_size, weights, buffers, emit_fuse_flag(em, layer) if fused else None)
     out = "dest" if is_last else "seq"
     if not is_last:
         buffers.emit_buffer(em, "seq", "T", cell.output_size)
     recurrent = [weights[name] for name in recurrent_names(cell)]
     bias = [weights["b"]] if cell.use_bias else []
-    args = [f"{VIEW}(xw, 0, (T, B, {gu}))", *bias, *recurrent, *layer.state_args(), *condition_args(spec), out, "small"]
+    args = [f"{VIEW}(xw, 0, (T, B, {gu}))", *bias, *recurrent, *layer.state_args(), *condition_args(spec), out, "small",
+            *(["xs", weights[panels_name("wx")], "xw", "fuse"] if fused else [])]
     em(f"{layer.function}({', '.join(args)})")
     if not is_last:
         em("src = seq")
@@ -612,6 +622,46 @@ def emit_input_projection(em: Emitter, spec: StackSpec, inputs: int, weights: di
         em(*(f"x{k} = xs[r, {k}]" for k in range(inputs)), "xr = xw[r]")
         with em.block(f"for g in range({wx}.shape[1]):"):
             em(f"xr[g] = {' + '.join(f'x{k} * {wx}[{k}, g]' for k in range(inputs))}")
+
+
+_ITEMSIZE = {"float32": 4, "float64": 8}
+#: When a layer function that fuses its projection takes the fused product: one row, the packed projection's rows.
+FUSE_CONDITION = f"B == 1 and T <= {PACKED_PROJECTION_MAX_ROWS} and small > 0"
+#: The fusing layer function's extra parameters: the input rows, the input kernel's panels, the projection, the flag.
+FUSED_PARAMS = ["xs", "wxp", "xwr", "fuse"]
+
+
+def fuses_projection(ctx: LayerContext, units: int) -> bool:
+    """Whether a layer function of ``ctx`` over ``units`` units projects its input in its steps' products.
+
+    At one row (``codegen.cells.common.emit_fused_product``), where the
+    step's recurrent matrix (its ``units`` columns of every gate) is read
+    from L2 (``FUSED_MIN_BYTES``) and every step runs the product: no
+    masking, and rows in step order or reversed (not each row's own valid
+    prefix). Layers that share the function share the answer; a layer whose
+    input side is a loop (a few inputs) calls it with ``fuse`` false.
+    """
+    cell = ctx.cell
+    recurrent_bytes = cell.output_size * cell.gates * units * _ITEMSIZE[ctx.dtype]
+    return (ctx.masked_condition() is None and ctx.reverse in ("none", "full")
+            and recurrent_bytes >= FUSED_MIN_BYTES)
+
+
+def emit_fuse_flag(em: Emitter, layer: Layer) -> str | None:
+    """Set ``fuse`` before a fusing layer's call; the condition that defers its projection (``None`` if never)."""
+    if layer.input_size <= LOOP_PROJECTION_MAX_INPUTS:
+        em("fuse = np.bool_(False)")  # a bare False types as a literal: a second compile of the layer function
+        return None
+    em(f"fuse = {FUSE_CONDITION}")
+    return "fuse"
+
+
+def emit_first_projection_block(em: Emitter, ctx: LayerContext) -> None:
+    """In a fusing layer function, before its loop: project the first block's rows (the steps project the rest)."""
+    with em.block("if fuse:"):
+        em(f"first = min({FUSED_ROWS}, T)")
+        rows = "T - first, T" if ctx.reverse == "full" else "np.int64(0), first"
+        em(f"{PANEL_PRODUCT}(xs, wxp, xwr, {rows}, np.int64(0))")
 
 
 def merge_expression(merge: str, forward: str, backward: str) -> str:

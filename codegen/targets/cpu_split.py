@@ -21,7 +21,7 @@ module's ``shared_buffers(T, T_out, B)``, which the runtime allocates (and
 keeps for the next call of the same shape) and passes to every worker.
 
 At one row a layer whose slice of the recurrent matrix is read from L2
-(:func:`fuses_projection`) projects its input as it goes: the kernel skips
+(``codegen.targets.cpu.fuses_projection``) projects its input as it goes: the kernel skips
 the hoisted projection, the layer projects the first block of
 ``FUSED_ROWS`` rows before its loop, and each step's product projects a
 slice of the next block in the same passes
@@ -47,19 +47,11 @@ from contextlib import contextmanager
 from dataclasses import replace
 
 from codegen.cells import emitter_for, packed_names, recurrent_names
-from codegen.cells.common import (
-    FUSED_MIN_BYTES,
-    FUSED_ROWS,
-    PANEL_PRODUCT,
-    emit_scratch_for_output,
-    emit_step_times,
-    panels_name,
-)
+from codegen.cells.common import emit_scratch_for_output, emit_step_times, panels_name
 from codegen.emit import Emitter
 from codegen.spec import StackSpec
 from codegen.targets.cpu import (
-    LOOP_PROJECTION_MAX_INPUTS,
-    PACKED_PROJECTION_MAX_ROWS,
+    FUSED_PARAMS,
     VIEW,
     Layer,
     NewArrays,
@@ -68,7 +60,10 @@ from codegen.targets.cpu import (
     condition_args,
     emit_chain_calls,
     emit_each_layer,
+    emit_first_projection_block,
+    emit_fuse_flag,
     emit_input_projection,
+    fuses_projection,
     input_bias_args,
     jit_options,
     layers_of,
@@ -80,25 +75,6 @@ from codegen.targets.cpu import kernel_arguments as unsplit_kernel_arguments
 def slice_width(layer: Layer, spec: StackSpec) -> int:
     """Units of ``layer`` that one worker owns."""
     return layer.cell.units // spec.unit_split
-
-
-def fuses_projection(spec: StackSpec, layer: Layer) -> bool:
-    """Whether ``layer`` projects its input in its steps' products at one row (``emit_fused_product``).
-
-    Where one worker's slice of the step's matrix is read from L2
-    (:data:`FUSED_MIN_BYTES`), the input side is the packed product's, and
-    every step runs the product: no masking, and rows in step order or
-    reversed (not each row's own valid prefix).
-    """
-    ctx, cell = layer.context, layer.cell
-    rec_bytes = cell.output_size * cell.gates * slice_width(layer, spec) * _ITEMSIZE[spec.dtype]
-    return (ctx.masked_condition() is None and ctx.reverse in ("none", "full")
-            and layer.input_size > LOOP_PROJECTION_MAX_INPUTS and rec_bytes >= FUSED_MIN_BYTES)
-
-
-_ITEMSIZE = {"float32": 4, "float64": 8}
-#: The runtime condition under which a fusing layer takes its fused product: one row, the packed projection's rows.
-FUSE_CONDITION = f"B == 1 and T <= {PACKED_PROJECTION_MAX_ROWS} and small > 0"
 
 
 def shared_buffers(spec: StackSpec) -> list[tuple[str, str]]:
@@ -243,12 +219,12 @@ def _emit_layer_function(em: Emitter, spec: StackSpec, layer: Layer) -> None:
     cell = layer.cell
     n = slice_width(layer, spec)
     emitter = emitter_for(cell)
-    fused = fuses_projection(spec, layer)
+    fused = fuses_projection(layer.context, n)
     ctx = replace(layer.context, cell=replace(cell, units=n), recurrent_input="hp", fused_projection=fused)
     others = list(cell.state_names[1:])
     params = ["xw", *input_bias_args(cell), *recurrent_names(cell), "hstate", *(f"{o}state" for o in others),
               *condition_args(spec), "out", "small", "hb", "u0", "flags", "me", "epoch",
-              *(["xs", "wxp", "xwr", "fuse"] if fused else [])]
+              *(FUSED_PARAMS if fused else [])]
     em(f"@njit({jit_options(spec.dtype)})")
     with em.block(f"def {layer.function}({', '.join(params)}):"):
         em(f'"""This worker\'s units [u0, u0 + {n}) of the layer; returns the barrier epoch it reached."""')
@@ -260,10 +236,7 @@ def _emit_layer_function(em: Emitter, spec: StackSpec, layer: Layer) -> None:
         emit_scratch_for_output(em, ctx, spec.dtype)
         _emit_copy(em, n, ("hb[0, b, u0 + j]", "h[b, j]"))
         if fused:
-            with em.block("if fuse:"):  # the first block's rows; the steps project the others
-                em(f"first = min({FUSED_ROWS}, T)")
-                rows = "T - first, T" if ctx.reverse == "full" else "np.int64(0), first"
-                em(f"{PANEL_PRODUCT}(xs, wxp, xwr, {rows}, np.int64(0))")
+            emit_first_projection_block(em, ctx)
         em("epoch += 1", f"barrier(flags, me, {spec.unit_split}, epoch)")
         with em.block("for s in range(T):"):
             em("hp = hb[s % 2]", "hn = hb[(s + 1) % 2]")
@@ -311,10 +284,9 @@ def _emit_layer_call(em: Emitter, spec: StackSpec, layer: Layer, *, is_last: boo
     cell, n = layer.cell, slice_width(layer, spec)
     weights = dict(zip(packed_names(cell), layer.weight_args()))
     em(f"u0 = me * {n}")
-    fused = fuses_projection(spec, layer)
-    if fused:
-        em(f"fuse = {FUSE_CONDITION}")
-    emit_input_projection(em, spec, layer.input_size, weights, NewArrays(spec.dtype), "fuse" if fused else None)
+    fused = fuses_projection(layer.context, n)
+    deferred = emit_fuse_flag(em, layer) if fused else None
+    emit_input_projection(em, spec, layer.input_size, weights, NewArrays(spec.dtype), deferred)
     out = "dest" if is_last else f"seq{layer.index}"
     recurrent = [weights[name] for name in recurrent_names(cell)]
     bias = [weights["b"]] if cell.use_bias else []
