@@ -570,7 +570,7 @@ def emit_layer_call(em: Emitter, spec: StackSpec, layer: Layer, *, is_last: bool
     recurrent = [weights[name] for name in recurrent_names(cell)]
     bias = [weights["b"]] if cell.use_bias else []
     args = [f"{VIEW}(xw, 0, (T, B, {gu}))", *bias, *recurrent, *layer.state_args(), *condition_args(spec), out, "small",
-            *(["xs", weights[panels_name("wx")], "xw", "fuse"] if fused else [])]
+            *(fused_arguments(weights) if fused else [])]
     em(f"{layer.function}({', '.join(args)})")
     if not is_last:
         em("src = seq")
@@ -654,6 +654,11 @@ def emit_fuse_flag(em: Emitter, layer: Layer) -> str | None:
         return None
     em(f"fuse = {FUSE_CONDITION}")
     return "fuse"
+
+
+def fused_arguments(weights: dict[str, str]) -> list[str]:
+    """What a fusing layer's call passes for :data:`FUSED_PARAMS` (``weights``: its packed names -> arguments)."""
+    return ["xs", weights[panels_name("wx")], "xw", "fuse"]
 
 
 def emit_first_projection_block(em: Emitter, ctx: LayerContext) -> None:

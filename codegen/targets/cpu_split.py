@@ -47,7 +47,7 @@ from contextlib import contextmanager
 from dataclasses import replace
 
 from codegen.cells import emitter_for, packed_names, recurrent_names
-from codegen.cells.common import emit_scratch_for_output, emit_step_times, panels_name
+from codegen.cells.common import emit_scratch_for_output, emit_step_times
 from codegen.emit import Emitter
 from codegen.spec import StackSpec
 from codegen.targets.cpu import (
@@ -63,6 +63,7 @@ from codegen.targets.cpu import (
     emit_first_projection_block,
     emit_fuse_flag,
     emit_input_projection,
+    fused_arguments,
     fuses_projection,
     input_bias_args,
     jit_options,
@@ -292,7 +293,7 @@ def _emit_layer_call(em: Emitter, spec: StackSpec, layer: Layer, *, is_last: boo
     bias = [weights["b"]] if cell.use_bias else []
     args = [f"{VIEW}(xw, 0, (T, B, {cell.gates * n}))", *bias, *recurrent, *layer.state_args(), *condition_args(spec),
             f"{out}[:, :, u0:]", "small", f"hb{layer.index}", "u0", "flags", "me", "epoch",
-            *(["xs", weights[panels_name("wx")], "xw", "fuse"] if fused else [])]
+            *(fused_arguments(weights) if fused else [])]
     em(f"epoch = {layer.function}({', '.join(args)})")
     if not is_last:
         em(f"src = seq{layer.index}")
