@@ -24,7 +24,7 @@ import dataclasses
 import numpy as np
 import pytest
 from reference import run_stack
-from test_grid import _run_kernel, assert_matches_reference
+from test_grid import _run_kernel, assert_bit_equal, assert_matches_reference, fan_in_weights
 
 from codegen import generate_source
 from codegen.cells.common import FUSED_ROWS
@@ -78,22 +78,9 @@ def test_a_layer_with_a_loop_projection_calls_its_fused_function_unfused():
     assert source.count("fuse = np.bool_(False)") == 1 and source.count(f"fuse = {FUSE_CONDITION}") == 2
 
 
-def _scaled_weights(spec: StackSpec, rng) -> list[dict]:
-    # 1 / sqrt(fan-in): a hundred or more units at the grid's scale would saturate every gate.
-    return [{k: (rng.standard_normal(s) / np.sqrt(s[0])).astype(spec.dtype) for k, s in cell.weight_shapes(n).items()}
-            for cell, n in zip(spec.cells, spec.input_sizes())]
-
-
 def _run(spec, weights, x, initial, schedule, monkeypatch):
     monkeypatch.setenv("NUMRNN_SCHEDULE", schedule)
     return _run_kernel(spec, weights, x, None, None, initial)
-
-
-def _assert_bit_equal(got, got_states, expected, expected_states) -> None:
-    np.testing.assert_array_equal(got, expected)
-    for got_cell, expected_cell in zip(got_states, expected_states, strict=True):
-        for a, b in zip(got_cell, expected_cell, strict=True):
-            np.testing.assert_array_equal(a, b)
 
 
 @pytest.mark.skipif(packed_product_rows() < 2, reason="BLAS takes every product on this machine: nothing fuses")
@@ -102,21 +89,21 @@ def _assert_bit_equal(got, got_states, expected, expected_states) -> None:
 def test_fused_calls_equal_unfused_ones_bit_for_bit_and_the_oracle(name, steps, batch, monkeypatch):
     spec = CASES[name]
     rng = np.random.default_rng(steps)
-    weights = _scaled_weights(spec, rng)
+    weights = fan_in_weights(spec, rng)
     x = rng.standard_normal((steps, batch, spec.input_size)).astype(spec.dtype)
     initial = [tuple(rng.standard_normal((batch, n)).astype(spec.dtype) for n in c.state_sizes) for c in spec.cells]
     serial, serial_states = _run(spec, weights, x, initial, "serial", monkeypatch)
     if name not in UNSPLIT:
         split, split_states = _run(spec, weights, x, initial, "units", monkeypatch)
         assert get_kernel(dataclasses.replace(spec, unit_split=2)).compile_seconds is not None  # it really ran split
-        _assert_bit_equal(split, split_states, serial, serial_states)
+        assert_bit_equal(split, split_states, serial, serial_states)
     if batch == 1 and 2 * steps <= PACKED_PROJECTION_MAX_ROWS:  # the row beside another, which never fuses
         pair = np.concatenate([x, rng.standard_normal(x.shape).astype(spec.dtype)], axis=1)
         pair_initial = [tuple(np.concatenate([s, s]) for s in cell) for cell in initial]
         two, two_states = _run(spec, weights, pair, pair_initial, "serial", monkeypatch)
-        _assert_bit_equal(two[:, :1], [tuple(s[:1] for s in cell) for cell in two_states], serial, serial_states)
+        assert_bit_equal(two[:, :1], [tuple(s[:1] for s in cell) for cell in two_states], serial, serial_states)
     if name in SERIAL_ONLY and steps in (FUSED_ROWS + 5, 100):  # the static unroll's steps fuse too
         static = dataclasses.replace(spec, unroll=steps)
-        _assert_bit_equal(*_run(static, weights, x, initial, "serial", monkeypatch), serial, serial_states)
+        assert_bit_equal(*_run(static, weights, x, initial, "serial", monkeypatch), serial, serial_states)
     expected, expected_states = run_stack(spec, weights, x, initial_states=initial)
     assert_matches_reference(spec, serial, serial_states, expected, expected_states)

@@ -84,6 +84,21 @@ def _weights(spec: StackSpec, rng) -> list[dict]:
     ]
 
 
+def fan_in_weights(spec: StackSpec, rng) -> list[dict]:
+    """Weights scaled by 1 / sqrt(fan-in): at :func:`_weights`' scale a hundred or more units saturate every gate,
+    and float32 sums of that size drift past the oracle's 1e-5."""
+    return [{k: (rng.standard_normal(s) / np.sqrt(s[0])).astype(spec.dtype) for k, s in cell.weight_shapes(n).items()}
+            for cell, n in zip(spec.cells, spec.input_sizes())]
+
+
+def assert_bit_equal(got, got_states, expected, expected_states) -> None:
+    """Outputs and per-cell states identical to the bit."""
+    np.testing.assert_array_equal(got, expected)
+    for got_cell, expected_cell in zip(got_states, expected_states, strict=True):
+        for g, e in zip(got_cell, expected_cell, strict=True):
+            np.testing.assert_array_equal(g, e)
+
+
 def _inputs(spec: StackSpec, rng, batch: int = B):
     x = rng.standard_normal((T, batch, D)).astype(spec.dtype)
     mask = lengths = None

@@ -23,8 +23,10 @@ from test_grid import (
     _bidir,
     _run_kernel,
     _weights,
+    assert_bit_equal,
     assert_forced_schedule_matches_reference,
     assert_matches_reference,
+    fan_in_weights,
 )
 
 from codegen.cells import packed_names, split_packed
@@ -294,12 +296,6 @@ def test_measured_choice_times_each_option_then_runs_the_faster_and_times_both_a
 MEASURED = simple_stack([CellSpec("lstm", 64), CellSpec("gru", 96)], 32, masking="carry")
 
 
-def _measured_weights(rng) -> list[dict]:
-    """Weights of :data:`MEASURED` scaled by their fan-in, so that float32 stays within the oracle's 1e-5."""
-    return [{k: (rng.standard_normal(s) / np.sqrt(s[0])).astype(np.float32) for k, s in cell.weight_shapes(n).items()}
-            for cell, n in zip(MEASURED.cells, MEASURED.input_sizes())]
-
-
 def _measured_kernel(monkeypatch, batch: int):
     """:data:`MEASURED`'s kernel with a fresh scheduler on two cores, ``NUMRNN_SCHEDULE`` unset."""
     if schedule.packed_product_rows() < batch:
@@ -321,7 +317,7 @@ def test_measured_calls_run_both_schedules_with_the_same_results(batch, monkeypa
     run_split = type(kernel)._run_split
     monkeypatch.setattr(type(kernel), "_run_split", lambda k, *a: splits.append(k) or run_split(k, *a))
     rng = np.random.default_rng(11)
-    weights = _measured_weights(rng)
+    weights = fan_in_weights(MEASURED, rng)
     x = rng.standard_normal((24, batch, MEASURED.input_size)).astype(np.float32)
     mask = rng.random((24, batch)) > 0.3
     initial = [tuple(rng.standard_normal((batch, n)).astype(np.float32) for n in c.state_sizes)
@@ -330,11 +326,7 @@ def test_measured_calls_run_both_schedules_with_the_same_results(batch, monkeypa
     first, first_states = _run_kernel(MEASURED, weights, x, mask, None, initial)
     assert_matches_reference(MEASURED, first, first_states, expected, expected_states)
     for _ in range(2 * schedule.MeasuredChoice.SAMPLES + 2):
-        got, got_states = _run_kernel(MEASURED, weights, x, mask, None, initial)
-        np.testing.assert_array_equal(got, first)
-        for got_cell, first_cell in zip(got_states, first_states):
-            for got_state, first_state in zip(got_cell, first_cell):
-                np.testing.assert_array_equal(got_state, first_state)
+        assert_bit_equal(*_run_kernel(MEASURED, weights, x, mask, None, initial), first, first_states)
     assert len(splits) >= schedule.MeasuredChoice.SAMPLES + 1  # the split really ran
     assert set(kernel._scheduler.plan(24, batch)[2].typical()) == set(kernel._scheduler.plan(24, batch)[2].options)
 
@@ -344,7 +336,7 @@ def test_measured_calls_that_find_the_split_busy_time_only_the_static_choice(mon
     # static choice instead, and its time must not count as the split's.
     kernel = _measured_kernel(monkeypatch, 1)
     rng = np.random.default_rng(12)
-    weights = _measured_weights(rng)
+    weights = fan_in_weights(MEASURED, rng)
     x = rng.standard_normal((24, 1, MEASURED.input_size)).astype(np.float32)
     mask = rng.random((24, 1)) > 0.3
     initial = [tuple(np.zeros((1, n), np.float32) for n in c.state_sizes) for c in MEASURED.cells]

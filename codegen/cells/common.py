@@ -202,9 +202,18 @@ def _numba_enables_avx(cpu_name: str) -> bool:
     return cpu_name not in {"corei7-avx", "core-avx-i", "sandybridge", "ivybridge", "nocona"}
 
 
+#: Bytes of one element, by the dtypes the kernels take.
+ITEMSIZE = {"float32": 4, "float64": 8}
+
+
 def panel_width(dtype: str) -> int:
     """Output columns per panel of the packed recurrent matrix."""
-    return PANEL_VECTORS * vector_bytes() // {"float32": 4, "float64": 8}[dtype]
+    return PANEL_VECTORS * vector_bytes() // ITEMSIZE[dtype]
+
+
+def recurrent_bytes(cell: CellSpec, dtype: str, units: int | None = None) -> int:
+    """Bytes of ``cell``'s recurrent matrix, or of its columns for ``units`` units of every gate (a worker's slice)."""
+    return cell.output_size * cell.gates * (cell.units if units is None else units) * ITEMSIZE[dtype]
 
 
 def panels_name(matrix: str) -> str:

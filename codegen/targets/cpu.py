@@ -61,6 +61,7 @@ from codegen.cells.common import (
     extern_name,
     panel_width,
     panels_name,
+    recurrent_bytes,
     vector_bytes,
 )
 from codegen.emit import Emitter
@@ -563,7 +564,8 @@ def emit_layer_call(em: Emitter, spec: StackSpec, layer: Layer, *, is_last: bool
     gu = cell.gates * cell.units
     weights = dict(zip(packed_names(cell), layer.weight_args()))
     fused = fuses_projection(layer.context, cell.units)
-    emit_input_projection(em, spec, layer.input_size, weights, buffers, emit_fuse_flag(em, layer) if fused else None)
+    deferred = emit_fuse_flag(em, layer) if fused else None
+    emit_input_projection(em, spec, layer.input_size, weights, buffers, deferred)
     out = "dest" if is_last else "seq"
     if not is_last:
         buffers.emit_buffer(em, "seq", "T", cell.output_size)
@@ -624,7 +626,6 @@ def emit_input_projection(em: Emitter, spec: StackSpec, inputs: int, weights: di
             em(f"xr[g] = {' + '.join(f'x{k} * {wx}[{k}, g]' for k in range(inputs))}")
 
 
-_ITEMSIZE = {"float32": 4, "float64": 8}
 #: When a layer function that fuses its projection takes the fused product: one row, the packed projection's rows.
 FUSE_CONDITION = f"B == 1 and T <= {PACKED_PROJECTION_MAX_ROWS} and small > 0"
 #: The fusing layer function's extra parameters: the input rows, the input kernel's panels, the projection, the flag.
@@ -641,10 +642,8 @@ def fuses_projection(ctx: LayerContext, units: int) -> bool:
     prefix). Layers that share the function share the answer; a layer whose
     input side is a loop (a few inputs) calls it with ``fuse`` false.
     """
-    cell = ctx.cell
-    recurrent_bytes = cell.output_size * cell.gates * units * _ITEMSIZE[ctx.dtype]
     return (ctx.masked_condition() is None and ctx.reverse in ("none", "full")
-            and recurrent_bytes >= FUSED_MIN_BYTES)
+            and recurrent_bytes(ctx.cell, ctx.dtype, units) >= FUSED_MIN_BYTES)
 
 
 def emit_fuse_flag(em: Emitter, layer: Layer) -> str | None:

@@ -139,7 +139,7 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 
 from codegen import StackSpec
-from codegen.cells.common import vector_bytes
+from codegen.cells.common import recurrent_bytes, vector_bytes
 from codegen.targets.cpu import PACKED_PROJECTION_MAX_ROWS
 from codegen.targets.cpu_dirsplit import WORKERS as DIRECTION_WORKERS
 from numrnn.runtime import cpus
@@ -231,8 +231,7 @@ def direction_split_blocker(spec: StackSpec, workers: int) -> str | None:
 
 def largest_recurrent_bytes(spec: StackSpec) -> int:
     """Bytes of the largest recurrent matrix of the stack (what a one-row step reads)."""
-    itemsize = 4 if spec.dtype == "float32" else 8
-    return max(cell.output_size * cell.gates * cell.units * itemsize for cell in spec.cells)
+    return max(recurrent_bytes(cell, spec.dtype) for cell in spec.cells)
 
 
 def same_sums_when_split(spec: StackSpec, workers: int) -> bool:
