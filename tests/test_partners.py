@@ -175,7 +175,10 @@ def test_a_sleeping_partner_holds_no_array_of_its_last_call():
 
 def test_a_forked_child_makes_its_own_partners():
     spec, arguments, (expected, expected_states) = _split_case(UNIT_CASES, "stack_carry", {"unit_split": 2}, 1)
-    _run_kernel(spec, *arguments)  # the parent's partner is now ready in this kernel
+    weights, x, *rest = arguments
+    # The parent's partner is now ready in this kernel, and the kernel keeps the exchange buffers of this
+    # shape, stamped with the steps of another input's call, which the child's call must not take for its own.
+    _run_kernel(spec, weights, -x, *rest)
     pid = os.fork()
     if pid == 0:
         try:

@@ -65,6 +65,13 @@ def aligned_empty(shape: tuple[int, ...], dtype) -> np.ndarray:
     return flat[start:start + size].reshape(shape)
 
 
+def aligned_zeros(shape: tuple[int, ...], dtype) -> np.ndarray:
+    """A zeroed C-contiguous array whose data starts on an :data:`ALIGNMENT`-byte boundary."""
+    out = aligned_empty(shape, dtype)
+    out.fill(0)
+    return out
+
+
 def aligned_copy(array: np.ndarray) -> np.ndarray:
     """A C-contiguous copy of ``array`` whose data starts on an :data:`ALIGNMENT`-byte boundary."""
     out = aligned_empty(array.shape, array.dtype)

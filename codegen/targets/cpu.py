@@ -337,9 +337,9 @@ def generate(spec: StackSpec) -> str:
         f"from numrnn.runtime.views import view as {VIEW}",
     )
     if spec.unit_split > 1 or spec.direction_split:
-        from codegen.targets.cpu_split import ALIGNED_EMPTY, SYNC_IMPORTS
+        from codegen.targets.cpu_split import ALIGNED_EMPTY, ALIGNED_ZEROS, SYNC_IMPORTS
 
-        em("", f"from codegen.cells import aligned_empty as {ALIGNED_EMPTY}",
+        em("", f"from codegen.cells import aligned_empty as {ALIGNED_EMPTY}, aligned_zeros as {ALIGNED_ZEROS}",
            f"from numrnn.runtime.sync import {SYNC_IMPORTS}")
     layers = layers_of(spec)
     em.blank()

@@ -52,7 +52,7 @@ WORKERS = 2
 
 
 def shared_buffers(spec: StackSpec) -> list[tuple[str, str]]:
-    """``(name, shape expression in T, T_out, B)`` of every buffer the two workers share, in argument order."""
+    """``(name, allocation expression in T, T_out, B)`` of every buffer the two workers share, in argument order."""
     return [buffer for bi in range(len(spec.blocks)) for buffer in block_buffers(spec, bi)]
 
 
@@ -60,7 +60,7 @@ def emit_dirsplit_module_body(em: Emitter, spec: StackSpec) -> None:
     """The layer functions (the unsplit kernel's), ``shared_buffers`` and the kernel of a direction-split spec."""
     layers = layers_of(spec)
     emit_each_layer(em, spec, layers, _emit_layer_function)
-    emit_shared_buffers_function(em, spec, shared_buffers(spec))
+    emit_shared_buffers_function(em, shared_buffers(spec))
     emit_partner_tag(em, spec)
     _emit_kernel(em, spec, layers)
 

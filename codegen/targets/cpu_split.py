@@ -7,16 +7,21 @@ the hidden units instead: worker ``w`` of ``n`` computes units ``[w*U/n,
 weights (half the bytes per core at ``n = 2``, so a 1 MiB ``LSTM(256)``
 recurrent matrix fits the two 512 KiB L2 caches) and its own slice of the
 hoisted input projection. Step ``s`` needs all of ``h`` from step ``s - 1``,
-so the workers meet at a barrier (``numrnn.runtime.sync.barrier``) after
-every step; ``h`` is double-buffered (``hb[s % 2]`` is read while
-``hb[(s + 1) % 2]`` is written), so one barrier per step is enough: a worker
-can only overwrite a buffer after every other worker has finished the step
-that read it.
+so after every step the workers exchange it (:func:`_emit_exchange`):
+each stores its new ``h`` in stamped cache lines of the layer's exchange
+buffer ``xb`` and copies the others' into its own ``hp`` once their stamps
+show the step. The lines are double-buffered by the step's parity, so a
+worker overwrites its lines only after every other worker has read them
+(each had to send its own step in between). A worker writes its outputs of
+a step before it sends that step's ``h``, so once a layer's last exchange
+is done every worker's outputs of the layer can be read; the barrier
+(``numrnn.runtime.sync.barrier``) is left for the merge of a bidirectional
+block, whose merged columns the next block reads.
 
 Everything a worker writes is its own: its columns of ``h``, ``c``, the
 outputs and a merged bidirectional output, so masking, reversal and merging
 work as in the unsplit kernel. Buffers that more than one worker reads (the
-``h`` double buffers, the outputs of inner layers and blocks) come from the
+``h`` exchanges, the outputs of inner layers and blocks) come from the
 module's ``shared_buffers(T, T_out, B)``, which the runtime allocates (and
 keeps for the next call of the same shape) and passes to every worker.
 
@@ -47,7 +52,7 @@ from contextlib import contextmanager
 from dataclasses import replace
 
 from codegen.cells import emitter_for, packed_names, recurrent_names
-from codegen.cells.common import emit_scratch_for_output, emit_step_times
+from codegen.cells.common import ITEMSIZE, emit_scratch_for_output, emit_step_times
 from codegen.emit import Emitter
 from codegen.spec import StackSpec
 from codegen.targets.cpu import (
@@ -79,17 +84,46 @@ def slice_width(layer: Layer, spec: StackSpec) -> int:
 
 
 def shared_buffers(spec: StackSpec) -> list[tuple[str, str]]:
-    """``(name, shape expression in T, T_out, B)`` of every buffer the workers share, in argument order."""
+    """``(name, allocation expression in T, T_out, B)`` of every buffer the workers share, in argument order.
+
+    Each layer's ``xb``: its ``h`` exchange (:func:`_emit_exchange`), zeroed,
+    as its stamps must start below every epoch.
+    """
     layers, buffers = layers_of(spec), []
     for layer in layers:
-        buffers.append((f"hb{layer.index}", f"(2, B, {layer.cell.units})"))
+        buffers.append((exchange_buffer(layer), _allocation(exchange_shape(layer, spec), "int64", zeroed=True)))
     for bi, block in enumerate(spec.blocks):
         chain_ends = {chain_of(layers, bi, di)[-1].index for di in range(len(block.directions))}
         for layer in layers:
             if layer.block == bi and layer.index not in chain_ends:
-                buffers.append((f"seq{layer.index}", f"(T, B, {layer.cell.output_size})"))
+                buffers.append((f"seq{layer.index}", _allocation(f"(T, B, {layer.cell.output_size})", spec.dtype)))
         buffers.extend(block_buffers(spec, bi))
     return buffers
+
+
+#: int64 slots of one line of an exchange buffer (64 bytes): values in all but the last, which holds the stamp.
+LINE_SLOTS = 8
+
+
+def exchange_buffer(layer: Layer) -> str:
+    """The name of ``layer``'s ``h`` exchange buffer."""
+    return f"xb{layer.index}"
+
+
+def exchange_shape(layer: Layer, spec: StackSpec) -> str:
+    """The shape expression (in ``B``) of ``layer``'s exchange buffer: ``(2, workers, B * lines, LINE_SLOTS)``.
+
+    Even and odd steps, then each worker's lines: ``lines`` per row of its ``h``
+    (:func:`exchange_layout`).
+    """
+    lines = exchange_layout(layer, spec)[1]
+    return f"(2, {spec.unit_split}, B * {lines}, {LINE_SLOTS})"
+
+
+def exchange_layout(layer: Layer, spec: StackSpec) -> tuple[int, int]:
+    """Values of one exchange line, and lines per row of one worker's ``h``, of ``layer``."""
+    per_line = (LINE_SLOTS - 1) * 8 // ITEMSIZE[spec.dtype]
+    return per_line, -(-slice_width(layer, spec) // per_line)
 
 
 def block_buffers(spec: StackSpec, bi: int) -> list[tuple[str, str]]:
@@ -100,19 +134,23 @@ def block_buffers(spec: StackSpec, bi: int) -> list[tuple[str, str]]:
     block, last_block = spec.blocks[bi], bi == len(spec.blocks) - 1
     if _needs_merge(block):
         width = sum(d.output_size for d in block.directions)
-        merged = [] if last_block else [(f"merged{bi}", f"(T, B, {block.output_size})")]
-        return [(f"dest{bi}", f"({'T_out' if last_block else 'T'}, B, {width})"), *merged]
-    return [] if last_block else [(f"dest{bi}", f"(T, B, {block.output_size})")]
+        merged = [] if last_block else [(f"merged{bi}", _allocation(f"(T, B, {block.output_size})", spec.dtype))]
+        return [(f"dest{bi}", _allocation(f"({'T_out' if last_block else 'T'}, B, {width})", spec.dtype)), *merged]
+    return [] if last_block else [(f"dest{bi}", _allocation(f"(T, B, {block.output_size})", spec.dtype))]
 
 
-def emit_shared_buffers_function(em: Emitter, spec: StackSpec, buffers: list[tuple[str, str]]) -> None:
+def _allocation(shape: str, dtype: str, zeroed: bool = False) -> str:
+    # Aligned, so that two workers' slices of a row share no cache line where the slices are whole lines
+    # (tiny64 split, h exchange 16 or 32 bytes off a line: 0.5-1.5 us a call slower).
+    return f"{ALIGNED_ZEROS if zeroed else ALIGNED_EMPTY}({shape}, np.{dtype})"
+
+
+def emit_shared_buffers_function(em: Emitter, buffers: list[tuple[str, str]]) -> None:
     """The module's ``shared_buffers(T, T_out, B)``: every buffer the workers of one call share."""
     with em.block("def shared_buffers(T, T_out, B):"):
         em('"""Buffers every worker of one call reads (the runtime keeps a set per call shape)."""')
-        # Aligned, so that two workers' slices of a row share no cache line where the slices are whole lines
-        # (tiny64 split, h exchange 16 or 32 bytes off a line: 0.5-1.5 us a call slower).
-        shapes = "".join(f"{ALIGNED_EMPTY}({shape}, np.{spec.dtype}), " for _, shape in buffers)
-        em(f"return ({shapes.rstrip()})")  # (), (a,) or (a, b,): a split of one concatenated block shares none
+        allocations = "".join(f"{allocation}, " for _, allocation in buffers)
+        em(f"return ({allocations.rstrip()})")  # (), (a,) or (a, b,): a split of one concatenated block shares none
     em.blank()
     em.blank()
 
@@ -135,10 +173,11 @@ def stacked(weight: str) -> str:
     return f"{weight}_workers"
 
 
-#: The name split kernel modules give :func:`codegen.cells.aligned_empty`.
-ALIGNED_EMPTY = "_aligned_empty"
+#: The names split kernel modules give :func:`codegen.cells.aligned_empty` and :func:`codegen.cells.aligned_zeros`.
+ALIGNED_EMPTY, ALIGNED_ZEROS = "_aligned_empty", "_aligned_zeros"
 #: What split kernel modules import from ``numrnn.runtime.sync``.
-SYNC_IMPORTS = "LEAD, PARTNER_WAIT_ROUNDS, SERVE, await_partners, barrier, next_job, post_jobs, publish, receive"
+SYNC_IMPORTS = ("GENERATION, LEAD, PARTNER_WAIT_ROUNDS, SERVE, atomic_store, await_partners, await_stamp, barrier, "
+                "next_job, post_jobs, publish, receive")
 
 
 def partner_tag(spec: StackSpec) -> int:
@@ -203,19 +242,21 @@ def emit_split_module_body(em: Emitter, spec: StackSpec) -> None:
     """The layer functions, ``shared_buffers`` and the kernel of a unit-split spec."""
     layers = layers_of(spec)
     emit_each_layer(em, spec, layers, _emit_layer_function)
-    emit_shared_buffers_function(em, spec, shared_buffers(spec))
+    emit_shared_buffers_function(em, shared_buffers(spec))
     emit_partner_tag(em, spec)
     _emit_kernel(em, spec, layers)
 
 
 def _emit_layer_function(em: Emitter, spec: StackSpec, layer: Layer) -> None:
-    """One worker's share of a layer: its states in private contiguous copies, ``h`` published per step.
+    """One worker's share of a layer: its states in private contiguous copies, ``h`` exchanged per step.
 
     The step code is the unsplit emitter's, on ``n`` units: ``h`` and ``c``
     are this worker's contiguous slices (strided views would keep LLVM from
-    vectorizing the gate loop), the product reads the whole previous ``h``
-    (``hp``), and after the step the worker's new ``h`` is copied into the
-    shared buffer the others read next.
+    vectorizing the gate loop), and the product reads the whole previous
+    ``h`` from the worker's own copy (``hp``), which the exchange fills
+    after each step with this worker's new ``h`` and the others'. No
+    barrier starts the layer: ``hp`` starts as the whole initial state, and
+    the previous layer's outputs were all written before its last exchange.
     """
     cell = layer.cell
     n = slice_width(layer, spec)
@@ -224,7 +265,7 @@ def _emit_layer_function(em: Emitter, spec: StackSpec, layer: Layer) -> None:
     ctx = replace(layer.context, cell=replace(cell, units=n), recurrent_input="hp", fused_projection=fused)
     others = list(cell.state_names[1:])
     params = ["xw", *input_bias_args(cell), *recurrent_names(cell), "hstate", *(f"{o}state" for o in others),
-              *condition_args(spec), "out", "small", "hb", "u0", "flags", "me", "epoch",
+              *condition_args(spec), "out", "small", "xb", "u0", "flags", "me", "epoch",
               *(FUSED_PARAMS if fused else [])]
     em(f"@njit({jit_options(spec.dtype)})")
     with em.block(f"def {layer.function}({', '.join(params)}):"):
@@ -233,20 +274,63 @@ def _emit_layer_function(em: Emitter, spec: StackSpec, layer: Layer) -> None:
         for name in ("h", *others):
             em(f"{name} = np.empty((B, {n}), dtype=np.{spec.dtype})")
         _emit_copy(em, n, *((f"{name}[b, j]", f"{name}state[b, u0 + j]") for name in ("h", *others)))
+        em(f"hp = np.empty((B, {cell.units}), dtype=np.{spec.dtype})")
+        _emit_copy(em, cell.units, ("hp[b, j]", "hstate[b, j]"))
         emitter.emit_scratch(em, ctx, spec.dtype)
         emit_scratch_for_output(em, ctx, spec.dtype)
-        _emit_copy(em, n, ("hb[0, b, u0 + j]", "h[b, j]"))
         if fused:
             emit_first_projection_block(em, ctx)
-        em("epoch += 1", f"barrier(flags, me, {spec.unit_split}, epoch)")
+        em("xb_slots = xb.reshape(xb.size)", f"xb_values = xb_slots.view(np.{spec.dtype})")
         with em.block("for s in range(T):"):
-            em("hp = hb[s % 2]", "hn = hb[(s + 1) % 2]")
             emit_step_times(em, ctx)
             emitter.emit_step(em, ctx)
-            _emit_copy(em, n, ("hn[b, u0 + j]", "h[b, j]"))
-            em("epoch += 1", f"barrier(flags, me, {spec.unit_split}, epoch)")
+            em("epoch += 1")
+            _emit_exchange(em, spec, layer)
         _emit_copy(em, n, *((f"{name}state[b, u0 + j]", f"{name}[b, j]") for name in ("h", *others)))
         em("return epoch")
+
+
+def _emit_exchange(em: Emitter, spec: StackSpec, layer: Layer) -> None:
+    """This worker's new ``h`` to the others through the layer's exchange buffer, theirs into ``hp``.
+
+    The buffer's int64 slots are ``xb_slots``, its values ``xb_values`` (the
+    same memory). Row ``b`` of a worker's ``h`` fills lines ``b * lines ..`` of
+    its lines for the step's parity, ``per_line`` values each, and each
+    line's last slot gets the step's epoch after its values, with release
+    ordering (``numrnn.runtime.sync``). Then this worker copies its own
+    ``h`` into ``hp`` and, for each other worker, waits for the stamps of
+    its lines (:func:`numrnn.runtime.sync.await_stamp`) and copies its
+    values. A worker rewrites the lines of one parity two steps later, once
+    every other worker has sent the step between, which it sent after
+    reading them.
+
+    Emitted inline with the line layout as constants: an exchange made by a
+    function over views of the buffer cost a tiny64 split call 5-7 us of 29
+    (its references to the arrays), and one with the layout computed at run
+    time 2-5 us more than this.
+    """
+    n, workers = slice_width(layer, spec), spec.unit_split
+    per_line, lines = exchange_layout(layer, spec)
+    ratio = 8 // ITEMSIZE[spec.dtype]
+
+    def emit_lines(start: str, assignment: str, stamped: bool) -> None:
+        with em.block("for b in range(B):"):
+            with em.block(f"for line in range({lines}):"):
+                em(f"at = {start} + (b * {lines} + line) * {LINE_SLOTS}")
+                with em.block(f"for i in range(min({per_line}, {n} - line * {per_line})):"):
+                    em(assignment)
+                if stamped:
+                    em(f"atomic_store(xb_slots, at + {LINE_SLOTS - 1}, epoch)")
+
+    em(f"mine = ((epoch % 2) * {workers} + me) * B * {lines * LINE_SLOTS}")
+    emit_lines("mine", f"xb_values[{ratio} * at + i] = h[b, line * {per_line} + i]", stamped=True)
+    _emit_copy(em, n, ("hp[b, u0 + j]", "h[b, j]"))
+    with em.block(f"for w in range({workers}):"):
+        with em.block("if w != me:"):
+            em(f"theirs = ((epoch % 2) * {workers} + w) * B * {lines * LINE_SLOTS}")
+            with em.block(f"for line in range(B * {lines}):"):
+                em(f"await_stamp(xb_slots, theirs + line * {LINE_SLOTS} + {LINE_SLOTS - 1}, epoch, flags)")
+            emit_lines("theirs", f"hp[b, w * {n} + line * {per_line} + i] = xb_values[{ratio} * at + i]", stamped=False)
 
 
 def _emit_copy(em: Emitter, n: int, *pairs: tuple[str, str]) -> None:
@@ -264,7 +348,7 @@ def _emit_kernel(em: Emitter, spec: StackSpec, layers: list[Layer]) -> None:
     with job_loop(em, spec, kernel_arguments(spec), spec.unit_split,
                   "Worker ``me`` of the call: its slice of every layer, in step with the other workers."):
         em(*(f"{weight} = {stacked(weight)}[me]" for layer in layers for weight in layer.weight_args()))
-        em("T = x.shape[0]", "B = x.shape[1]", "inp = x", "epoch = 0")
+        em("T = x.shape[0]", "B = x.shape[1]", "inp = x", "epoch = flags[GENERATION]")
         for bi, block in enumerate(spec.blocks):
             last_block = bi == len(spec.blocks) - 1
             em(f"# block {bi}")
@@ -292,7 +376,7 @@ def _emit_layer_call(em: Emitter, spec: StackSpec, layer: Layer, *, is_last: boo
     recurrent = [weights[name] for name in recurrent_names(cell)]
     bias = [weights["b"]] if cell.use_bias else []
     args = [f"{VIEW}(xw, 0, (T, B, {cell.gates * n}))", *bias, *recurrent, *layer.state_args(), *condition_args(spec),
-            f"{out}[:, :, u0:]", "small", f"hb{layer.index}", "u0", "flags", "me", "epoch",
+            f"{out}[:, :, u0:]", "small", exchange_buffer(layer), "u0", "flags", "me", "epoch",
             *(fused_arguments(weights) if fused else [])]
     em(f"epoch = {layer.function}({', '.join(args)})")
     if not is_last:

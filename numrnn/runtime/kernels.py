@@ -251,14 +251,14 @@ class Kernel:
         return True
 
     def _run_split(self, x, cond, states, weights, y) -> None:
-        """Worker 0 here, the others on the partner threads, meeting at barriers.
+        """Worker 0 here, the others on the partner threads, meeting at each step's exchange or at barriers.
 
         Unit split (:mod:`codegen.targets.cpu_split`): every worker its slice
-        of the weights, a barrier per step. Direction split
+        of the weights, an exchange of ``h`` per step. Direction split
         (:mod:`codegen.targets.cpu_dirsplit`): two workers, all the weights,
         a barrier per block. The partners (:mod:`numrnn.runtime.partners`)
         wait for the next call in the kernel's job loop; a worker that fails
-        sets the abort word, which releases every other worker's barrier, so
+        sets the abort word, which releases every other worker's wait, so
         the call raises instead of hanging.
         """
         start = time.perf_counter() if self.compile_seconds is None else None

@@ -27,6 +27,7 @@ of partners serves every split kernel of the process. A child process made by
 from __future__ import annotations
 
 import atexit
+import itertools
 import os
 import queue
 import threading
@@ -66,6 +67,7 @@ class Partners:
         if n > self.workers:
             raise ValueError(f"a split call of {n} workers needs more than the {self.workers} there are")
         self.flags.fill(0)
+        self.flags[sync.GENERATION] = next(_GENERATIONS) << 32  # the call's first epoch, above every earlier stamp
         try:
             if kernel(*self.lead_arguments(jobs[0])):
                 self.hot_calls += 1
@@ -115,6 +117,9 @@ class Partners:
 
 _PARTNERS: Partners | None = None
 _LOCK = threading.Lock()
+#: Split calls' generations (``numrnn.runtime.sync.GENERATION``): one count for the process, which a child
+#: made by ``fork`` continues, as its kernels keep their parent's exchange buffers.
+_GENERATIONS = itertools.count(1)
 
 
 def partners() -> Partners:

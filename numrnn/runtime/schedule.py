@@ -29,9 +29,10 @@ streaming fast path's gemv); more rows, one BLAS GEMM per step.
 
 Small batches split the hidden units instead (``unit_split``,
 :mod:`codegen.targets.cpu_split`): every worker computes its slice of every
-layer's units and the workers meet at a spinning barrier after each step
-(:mod:`numrnn.runtime.sync`; it yields its time slice after a short spin, so a
-descheduled partner on a busy machine is not starved). The calling thread
+layer's units and the workers exchange ``h`` after each step, through stamped
+cache lines that each worker spins on (:mod:`numrnn.runtime.sync`; a waiter
+yields its time slice after a short spin, so a descheduled partner on a busy
+machine is not starved). The calling thread
 runs worker 0; the others run on partner threads that wait for the next call
 inside the kernel (:mod:`numrnn.runtime.partners`), not on the pool. Policy
 (``choose``):
@@ -363,8 +364,8 @@ class MeasuredChoice:
     """One call shape's schedule picked by timing its calls: whichever option ran them faster lately.
 
     For calls of one or two rows at the edge of the unit split's gain (the
-    module docstring): the split's per-step barrier is a round trip between
-    two cores, and on a virtual machine that round trip depends on where the
+    module docstring): the split's per-step exchange of ``h`` crosses between
+    two cores (a barrier round trip before the exchange), and on a virtual machine that round trip depends on where the
     host runs the two virtual CPUs at the time. On the AVX-512 Zen 4 guest it
     took 50, 100-120 or 190-540 ns (the same two-thread ping-pong, started
     anew), and tiny64 split ran in 37-39 us against 46 us serial when it was
