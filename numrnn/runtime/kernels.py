@@ -179,7 +179,8 @@ class Kernel:
         y = np.empty((T if self._sequences else 1, B, self._width), dtype=self._dtype) if out is None else out
         cond = [condition] if self._has_condition else []
         if self.spec.unit_split > 1 or self.spec.direction_split:
-            self._run_split(x, cond, states, weights, y)
+            with _SPLIT_LOCK:
+                self._run_split(x, cond, states, weights, y)
         elif B == 1 and T <= STREAMING_MAX_STEPS and self.compile_seconds is not None:
             # A statically unrolled kernel's streaming call (the fast path above is for the dynamic loop).
             self.function(x, *cond, *states, *weights, y, self._thread_workspace(self._streaming_size), 0)
@@ -253,6 +254,8 @@ class Kernel:
     def _run_split(self, x, cond, states, weights, y) -> None:
         """Worker 0 here, the others on the partner threads, meeting at each step's exchange or at barriers.
 
+        The caller holds ``_SPLIT_LOCK``.
+
         Unit split (:mod:`codegen.targets.cpu_split`): every worker its slice
         of the weights, an exchange of ``h`` per step. Direction split
         (:mod:`codegen.targets.cpu_dirsplit`): two workers, all the weights,
@@ -262,25 +265,28 @@ class Kernel:
         the call raises instead of hanging.
         """
         start = time.perf_counter() if self.compile_seconds is None else None
-        self._check_panels(weights)
         T, B = x.shape[0], x.shape[1]
         if self.spec.unit_split > 1:
             n, weights = self.spec.unit_split, self._worker_weights(weights)
         else:
+            self._check_panels(weights)
             n = DIRECTION_WORKERS
-        team = _partners()
+        team, small = _partners(), self._small
         # Single-threaded BLAS before any worker starts: a partner's input projection on two OpenBLAS
         # threads would spin against the barrier (latency256 took 8-10 ms instead of 1.9 in about one
         # process of three when a pool worker could start before the block was entered).
-        with _SPLIT_LOCK, single_threaded_blas() if self._calls_blas(T, B) else _NO_BLOCK:
+        with single_threaded_blas() if self._calls_blas(T, B) else _NO_BLOCK:
             shared = self._shared_buffers(T, y.shape[0], B)
-            jobs = [(x, *cond, *states, *weights, y, self._small, me, team.flags, *shared) for me in range(n)]
+
+            def job_of(me: int) -> tuple:
+                return (x, *cond, *states, *weights, y, small, me, team.flags, *shared)
+
             if start is None:
-                team.run(self.function, jobs)
+                team.run(self.function, job_of, n)
             else:
                 _check_can_compile()
-                self._compile_for(team.lead_arguments(jobs[0]))
-                team.run(self.function, jobs)
+                self._compile_for(team.lead_arguments(job_of(0)))
+                team.run(self.function, job_of, n)
         if start is not None:
             self.compile_seconds = time.perf_counter() - start
             log.debug("first call of %s took %.2f s (compile or cache load, and one run)", self.spec.kernel_name(),
@@ -322,12 +328,14 @@ class Kernel:
         The unit-split kernel takes ``[me]`` of each, so every worker's job
         has the same arrays and the lead can post the others' jobs itself.
         Each slice starts on an :data:`~codegen.cells.ALIGNMENT` boundary
-        where its size is a multiple of it (the panels always are).
+        where its size is a multiple of it (the panels always are). The
+        panels' width is checked once, when they are cut.
         """
         key = tuple(map(id, weights))
         hit = self._slices.get(key)
         if hit is not None:
             return hit[1]
+        self._check_panels(weights)
         n, parts, pos = self.spec.unit_split, [[] for _ in range(self.spec.unit_split)], 0
         for cell in self.spec.cells:
             count = len(packed_names(cell))

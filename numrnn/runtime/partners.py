@@ -53,33 +53,34 @@ class Partners:
         for w in range(1, workers):
             threading.Thread(target=self._serve, args=(w,), name=f"numrnn-partner-{w}", daemon=True).start()
 
-    def run(self, kernel, jobs: list[tuple]) -> None:
-        """``kernel(*jobs[w], ...)`` for every worker ``w``: ``jobs[0]`` on this thread, the others on partners.
+    def run(self, kernel, job_of, workers: int) -> None:
+        """``kernel(*job_of(w), ...)`` for each worker ``w < workers``: worker 0 here, the others on partners.
 
-        ``jobs[w]`` is ``jobs[0]`` with ``me = w``, and ends with ``flags``,
+        ``job_of(w)`` is one job with ``me = w``; it ends with ``flags``,
         which must be :attr:`flags`, and the shared buffers. Partners ready in
-        ``kernel`` get their jobs from the lead's own call; others get
-        ``jobs[w]`` through their queues. A worker that fails sets the abort
-        word, which releases the others' barriers, and its error is raised
-        here once every worker has stopped.
+        ``kernel`` get their jobs from the lead's own call, which stores them
+        in compiled code (only the lead's job is built here); others get
+        theirs through their queues. A worker that fails sets the abort
+        word, which releases the others' waits, and its error is raised here
+        once every worker has stopped.
         """
-        n = len(jobs)
-        if n > self.workers:
-            raise ValueError(f"a split call of {n} workers needs more than the {self.workers} there are")
+        if workers > self.workers:
+            raise ValueError(f"a split call of {workers} workers needs more than the {self.workers} there are")
         self.flags.fill(0)
         self.flags[sync.GENERATION] = next(_GENERATIONS) << 32  # the call's first epoch, above every earlier stamp
+        lead = job_of(0)
         try:
-            if kernel(*self.lead_arguments(jobs[0])):
+            if kernel(*lead, self.ctl, self.boxes, sync.LEAD):
                 self.hot_calls += 1
             else:
                 self.cold_calls += 1
-                self._hand_over(kernel, jobs)
-                kernel(*jobs[0], self.ctl, self.boxes, sync.LEAD_COLD)
+                self._hand_over(kernel, [job_of(w) for w in range(1, workers)])
+                kernel(*lead, self.ctl, self.boxes, sync.LEAD_COLD)
         except BaseException:
             self.flags[sync.ABORT] = 1
-            sync.await_partners(self.ctl, n)
+            sync.await_partners(self.ctl, workers)
             raise
-        for w in range(1, n):
+        for w in range(1, workers):
             error, self._errors[w] = self._errors[w], None
             if error is not None:
                 raise error
@@ -93,11 +94,11 @@ class Partners:
         return int(self.ctl[w * sync.STRIDE])
 
     def _hand_over(self, kernel, jobs: list[tuple]) -> None:
-        """The cold path: partners back to Python, then each its job through its queue."""
-        sync.evict_partners(self.ctl, len(jobs))
-        for w in range(1, len(jobs)):
+        """The cold path: partners back to Python, then each its job through its queue (``jobs[w - 1]``: worker w's)."""
+        sync.evict_partners(self.ctl, len(jobs) + 1)
+        for w, job in enumerate(jobs, start=1):
             self.ctl[w * sync.STRIDE] = sync.RUNNING  # the partner is idle in Python: nothing else writes it
-            self._queues[w].put((kernel, jobs[w]))
+            self._queues[w].put((kernel, job))
 
     def _serve(self, w: int) -> None:
         """Partner ``w``'s thread: each job it is handed, and the kernel's job loop after it."""
