@@ -58,8 +58,6 @@ _LOCK = threading.Lock()
 #: One split call at a time: the process has one set of partner threads (numrnn.runtime.partners).
 #: Re-entrant: a call that holds it to choose the split (``_try_split``) runs the split kernel under it.
 _SPLIT_LOCK = threading.RLock()
-#: The ``with`` block of a split call that calls no BLAS (``contextlib.nullcontext`` made anew cost 0.5 us).
-_NO_BLOCK = contextlib.nullcontext()
 #: Calls of one row and up to this many steps skip the scheduler (streaming, one step per call).
 STREAMING_MAX_STEPS = 4
 #: Most ``T * B`` rows a call may have: BLAS takes 32-bit sizes (``numrnn.runtime.extern.gemm``).
@@ -272,21 +270,23 @@ class Kernel:
             self._check_panels(weights)
             n = DIRECTION_WORKERS
         team, small = _partners(), self._small
-        # Single-threaded BLAS before any worker starts: a partner's input projection on two OpenBLAS
-        # threads would spin against the barrier (latency256 took 8-10 ms instead of 1.9 in about one
-        # process of three when a pool worker could start before the block was entered).
-        with single_threaded_blas() if self._calls_blas(T, B) else _NO_BLOCK:
-            shared = self._shared_buffers(T, y.shape[0], B)
+        shared, tail = self._shared_buffers(T, y.shape[0], B, team)
+        lead = (x, *cond, *states, *weights, y, small, *tail)  # built once: 0.5 us a tiny64 call as job_of(0)
 
-            def job_of(me: int) -> tuple:
-                return (x, *cond, *states, *weights, y, small, me, team.flags, *shared)
+        def job_of(me: int) -> tuple:
+            return (x, *cond, *states, *weights, y, small, me, team.flags, *shared)
 
-            if start is None:
-                team.run(self.function, job_of, n)
-            else:
-                _check_can_compile()
-                self._compile_for(team.lead_arguments(job_of(0)))
-                team.run(self.function, job_of, n)
+        if start is not None:
+            _check_can_compile()
+            self._compile_for(lead)
+        if self._calls_blas(T, B):
+            # Single-threaded BLAS before any worker starts: a partner's input projection on two OpenBLAS
+            # threads would spin against the barrier (latency256 took 8-10 ms instead of 1.9 in about one
+            # process of three when a pool worker could start before the block was entered).
+            with single_threaded_blas():
+                team.run(self.function, lead, job_of, n)
+        else:
+            team.run(self.function, lead, job_of, n)
         if start is not None:
             self.compile_seconds = time.perf_counter() - start
             log.debug("first call of %s took %.2f s (compile or cache load, and one run)", self.spec.kernel_name(),
@@ -303,8 +303,9 @@ class Kernel:
                 raise ValueError(f"{wrong_panels_message(f'weights[{index}] ({name})', self._panel_width)}; "
                                  f"got {weights[index].shape[-1]} columns")
 
-    def _shared_buffers(self, T: int, T_out: int, B: int) -> tuple[np.ndarray, ...]:
-        """The generated ``shared_buffers`` of a call's shape, kept for later calls of that shape.
+    def _shared_buffers(self, T: int, T_out: int, B: int, team) -> tuple[tuple[np.ndarray, ...], tuple]:
+        """The generated ``shared_buffers`` of a call's shape, kept for later calls of that shape, and the end of
+        the lead's arguments with them (``team.lead_tail``).
 
         Only one split call runs at a time (``_SPLIT_LOCK``) and every worker
         writes its part of a buffer before any reads it, so one set per shape
@@ -315,12 +316,14 @@ class Kernel:
         notice the allocation.
         """
         key = (T, T_out, B)
-        buffers = self._shared.get(key)
-        if buffers is None:
-            buffers = self.shared_buffers(T, T_out, B)
-            if sum(b.size for b in buffers) <= SMALL_WORKSPACE:
-                _keep(self._shared, key, buffers, _SHARED_CACHE_SIZE)
-        return buffers
+        kept = self._shared.get(key)
+        if kept is not None and kept[1] is team:  # a forked child's team is another
+            return kept[0], kept[2]
+        buffers = self.shared_buffers(T, T_out, B) if kept is None else kept[0]
+        tail = team.lead_tail(buffers)
+        if sum(b.size for b in buffers) <= SMALL_WORKSPACE:
+            _keep(self._shared, key, (buffers, team, tail), _SHARED_CACHE_SIZE)
+        return buffers, tail
 
     def _worker_weights(self, weights: list[np.ndarray]) -> list[np.ndarray]:
         """Each packed weight with every worker's column slice stacked on a first axis, cut once per set of weights.

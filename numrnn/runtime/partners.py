@@ -53,29 +53,30 @@ class Partners:
         for w in range(1, workers):
             threading.Thread(target=self._serve, args=(w,), name=f"numrnn-partner-{w}", daemon=True).start()
 
-    def run(self, kernel, job_of, workers: int) -> None:
-        """``kernel(*job_of(w), ...)`` for each worker ``w < workers``: worker 0 here, the others on partners.
+    def run(self, kernel, lead: tuple, job_of, workers: int) -> None:
+        """``kernel(*lead)`` on this thread, and worker ``w``'s job ``job_of(w)`` on a partner, for ``w < workers``.
 
         ``job_of(w)`` is one job with ``me = w``; it ends with ``flags``,
-        which must be :attr:`flags`, and the shared buffers. Partners ready in
-        ``kernel`` get their jobs from the lead's own call, which stores them
-        in compiled code (only the lead's job is built here); others get
-        theirs through their queues. A worker that fails sets the abort
-        word, which releases the others' waits, and its error is raised here
-        once every worker has stopped.
+        which must be :attr:`flags`, and the shared buffers. ``lead`` is
+        worker 0's arguments: its job followed by :meth:`lead_tail`'s
+        ``ctl``, ``box`` and ``role``. Partners ready in ``kernel`` get their
+        jobs from the lead's own call, which stores them in compiled code, so
+        ``job_of`` is called only for partners that take theirs through their
+        queues. A worker that fails sets the abort word, which releases the
+        others' waits, and its error is raised here once every worker has
+        stopped.
         """
         if workers > self.workers:
             raise ValueError(f"a split call of {workers} workers needs more than the {self.workers} there are")
         self.flags.fill(0)
         self.flags[sync.GENERATION] = next(_GENERATIONS) << 32  # the call's first epoch, above every earlier stamp
-        lead = job_of(0)
         try:
-            if kernel(*lead, self.ctl, self.boxes, sync.LEAD):
+            if kernel(*lead):
                 self.hot_calls += 1
             else:
                 self.cold_calls += 1
                 self._hand_over(kernel, [job_of(w) for w in range(1, workers)])
-                kernel(*lead, self.ctl, self.boxes, sync.LEAD_COLD)
+                kernel(*lead[:-1], sync.LEAD_COLD)
         except BaseException:
             self.flags[sync.ABORT] = 1
             sync.await_partners(self.ctl, workers)
@@ -85,9 +86,10 @@ class Partners:
             if error is not None:
                 raise error
 
-    def lead_arguments(self, job: tuple) -> tuple:
-        """The arguments :meth:`run` first calls the kernel with on this thread, for ``job``."""
-        return (*job, self.ctl, self.boxes, sync.LEAD)
+    def lead_tail(self, shared: tuple) -> tuple:
+        """The end of worker 0's arguments after ``small``: ``me = 0``, :attr:`flags`, the ``shared`` buffers,
+        ``ctl``, ``box`` and the lead's role."""
+        return (0, self.flags, *shared, self.ctl, self.boxes, sync.LEAD)
 
     def ready(self, w: int) -> int:
         """Partner ``w``'s state word: the tag of the kernel it waits in, or a ``numrnn.runtime.sync`` state."""
