@@ -1,4 +1,4 @@
-"""The unit split (one call on several threads, a barrier per step) against the NumPy oracle.
+"""The unit split (one call on several threads, an exchange of ``h`` per step) against the NumPy oracle.
 
 Each case is a spec the split can run (even unit counts; no projection, no GRU
 reset-before) covering the semantics the split touches: every cell kind and
@@ -13,6 +13,10 @@ unsplit kernels too, in ``test_grid``). One compile per case.
 from __future__ import annotations
 
 import dataclasses
+import os
+import subprocess
+import sys
+import textwrap
 import threading
 
 import numpy as np
@@ -73,6 +77,48 @@ def test_one_split_kernel_serves_calls_of_changing_length_and_rows(monkeypatch):
         got, got_states = _run_kernel(spec, weights, x, mask, None, initial)
         assert_matches_reference(spec, got, got_states, expected, expected_states)
     assert get_kernel(dataclasses.replace(spec, unit_split=2)).compile_seconds is not None  # it really ran split
+
+
+THREE_WORKERS = """
+import os
+import numpy as np
+from codegen.spec import CellSpec, simple_stack
+from numrnn.runtime import get_kernel, pack_weights
+from numrnn.runtime.kernels import _partners
+
+spec = simple_stack([CellSpec("lstm", 48), CellSpec("gru", 48)], 5, masking="lengths", dtype="float32")
+rng = np.random.default_rng(5)
+weights = [{k: (rng.standard_normal(s) / np.sqrt(s[0])).astype(np.float32) for k, s in cell.weight_shapes(n).items()}
+           for cell, n in zip(spec.cells, spec.input_sizes())]
+packed, kernel = pack_weights(spec, weights), get_kernel(spec)
+results = {}
+for schedule in ("serial", "units"):
+    os.environ["NUMRNN_SCHEDULE"] = schedule
+    for batch in (1, 2):
+        x = np.random.default_rng(batch).standard_normal((9, batch, 5)).astype(np.float32)
+        lengths = np.array([9, 5][:batch], dtype=np.int64)
+        for call in range(2):  # the second call reuses the exchange buffers the first stamped
+            states = [np.full((batch, 48), 0.1 * call, np.float32) for cell in spec.cells for _ in cell.state_sizes]
+            results[schedule, batch, call] = (kernel(x, lengths, states, packed), *states)
+team = _partners()
+assert team.workers == 3 and team.hot_calls + team.cold_calls == 4, (team.workers, team.hot_calls, team.cold_calls)
+for batch in (1, 2):
+    for call in range(2):
+        for split, serial in zip(results["units", batch, call], results["serial", batch, call], strict=True):
+            np.testing.assert_allclose(split, serial, rtol=0, atol=1e-6)
+print("three workers ok")
+"""
+
+
+def test_three_workers_exchange_h_as_two_do():
+    # Every worker waits for the lines of each other worker: three of them, whatever the machine's cores
+    # (NUMRNN_NUM_THREADS; two share a core here), in a fresh interpreter; a two-layer stack, lengths masking,
+    # one and two rows, each shape called twice; against the serial kernel.
+    env = {**os.environ, "NUMRNN_NUM_THREADS": "3"}
+    done = subprocess.run([sys.executable, "-c", textwrap.dedent(THREE_WORKERS)], env=env, text=True,
+                          capture_output=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "three workers ok" in done.stdout
 
 
 def test_split_packed_keeps_each_workers_columns_of_every_gate():
