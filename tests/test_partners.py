@@ -129,13 +129,10 @@ def test_a_failing_partner_aborts_the_call_and_its_error_is_raised():
         sync.await_partners(ctl, 2)  # the lead, as the generated kernels do
         return True
 
-    def job_of(me):
-        return me, team.flags
-
     with pytest.raises(RuntimeError, match="worker 1 failed"):
-        team.run(kernel, team.lead_tail(()), job_of, 2)
+        team.run(kernel, team.lead_tail(()), 2)
     assert team.flags[sync.ABORT] == 1 and team.ready(1) == sync.IDLE
-    team.run(lambda *args: True, team.lead_tail(()), job_of, 2)  # no error left over
+    team.run(lambda *args: True, team.lead_tail(()), 2)  # no error left over
     assert team.flags[sync.ABORT] == 0
 
 

@@ -73,7 +73,7 @@ def _emit_kernel(em: Emitter, spec: StackSpec, layers: list[Layer]) -> None:
     buffers = NewArrays(spec.dtype)
     with job_loop(em, spec, kernel_arguments(spec, shared_buffers(spec)), WORKERS,
                   "Worker ``me`` of the call: direction ``me`` of every block, in step with the other worker."):
-        em("T = x.shape[0]", "B = x.shape[1]", "T_out = y.shape[0]", "inp = x", "epoch = 0")
+        em("T = x.shape[0]", "B = x.shape[1]", "T_out = y.shape[0]", "inp = x", "epoch = flags[GENERATION]")
         for bi, block in enumerate(spec.blocks):
             last_block = bi == len(spec.blocks) - 1
             em(f"# block {bi}")

@@ -223,7 +223,8 @@ class Kernel:
         self._slices: dict[tuple[int, ...], tuple[list, list[list[np.ndarray]]]] = {}
         self._workspaces = WorkspacePool()
         self._thread_local = threading.local()  # short calls' workspaces
-        self._shared: dict[tuple[int, int, int], tuple[np.ndarray, ...]] = {}
+        #: Split kernels, by call shape: the partners, the shared buffers and the lead's arguments' tail.
+        self._shared: dict[tuple[int, int, int], tuple[object, tuple[np.ndarray, ...], tuple]] = {}
         self._streaming_size = (self.workspace_size(STREAMING_MAX_STEPS, STREAMING_MAX_STEPS, 1)
                                 if self.workspace_size is not None else 0)
         names = [f"cell {k} {name}" for k, cell in enumerate(self.spec.cells) for name in packed_names(cell)]
@@ -269,13 +270,8 @@ class Kernel:
         else:
             self._check_panels(weights)
             n = DIRECTION_WORKERS
-        team, small = _partners(), self._small
-        shared, tail = self._shared_buffers(T, y.shape[0], B, team)
-        lead = (x, *cond, *states, *weights, y, small, *tail)  # built once: 0.5 us a tiny64 call as job_of(0)
-
-        def job_of(me: int) -> tuple:
-            return (x, *cond, *states, *weights, y, small, me, team.flags, *shared)
-
+        team = _partners()
+        lead = (x, *cond, *states, *weights, y, self._small, *self._lead_tail(T, y.shape[0], B, team))
         if start is not None:
             _check_can_compile()
             self._compile_for(lead)
@@ -284,9 +280,9 @@ class Kernel:
             # threads would spin against the barrier (latency256 took 8-10 ms instead of 1.9 in about one
             # process of three when a pool worker could start before the block was entered).
             with single_threaded_blas():
-                team.run(self.function, lead, job_of, n)
+                team.run(self.function, lead, n)
         else:
-            team.run(self.function, lead, job_of, n)
+            team.run(self.function, lead, n)
         if start is not None:
             self.compile_seconds = time.perf_counter() - start
             log.debug("first call of %s took %.2f s (compile or cache load, and one run)", self.spec.kernel_name(),
@@ -303,9 +299,9 @@ class Kernel:
                 raise ValueError(f"{wrong_panels_message(f'weights[{index}] ({name})', self._panel_width)}; "
                                  f"got {weights[index].shape[-1]} columns")
 
-    def _shared_buffers(self, T: int, T_out: int, B: int, team) -> tuple[tuple[np.ndarray, ...], tuple]:
-        """The generated ``shared_buffers`` of a call's shape, kept for later calls of that shape, and the end of
-        the lead's arguments with them (``team.lead_tail``).
+    def _lead_tail(self, T: int, T_out: int, B: int, team) -> tuple:
+        """The end of the lead's arguments (``team.lead_tail``) with the generated ``shared_buffers`` of a call's
+        shape, both kept for later calls of that shape.
 
         Only one split call runs at a time (``_SPLIT_LOCK``) and every worker
         writes its part of a buffer before any reads it, so one set per shape
@@ -317,13 +313,13 @@ class Kernel:
         """
         key = (T, T_out, B)
         kept = self._shared.get(key)
-        if kept is not None and kept[1] is team:  # a forked child's team is another
-            return kept[0], kept[2]
-        buffers = self.shared_buffers(T, T_out, B) if kept is None else kept[0]
+        if kept is not None and kept[0] is team:  # a forked child's team is another
+            return kept[2]
+        buffers = self.shared_buffers(T, T_out, B) if kept is None else kept[1]
         tail = team.lead_tail(buffers)
         if sum(b.size for b in buffers) <= SMALL_WORKSPACE:
-            _keep(self._shared, key, (buffers, team, tail), _SHARED_CACHE_SIZE)
-        return buffers, tail
+            _keep(self._shared, key, (team, buffers, tail), _SHARED_CACHE_SIZE)
+        return tail
 
     def _worker_weights(self, weights: list[np.ndarray]) -> list[np.ndarray]:
         """Each packed weight with every worker's column slice stacked on a first axis, cut once per set of weights.

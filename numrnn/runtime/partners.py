@@ -53,29 +53,32 @@ class Partners:
         for w in range(1, workers):
             threading.Thread(target=self._serve, args=(w,), name=f"numrnn-partner-{w}", daemon=True).start()
 
-    def run(self, kernel, lead: tuple, job_of, workers: int) -> None:
-        """``kernel(*lead)`` on this thread, and worker ``w``'s job ``job_of(w)`` on a partner, for ``w < workers``.
+    def run(self, kernel, lead: tuple, workers: int) -> None:
+        """``kernel(*lead)`` on this thread as worker 0, and the same job with ``me = w`` on partner ``w < workers``.
 
-        ``job_of(w)`` is one job with ``me = w``; it ends with ``flags``,
-        which must be :attr:`flags`, and the shared buffers. ``lead`` is
-        worker 0's arguments: its job followed by :meth:`lead_tail`'s
-        ``ctl``, ``box`` and ``role``. Partners ready in ``kernel`` get their
-        jobs from the lead's own call, which stores them in compiled code, so
-        ``job_of`` is called only for partners that take theirs through their
-        queues. A worker that fails sets the abort word, which releases the
-        others' waits, and its error is raised here once every worker has
-        stopped.
+        ``lead`` is worker 0's job (ending with ``me = 0``, :attr:`flags` and
+        the shared buffers), then ``ctl``, ``box`` and the role: the job
+        followed by :meth:`lead_tail`. Partners ready in ``kernel`` get their
+        jobs from the lead's own call, which stores them in compiled code;
+        others get theirs through their queues. A worker that fails sets the
+        abort word, which releases the others' waits, and its error is raised
+        here once every worker has stopped.
+
+        Each call starts its epochs (the barrier's, the ``h`` exchange's
+        stamps) at ``flags[GENERATION]``, above every epoch of an earlier
+        call, so only the abort word is cleared between calls.
         """
         if workers > self.workers:
             raise ValueError(f"a split call of {workers} workers needs more than the {self.workers} there are")
-        self.flags.fill(0)
-        self.flags[sync.GENERATION] = next(_GENERATIONS) << 32  # the call's first epoch, above every earlier stamp
+        if self.flags[sync.ABORT]:
+            self.flags[sync.ABORT] = 0
+        self.flags[sync.GENERATION] = next(_GENERATIONS) << 32
         try:
             if kernel(*lead):
                 self.hot_calls += 1
             else:
                 self.cold_calls += 1
-                self._hand_over(kernel, [job_of(w) for w in range(1, workers)])
+                self._hand_over(kernel, self._partner_jobs(lead, workers))
                 kernel(*lead[:-1], sync.LEAD_COLD)
         except BaseException:
             self.flags[sync.ABORT] = 1
@@ -85,6 +88,12 @@ class Partners:
             error, self._errors[w] = self._errors[w], None
             if error is not None:
                 raise error
+
+    def _partner_jobs(self, lead: tuple, workers: int) -> list[tuple]:
+        """Partners ``1 .. workers - 1``'s jobs: ``lead`` without ``ctl``, ``box`` and the role, ``me`` set to each
+        (the argument before :attr:`flags`)."""
+        me = next(i for i, argument in enumerate(lead) if argument is self.flags) - 1
+        return [(*lead[:me], w, *lead[me + 1:-3]) for w in range(1, workers)]
 
     def lead_tail(self, shared: tuple) -> tuple:
         """The end of worker 0's arguments after ``small``: ``me = 0``, :attr:`flags`, the ``shared`` buffers,
