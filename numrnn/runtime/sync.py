@@ -19,8 +19,9 @@ a ctypes function pointer would not).
 
 Layout of the ``flags`` array (int64, :func:`new_flags`): the abort word at
 ``ABORT``, set when any worker fails, which releases every waiter so a failed
-partner cannot leave the others spinning forever; then worker ``w``'s epoch
-at ``(w + 1) * STRIDE``, one 128-byte line each, so no two words share a line.
+partner cannot leave the others spinning forever, and the call's first epoch
+at ``GENERATION``; then worker ``w``'s epoch at ``(w + 1) * STRIDE``, one
+128-byte line each, so no two words share a line.
 
 Within a layer the unit split's workers meet through ``h`` itself
 (``codegen.targets.cpu_split``): each publishes its new ``h`` in cache lines
@@ -90,7 +91,7 @@ BOX_BYTES = 8192
 
 
 def new_flags(workers: int) -> np.ndarray:
-    """A zeroed flags array for one split call of ``workers`` threads."""
+    """A zeroed flags array for the split calls of ``workers`` threads."""
     return np.zeros((workers + 1) * STRIDE, dtype=np.int64)
 
 
