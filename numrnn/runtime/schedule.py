@@ -381,12 +381,13 @@ class MeasuredChoice:
     """One call shape's schedule picked by timing its calls: whichever option ran them faster lately.
 
     For calls of one or two rows at the edge of the unit split's gain (the
-    module docstring): the split's per-step exchange of ``h`` crosses between
-    two cores (a barrier round trip before the exchange), and on a virtual machine that round trip depends on where the
-    host runs the two virtual CPUs at the time. On the AVX-512 Zen 4 guest it
-    took 50, 100-120 or 190-540 ns (the same two-thread ping-pong, started
-    anew), and tiny64 split ran in 37-39 us against 46 us serial when it was
-    short, in 66-70 us when it was long, for seconds at a time.
+    module docstring): every step of the split waits for ``h`` to cross
+    between two cores, and on a virtual machine that crossing depends on
+    where the host runs the two virtual CPUs at the time. On the AVX-512 Zen
+    4 guest a round trip took 50, 100-120 or 190-540 ns (the same two-thread
+    ping-pong, started anew), and tiny64 split (with a barrier a step then)
+    ran in 37-39 us against 46 us serial when it was short, in 66-70 us when
+    it was long, for seconds at a time.
 
     So the calls of such a shape run in rounds. The first round runs each
     option :data:`SAMPLES` + 1 times; after it, the option that ran its timed

@@ -27,12 +27,13 @@ Within a layer the unit split's workers meet through ``h`` itself
 (``codegen.targets.cpu_split``): each publishes its new ``h`` in cache lines
 of an exchange buffer, each line's last 8 bytes a stamp (the step's epoch)
 stored after the line's values, and reads the others' lines once their
-stamps reach the step (:func:`await_stamp`). The stamp travels with its line's values, so a step waits
-for one transfer between cores where a barrier word and then the values
-took two (tiny64 split: 33.4-34.8 against 28.6-29.7 us a call, hand-edited
-kernels, alternating). Every call starts its epochs at ``flags[GENERATION]``,
-which the runtime raises on every call, so no stamp a buffer kept from an
-earlier call can pass for one of this call.
+stamps reach the step (:func:`await_stamp`). The stamp travels with its
+line's values, so a step waits for one transfer between cores where a
+barrier word and then the values took two (tiny64 split, hand-edited
+kernels in turns: 28.6-29.7 us a call against 33.4-34.8 with the barrier).
+Every call starts its epochs at ``flags[GENERATION]``, which the runtime
+raises on every call, so no stamp a buffer kept from an earlier call can
+pass for one of this call, and no epoch word needs clearing.
 
 The same words, spun on the same way, hand a split call's jobs to its
 partners (:mod:`numrnn.runtime.partners`): threads that stay in compiled code
