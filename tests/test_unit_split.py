@@ -80,17 +80,16 @@ def test_one_split_kernel_serves_calls_of_changing_length_and_rows(monkeypatch):
 
 
 THREE_WORKERS = """
-import os
+import os, sys
 import numpy as np
+sys.path.insert(0, sys.argv[1])
+from test_grid import fan_in_weights
 from codegen.spec import CellSpec, simple_stack
 from numrnn.runtime import get_kernel, pack_weights
 from numrnn.runtime.kernels import _partners
 
 spec = simple_stack([CellSpec("lstm", 48), CellSpec("gru", 48)], 5, masking="lengths", dtype="float32")
-rng = np.random.default_rng(5)
-weights = [{k: (rng.standard_normal(s) / np.sqrt(s[0])).astype(np.float32) for k, s in cell.weight_shapes(n).items()}
-           for cell, n in zip(spec.cells, spec.input_sizes())]
-packed, kernel = pack_weights(spec, weights), get_kernel(spec)
+packed, kernel = pack_weights(spec, fan_in_weights(spec, np.random.default_rng(5))), get_kernel(spec)
 results = {}
 for schedule in ("serial", "units"):
     os.environ["NUMRNN_SCHEDULE"] = schedule
@@ -115,8 +114,8 @@ def test_three_workers_exchange_h_as_two_do():
     # (NUMRNN_NUM_THREADS; two share a core here), in a fresh interpreter; a two-layer stack, lengths masking,
     # one and two rows, each shape called twice; against the serial kernel.
     env = {**os.environ, "NUMRNN_NUM_THREADS": "3"}
-    done = subprocess.run([sys.executable, "-c", textwrap.dedent(THREE_WORKERS)], env=env, text=True,
-                          capture_output=True, timeout=300)
+    done = subprocess.run([sys.executable, "-c", textwrap.dedent(THREE_WORKERS), os.path.dirname(__file__)], env=env,
+                          text=True, capture_output=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "three workers ok" in done.stdout
 
