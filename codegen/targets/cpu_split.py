@@ -269,7 +269,7 @@ def _emit_layer_function(em: Emitter, spec: StackSpec, layer: Layer) -> None:
               *(FUSED_PARAMS if fused else [])]
     em(f"@njit({jit_options(spec.dtype)})")
     with em.block(f"def {layer.function}({', '.join(params)}):"):
-        em(f'"""This worker\'s units [u0, u0 + {n}) of the layer; returns the barrier epoch it reached."""')
+        em(f'"""This worker\'s units [u0, u0 + {n}) of the layer; returns the epoch it reached (its last stamp)."""')
         em("T = xw.shape[0]", "B = xw.shape[1]")
         for name in ("h", *others):
             em(f"{name} = np.empty((B, {n}), dtype=np.{spec.dtype})")

@@ -277,7 +277,7 @@ class Kernel:
             self._compile_for(lead)
         if self._calls_blas(T, B):
             # Single-threaded BLAS before any worker starts: a partner's input projection on two OpenBLAS
-            # threads would spin against the barrier (latency256 took 8-10 ms instead of 1.9 in about one
+            # threads would spin against the workers' waits (latency256 took 8-10 ms instead of 1.9 in about one
             # process of three when a pool worker could start before the block was entered).
             with single_threaded_blas():
                 team.run(self.function, lead, n)
