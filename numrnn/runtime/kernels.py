@@ -43,7 +43,7 @@ from numrnn.runtime.schedule import (
     pool,
     preload_cython_blas,
     single_threaded_blas,
-    split_rows,
+    worker_rows,
 )
 
 log = logging.getLogger("numrnn")
@@ -394,8 +394,8 @@ class Kernel:
         since running them twice would advance their states twice.
         """
         futures, refused = [], []
-        for b0, b1 in split_rows(x.shape[1], workers):
-            job = _RunOnce(partial(self._run_rows, b0, b1, x, cond, states, weights, y))
+        for rows in worker_rows(x.shape[1], workers, _steps_per_row(cond, x.shape[0])):
+            job = _RunOnce(partial(self._run_rows, rows, x, cond, states, weights, y))
             try:
                 futures.append(pool().submit(job))
             except RuntimeError:  # "cannot schedule new futures after (interpreter) shutdown": atexit, daemon threads
@@ -406,15 +406,18 @@ class Kernel:
         for job in refused:
             job.wait()
 
-    def _run_rows(self, b0: int, b1: int, x, cond, states, weights, y) -> None:
-        """One worker of the batch split: rows ``b0:b1`` as their own contiguous call."""
-        xs = np.ascontiguousarray(x[:, b0:b1])
-        cs = [np.ascontiguousarray(c[:, b0:b1] if c.ndim == 2 else c[b0:b1]) for c in cond]
-        ss = [s[b0:b1] for s in states]  # row slices of C-contiguous states: updated in place
-        ys = np.empty((y.shape[0], b1 - b0, y.shape[2]), dtype=y.dtype)
-        with single_threaded_blas(), self._workspace(x.shape[0], y.shape[0], b1 - b0) as ws:
+    def _run_rows(self, rows: slice | np.ndarray, x, cond, states, weights, y) -> None:
+        """One worker of the batch split: ``rows`` (a range, or row indices) as their own contiguous call."""
+        xs = np.ascontiguousarray(x[:, rows])
+        cs = [np.ascontiguousarray(c[:, rows] if c.ndim == 2 else c[rows]) for c in cond]
+        ss = [s[rows] for s in states]  # a range's are views of C-contiguous states, updated in place
+        ys = np.empty((y.shape[0], xs.shape[1], y.shape[2]), dtype=y.dtype)
+        with single_threaded_blas(), self._workspace(x.shape[0], y.shape[0], xs.shape[1]) as ws:
             self.function(xs, *cs, *ss, *weights, ys, ws, self._small)
-        y[:, b0:b1] = ys
+        y[:, rows] = ys
+        if not isinstance(rows, slice):  # indexed rows' states are copies
+            for s, part in zip(states, ss):
+                s[rows] = part
 
     def _thread_workspace(self, size: int) -> np.ndarray:
         """This thread's workspace for short calls, kept and grown to the largest ``size`` asked.
@@ -456,6 +459,14 @@ class Kernel:
     def _workspace(self, T: int, T_out: int, rows: int) -> Borrowed:
         """A workspace for a call on ``rows`` rows, from this kernel's pool."""
         return self._workspaces.borrow(self.workspace_size(T, T_out, rows), self._dtype)
+
+
+def _steps_per_row(cond: list[np.ndarray], steps: int) -> np.ndarray | None:
+    """How many of ``steps`` each row computes: its length, or its mask's count; ``None`` without either."""
+    if not cond:
+        return None
+    condition = cond[0]
+    return condition.sum(axis=0) if condition.ndim == 2 else np.clip(condition, 0, steps)
 
 
 def _keep(cache: dict, key, value, size: int) -> None:

@@ -14,7 +14,8 @@ short ones that make no BLAS call at all.
 
 Policy (:class:`Scheduler`):
 
-- ``n = min(cores, B)`` workers, rows split as evenly as possible;
+- ``n = min(cores, B)`` workers, rows split as evenly as possible, in row-steps
+  where a mask or lengths end rows early (:func:`worker_rows`);
 - no split (one call in the calling thread) when ``B == 1`` or when the work
   per worker is below :data:`MIN_FLOPS_PER_WORKER` (a thread hand-off costs
   tens of microseconds);
@@ -139,6 +140,8 @@ import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
+import numpy as np
+
 from codegen import StackSpec
 from codegen.cells.common import recurrent_bytes, vector_bytes
 from codegen.targets.cpu import PACKED_PROJECTION_MAX_ROWS
@@ -190,6 +193,32 @@ def split_rows(batch: int, workers: int) -> list[tuple[int, int]]:
     """Row ranges ``[(b0, b1), ...]`` of ``workers`` as even as possible; a single range means no split."""
     bounds = [batch * k // workers for k in range(workers + 1)]
     return list(zip(bounds[:-1], bounds[1:]))
+
+
+def worker_rows(batch: int, workers: int, steps_per_row: np.ndarray | None = None) -> list[slice | np.ndarray]:
+    """The rows of each batch worker: even contiguous ranges, or where rows have unequal steps, balanced ones.
+
+    ``steps_per_row`` holds how many steps of each of the ``batch`` rows a
+    call computes (its length, or its mask's count), ``None`` when all do
+    all. Rows of unequal steps are dealt longest first, back and forth (worker 0, 1, ..., 1, 0,
+    0, 1, ...), so every worker gets as many rows (±1) and about as many
+    steps; each worker's rows come in descending order of steps, so a
+    step's live rows are the first ones, which its product covers. A call
+    costs about what its longest worker does, and that is linear in the
+    row-steps: bidir_masked's stack on one thread, 4 / 3 / 2 / 1 rows of
+    length 100: 5.17 / 3.95 / 2.76 / 1.69 ms. Its lengths, sorted as PyTorch
+    packs them (100 89 86 86 | 86 78 73 50), gave the first worker 361
+    row-steps of 648 (4.79 / 3.91 ms on one thread); dealt, 322 and 326 (4.36
+    / 4.30 ms), and the split call went from 4.79 to 4.45 ms (medians of 300
+    calls alternating in one process).
+    """
+    if steps_per_row is None or np.all(steps_per_row == steps_per_row[0]):
+        return [slice(b0, b1) for b0, b1 in split_rows(batch, workers)]
+    longest_first = np.argsort(-steps_per_row, kind="stable")
+    rounds = np.arange(batch) // workers
+    seat = np.arange(batch) % workers
+    worker = np.where(rounds % 2 == 0, seat, workers - 1 - seat)
+    return [longest_first[worker == w] for w in range(workers)]
 
 
 #: Largest latency-sized batch run with the unit split (above it the batch split needs no barrier
