@@ -91,12 +91,12 @@ def shared_buffers(spec: StackSpec) -> list[tuple[str, str]]:
     """
     layers, buffers = layers_of(spec), []
     for layer in layers:
-        buffers.append((exchange_buffer(layer), _allocation(exchange_shape(layer, spec), "int64", zeroed=True)))
+        buffers.append((exchange_buffer(layer), allocation(exchange_shape(layer, spec), "int64", zeroed=True)))
     for bi, block in enumerate(spec.blocks):
         chain_ends = {chain_of(layers, bi, di)[-1].index for di in range(len(block.directions))}
         for layer in layers:
             if layer.block == bi and layer.index not in chain_ends:
-                buffers.append((f"seq{layer.index}", _allocation(f"(T, B, {layer.cell.output_size})", spec.dtype)))
+                buffers.append((f"seq{layer.index}", allocation(f"(T, B, {layer.cell.output_size})", spec.dtype)))
         buffers.extend(block_buffers(spec, bi))
     return buffers
 
@@ -134,12 +134,12 @@ def block_buffers(spec: StackSpec, bi: int) -> list[tuple[str, str]]:
     block, last_block = spec.blocks[bi], bi == len(spec.blocks) - 1
     if _needs_merge(block):
         width = sum(d.output_size for d in block.directions)
-        merged = [] if last_block else [(f"merged{bi}", _allocation(f"(T, B, {block.output_size})", spec.dtype))]
-        return [(f"dest{bi}", _allocation(f"({'T_out' if last_block else 'T'}, B, {width})", spec.dtype)), *merged]
-    return [] if last_block else [(f"dest{bi}", _allocation(f"(T, B, {block.output_size})", spec.dtype))]
+        merged = [] if last_block else [(f"merged{bi}", allocation(f"(T, B, {block.output_size})", spec.dtype))]
+        return [(f"dest{bi}", allocation(f"({'T_out' if last_block else 'T'}, B, {width})", spec.dtype)), *merged]
+    return [] if last_block else [(f"dest{bi}", allocation(f"(T, B, {block.output_size})", spec.dtype))]
 
 
-def _allocation(shape: str, dtype: str, zeroed: bool = False) -> str:
+def allocation(shape: str, dtype: str, zeroed: bool = False) -> str:
     # Aligned, so that two workers' slices of a row share no cache line where the slices are whole lines
     # (tiny64 split, h exchange 16 or 32 bytes off a line: 0.5-1.5 us a call slower).
     return f"{ALIGNED_ZEROS if zeroed else ALIGNED_EMPTY}({shape}, np.{dtype})"

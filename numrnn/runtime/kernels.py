@@ -306,10 +306,12 @@ class Kernel:
         Only one split call runs at a time (``_SPLIT_LOCK``) and every worker
         writes its part of a buffer before any reads it, so one set per shape
         serves every call. Up to :data:`_SHARED_CACHE_SIZE` shapes are kept
-        (the buffers start on a cache line, which costs 2 us each to allocate);
-        sets over :data:`SMALL_WORKSPACE` elements (a direction split's block
-        outputs on long inputs) are not: their call is long enough not to
-        notice the allocation.
+        (the buffers start on a cache line, which costs 2 us each to allocate),
+        but of sets over :data:`SMALL_WORKSPACE` elements (a direction
+        split's block outputs and workspaces on long inputs) only the last
+        shape's, as a workspace pool keeps the largest: malloc maps such a
+        set afresh and faults its pages in on every call (bidir_masked's
+        direction split, 3.2 MiB: about 1 ms of 5.4 a call).
         """
         key = (T, T_out, B)
         kept = self._shared.get(key)
@@ -317,8 +319,10 @@ class Kernel:
             return kept[2]
         buffers = self.shared_buffers(T, T_out, B) if kept is None else kept[1]
         tail = team.lead_tail(buffers)
-        if sum(b.size for b in buffers) <= SMALL_WORKSPACE:
-            _keep(self._shared, key, (team, buffers, tail), _SHARED_CACHE_SIZE)
+        if _elements(buffers) > SMALL_WORKSPACE:
+            for large in [k for k, entry in self._shared.items() if _elements(entry[1]) > SMALL_WORKSPACE]:
+                del self._shared[large]
+        _keep(self._shared, key, (team, buffers, tail), _SHARED_CACHE_SIZE)
         return tail
 
     def _worker_weights(self, weights: list[np.ndarray]) -> list[np.ndarray]:
@@ -407,14 +411,27 @@ class Kernel:
             job.wait()
 
     def _run_rows(self, rows: slice | np.ndarray, x, cond, states, weights, y) -> None:
-        """One worker of the batch split: ``rows`` (a range, or row indices) as their own contiguous call."""
-        xs = np.ascontiguousarray(x[:, rows])
+        """One worker of the batch split: ``rows`` (a range, or row indices) as their own contiguous call.
+
+        The rows' input and output are carved from the worker's workspace,
+        after the kernel's part of it: as new arrays, malloc mapped them
+        afresh and faulted their pages in on every call (seed000: 6 MiB of
+        output a worker).
+        """
+        T, T_out, inputs, width = x.shape[0], y.shape[0], x.shape[2], y.shape[2]
+        n = rows.stop - rows.start if isinstance(rows, slice) else len(rows)
         cs = [np.ascontiguousarray(c[:, rows] if c.ndim == 2 else c[rows]) for c in cond]
         ss = [s[rows] for s in states]  # a range's are views of C-contiguous states, updated in place
-        ys = np.empty((y.shape[0], xs.shape[1], y.shape[2]), dtype=y.dtype)
-        with single_threaded_blas(), self._workspace(x.shape[0], y.shape[0], xs.shape[1]) as ws:
+        size = self.workspace_size(T, T_out, n)
+        ys_at = size + T * n * inputs
+        with single_threaded_blas(), self._workspaces.borrow(ys_at + T_out * n * width, self._dtype) as ws:
+            xs, ys = ws[size:ys_at].reshape(T, n, inputs), ws[ys_at:ys_at + T_out * n * width].reshape(T_out, n, width)
+            if isinstance(rows, slice):
+                xs[...] = x[:, rows]
+            else:
+                np.take(x, rows, axis=1, out=xs, mode="clip")  # "raise" would copy through a buffer
             self.function(xs, *cs, *ss, *weights, ys, ws, self._small)
-        y[:, rows] = ys
+            y[:, rows] = ys
         if not isinstance(rows, slice):  # indexed rows' states are copies
             for s, part in zip(states, ss):
                 s[rows] = part
@@ -467,6 +484,11 @@ def _steps_per_row(cond: list[np.ndarray], steps: int) -> np.ndarray | None:
         return None
     condition = cond[0]
     return condition.sum(axis=0) if condition.ndim == 2 else np.clip(condition, 0, steps)
+
+
+def _elements(buffers: tuple[np.ndarray, ...]) -> int:
+    """Elements of a set of shared buffers."""
+    return sum(b.size for b in buffers)
 
 
 def _keep(cache: dict, key, value, size: int) -> None:
