@@ -57,15 +57,22 @@ def test_forcing_directions_on_a_forward_stack_names_the_reason(monkeypatch):
         schedule.choose(simple_stack([CellSpec("lstm", 4)], 3), 10, 1)
 
 
-def test_auto_policy_splits_directions_of_bidirectional_stacks_of_up_to_four_rows(monkeypatch):
+def test_auto_policy_splits_directions_of_bidirectional_stacks_of_up_to_the_packed_rows_on_two_cores(monkeypatch):
     monkeypatch.delenv("NUMRNN_SCHEDULE", raising=False)
     monkeypatch.setattr(schedule, "cores", lambda: 2)
     monkeypatch.setattr(schedule, "packed_product_rows", lambda: 8)
     bidir = _bidir([CellSpec("lstm", 64)], "concat", blocks=2)
     assert schedule.choose(bidir, 100, 1) == ("directions", 2)
+    assert schedule.choose(bidir, 100, 8) == ("directions", 2)
+    assert schedule.choose(bidir, 100, 9) == ("batch", 2)  # a BLAS GEMM per step beyond the packed rows
+    monkeypatch.setattr(schedule, "packed_product_rows", lambda: 0)
     assert schedule.choose(bidir, 100, 4) == ("directions", 2)
     assert schedule.choose(bidir, 100, 5) == ("batch", 2)
     assert schedule.choose(bidir, 2, 1) == ("serial", 1)  # too little work for a hand-off
     assert schedule.choose(simple_stack([CellSpec("lstm", 64)], 32), 100, 1) == ("serial", 1)
+    monkeypatch.setattr(schedule, "packed_product_rows", lambda: 8)
+    monkeypatch.setattr(schedule, "cores", lambda: 4)  # four batch workers against two direction workers
+    assert schedule.choose(bidir, 100, 4) == ("directions", 2)
+    assert schedule.choose(bidir, 100, 5) == ("batch", 4)
     monkeypatch.setattr(schedule, "cores", lambda: 1)
     assert schedule.choose(bidir, 100, 1) == ("serial", 1)

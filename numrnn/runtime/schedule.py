@@ -122,6 +122,24 @@ over five runs (bidir_masked among them: no steady winner), H=64 0.86, H=32
 packed product's slowest shapes; from five rows its two 4-row blocks share
 the panels as the direction worker's do.
 
+Those direction-split figures paid a page fault per page of each worker's
+projection buffers, new arrays on every call (1.6 MiB a worker at B8; see
+``codegen.targets.cpu_dirsplit.shared_buffers``). With them carved from a kept
+workspace, and the batch split's rows dealt by length (:func:`worker_rows`),
+the direction split won at every size measured on two cores, AVX-512 Zen 4,
+directions / batch, T100 D64, lengths 50-100, alternating in one process,
+medians: H=64 B4 0.69, B6 0.79, B8 0.80, B16 0.87, B32 0.93; H=128 B3 0.68,
+B5 0.74, B6 0.87, B8 0.90-0.92 (bidir_masked: 4.0 against 4.4 ms), B12
+0.90, B16 0.94, B24 0.95, B32 0.98, B64 0.98, B128 0.98; H=256 B4 0.83, B8
+0.94, B16 0.97, B32 0.98; without masking, H=128 B8 0.95, B32 0.97. Each
+direction worker's per-step product covers every row, which shares each
+weight it loads among twice the rows of a batch worker's. So with two
+workers it runs every batch up to the packed product's rows
+(:func:`packed_product_rows`, beyond which the per-step product is a BLAS
+GEMM: not measured); with more workers than directions, only up to
+:data:`DIRECTION_SPLIT_MAX_ROWS` rows, as the batch split then takes more
+cores.
+
 ``NUMRNN_SCHEDULE`` forces ``serial`` (one thread), ``batch``, ``units`` or
 ``directions``; forcing a split on a spec that cannot use it raises a
 ``ValueError``.
@@ -235,8 +253,8 @@ UNIT_SPLIT_MIN_GEMM_WEIGHT_BYTES = 512 * 1024
 #: Below this many FLOPs per call what a split adds per call (~10 us with the partners ready, the
 #: queues' hand-off when they sleep) outweighs the gain; for the direction split too.
 UNIT_SPLIT_MIN_FLOPS = 2.5e6
-#: Largest batch run with the direction split (a bidirectional stack; from 5 rows the batch split was
-#: as fast or faster).
+#: Largest batch run with the direction split (a bidirectional stack) whatever the cores; on two
+#: workers, up to the packed product's rows (see the module docstring).
 DIRECTION_SPLIT_MAX_ROWS = 4
 #: The smallest recurrent matrix whose one- or two-row calls below the thresholds above are timed
 #: both ways (:class:`MeasuredChoice`): LSTM(64)'s 64 KiB split broke even or lost on an AVX2 Zen 3
@@ -381,13 +399,18 @@ class Scheduler:
             if blocker is not None:
                 raise ValueError(f"NUMRNN_SCHEDULE=directions cannot run {self.spec.kernel_name()}: {blocker}")
             return "directions", DIRECTION_WORKERS
-        if (forced == "auto" and self.splits_directions and batch <= DIRECTION_SPLIT_MAX_ROWS
+        if (forced == "auto" and self.splits_directions and self._directions_pay_at(batch)
                 and self.flops_per_row_step * steps * batch >= UNIT_SPLIT_MIN_FLOPS):
             return "directions", DIRECTION_WORKERS
         if (forced == "auto" and self.splits_units and self._units_pay_at(batch)
                 and self.flops_per_row_step * steps * batch >= UNIT_SPLIT_MIN_FLOPS):
             return "units", self.workers
         return self.batch_choice(steps, batch)
+
+    def _directions_pay_at(self, batch: int) -> bool:
+        """Up to four rows; on as many workers as directions, as many rows as the packed product takes."""
+        return batch <= DIRECTION_SPLIT_MAX_ROWS or (self.workers <= DIRECTION_WORKERS
+                                                      and batch <= packed_product_rows())
 
     def _units_pay_at(self, batch: int) -> bool:
         """Latency-sized, or GEMM-sized with each batch worker past the packed product (see the module docstring)."""
