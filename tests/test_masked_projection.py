@@ -29,6 +29,8 @@ from test_unit_split import CASES as UNIT_CASES
 
 from codegen.spec import CellSpec, simple_stack
 from codegen.targets.cpu import PACKED_PROJECTION_MAX_ROWS
+from numrnn.runtime import get_kernel
+from numrnn.runtime.kernels import SMALL_WORKSPACE
 
 #: The exact (float64) flavor: the other suites' float64 specs project at most 4 inputs, in a loop.
 FLOAT64_LENGTHS = simple_stack([CellSpec("gru", 6), CellSpec("lstm", 3)], D, masking="lengths", dtype="float64")
@@ -68,3 +70,20 @@ def test_long_masked_calls_match_reference(name, monkeypatch):
     assert steps * batch // 2 > PACKED_PROJECTION_MAX_ROWS  # a GEMM, even for a batch worker
     assert_forced_schedule_matches_reference(spec, sorted(CALLS).index(name), batch, monkeypatch, schedule, split_spec,
                                              partial(_masked_inputs, steps=steps))
+
+
+def test_direction_split_keeps_the_last_large_buffers_and_reuses_them_exactly(monkeypatch):
+    # Shared buffers over SMALL_WORKSPACE elements (each worker's workspace row here) are kept for the last
+    # call shape only: a later call of that shape reuses them, one of another shape replaces them, and
+    # every call still matches the oracle.
+    split_spec = dataclasses.replace(DIRECTIONS, direction_split=True)
+    shapes = [(150, 40), (120, 40), (150, 40), (150, 40)]
+    kept = []
+    for seed, (steps, batch) in enumerate(shapes):
+        assert_forced_schedule_matches_reference(DIRECTIONS, seed, batch, monkeypatch, "directions", split_spec,
+                                                 partial(_masked_inputs, steps=steps))
+        large = [(key, entry[1]) for key, entry in get_kernel(split_spec)._shared.items()
+                 if sum(b.size for b in entry[1]) > SMALL_WORKSPACE]
+        assert [key for key, _ in large] == [(steps, steps, batch)]
+        kept.append(large[0][1])
+    assert kept[3] is kept[2] and kept[2] is not kept[0]
