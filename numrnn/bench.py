@@ -7,6 +7,9 @@ LSTM 8, GRU 6 per T*B*H*(D+H), per direction) and numrnn's ratio against each
 peer (peer time / numrnn time: above 1 numrnn is faster), plus the largest
 difference of each peer's output from numrnn's. The machine line gives the
 numpy sgemm rate measured in the same run: the ceiling for GEMM-bound shapes.
+Under numrnn's row, the schedule its calls ran (``schedule:``, see
+:mod:`numrnn.runtime.schedule`), with each option's typical call where the
+scheduler timed two.
 
 What is timed, per system, for one call on time-major input:
 
@@ -481,6 +484,25 @@ def bench_shape(shape: Shape, peers: list[str], min_time: float) -> list[dict]:
     return rows
 
 
+def schedule_line(shape: Shape) -> str:
+    """How numrnn ran ``shape``'s calls (:mod:`numrnn.runtime.schedule`): the schedule and its workers, and where
+    the scheduler timed two options, each option's typical call as it compared them."""
+    from numrnn.runtime import get_kernel
+
+    if shape.streaming:
+        return "serial, the streaming fast path"
+    schedule, workers, measured = get_kernel(stack_spec(shape))._scheduler.plan(shape.steps, shape.batch)
+    if measured is None:
+        return _option((schedule, workers))
+    timed = ", ".join(f"{_option(option)} {_format_time(seconds)}" for option, seconds in measured.typical().items())
+    return f"{_option(measured.best)} (timed: {timed})"
+
+
+def _option(option: tuple[str, int]) -> str:
+    schedule, workers = option
+    return schedule if workers == 1 else f"{schedule} on {workers} cores"
+
+
 def machine_line(gflops: float) -> str:
     """CPU, cores (numrnn's workers, and the peers' threads; the machine's CPUs where they differ), sgemm rate,
     the OpenBLAS kernels in use, numpy/numba versions."""
@@ -550,6 +572,8 @@ def run(args: argparse.Namespace) -> int:
             unit = "/call" if shape.streaming else ""
             print(f"{lead}{_format_time(row['seconds']) + unit:>11}{rate:>9.1f}{100 * rate / gflops:>7.1f}%"
                   f"{ratio:>7}{diff:>11}")
+            if k == 0:
+                print(f"{'':<48}schedule: {schedule_line(shape)}")
         sys.stdout.flush()
     print("ratio = peer time / numrnn time (> 1: numrnn faster); times are medians of warm calls, "
           f"the systems timed in {ROUNDS} turns each")

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import numpy as np
 
-from numrnn import bench
+from numrnn import bench, runtime
+from numrnn.runtime import schedule
 
 
 def test_bench_runs_without_peers(capsys):
@@ -12,6 +15,25 @@ def test_bench_runs_without_peers(capsys):
     out = capsys.readouterr().out
     assert out.startswith("machine:")
     assert "tiny64" in out and "streaming" in out and "numrnn" in out
+    assert "schedule: serial, the streaming fast path" in out
+
+
+def test_schedule_line_gives_each_timed_option(monkeypatch):
+    monkeypatch.delenv("NUMRNN_SCHEDULE", raising=False)
+    monkeypatch.setattr(schedule, "cores", lambda: 2)
+    schedulers = {}
+
+    def kernel(spec):
+        return SimpleNamespace(_scheduler=schedulers.setdefault(spec, schedule.Scheduler(spec)))
+
+    monkeypatch.setattr(runtime, "get_kernel", kernel)
+    tiny64 = bench.SHAPES_BY_NAME["tiny64"]
+    measured = kernel(bench.stack_spec(tiny64))._scheduler.plan(tiny64.steps, tiny64.batch)[2]
+    for option, seconds in [(("serial", 1), 46e-6), (("units", 2), 31e-6)] * measured.SAMPLES:
+        measured.record(option, seconds)
+    assert bench.schedule_line(tiny64) == "units on 2 cores (timed: serial 46.0 us, units on 2 cores 31.0 us)"
+    assert bench.schedule_line(bench.SHAPES_BY_NAME["seed000"]) == "batch on 2 cores"
+    assert bench.schedule_line(bench.SHAPES_BY_NAME["bidir_masked"]) == "directions on 2 cores"
 
 
 def test_machine_line_names_the_cores_numrnn_and_the_peers_use(monkeypatch):
