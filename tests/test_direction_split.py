@@ -16,7 +16,7 @@ import dataclasses
 import pytest
 from test_grid import T, _bidir, _torch_style, assert_forced_schedule_matches_reference
 
-from codegen.spec import CellSpec, simple_stack
+from codegen.spec import BlockSpec, CellSpec, DirectionSpec, StackSpec, simple_stack
 from numrnn.runtime import schedule
 
 CASES = {
@@ -76,3 +76,21 @@ def test_auto_policy_splits_directions_of_bidirectional_stacks_of_up_to_the_pack
     assert schedule.choose(bidir, 100, 5) == ("batch", 4)
     monkeypatch.setattr(schedule, "cores", lambda: 1)
     assert schedule.choose(bidir, 100, 1) == ("serial", 1)
+
+
+def _uneven(backward_units: int):
+    """A block whose backward direction (TF1's ``cell_bw``) has its own size."""
+    directions = (DirectionSpec(cells=(CellSpec("lstm", 128),)),
+                  DirectionSpec(cells=(CellSpec("lstm", backward_units),), reverse="valid"))
+    return StackSpec(blocks=(BlockSpec(directions=directions, merge=None),), input_size=64, masking="lengths")
+
+
+def test_directions_of_uneven_work_split_only_up_to_four_rows(monkeypatch):
+    monkeypatch.delenv("NUMRNN_SCHEDULE", raising=False)
+    monkeypatch.setattr(schedule, "cores", lambda: 2)
+    monkeypatch.setattr(schedule, "packed_product_rows", lambda: 128)
+    assert schedule.direction_imbalance(_uneven(128)) == 1.0
+    assert schedule.direction_imbalance(_uneven(64)) == 1.5  # forward 4*128*192, backward 4*64*128 a row and step
+    assert schedule.choose(_uneven(96), 100, 8) == ("directions", 2)  # 1.23
+    assert schedule.choose(_uneven(64), 100, 8) == ("batch", 2)
+    assert schedule.choose(_uneven(64), 100, 4) == ("directions", 2)

@@ -136,9 +136,11 @@ direction worker's per-step product covers every row, which shares each
 weight it loads among twice the rows of a batch worker's. So with two
 workers it runs every batch up to the packed product's rows
 (:func:`packed_product_rows`, beyond which the per-step product is a BLAS
-GEMM: not measured); with more workers than directions, only up to
-:data:`DIRECTION_SPLIT_MAX_ROWS` rows, as the batch split then takes more
-cores.
+GEMM: not measured), where both directions cost about the same
+(:func:`direction_imbalance`: TF1's ``bidirectional_dynamic_rnn`` may give
+them different cells); otherwise, and with more workers than directions,
+only up to :data:`DIRECTION_SPLIT_MAX_ROWS` rows, as the batch split then
+takes more cores or balances the work better.
 
 ``NUMRNN_SCHEDULE`` forces ``serial`` (one thread), ``batch``, ``units`` or
 ``directions``; forcing a split on a spec that cannot use it raises a
@@ -162,7 +164,7 @@ import numpy as np
 
 from codegen import StackSpec
 from codegen.cells.common import recurrent_bytes, vector_bytes
-from codegen.targets.cpu import PACKED_PROJECTION_MAX_ROWS
+from codegen.targets.cpu import PACKED_PROJECTION_MAX_ROWS, layers_of
 from codegen.targets.cpu_dirsplit import WORKERS as DIRECTION_WORKERS
 from numrnn.runtime import cpus
 
@@ -201,10 +203,28 @@ def cores() -> int:
 
 def stack_flops(spec: StackSpec, steps: int, batch: int) -> float:
     """Approximate FLOPs of one call: 2 x gates x T x B x units x (inputs + outputs) per cell."""
-    return sum(
-        2.0 * cell.gates * steps * batch * cell.units * (size + cell.output_size)
-        for cell, size in zip(spec.cells, spec.input_sizes())
-    )
+    return steps * batch * sum(_cell_flops(cell, size) for cell, size in zip(spec.cells, spec.input_sizes()))
+
+
+def _cell_flops(cell, inputs: int) -> float:
+    """FLOPs of one cell for one row and step."""
+    return 2.0 * cell.gates * cell.units * (inputs + cell.output_size)
+
+
+def direction_imbalance(spec: StackSpec) -> float:
+    """The direction split's work over an even share: each block's slower direction, summed, over half the stack's.
+
+    1.0 where both directions of every block cost the same (Keras's
+    ``Bidirectional``); TF1's ``bidirectional_dynamic_rnn`` may give them
+    different cells.
+    """
+    per_direction: dict[tuple[int, int], float] = {}
+    for layer in layers_of(spec):
+        key = (layer.block, layer.direction)
+        per_direction[key] = per_direction.get(key, 0.0) + _cell_flops(layer.cell, layer.input_size)
+    blocks = range(len(spec.blocks))
+    slower = sum(max(flops for (b, _), flops in per_direction.items() if b == block) for block in blocks)
+    return slower / (sum(per_direction.values()) / 2)
 
 
 def split_rows(batch: int, workers: int) -> list[tuple[int, int]]:
@@ -256,6 +276,10 @@ UNIT_SPLIT_MIN_FLOPS = 2.5e6
 #: Largest batch run with the direction split (a bidirectional stack) whatever the cores; on two
 #: workers, up to the packed product's rows (see the module docstring).
 DIRECTION_SPLIT_MAX_ROWS = 4
+#: Beyond DIRECTION_SPLIT_MAX_ROWS rows, the most :func:`direction_imbalance` the direction split takes: B8
+#: T100, directions / batch, LSTM(128) forward with LSTM(128) / LSTM(96) / LSTM(64) backward (imbalance 1.0
+#: / 1.23 / 1.5): 0.81 / 0.95 / 1.10.
+DIRECTION_SPLIT_MAX_IMBALANCE = 1.25
 #: The smallest recurrent matrix whose one- or two-row calls below the thresholds above are timed
 #: both ways (:class:`MeasuredChoice`): LSTM(64)'s 64 KiB split broke even or lost on an AVX2 Zen 3
 #: (units / serial 0.87-1.02 at T=100, 1.00-1.24 at T=50) and won from about 30 steps on an AVX-512
@@ -342,6 +366,7 @@ class Scheduler:
         self.measures_units = (splittable and self.recurrent_bytes >= MEASURED_MIN_WEIGHT_BYTES
                                and same_sums_when_split(spec, self.workers))
         self.splits_directions = direction_split_blocker(spec, self.workers) is None
+        self.even_directions = self.splits_directions and direction_imbalance(spec) <= DIRECTION_SPLIT_MAX_IMBALANCE
         self._chosen: dict[tuple, tuple[str, int, MeasuredChoice | None]] = {}
 
     def choose(self, steps: int, batch: int) -> tuple[str, int]:
@@ -408,8 +433,9 @@ class Scheduler:
         return self.batch_choice(steps, batch)
 
     def _directions_pay_at(self, batch: int) -> bool:
-        """Up to four rows; on as many workers as directions, as many rows as the packed product takes."""
-        return batch <= DIRECTION_SPLIT_MAX_ROWS or (self.workers <= DIRECTION_WORKERS
+        """Up to four rows; on as many workers as directions, as many rows as the packed product takes, where
+        the directions' work is about even."""
+        return batch <= DIRECTION_SPLIT_MAX_ROWS or (self.workers <= DIRECTION_WORKERS and self.even_directions
                                                       and batch <= packed_product_rows())
 
     def _units_pay_at(self, batch: int) -> bool:
