@@ -136,6 +136,23 @@ def test_a_failing_partner_aborts_the_call_and_its_error_is_raised():
     assert team.flags[sync.ABORT] == 0
 
 
+def test_when_the_lead_and_a_partner_fail_the_call_raises_the_leads_error_and_the_next_call_none():
+    # The partner's error used to stay behind and come out of the next, successful call.
+    team = Partners(2)
+
+    def kernel(me, flags, ctl, boxes, role):
+        if role == sync.LEAD:
+            return False
+        if role == sync.SERVE:
+            raise ValueError(f"worker {me} failed")
+        sync.await_partners(ctl, 2)
+        raise ValueError("worker 0 failed")
+
+    with pytest.raises(ValueError, match="worker 0 failed"):
+        team.run(kernel, team.lead_tail(()), 2)
+    team.run(lambda *args: True, team.lead_tail(()), 2)
+
+
 def _split_case(cases, name, change, batch):
     spec = cases[name]
     rng = np.random.default_rng(sorted(cases).index(name))

@@ -83,6 +83,7 @@ class Partners:
         except BaseException:
             self.flags[sync.ABORT] = 1
             sync.await_partners(self.ctl, workers)
+            self._errors[1:workers] = [None] * (workers - 1)  # the call raises the lead's; none is left for the next
             raise
         for w in range(1, workers):
             error, self._errors[w] = self._errors[w], None
