@@ -494,6 +494,8 @@ def schedule_line(shape: Shape) -> str:
     schedule, workers, measured = get_kernel(stack_spec(shape))._scheduler.plan(shape.steps, shape.batch)
     if measured is None:
         return _option((schedule, workers))
+    if len(measured.typical()) < len(measured.options):
+        return f"{_option(measured.best)} (not yet timed both ways)"
     timed = ", ".join(f"{_option(option)} {_format_time(seconds)}" for option, seconds in measured.typical().items())
     return f"{_option(measured.best)} (timed: {timed})"
 

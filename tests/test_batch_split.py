@@ -62,7 +62,8 @@ def _unequal_rows(spec, rng, batch: int):
 
 @pytest.mark.parametrize("workers", [2, 3])
 @pytest.mark.parametrize("name", ["lstm_tf1_variants_lengths", "stack_lstm_gru_simple_carry",
-                                  "bidir_none_valid_lengths", "gru_after_zero_backwards", "float64_bidir_lengths"])
+                                  "bidir_none_valid_lengths", "gru_after_zero_backwards", "float64_bidir_lengths",
+                                  "simple_linear_lengths_last", "lstm_carry_last"])
 def test_batch_split_of_unequal_rows_matches_reference(name, workers):
     spec, batch = CASES[name], 7
     rng = np.random.default_rng(workers)

@@ -21,6 +21,7 @@ def test_bench_runs_without_peers(capsys):
 def test_schedule_line_gives_each_timed_option(monkeypatch):
     monkeypatch.delenv("NUMRNN_SCHEDULE", raising=False)
     monkeypatch.setattr(schedule, "cores", lambda: 2)
+    monkeypatch.setattr(schedule, "packed_product_rows", lambda: schedule.PACKED_PRODUCT_MAX_ROWS)
     schedulers = {}
 
     def kernel(spec):
@@ -29,6 +30,7 @@ def test_schedule_line_gives_each_timed_option(monkeypatch):
     monkeypatch.setattr(runtime, "get_kernel", kernel)
     tiny64 = bench.SHAPES_BY_NAME["tiny64"]
     measured = kernel(bench.stack_spec(tiny64))._scheduler.plan(tiny64.steps, tiny64.batch)[2]
+    assert bench.schedule_line(tiny64) == "serial (not yet timed both ways)"
     for option, seconds in [(("serial", 1), 46e-6), (("units", 2), 31e-6)] * measured.SAMPLES:
         measured.record(option, seconds)
     assert bench.schedule_line(tiny64) == "units on 2 cores (timed: serial 46.0 us, units on 2 cores 31.0 us)"

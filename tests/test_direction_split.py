@@ -13,11 +13,12 @@ from __future__ import annotations
 
 import dataclasses
 
+import numpy as np
 import pytest
-from test_grid import T, _bidir, _torch_style, assert_forced_schedule_matches_reference
+from test_grid import T, _bidir, _inputs, _torch_style, _weights, assert_forced_schedule_matches_reference
 
 from codegen.spec import BlockSpec, CellSpec, DirectionSpec, StackSpec, simple_stack
-from numrnn.runtime import schedule
+from numrnn.runtime import get_kernel, pack_weights, schedule
 
 CASES = {
     "torch_packed_projection_two_blocks": _torch_style(CellSpec("lstm", 5, proj_units=3), 2, masking="lengths"),
@@ -94,3 +95,25 @@ def test_directions_of_uneven_work_split_only_up_to_four_rows(monkeypatch):
     assert schedule.choose(_uneven(96), 100, 8) == ("directions", 2)  # 1.23
     assert schedule.choose(_uneven(64), 100, 8) == ("batch", 2)
     assert schedule.choose(_uneven(64), 100, 4) == ("directions", 2)
+
+
+def test_direction_split_refuses_workspaces_smaller_than_its_shape_needs(monkeypatch):
+    # The workers carve their buffers from their rows of ``workspaces`` unchecked (numrnn.runtime.views): the
+    # kernel checks the rows' size once a call. A chain in each direction, so each carves sequences too.
+    spec = CASES["gru_before_simple_chain_sum_zero_last"]
+    split = get_kernel(dataclasses.replace(spec, direction_split=True))
+    make = split.shared_buffers
+
+    def short_workspaces(T, T_out, B):
+        *blocks, workspaces = make(T, T_out, B)
+        return (*blocks, np.empty((workspaces.shape[0], workspaces.shape[1] - 1), workspaces.dtype))
+
+    monkeypatch.setattr(split, "shared_buffers", short_workspaces)
+    monkeypatch.setattr(split, "_shared", {})  # none kept from other tests; the short ones dropped after
+    monkeypatch.setenv("NUMRNN_SCHEDULE", "directions")
+    rng = np.random.default_rng(0)
+    weights = _weights(spec, rng)
+    x, mask, _, initial = _inputs(spec, rng, batch=3)
+    states = [np.array(s) for cell_states in initial for s in cell_states]
+    with pytest.raises(ValueError, match="workspaces: smaller than the module's shared_buffers"):
+        get_kernel(spec)(x[:5], mask[:5], states, pack_weights(spec, weights))

@@ -233,7 +233,7 @@ def kernel_arguments(spec: StackSpec, *, workspace: bool = True) -> list[str]:
 
 
 class NewArrays:
-    """The buffers of a layer call as new arrays (the split kernels: their rows are few); see :class:`Workspace`."""
+    """The buffers of a layer call as new arrays (the unit split: its rows are few); see :class:`Workspace`."""
 
     def __init__(self, dtype: str):
         self.dtype = dtype

@@ -311,17 +311,19 @@ class Kernel:
         split's block outputs and workspaces on long inputs) only the last
         shape's, as a workspace pool keeps the largest: malloc maps such a
         set afresh and faults its pages in on every call (bidir_masked's
-        direction split, 3.2 MiB: about 1 ms of 5.4 a call).
+        direction split, 5.5 MiB: about 1 ms of 5.4 a call). A shape not kept
+        drops the large set before its own set is made, so that two large
+        sets are never held at once.
         """
         key = (T, T_out, B)
         kept = self._shared.get(key)
         if kept is not None and kept[0] is team:  # a forked child's team is another
             return kept[2]
-        buffers = self.shared_buffers(T, T_out, B) if kept is None else kept[1]
-        tail = team.lead_tail(buffers)
-        if _elements(buffers) > SMALL_WORKSPACE:
+        if kept is None:
             for large in [k for k, entry in self._shared.items() if _elements(entry[1]) > SMALL_WORKSPACE]:
                 del self._shared[large]
+        buffers = self.shared_buffers(T, T_out, B) if kept is None else kept[1]
+        tail = team.lead_tail(buffers)
         _keep(self._shared, key, (team, buffers, tail), _SHARED_CACHE_SIZE)
         return tail
 

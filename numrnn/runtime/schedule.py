@@ -103,9 +103,10 @@ GEMM-sized unit split only remains where BLAS keeps those rows
 products on, medians: throughput512 batch 379 / units 411 ms, seed002 26.8 /
 34.3 ms, seed000 155 / 162 ms.
 
-Bidirectional stacks of up to four rows split the directions instead
-(``direction_split``, :mod:`codegen.targets.cpu_dirsplit`): one worker per
-direction over all rows, a barrier per block, not per step. It comes before
+Bidirectional stacks split the directions instead (``direction_split``,
+:mod:`codegen.targets.cpu_dirsplit`; at first up to four rows, and how
+many now is said at the end): one worker per direction over all rows, a
+barrier per block, not per step. It comes before
 the unit split. Measured (2xBiLSTM(H) T100 D64, lengths 50-100, medians,
 serial or batch / units / directions): H=64 B1 1.07 / 0.88 / 0.72 ms; H=128
 B1 2.87 / 2.03 / 2.12 ms, B2 3.93 / 3.86 / 3.43 ms; H=256 B1 11.8 / 7.4 /
@@ -241,7 +242,8 @@ def worker_rows(batch: int, workers: int, steps_per_row: np.ndarray | None = Non
     all. Rows of unequal steps are dealt longest first, back and forth (worker 0, 1, ..., 1, 0,
     0, 1, ...), so every worker gets as many rows (±1) and about as many
     steps; each worker's rows come in descending order of steps, so a
-    step's live rows are the first ones, which its product covers. A call
+    step's live rows are the first ones (with lengths; a mask's may have
+    gaps), which its product covers. A call
     costs about what its longest worker does, and that is linear in the
     row-steps: bidir_masked's stack on one thread, 4 / 3 / 2 / 1 rows of
     length 100: 5.17 / 3.95 / 2.76 / 1.69 ms. Its lengths, sorted as PyTorch
@@ -250,9 +252,9 @@ def worker_rows(batch: int, workers: int, steps_per_row: np.ndarray | None = Non
     / 4.30 ms), and the split call went from 4.79 to 4.45 ms (medians of 300
     calls alternating in one process).
     """
-    if steps_per_row is None or np.all(steps_per_row == steps_per_row[0]):
+    if steps_per_row is None or batch == 0 or np.all(steps_per_row == steps_per_row[0]):
         return [slice(b0, b1) for b0, b1 in split_rows(batch, workers)]
-    longest_first = np.argsort(-steps_per_row, kind="stable")
+    longest_first = np.argsort(-np.asarray(steps_per_row, dtype=np.int64), kind="stable")
     rounds = np.arange(batch) // workers
     seat = np.arange(batch) % workers
     worker = np.where(rounds % 2 == 0, seat, workers - 1 - seat)

@@ -9,8 +9,9 @@ paths of both. This intrinsic only computes the strides. seed000's stack
 reshapes (kernel and layer function, alternating fresh processes).
 
 Nothing is checked here: the generated kernel checks once that ``ws`` is as
-large as its ``workspace_size``, and every other view has the size of the
-array it looks at.
+large as its ``workspace_size`` (a direction-split kernel, that each row of
+its ``workspaces`` is as large as its ``shared_buffers`` make it), and every
+other view has the size of the array it looks at.
 """
 
 from __future__ import annotations
