@@ -77,13 +77,25 @@ def test_direction_split_keeps_the_last_large_buffers_and_reuses_them_exactly(mo
     # call shape only: a later call of that shape reuses them, one of another shape replaces them, and
     # every call still matches the oracle.
     split_spec = dataclasses.replace(DIRECTIONS, direction_split=True)
+    split = get_kernel(split_spec)
+    make = split.shared_buffers
+
+    def one_large_set_at_a_time(T, T_out, B):
+        assert not _large_sets(split), "a new set made while the last large one is still kept"
+        return make(T, T_out, B)
+
+    monkeypatch.setattr(split, "shared_buffers", one_large_set_at_a_time)
     shapes = [(150, 40), (120, 40), (150, 40), (150, 40)]
     kept = []
     for seed, (steps, batch) in enumerate(shapes):
         assert_forced_schedule_matches_reference(DIRECTIONS, seed, batch, monkeypatch, "directions", split_spec,
                                                  partial(_masked_inputs, steps=steps))
-        large = [(key, entry[1]) for key, entry in get_kernel(split_spec)._shared.items()
-                 if sum(b.size for b in entry[1]) > SMALL_WORKSPACE]
+        large = _large_sets(split)
         assert [key for key, _ in large] == [(steps, steps, batch)]
         kept.append(large[0][1])
     assert kept[3] is kept[2] and kept[2] is not kept[0]
+
+
+def _large_sets(split) -> list:
+    """``(call shape, buffers)`` of each set of shared buffers over ``SMALL_WORKSPACE`` elements ``split`` keeps."""
+    return [(key, entry[1]) for key, entry in split._shared.items() if sum(b.size for b in entry[1]) > SMALL_WORKSPACE]
