@@ -5,8 +5,9 @@ the split itself adds: both reversals, each merge (between blocks it needs a
 second barrier; on the last block with the last output only, one of the two
 workers has no time row to merge), one block whose concatenation needs no
 shared buffer, a chain of cells in each direction, each masking mode, a
-static unroll and both dtypes. Each case runs at one row and
-at four, forced through ``NUMRNN_SCHEDULE=directions``. One compile per case.
+static unroll and both dtypes. Each case runs at one row, four and seven
+(on two cores the automatic schedule takes the split beyond four rows),
+forced through ``NUMRNN_SCHEDULE=directions``. One compile per case.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ CASES = {
 }
 
 
-@pytest.mark.parametrize("batch", [1, 4])
+@pytest.mark.parametrize("batch", [1, 4, 7])
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_direction_split_matches_reference(name, batch, monkeypatch):
     spec = CASES[name]

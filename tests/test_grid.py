@@ -107,7 +107,7 @@ def _inputs(spec: StackSpec, rng, batch: int = B):
         mask[:2, 0] = False  # leading masked steps: outputs before the first valid step
         mask[:, 1:2] = True
     if spec.masking == "lengths":
-        lengths = np.array([T, 0, 3, 1][:batch], dtype=np.int64)
+        lengths = np.resize(np.array([T, 0, 3, 1], dtype=np.int64), batch)  # the pattern repeated past four rows
     initial = [tuple(rng.standard_normal((batch, n)).astype(spec.dtype) for n in c.state_sizes) for c in spec.cells]
     return x, mask, lengths, initial
 
