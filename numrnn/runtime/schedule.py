@@ -239,18 +239,18 @@ def worker_rows(batch: int, workers: int, steps_per_row: np.ndarray | None = Non
 
     ``steps_per_row`` holds how many steps of each of the ``batch`` rows a
     call computes (its length, or its mask's count), ``None`` when all do
-    all. Rows of unequal steps are dealt longest first, back and forth (worker 0, 1, ..., 1, 0,
-    0, 1, ...), so every worker gets as many rows (±1) and about as many
-    steps; each worker's rows come in descending order of steps, so a
-    step's live rows are the first ones (with lengths; a mask's may have
-    gaps), which its product covers. A call
-    costs about what its longest worker does, and that is linear in the
-    row-steps: bidir_masked's stack on one thread, 4 / 3 / 2 / 1 rows of
-    length 100: 5.17 / 3.95 / 2.76 / 1.69 ms. Its lengths, sorted as PyTorch
-    packs them (100 89 86 86 | 86 78 73 50), gave the first worker 361
-    row-steps of 648 (4.79 / 3.91 ms on one thread); dealt, 322 and 326 (4.36
-    / 4.30 ms), and the split call went from 4.79 to 4.45 ms (medians of 300
-    calls alternating in one process).
+    all. Rows of unequal steps are dealt longest first, back and forth
+    (worker 0, 1, ..., 1, 0, 0, 1, ...), so every worker gets as many rows
+    (±1) and about as many steps; each worker's rows come in descending
+    order of steps, so a step's live rows are the first ones (with lengths;
+    a mask's may have gaps), which its product covers. A call costs about
+    what its longest worker does, and that is linear in the row-steps:
+    bidir_masked's stack on one thread, 4 / 3 / 2 / 1 rows of length 100:
+    5.17 / 3.95 / 2.76 / 1.69 ms. Its lengths, sorted as PyTorch packs them
+    (100 89 86 86 | 86 78 73 50), gave the first worker 361 row-steps of 648
+    (4.79 / 3.91 ms on one thread); dealt, 322 and 326 (4.36 / 4.30 ms), and
+    the split call went from 4.79 to 4.45 ms (medians of 300 calls
+    alternating in one process).
     """
     if steps_per_row is None or batch == 0 or np.all(steps_per_row == steps_per_row[0]):
         return [slice(b0, b1) for b0, b1 in split_rows(batch, workers)]
