@@ -149,7 +149,7 @@ def emit_shared_buffers_function(em: Emitter, buffers: list[tuple[str, str]]) ->
     """The module's ``shared_buffers(T, T_out, B)``: every buffer the workers of one call share."""
     with em.block("def shared_buffers(T, T_out, B):"):
         em('"""Buffers every worker of one call reads (the runtime keeps a set per call shape)."""')
-        allocations = "".join(f"{allocation}, " for _, allocation in buffers)
+        allocations = "".join(f"{made}, " for _, made in buffers)
         em(f"return ({allocations.rstrip()})")  # (), (a,) or (a, b,): a split of one concatenated block shares none
     em.blank()
     em.blank()
