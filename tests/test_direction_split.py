@@ -94,7 +94,8 @@ def test_directions_of_uneven_work_split_only_up_to_four_rows(monkeypatch):
     assert schedule.direction_imbalance(_uneven(128)) == 1.0
     assert schedule.direction_imbalance(_uneven(64)) == 1.5  # forward 4*128*192, backward 4*64*128 a row and step
     assert schedule.choose(_uneven(96), 100, 8) == ("directions", 2)  # 1.23
-    assert schedule.choose(_uneven(64), 100, 8) == ("batch", 2)
+    assert schedule.choose(_uneven(64), 100, 8) == ("units", 2)  # a small batch (batch 1179, units 1025 us)
+    assert schedule.choose(_uneven(64), 300, 8) == ("batch", 2)  # 629 MFLOP: worth the pool's hand-off
     assert schedule.choose(_uneven(64), 100, 4) == ("directions", 2)
 
 

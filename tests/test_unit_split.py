@@ -188,6 +188,31 @@ def test_auto_policy_splits_units_only_for_large_recurrent_matrices_at_one_row_o
     assert schedule.choose(latency, 100, 1) == ("serial", 1)
 
 
+def test_auto_policy_splits_the_units_of_small_batches_up_to_a_few_hundred_mflop(monkeypatch):
+    monkeypatch.delenv("NUMRNN_SCHEDULE", raising=False)
+    monkeypatch.setattr(schedule, "cores", lambda: 2)
+    monkeypatch.setattr(schedule, "packed_product_rows", lambda: schedule.PACKED_PRODUCT_MAX_ROWS)
+    lstm64, lstm128 = simple_stack([CellSpec("lstm", 64)], 64), simple_stack([CellSpec("lstm", 128)], 128)
+    assert schedule.choose(lstm64, 10, 4) == ("units", 2)  # 2.6 MFLOP
+    assert schedule.choose(lstm64, 8, 4) == ("serial", 1)  # 2.1 MFLOP: less than a split adds per call
+    assert schedule.choose(lstm128, 100, 8) == ("units", 2)  # 210 MFLOP
+    assert schedule.choose(lstm128, 300, 8) == ("batch", 2)  # 629 MFLOP: worth the pool's hand-off
+    assert schedule.choose(lstm128, 20, 32) == ("units", 2)
+    assert schedule.choose(lstm128, 20, 33) == ("batch", 2)  # not measured past 32 rows
+    assert schedule.choose(simple_stack([CellSpec("lstm", 32)], 32), 20, 16) == ("units", 2)  # 16 KiB
+    tiny_units = simple_stack([CellSpec("gru", 16)], 16)  # 8 units a worker: the exchange costs more
+    assert schedule.choose(tiny_units, 300, 32) == ("serial", 1)  # 14 MFLOP: the batch split's hand-off too
+    assert schedule.choose(tiny_units, 300, 256) == ("batch", 2)  # 113 MFLOP
+    reset_before = simple_stack([CellSpec("gru", 128, reset_after=False)], 128)  # cannot split its units
+    assert schedule.choose(reset_before, 100, 8) == ("batch", 2)  # 157 MFLOP
+    assert schedule.choose(reset_before, 20, 8) == ("serial", 1)  # 31 MFLOP
+    monkeypatch.setattr(schedule, "packed_product_rows", lambda: 8)  # BLAS past 8 rows: not measured
+    assert schedule.choose(lstm128, 20, 16) == ("batch", 2)
+    monkeypatch.setattr(schedule, "packed_product_rows", lambda: schedule.PACKED_PRODUCT_MAX_ROWS)
+    monkeypatch.setattr(schedule, "cores", lambda: 4)  # measured on two workers only
+    assert schedule.choose(lstm128, 100, 8) == ("batch", 4)
+
+
 def test_barrier_releases_waiters_when_a_worker_aborts():
     flags = sync.new_flags(2)
     waiter = threading.Thread(target=sync.barrier, args=(flags, 0, 2, 1))
@@ -273,7 +298,7 @@ def test_auto_policy_times_both_schedules_for_calls_at_the_edge_of_the_splits_ga
     schedule_, workers, measured = schedule.Scheduler(tiny).plan(50, 1)
     assert (schedule_, workers) == ("serial", 1)
     assert measured.options == (("serial", 1), ("units", 2))
-    assert schedule.Scheduler(tiny).plan(50, 2)[2].options == (("batch", 2), ("units", 2))
+    assert schedule.Scheduler(tiny).plan(50, 2)[2].options == (("serial", 1), ("units", 2))  # 4.9 MFLOP: no batch
     assert schedule.Scheduler(tiny).plan(11, 1)[2].options == (("serial", 1), ("units", 2))  # 0.54 MFLOP
     assert schedule.Scheduler(tiny).plan(10, 1)[2] is None  # 0.49 MFLOP
     assert schedule.Scheduler(tiny).plan(50, 3)[2] is None  # more rows than a unit split takes

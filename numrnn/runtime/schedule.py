@@ -17,8 +17,8 @@ Policy (:class:`Scheduler`):
 - ``n = min(cores, B)`` workers, rows split as evenly as possible, in row-steps
   where a mask or lengths end rows early (:func:`worker_rows`);
 - no split (one call in the calling thread) when ``B == 1`` or when the work
-  per worker is below :data:`MIN_FLOPS_PER_WORKER` (a thread hand-off costs
-  tens of microseconds);
+  per worker is below :data:`MIN_FLOPS_PER_WORKER` (the pool's hand-off
+  costs 150-200 us a call);
 - ``NUMRNN_NUM_THREADS`` caps ``cores`` (``1`` disables the split; a unit or direction split forced
   with ``NUMRNN_SCHEDULE`` still runs two workers).
 
@@ -46,8 +46,14 @@ inside the kernel (:mod:`numrnn.runtime.partners`), not on the pool. Policy
   or GEMM-sized: every batch worker would get more rows than the packed
   product takes (so it would run a BLAS GEMM per step anyway), ``B <=``
   :data:`UNIT_SPLIT_MAX_GEMM_ROWS` and a recurrent matrix of at least
-  :data:`UNIT_SPLIT_MIN_GEMM_WEIGHT_BYTES`; one split call runs at a time (a
-  concurrent one falls back, so the partners can never wait on each other);
+  :data:`UNIT_SPLIT_MIN_GEMM_WEIGHT_BYTES`; or a small batch (up to
+  :data:`UNIT_SPLIT_MAX_SMALL_BATCH` rows, a recurrent matrix of at least
+  :data:`UNIT_SPLIT_MIN_SMALL_BATCH_BYTES`) of a call of up to
+  :data:`UNIT_SPLIT_MAX_SMALL_BATCH_FLOPS`, where the batch split's hand-off
+  costs more than the unit split's exchanges (on two workers, as measured,
+  and rows the packed product takes); one split call runs at a
+  time (a concurrent one falls back, so the partners can never wait on each
+  other);
 - one- or two-row float32 calls that the unit split could run, short of
   those thresholds but with a recurrent matrix of at least
   :data:`MEASURED_MIN_WEIGHT_BYTES` and :data:`MEASURED_MIN_FLOPS` a call,
@@ -102,6 +108,17 @@ GEMM-sized unit split only remains where BLAS keeps those rows
 (:func:`packed_product_rows`). Alternating both schedules in one process, packed
 products on, medians: throughput512 batch 379 / units 411 ms, seed002 26.8 /
 34.3 ms, seed000 155 / 162 ms.
+
+Those batch-split figures predate the partners (the unit split then
+handed its jobs over as the batch split still does). Measured again with
+them, on the AVX-512 Zen 4 guest (LSTM and GRU of 16-256 units on as many
+inputs, B 3-32, T 10-300, the three schedules by turns in one process,
+medians): the batch split's hand-off cost 150-200 us a call, so that it lost
+to one thread up to about 40 MFLOP a call (LSTM(64) B4 T20: serial 62,
+batch 223, units 41 us), and the unit split beat both up to a few hundred
+MFLOP a call (LSTM(128) B8 T100: serial 2149, batch 1365, units 1218 us;
+LSTM(256) B16 T20: 3523 / 2143 / 1837 us); hence
+:data:`UNIT_SPLIT_MAX_SMALL_BATCH_FLOPS` and :data:`MIN_FLOPS_PER_WORKER`.
 
 Bidirectional stacks split the directions instead (``direction_split``,
 :mod:`codegen.targets.cpu_dirsplit`; at first up to four rows, and how
@@ -169,9 +186,14 @@ from codegen.targets.cpu import PACKED_PROJECTION_MAX_ROWS, layers_of
 from codegen.targets.cpu_dirsplit import WORKERS as DIRECTION_WORKERS
 from numrnn.runtime import cpus
 
-#: Below this many FLOPs per worker the split costs more than it saves (hand-off ~30 us; 2 MFLOP is
-#: ~50 us of work here).
-MIN_FLOPS_PER_WORKER = 2e6
+#: Below this many FLOPs per worker the batch split costs more than it saves. Its hand-off to the pool
+#: (a sleeping thread woken per job, the caller woken when the last is done) took 150-200 us a call on the
+#: AVX-512 Zen 4 guest: LSTM(64) B4 T20, one call of 2-row jobs, the first job started 39 us after the call,
+#: the second 58, and the call returned 24 us after they ended (a pool round trip alone: 60 us). Serial /
+#: batch, T20-T100, medians in one process: 26 MFLOP a call (LSTM(64) B8 T50) 324 / 495 us, 20 (GRU(32) B16
+#: T100) 280 / 297, 42 (LSTM(128) B4 T20) 213 / 276; 39 (GRU(64) B16 T50) 475 / 402, 52 (LSTM(32) B32 T100)
+#: 720 / 558. It was 2 MFLOP, from an estimate of 30 us for the hand-off.
+MIN_FLOPS_PER_WORKER = 20e6
 
 _POOL: ThreadPoolExecutor | None = None
 _POOL_LOCK = threading.Lock()
@@ -261,9 +283,22 @@ def worker_rows(batch: int, workers: int, steps_per_row: np.ndarray | None = Non
     return [longest_first[worker == w] for w in range(workers)]
 
 
-#: Largest latency-sized batch run with the unit split (above it the batch split needs no barrier
-#: and keeps the per-step products as wide).
+#: Largest latency-sized batch run with the unit split whatever the call's size (see below for more rows).
 UNIT_SPLIT_MAX_ROWS = 2
+#: Small batches (more than UNIT_SPLIT_MAX_ROWS rows, up to this many) run the unit split up to
+#: UNIT_SPLIT_MAX_SMALL_BATCH_FLOPS a call, where its partners, waiting in compiled code, start at once
+#: and the pool's hand-off would cost 150-200 us (MIN_FLOPS_PER_WORKER).
+UNIT_SPLIT_MAX_SMALL_BATCH = 32
+#: Up to this many FLOPs a call, a small batch's unit split beat the batch split: units / batch, LSTM and
+#: GRU of 64-256 units on as many inputs, B 4-32, T 10-300, medians in one process: 0.25-0.94 up to 200
+#: MFLOP (one 1.02), 0.80-1.04 from 300 to 700, 0.95-1.12 beyond (lengths: LSTM(128) B8 T100 1193 / 1613
+#: us, LSTM(256) B8 T50 1889 / 2775). The batch split needs no exchange a step; at a few milliseconds a
+#: call that is worth more than its hand-off.
+UNIT_SPLIT_MAX_SMALL_BATCH_FLOPS = 600e6
+#: The smallest recurrent matrix whose small batches split their units: LSTM(32)'s (16 KiB, 16 units a
+#: worker) won from UNIT_SPLIT_MIN_FLOPS (B8-B32, T20-T100: 0.67-0.87 of the best other schedule's time);
+#: LSTM(16) and GRU(16) lost at every size (8 units a worker), GRU(32) (12 KiB) broke even.
+UNIT_SPLIT_MIN_SMALL_BATCH_BYTES = 16 * 1024
 #: Largest GEMM-sized batch run with the unit split (at 128 rows a per-step GEMM is efficient on
 #: its own and the batch split won as often as it lost).
 UNIT_SPLIT_MAX_GEMM_ROWS = 64
@@ -365,6 +400,7 @@ class Scheduler:
         self.recurrent_bytes = largest_recurrent_bytes(spec)
         splittable = unit_split_blocker(spec, self.workers) is None
         self.splits_units = splittable and self.recurrent_bytes >= UNIT_SPLIT_MIN_WEIGHT_BYTES
+        self.splits_small_batches = splittable and self.recurrent_bytes >= UNIT_SPLIT_MIN_SMALL_BATCH_BYTES
         self.measures_units = (splittable and self.recurrent_bytes >= MEASURED_MIN_WEIGHT_BYTES
                                and same_sums_when_split(spec, self.workers))
         self.splits_directions = direction_split_blocker(spec, self.workers) is None
@@ -415,6 +451,9 @@ class Scheduler:
     def _choose(self, steps: int, batch: int, forced: str) -> tuple[str, int]:
         if forced == "serial":
             return "serial", 1
+        if forced == "batch":  # however little work each worker gets
+            workers = min(self.workers, batch)
+            return ("batch", workers) if workers > 1 else ("serial", 1)
         if forced == "units":
             workers = max(self.workers, 2)
             blocker = unit_split_blocker(self.spec, workers)
@@ -432,7 +471,18 @@ class Scheduler:
         if (forced == "auto" and self.splits_units and self._units_pay_at(batch)
                 and self.flops_per_row_step * steps * batch >= UNIT_SPLIT_MIN_FLOPS):
             return "units", self.workers
+        if forced == "auto" and self._small_batch_splits_units(steps, batch):
+            return "units", self.workers
         return self.batch_choice(steps, batch)
+
+    def _small_batch_splits_units(self, steps: int, batch: int) -> bool:
+        """A small batch (past the latency-sized rows) of a call neither too small for a split nor large enough to
+        pay for the batch split's hand-off."""
+        flops = self.flops_per_row_step * steps * batch
+        return (self.splits_small_batches and UNIT_SPLIT_MAX_ROWS < batch <= UNIT_SPLIT_MAX_SMALL_BATCH
+                and self.workers == 2  # as measured: two workers, each worker's product the packed one
+                and batch <= packed_product_rows()
+                and UNIT_SPLIT_MIN_FLOPS <= flops <= UNIT_SPLIT_MAX_SMALL_BATCH_FLOPS)
 
     def _directions_pay_at(self, batch: int) -> bool:
         """Up to four rows; on as many workers as directions, as many rows as the packed product takes, where
