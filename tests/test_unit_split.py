@@ -197,6 +197,7 @@ def test_auto_policy_splits_the_units_of_small_batches_up_to_a_few_hundred_mflop
     assert schedule.choose(lstm64, 8, 4) == ("serial", 1)  # 2.1 MFLOP: less than a split adds per call
     assert schedule.choose(lstm128, 100, 8) == ("units", 2)  # 210 MFLOP
     assert schedule.choose(lstm128, 300, 8) == ("batch", 2)  # 629 MFLOP: worth the pool's hand-off
+    assert schedule.choose(lstm128, 1000, 4) == ("units", 2)  # 1 GFLOP, but four rows
     assert schedule.choose(lstm128, 20, 32) == ("units", 2)
     assert schedule.choose(lstm128, 20, 33) == ("batch", 2)  # not measured past 32 rows
     assert schedule.choose(simple_stack([CellSpec("lstm", 32)], 32), 20, 16) == ("units", 2)  # 16 KiB

@@ -49,7 +49,8 @@ inside the kernel (:mod:`numrnn.runtime.partners`), not on the pool. Policy
   :data:`UNIT_SPLIT_MIN_GEMM_WEIGHT_BYTES`; or a small batch (up to
   :data:`UNIT_SPLIT_MAX_SMALL_BATCH` rows, a recurrent matrix of at least
   :data:`UNIT_SPLIT_MIN_SMALL_BATCH_BYTES`) of a call of up to
-  :data:`UNIT_SPLIT_MAX_SMALL_BATCH_FLOPS`, where the batch split's hand-off
+  :data:`UNIT_SPLIT_MAX_SMALL_BATCH_FLOPS` (of any size up to
+  :data:`UNIT_SPLIT_ANY_SIZE_ROWS` rows), where the batch split's hand-off
   costs more than the unit split's exchanges (on two workers, as measured,
   and rows the packed product takes); one split call runs at a
   time (a concurrent one falls back, so the partners can never wait on each
@@ -295,6 +296,9 @@ UNIT_SPLIT_MAX_SMALL_BATCH = 32
 #: us, LSTM(256) B8 T50 1889 / 2775). The batch split needs no exchange a step; at a few milliseconds a
 #: call that is worth more than its hand-off.
 UNIT_SPLIT_MAX_SMALL_BATCH_FLOPS = 600e6
+#: Up to this many rows the small batch's unit split won at every size measured: units / batch, B4 T300,
+#: LSTM(256) 0.91 (1.3 GFLOP), GRU(256) 0.94, LSTM(512) 0.95 (5 GFLOP); at B8 T300, 0.89-1.12.
+UNIT_SPLIT_ANY_SIZE_ROWS = 4
 #: The smallest recurrent matrix whose small batches split their units: LSTM(32)'s (16 KiB, 16 units a
 #: worker) won from UNIT_SPLIT_MIN_FLOPS (B8-B32, T20-T100: 0.67-0.87 of the best other schedule's time);
 #: LSTM(16) and GRU(16) lost at every size (8 units a worker), GRU(32) (12 KiB) broke even.
@@ -481,8 +485,8 @@ class Scheduler:
         flops = self.flops_per_row_step * steps * batch
         return (self.splits_small_batches and UNIT_SPLIT_MAX_ROWS < batch <= UNIT_SPLIT_MAX_SMALL_BATCH
                 and self.workers == 2  # as measured: two workers, each worker's product the packed one
-                and batch <= packed_product_rows()
-                and UNIT_SPLIT_MIN_FLOPS <= flops <= UNIT_SPLIT_MAX_SMALL_BATCH_FLOPS)
+                and batch <= packed_product_rows() and flops >= UNIT_SPLIT_MIN_FLOPS
+                and (flops <= UNIT_SPLIT_MAX_SMALL_BATCH_FLOPS or batch <= UNIT_SPLIT_ANY_SIZE_ROWS))
 
     def _directions_pay_at(self, batch: int) -> bool:
         """Up to four rows; on as many workers as directions, as many rows as the packed product takes, where
