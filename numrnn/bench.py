@@ -488,12 +488,16 @@ def schedule_line(shape: Shape) -> str:
     """How numrnn ran ``shape``'s calls (:mod:`numrnn.runtime.schedule`): the schedule and its workers, and where
     the scheduler timed two options, each option's typical call as it compared them."""
     from numrnn.runtime import get_kernel
+    from numrnn.runtime.schedule import CLOSE_CALL_SECONDS, CloseCallsChoice
 
     if shape.streaming:
         return "serial, the streaming fast path"
     schedule, workers, measured = get_kernel(stack_spec(shape))._scheduler.plan(shape.steps, shape.batch)
     if measured is None:
         return _option((schedule, workers))
+    if isinstance(measured, CloseCallsChoice):
+        return (f"{_option(measured.split)} (calls under {CLOSE_CALL_SECONDS * 1e3:g} ms apart; "
+                f"else {_option(measured.otherwise)})")
     if len(measured.typical()) < len(measured.options):
         return f"{_option(measured.best)} (not yet timed both ways)"
     timed = ", ".join(f"{_option(option)} {_format_time(seconds)}" for option, seconds in measured.typical().items())

@@ -16,7 +16,7 @@ import dataclasses
 
 import numpy as np
 import pytest
-from test_grid import T, _bidir, _inputs, _torch_style, _weights, assert_forced_schedule_matches_reference
+from test_grid import D, T, _bidir, _inputs, _torch_style, _weights, assert_forced_schedule_matches_reference
 
 from codegen.spec import BlockSpec, CellSpec, DirectionSpec, StackSpec, simple_stack
 from numrnn.runtime import get_kernel, pack_weights, schedule
@@ -97,6 +97,12 @@ def test_directions_of_uneven_work_split_only_up_to_four_rows(monkeypatch):
     assert schedule.choose(_uneven(64), 100, 8) == ("units", 2)  # a small batch (batch 1179, units 1025 us)
     assert schedule.choose(_uneven(64), 300, 8) == ("batch", 2)  # 629 MFLOP: worth the pool's hand-off
     assert schedule.choose(_uneven(64), 100, 4) == ("directions", 2)
+
+
+def test_uneven_directions_split_their_units_at_eight_rows(monkeypatch):
+    # What the small-batch rule takes for _uneven(64) at eight rows (test above), against the oracle.
+    spec = dataclasses.replace(_uneven(64), input_size=D)
+    assert_forced_schedule_matches_reference(spec, 3, 8, monkeypatch, "units", dataclasses.replace(spec, unit_split=2))
 
 
 def test_direction_split_refuses_workspaces_smaller_than_its_shape_needs(monkeypatch):

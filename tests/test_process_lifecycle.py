@@ -102,6 +102,30 @@ def test_a_child_forked_while_another_thread_compiled_says_so_instead_of_waiting
     assert "child exit code 0" in result.stdout
 
 
+def test_a_child_forked_while_another_thread_compiled_runs_the_batch_rule_for_a_split_it_lacks():
+    # Under auto, the parent's layer call (8 rows, 10 MFLOP) is a small batch that splits its units once its calls
+    # come close; the child cannot compile that split kernel, so it runs the batch rule's schedule instead.
+    holding = """
+        held, release = threading.Event(), threading.Event()
+
+        def compiling():
+            with kernels._LOCK:
+                held.set()
+                release.wait()
+
+        threading.Thread(target=compiling).start()
+        held.wait()
+    """
+    child = """
+        os.environ["NUMRNN_SCHEDULE"] = "auto"
+        outputs = [layer(x) for _ in range(3)]  # the later calls come close: the unit split's turn
+        code = 0 if all(np.allclose(out, y, atol=1e-6) for out in outputs) else 1
+    """
+    result = _run(_forking(child, before=holding, after="release.set()\n"))
+    assert result.returncode == 0, result.stderr
+    assert "child exit code 0" in result.stdout
+
+
 def test_a_batch_split_call_at_exit_returns_its_result():
     result = _run(PRELUDE + 'atexit.register(lambda: print("at exit", np.array_equal(layer(x), y)))\n')
     assert result.returncode == 0, result.stderr

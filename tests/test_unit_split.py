@@ -52,7 +52,7 @@ CASES = {
 }
 
 
-@pytest.mark.parametrize("batch", [1, 4])
+@pytest.mark.parametrize("batch", [1, 4, 13])
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_unit_split_matches_reference(name, batch, monkeypatch):
     spec = CASES[name]
@@ -212,6 +212,10 @@ def test_auto_policy_splits_the_units_of_small_batches_up_to_a_few_hundred_mflop
     monkeypatch.setattr(schedule, "packed_product_rows", lambda: schedule.PACKED_PRODUCT_MAX_ROWS)
     monkeypatch.setattr(schedule, "cores", lambda: 4)  # measured on two workers only
     assert schedule.choose(lstm128, 100, 8) == ("batch", 4)
+    monkeypatch.setattr(schedule, "cores", lambda: 8)  # as many batch workers as get 20 MFLOP each
+    assert schedule.choose(reset_before, 100, 8) == ("batch", 7)  # 157 MFLOP
+    assert schedule.choose(reset_before, 32, 8) == ("batch", 2)  # 50 MFLOP
+    assert schedule.choose(reset_before, 20, 8) == ("serial", 1)  # 31 MFLOP
 
 
 def test_barrier_releases_waiters_when_a_worker_aborts():
@@ -302,7 +306,7 @@ def test_auto_policy_times_both_schedules_for_calls_at_the_edge_of_the_splits_ga
     assert schedule.Scheduler(tiny).plan(50, 2)[2].options == (("serial", 1), ("units", 2))  # 4.9 MFLOP: no batch
     assert schedule.Scheduler(tiny).plan(11, 1)[2].options == (("serial", 1), ("units", 2))  # 0.54 MFLOP
     assert schedule.Scheduler(tiny).plan(10, 1)[2] is None  # 0.49 MFLOP
-    assert schedule.Scheduler(tiny).plan(50, 3)[2] is None  # more rows than a unit split takes
+    assert isinstance(schedule.Scheduler(tiny).plan(50, 3)[2], schedule.CloseCallsChoice)  # past the timed rows
     assert schedule.Scheduler(tiny).plan(129, 1)[2] is None  # BLAS projects the input
     assert schedule.Scheduler(simple_stack([CellSpec("lstm", 48)], 32)).plan(100, 1)[2] is None  # 36 KiB
     assert schedule.Scheduler(simple_stack([CellSpec("lstm", 72)], 32)).plan(100, 1)[2] is None  # 36 units a worker
@@ -430,3 +434,49 @@ def test_measured_calls_that_find_the_split_busy_time_only_the_static_choice(mon
     measured = kernel._scheduler.plan(24, 1)[2]
     assert set(measured.typical()) == {("serial", 1)}
     assert measured.best == ("serial", 1)
+
+
+def test_close_calls_split_and_spaced_ones_take_the_batch_rule(monkeypatch):
+    units, serial = ("units", 2), ("serial", 1)
+    choice = schedule.CloseCallsChoice(units, serial)
+    assert choice.pick(10.0) == (serial, True)  # the first call: the partners are asleep
+    choice.record(serial, 0.001)
+    assert choice.pick(10.0025) == (units, True)  # 1.5 ms after the last call ended
+    choice.record(units, 0.001)
+    assert choice.pick(10.0035 + schedule.CLOSE_CALL_SECONDS) == (serial, True)
+    choice.record(serial, 0.001)
+    monkeypatch.setattr(schedule, "CLOSE_CALL_SECONDS", 0.0)
+    assert choice.pick(10.008) == (serial, True)  # 0.5 ms after: not close when nothing is
+
+
+#: A small batch's stack: LSTM(48) (36 KiB, 24 units a worker) with lengths, then GRU(40) (19 KiB).
+SMALL_BATCH = simple_stack([CellSpec("lstm", 48), CellSpec("gru", 40)], 24, masking="lengths")
+
+
+@pytest.mark.parametrize("batch", [8, 32])
+def test_a_small_batch_splits_its_units_when_its_calls_come_close(batch, monkeypatch):
+    if schedule.packed_product_rows() < batch:
+        pytest.skip("BLAS takes the per-step products here: small batches take the batch rule")
+    monkeypatch.delenv("NUMRNN_SCHEDULE", raising=False)
+    monkeypatch.setattr(schedule, "cores", lambda: 2)
+    monkeypatch.setattr(schedule, "CLOSE_CALL_SECONDS", 60.0)  # every call after the first is close
+    kernel = get_kernel(SMALL_BATCH)
+    monkeypatch.setattr(kernel, "_scheduler", schedule.Scheduler(SMALL_BATCH))
+    rng = np.random.default_rng(batch)
+    weights = fan_in_weights(SMALL_BATCH, rng)
+    x = rng.standard_normal((30, batch, SMALL_BATCH.input_size)).astype(np.float32)
+    lengths = rng.integers(1, 31, batch).astype(np.int64)
+    initial = [tuple(rng.standard_normal((batch, n)).astype(np.float32) for n in c.state_sizes)
+               for c in SMALL_BATCH.cells]
+    assert isinstance(kernel._scheduler.plan(30, batch)[2], schedule.CloseCallsChoice)
+    splits = []
+    run_split = type(kernel)._run_split
+    monkeypatch.setattr(type(kernel), "_run_split", lambda k, *a: splits.append(k) or run_split(k, *a))
+    expected, expected_states = run_stack(SMALL_BATCH, weights, x, lengths=lengths, initial_states=initial)
+    for call in range(3):
+        got, got_states = _run_kernel(SMALL_BATCH, weights, x, None, lengths, initial)
+        assert_matches_reference(SMALL_BATCH, got, got_states, expected, expected_states)
+        assert len(splits) == call  # the first call ran the batch rule's schedule, the later ones split
+    monkeypatch.setattr(schedule, "CLOSE_CALL_SECONDS", 0.0)  # calls far apart
+    _run_kernel(SMALL_BATCH, weights, x, None, lengths, initial)
+    assert len(splits) == 2

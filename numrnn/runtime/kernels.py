@@ -189,8 +189,6 @@ class Kernel:
             else:
                 start = time.perf_counter()
                 option, timed = measured.pick(start)
-                if _FORKED_MID_COMPILE:  # the split kernel may need a compile, which cannot run here
-                    option, timed = (schedule, workers), False
                 if self._run_scheduled(*option, x, cond, states, weights, y) and timed:
                     measured.record(option, time.perf_counter() - start)
         return y if self._sequences else y[0]
@@ -200,9 +198,12 @@ class Kernel:
         as_scheduled = True
         if schedule in ("units", "directions"):
             split = self._split_kernels.get((schedule, workers))
-            if self._try_split(schedule, workers, x, cond, states, weights, y):
-                return split is not None and split.compile_seconds is not None
-            workers, as_scheduled = self._scheduler.batch_choice(x.shape[0], x.shape[1])[1], False  # a split is running
+            compiled = split is not None and split.compile_seconds is not None
+            # A child forked while another thread compiled cannot compile the split kernel: the batch rule instead.
+            if (compiled or not _FORKED_MID_COMPILE) and self._try_split(schedule, workers, x, cond, states, weights,
+                                                                         y):
+                return compiled
+            workers, as_scheduled = self._scheduler.batch_choice(x.shape[0], x.shape[1])[1], False  # or a split runs
         if self.compile_seconds is None:
             self._first_call(x, cond, states, weights, y)
             return False

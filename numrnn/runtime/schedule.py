@@ -16,9 +16,10 @@ Policy (:class:`Scheduler`):
 
 - ``n = min(cores, B)`` workers, rows split as evenly as possible, in row-steps
   where a mask or lengths end rows early (:func:`worker_rows`);
-- no split (one call in the calling thread) when ``B == 1`` or when the work
-  per worker is below :data:`MIN_FLOPS_PER_WORKER` (the pool's hand-off
-  costs 150-200 us a call);
+- as many workers as get :data:`MIN_FLOPS_PER_WORKER` each (the pool's
+  hand-off costs 150-200 us a call), and no split (one call in the calling
+  thread) when that is one or ``B == 1``; ``NUMRNN_SCHEDULE=batch`` splits
+  whatever the work;
 - ``NUMRNN_NUM_THREADS`` caps ``cores`` (``1`` disables the split; a unit or direction split forced
   with ``NUMRNN_SCHEDULE`` still runs two workers).
 
@@ -47,12 +48,13 @@ inside the kernel (:mod:`numrnn.runtime.partners`), not on the pool. Policy
   product takes (so it would run a BLAS GEMM per step anyway), ``B <=``
   :data:`UNIT_SPLIT_MAX_GEMM_ROWS` and a recurrent matrix of at least
   :data:`UNIT_SPLIT_MIN_GEMM_WEIGHT_BYTES`; or a small batch (up to
-  :data:`UNIT_SPLIT_MAX_SMALL_BATCH` rows, a recurrent matrix of at least
-  :data:`UNIT_SPLIT_MIN_SMALL_BATCH_BYTES`) of a call of up to
-  :data:`UNIT_SPLIT_MAX_SMALL_BATCH_FLOPS` (of any size up to
-  :data:`UNIT_SPLIT_ANY_SIZE_ROWS` rows), where the batch split's hand-off
+  :data:`SMALL_BATCH_MAX_ROWS` rows, a recurrent matrix of at least
+  :data:`SMALL_BATCH_MIN_WEIGHT_BYTES`) of a call of up to
+  :data:`SMALL_BATCH_MAX_FLOPS` (of any size up to
+  :data:`SMALL_BATCH_UNBOUNDED_ROWS` rows), where the batch split's hand-off
   costs more than the unit split's exchanges (on two workers, as measured,
-  and rows the packed product takes); one split call runs at a
+  and rows the packed product takes), as long as the calls come close
+  together (:class:`CloseCallsChoice`); one split call runs at a
   time (a concurrent one falls back, so the partners can never wait on each
   other);
 - one- or two-row float32 calls that the unit split could run, short of
@@ -119,7 +121,7 @@ to one thread up to about 40 MFLOP a call (LSTM(64) B4 T20: serial 62,
 batch 223, units 41 us), and the unit split beat both up to a few hundred
 MFLOP a call (LSTM(128) B8 T100: serial 2149, batch 1365, units 1218 us;
 LSTM(256) B16 T20: 3523 / 2143 / 1837 us); hence
-:data:`UNIT_SPLIT_MAX_SMALL_BATCH_FLOPS` and :data:`MIN_FLOPS_PER_WORKER`.
+:data:`SMALL_BATCH_MAX_FLOPS` and :data:`MIN_FLOPS_PER_WORKER`.
 
 Bidirectional stacks split the directions instead (``direction_split``,
 :mod:`codegen.targets.cpu_dirsplit`; at first up to four rows, and how
@@ -187,13 +189,15 @@ from codegen.targets.cpu import PACKED_PROJECTION_MAX_ROWS, layers_of
 from codegen.targets.cpu_dirsplit import WORKERS as DIRECTION_WORKERS
 from numrnn.runtime import cpus
 
-#: Below this many FLOPs per worker the batch split costs more than it saves. Its hand-off to the pool
-#: (a sleeping thread woken per job, the caller woken when the last is done) took 150-200 us a call on the
-#: AVX-512 Zen 4 guest: LSTM(64) B4 T20, one call of 2-row jobs, the first job started 39 us after the call,
-#: the second 58, and the call returned 24 us after they ended (a pool round trip alone: 60 us). Serial /
+#: Below this many FLOPs per worker the batch split costs more than it saves: on the AVX-512 Zen 4 guest
+#: it took 150-200 us a call more than half the serial time. Its pool wakes a sleeping thread per job and
+#: then the caller (LSTM(64) B4 T20, one call of 2-row jobs: the first job started 39 us after the call,
+#: the second 58, and the call returned 24 us after they ended; a pool round trip alone: 60 us), and its
+#: jobs ran slower than half the serial call (44 and 70 us, against 61 us serial for both). Serial /
 #: batch, T20-T100, medians in one process: 26 MFLOP a call (LSTM(64) B8 T50) 324 / 495 us, 20 (GRU(32) B16
 #: T100) 280 / 297, 42 (LSTM(128) B4 T20) 213 / 276; 39 (GRU(64) B16 T50) 475 / 402, 52 (LSTM(32) B32 T100)
-#: 720 / 558. It was 2 MFLOP, from an estimate of 30 us for the hand-off.
+#: 720 / 558. It was 2 MFLOP, from an estimate of 30 us for the hand-off. Measured on two cores only.
+#: ``NUMRNN_SCHEDULE=batch`` splits whatever the work.
 MIN_FLOPS_PER_WORKER = 20e6
 
 _POOL: ThreadPoolExecutor | None = None
@@ -284,25 +288,27 @@ def worker_rows(batch: int, workers: int, steps_per_row: np.ndarray | None = Non
     return [longest_first[worker == w] for w in range(workers)]
 
 
-#: Largest latency-sized batch run with the unit split whatever the call's size (see below for more rows).
+#: Largest latency-sized batch: from UNIT_SPLIT_MIN_FLOPS a call and a UNIT_SPLIT_MIN_WEIGHT_BYTES matrix it runs
+#: the unit split however large the call (more rows: the small-batch rule below).
 UNIT_SPLIT_MAX_ROWS = 2
 #: Small batches (more than UNIT_SPLIT_MAX_ROWS rows, up to this many) run the unit split up to
-#: UNIT_SPLIT_MAX_SMALL_BATCH_FLOPS a call, where its partners, waiting in compiled code, start at once
-#: and the pool's hand-off would cost 150-200 us (MIN_FLOPS_PER_WORKER).
-UNIT_SPLIT_MAX_SMALL_BATCH = 32
+#: SMALL_BATCH_MAX_FLOPS a call, where its partners, waiting in compiled code, start at once
+#: and the batch split's hand-off to the pool would cost 150-200 us (MIN_FLOPS_PER_WORKER); while the
+#: calls come close together (CloseCallsChoice).
+SMALL_BATCH_MAX_ROWS = 32
 #: Up to this many FLOPs a call, a small batch's unit split beat the batch split: units / batch, LSTM and
 #: GRU of 64-256 units on as many inputs, B 4-32, T 10-300, medians in one process: 0.25-0.94 up to 200
 #: MFLOP (one 1.02), 0.80-1.04 from 300 to 700, 0.95-1.12 beyond (lengths: LSTM(128) B8 T100 1193 / 1613
 #: us, LSTM(256) B8 T50 1889 / 2775). The batch split needs no exchange a step; at a few milliseconds a
 #: call that is worth more than its hand-off.
-UNIT_SPLIT_MAX_SMALL_BATCH_FLOPS = 600e6
+SMALL_BATCH_MAX_FLOPS = 600e6
 #: Up to this many rows the small batch's unit split won at every size measured: units / batch, B4 T300,
 #: LSTM(256) 0.91 (1.3 GFLOP), GRU(256) 0.94, LSTM(512) 0.95 (5 GFLOP); at B8 T300, 0.89-1.12.
-UNIT_SPLIT_ANY_SIZE_ROWS = 4
+SMALL_BATCH_UNBOUNDED_ROWS = 4
 #: The smallest recurrent matrix whose small batches split their units: LSTM(32)'s (16 KiB, 16 units a
 #: worker) won from UNIT_SPLIT_MIN_FLOPS (B8-B32, T20-T100: 0.67-0.87 of the best other schedule's time);
 #: LSTM(16) and GRU(16) lost at every size (8 units a worker), GRU(32) (12 KiB) broke even.
-UNIT_SPLIT_MIN_SMALL_BATCH_BYTES = 16 * 1024
+SMALL_BATCH_MIN_WEIGHT_BYTES = 16 * 1024
 #: Largest GEMM-sized batch run with the unit split (at 128 rows a per-step GEMM is efficient on
 #: its own and the batch split won as often as it lost).
 UNIT_SPLIT_MAX_GEMM_ROWS = 64
@@ -404,7 +410,7 @@ class Scheduler:
         self.recurrent_bytes = largest_recurrent_bytes(spec)
         splittable = unit_split_blocker(spec, self.workers) is None
         self.splits_units = splittable and self.recurrent_bytes >= UNIT_SPLIT_MIN_WEIGHT_BYTES
-        self.splits_small_batches = splittable and self.recurrent_bytes >= UNIT_SPLIT_MIN_SMALL_BATCH_BYTES
+        self.splits_small_batches = splittable and self.recurrent_bytes >= SMALL_BATCH_MIN_WEIGHT_BYTES
         self.measures_units = (splittable and self.recurrent_bytes >= MEASURED_MIN_WEIGHT_BYTES
                                and same_sums_when_split(spec, self.workers))
         self.splits_directions = direction_split_blocker(spec, self.workers) is None
@@ -433,11 +439,15 @@ class Scheduler:
             chosen = self._chosen[key] = self._plan(steps, batch)
         return chosen
 
-    def _plan(self, steps: int, batch: int) -> tuple[str, int, MeasuredChoice | None]:
+    def _plan(self, steps: int, batch: int) -> tuple[str, int, MeasuredChoice | CloseCallsChoice | None]:
         forced = forced_schedule()
         schedule, workers = self._choose(steps, batch, forced)
-        if schedule in ("serial", "batch") and forced == "auto" and self._measures(steps, batch):
+        if schedule not in ("serial", "batch") or forced != "auto":
+            return schedule, workers, None
+        if self._measures(steps, batch):
             return schedule, workers, MeasuredChoice(((schedule, workers), ("units", self.workers)))
+        if self._small_batch_splits_units(steps, batch):
+            return "units", self.workers, CloseCallsChoice(("units", self.workers), (schedule, workers))
         return schedule, workers, None
 
     def _measures(self, steps: int, batch: int) -> bool:
@@ -450,14 +460,16 @@ class Scheduler:
         """
         return (self.measures_units and batch <= min(UNIT_SPLIT_MAX_ROWS, packed_product_rows())
                 and steps * batch <= PACKED_PROJECTION_MAX_ROWS
-                and self.flops_per_row_step * steps * batch >= MEASURED_MIN_FLOPS)
+                and self._flops(steps, batch) >= MEASURED_MIN_FLOPS)
+
+    def _flops(self, steps: int, batch: int) -> float:
+        return self.flops_per_row_step * steps * batch
 
     def _choose(self, steps: int, batch: int, forced: str) -> tuple[str, int]:
         if forced == "serial":
             return "serial", 1
-        if forced == "batch":  # however little work each worker gets
-            workers = min(self.workers, batch)
-            return ("batch", workers) if workers > 1 else ("serial", 1)
+        if forced == "batch":
+            return self.batch_choice(steps, batch, min_flops_per_worker=0.0)
         if forced == "units":
             workers = max(self.workers, 2)
             blocker = unit_split_blocker(self.spec, workers)
@@ -469,24 +481,21 @@ class Scheduler:
             if blocker is not None:
                 raise ValueError(f"NUMRNN_SCHEDULE=directions cannot run {self.spec.kernel_name()}: {blocker}")
             return "directions", DIRECTION_WORKERS
-        if (forced == "auto" and self.splits_directions and self._directions_pay_at(batch)
-                and self.flops_per_row_step * steps * batch >= UNIT_SPLIT_MIN_FLOPS):
+        splits = forced == "auto" and self._flops(steps, batch) >= UNIT_SPLIT_MIN_FLOPS
+        if splits and self.splits_directions and self._directions_pay_at(batch):
             return "directions", DIRECTION_WORKERS
-        if (forced == "auto" and self.splits_units and self._units_pay_at(batch)
-                and self.flops_per_row_step * steps * batch >= UNIT_SPLIT_MIN_FLOPS):
-            return "units", self.workers
-        if forced == "auto" and self._small_batch_splits_units(steps, batch):
+        if splits and self.splits_units and self._units_pay_at(batch):
             return "units", self.workers
         return self.batch_choice(steps, batch)
 
     def _small_batch_splits_units(self, steps: int, batch: int) -> bool:
-        """A small batch (past the latency-sized rows) of a call neither too small for a split nor large enough to
-        pay for the batch split's hand-off."""
-        flops = self.flops_per_row_step * steps * batch
-        return (self.splits_small_batches and UNIT_SPLIT_MAX_ROWS < batch <= UNIT_SPLIT_MAX_SMALL_BATCH
+        """A small batch (past the latency-sized rows) of a call neither too small for a split nor, beyond
+        :data:`SMALL_BATCH_UNBOUNDED_ROWS` rows, large enough to pay for the batch split's hand-off."""
+        flops = self._flops(steps, batch)
+        return (self.splits_small_batches and UNIT_SPLIT_MAX_ROWS < batch <= SMALL_BATCH_MAX_ROWS
                 and self.workers == 2  # as measured: two workers, each worker's product the packed one
                 and batch <= packed_product_rows() and flops >= UNIT_SPLIT_MIN_FLOPS
-                and (flops <= UNIT_SPLIT_MAX_SMALL_BATCH_FLOPS or batch <= UNIT_SPLIT_ANY_SIZE_ROWS))
+                and (flops <= SMALL_BATCH_MAX_FLOPS or batch <= SMALL_BATCH_UNBOUNDED_ROWS))
 
     def _directions_pay_at(self, batch: int) -> bool:
         """Up to four rows; on as many workers as directions, as many rows as the packed product takes, where
@@ -503,12 +512,54 @@ class Scheduler:
         # Only where BLAS takes a batch worker's rows (see packed_product_rows); not measured below 9 rows.
         return self.workers * max(packed_product_rows(), 8) < batch <= UNIT_SPLIT_MAX_GEMM_ROWS
 
-    def batch_choice(self, steps: int, batch: int) -> tuple[str, int]:
-        """``("batch", workers)``, or ``("serial", 1)`` when a split would not pay."""
+    def batch_choice(self, steps: int, batch: int,
+                     min_flops_per_worker: float = MIN_FLOPS_PER_WORKER) -> tuple[str, int]:
+        """``("batch", workers)``, as many workers as get ``min_flops_per_worker`` each, or ``("serial", 1)``."""
         n = min(self.workers, batch)
-        if n > 1 and self.flops_per_row_step * steps * batch / n < MIN_FLOPS_PER_WORKER:
-            n = 1
+        if min_flops_per_worker > 0:
+            n = min(n, int(self._flops(steps, batch) // min_flops_per_worker))
         return ("batch", n) if n > 1 else ("serial", 1)
+
+
+#: Calls of a shape that start less than this after the last one ended find the unit split's partners still
+#: waiting for them (``numrnn.runtime.sync.PARTNER_WAIT_ROUNDS``: about 3.6 ms here).
+CLOSE_CALL_SECONDS = 0.002
+
+
+class CloseCallsChoice:
+    """A small batch's schedule: the unit split while its calls come close together, else the batch rule's.
+
+    After a split call the partners wait for the next one in compiled code
+    for a few milliseconds, then sleep. A call that finds them asleep wakes
+    them through their queues, and on a virtual machine the host may have
+    descheduled their idle CPU: with 10 ms between calls (the partners
+    asleep each time), medians, serial / batch / units: LSTM(64) B4 T20 126
+    / 408 / 1377 us, LSTM(128) B4 T20 375 / 708 / 1529 us, where back to
+    back the unit split was fastest (62 / 223 / 41 us). So a call that comes
+    :data:`CLOSE_CALL_SECONDS` or more after the shape's last one ended runs
+    the batch rule's schedule (usually serial at these sizes), and the next
+    call, if it follows close, splits. The one-row unit split has no such
+    guard (latency256 with 10 ms between calls: 4.1 ms split against 1.7 ms
+    serial; back to back, 0.7 against 1.4 ms).
+
+    The same interface as :class:`MeasuredChoice` (``pick``, ``record``),
+    every call timed.
+    """
+
+    def __init__(self, split: tuple[str, int], otherwise: tuple[str, int]):
+        self.split, self.otherwise = split, otherwise
+        self.options = (split, otherwise)
+        self._started = self._ended = -np.inf
+
+    def pick(self, now: float) -> tuple[tuple[str, int], bool]:
+        """The option this call runs, and True (time it: :meth:`record` says when it ended); ``now``: its start."""
+        close = now - self._ended < CLOSE_CALL_SECONDS
+        self._started = now
+        return (self.split if close else self.otherwise), True
+
+    def record(self, option: tuple[str, int], seconds: float) -> None:
+        """The call that :meth:`pick` started last took ``seconds``."""
+        self._ended = self._started + seconds
 
 
 class MeasuredChoice:
