@@ -199,11 +199,11 @@ class Kernel:
         if schedule in ("units", "directions"):
             split = self._split_kernels.get((schedule, workers))
             compiled = split is not None and split.compile_seconds is not None
-            # A child forked while another thread compiled cannot compile the split kernel: the batch rule instead.
-            if (compiled or not _FORKED_MID_COMPILE) and self._try_split(schedule, workers, x, cond, states, weights,
-                                                                         y):
+            runnable = compiled or not _FORKED_MID_COMPILE  # a child forked mid-compile cannot compile it
+            if runnable and self._try_split(schedule, workers, x, cond, states, weights, y):
                 return compiled
-            workers, as_scheduled = self._scheduler.batch_choice(x.shape[0], x.shape[1])[1], False  # or a split runs
+            # The split cannot compile here, or another split call holds the partners: the batch rule instead.
+            workers, as_scheduled = self._scheduler.batch_choice(x.shape[0], x.shape[1])[1], False
         if self.compile_seconds is None:
             self._first_call(x, cond, states, weights, y)
             return False

@@ -548,7 +548,6 @@ class CloseCallsChoice:
 
     def __init__(self, split: tuple[str, int], otherwise: tuple[str, int]):
         self.split, self.otherwise = split, otherwise
-        self.options = (split, otherwise)
         self._started = self._ended = -np.inf
 
     def pick(self, now: float) -> tuple[tuple[str, int], bool]:
