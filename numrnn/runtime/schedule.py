@@ -53,8 +53,8 @@ inside the kernel (:mod:`numrnn.runtime.partners`), not on the pool. Policy
   :data:`SMALL_BATCH_MAX_FLOPS` (of any size up to
   :data:`SMALL_BATCH_UNBOUNDED_ROWS` rows), where the batch split's hand-off
   costs more than the unit split's exchanges (on two workers, as measured,
-  and rows the packed product takes), as long as the calls come close
-  together (:class:`CloseCallsChoice`); one split call runs at a
+  and rows the packed product takes); at up to 32 rows, only while the
+  calls come close together (:class:`CloseCallsChoice`); one split call runs at a
   time (a concurrent one falls back, so the partners can never wait on each
   other);
 - one- or two-row float32 calls that the unit split could run, short of
@@ -442,7 +442,11 @@ class Scheduler:
     def _plan(self, steps: int, batch: int) -> tuple[str, int, MeasuredChoice | CloseCallsChoice | None]:
         forced = forced_schedule()
         schedule, workers = self._choose(steps, batch, forced)
-        if schedule not in ("serial", "batch") or forced != "auto":
+        if forced != "auto":
+            return schedule, workers, None
+        if schedule == "units" and batch <= UNIT_SPLIT_MAX_ROWS:
+            return schedule, workers, CloseCallsChoice((schedule, workers), self.batch_choice(steps, batch))
+        if schedule not in ("serial", "batch"):
             return schedule, workers, None
         if self._measures(steps, batch):
             return schedule, workers, MeasuredChoice(((schedule, workers), ("units", self.workers)))
@@ -538,9 +542,11 @@ class CloseCallsChoice:
     back the unit split was fastest (62 / 223 / 41 us). So a call that comes
     :data:`CLOSE_CALL_SECONDS` or more after the shape's last one ended runs
     the batch rule's schedule (usually serial at these sizes), and the next
-    call, if it follows close, splits. The one-row unit split has no such
-    guard (latency256 with 10 ms between calls: 4.1 ms split against 1.7 ms
-    serial; back to back, 0.7 against 1.4 ms).
+    call, if it follows close, splits. The same for one or two rows
+    (latency256 with 10 ms between calls: 4.1 ms split against 1.7 ms
+    serial; back to back, 0.7 against 1.4 ms). Not for the direction split,
+    which won even so (bidir_masked, 10 ms apart: 5.0 against 8.7 ms
+    serial), nor the GEMM-sized unit split's long calls.
 
     The same interface as :class:`MeasuredChoice` (``pick``, ``record``),
     every call timed.
