@@ -53,10 +53,10 @@ inside the kernel (:mod:`numrnn.runtime.partners`), not on the pool. Policy
   :data:`SMALL_BATCH_MAX_FLOPS` (of any size up to
   :data:`SMALL_BATCH_UNBOUNDED_ROWS` rows), where the batch split's hand-off
   costs more than the unit split's exchanges (on two workers, as measured,
-  and rows the packed product takes); at up to 32 rows, only while the
-  calls come close together (:class:`CloseCallsChoice`); one split call runs at a
-  time (a concurrent one falls back, so the partners can never wait on each
-  other);
+  and rows the packed product takes); these and the latency-sized split
+  only while their calls come close together (:class:`CloseCallsChoice`);
+  one split call runs at a time (a concurrent one falls back, so the
+  partners can never wait on each other);
 - one- or two-row float32 calls that the unit split could run, short of
   those thresholds but with a recurrent matrix of at least
   :data:`MEASURED_MIN_WEIGHT_BYTES` and :data:`MEASURED_MIN_FLOPS` a call,
