@@ -198,8 +198,10 @@ def test_auto_policy_splits_the_units_of_small_batches_up_to_a_few_hundred_mflop
     assert schedule.choose(lstm128, 100, 8) == ("units", 2)  # 210 MFLOP
     assert schedule.choose(lstm128, 300, 8) == ("batch", 2)  # 629 MFLOP: worth the pool's hand-off
     assert schedule.choose(lstm128, 1000, 4) == ("units", 2)  # 1 GFLOP, but four rows
-    assert schedule.choose(lstm128, 20, 32) == ("units", 2)
-    assert schedule.choose(lstm128, 20, 33) == ("batch", 2)  # not measured past 32 rows
+    assert schedule.choose(lstm128, 20, 32) == ("units", 2)  # 168 MFLOP
+    assert schedule.choose(lstm128, 20, 33) == ("batch", 2)  # 173 MFLOP: past 100 from 33 rows
+    assert schedule.choose(lstm64, 20, 64) == ("units", 2)  # 84 MFLOP
+    assert schedule.choose(lstm64, 20, 65) == ("batch", 2)  # not measured past 64 rows
     assert schedule.choose(simple_stack([CellSpec("lstm", 32)], 32), 20, 16) == ("units", 2)  # 16 KiB
     tiny_units = simple_stack([CellSpec("gru", 16)], 16)  # 8 units a worker: the exchange costs more
     assert schedule.choose(tiny_units, 300, 32) == ("serial", 1)  # 14 MFLOP: the batch split's hand-off too

@@ -51,7 +51,9 @@ inside the kernel (:mod:`numrnn.runtime.partners`), not on the pool. Policy
   :data:`SMALL_BATCH_MAX_ROWS` rows, a recurrent matrix of at least
   :data:`SMALL_BATCH_MIN_WEIGHT_BYTES`) of a call of up to
   :data:`SMALL_BATCH_MAX_FLOPS` (of any size up to
-  :data:`SMALL_BATCH_UNBOUNDED_ROWS` rows), where the batch split's hand-off
+  :data:`SMALL_BATCH_UNBOUNDED_ROWS` rows, of up to
+  :data:`SMALL_BATCH_WIDE_MAX_FLOPS` from :data:`SMALL_BATCH_WIDE_ROWS`
+  rows), where the batch split's hand-off
   costs more than the unit split's exchanges (on two workers, as measured,
   and rows the packed product takes); these and the latency-sized split
   only while their calls come close together (:class:`CloseCallsChoice`);
@@ -295,7 +297,14 @@ UNIT_SPLIT_MAX_ROWS = 2
 #: SMALL_BATCH_MAX_FLOPS a call, where its partners, waiting in compiled code, start at once
 #: and the batch split's hand-off to the pool would cost 150-200 us (MIN_FLOPS_PER_WORKER); while the
 #: calls come close together (CloseCallsChoice).
-SMALL_BATCH_MAX_ROWS = 32
+SMALL_BATCH_MAX_ROWS = 64
+#: From this many rows up to SMALL_BATCH_MAX_ROWS, the unit split only up to SMALL_BATCH_WIDE_MAX_FLOPS a call:
+#: at 48 and 64 rows (LSTM and GRU of 32-256 units, T 20-100, units / batch, medians in one process) it won
+#: up to about 100 MFLOP (LSTM(32) B64 T20 218 / 466 us, serial 305; LSTM(64) B48 T20 429 / 626; GRU(64)
+#: B64 T50 1118 / 1300) and lost beyond about 150 (LSTM(64) B48 T50, 157 MFLOP: 1511 / 1254; LSTM(128) B64
+#: T50 5125 / 5095; GRU(256) B64 T20 5813 / 5495).
+SMALL_BATCH_WIDE_ROWS = 33
+SMALL_BATCH_WIDE_MAX_FLOPS = 100e6
 #: Up to this many FLOPs a call, a small batch's unit split beat the batch split: units / batch, LSTM and
 #: GRU of 64-256 units on as many inputs, B 4-32, T 10-300, medians in one process: 0.25-0.94 up to 200
 #: MFLOP (one 1.02), 0.80-1.04 from 300 to 700, 0.95-1.12 beyond (lengths: LSTM(128) B8 T100 1193 / 1613
@@ -499,7 +508,8 @@ class Scheduler:
         return (self.splits_small_batches and UNIT_SPLIT_MAX_ROWS < batch <= SMALL_BATCH_MAX_ROWS
                 and self.workers == 2  # as measured: two workers, each worker's product the packed one
                 and batch <= packed_product_rows() and flops >= UNIT_SPLIT_MIN_FLOPS
-                and (flops <= SMALL_BATCH_MAX_FLOPS or batch <= SMALL_BATCH_UNBOUNDED_ROWS))
+                and (flops <= SMALL_BATCH_MAX_FLOPS or batch <= SMALL_BATCH_UNBOUNDED_ROWS)
+                and (flops <= SMALL_BATCH_WIDE_MAX_FLOPS or batch < SMALL_BATCH_WIDE_ROWS))
 
     def _directions_pay_at(self, batch: int) -> bool:
         """Up to four rows; on as many workers as directions, as many rows as the packed product takes, where
