@@ -47,13 +47,11 @@ inside the kernel (:mod:`numrnn.runtime.partners`), not on the pool. Policy
   or GEMM-sized: every batch worker would get more rows than the packed
   product takes (so it would run a BLAS GEMM per step anyway), ``B <=``
   :data:`UNIT_SPLIT_MAX_GEMM_ROWS` and a recurrent matrix of at least
-  :data:`UNIT_SPLIT_MIN_GEMM_WEIGHT_BYTES`; or a small batch (up to
-  :data:`SMALL_BATCH_MAX_ROWS` rows, a recurrent matrix of at least
+  :data:`UNIT_SPLIT_MIN_GEMM_WEIGHT_BYTES`; or a small batch (up to 64
+  rows, a recurrent matrix of at least
   :data:`SMALL_BATCH_MIN_WEIGHT_BYTES`) of a call of up to
-  :data:`SMALL_BATCH_MAX_FLOPS` (of any size up to
-  :data:`SMALL_BATCH_UNBOUNDED_ROWS` rows, of up to
-  :data:`SMALL_BATCH_WIDE_MAX_FLOPS` from :data:`SMALL_BATCH_WIDE_ROWS`
-  rows), where the batch split's hand-off
+  :data:`SMALL_BATCH_MAX_FLOPS` by its rows (any size up to 4 rows, 600
+  MFLOP up to 32, 100 MFLOP up to 64), where the batch split's hand-off
   costs more than the unit split's exchanges (on two workers, as measured,
   and rows the packed product takes); these and the latency-sized split
   only while their calls come close together (:class:`CloseCallsChoice`);
@@ -178,6 +176,7 @@ import glob
 import importlib.abc
 import importlib.machinery
 import importlib.util
+import math
 import os
 import sys
 import threading
@@ -293,27 +292,22 @@ def worker_rows(batch: int, workers: int, steps_per_row: np.ndarray | None = Non
 #: Largest latency-sized batch: from UNIT_SPLIT_MIN_FLOPS a call and a UNIT_SPLIT_MIN_WEIGHT_BYTES matrix it runs
 #: the unit split however large the call (more rows: the small-batch rule below).
 UNIT_SPLIT_MAX_ROWS = 2
-#: Small batches (more than UNIT_SPLIT_MAX_ROWS rows, up to this many) run the unit split up to
-#: SMALL_BATCH_MAX_FLOPS a call, where its partners, waiting in compiled code, start at once
-#: and the batch split's hand-off to the pool would cost 150-200 us (MIN_FLOPS_PER_WORKER); while the
-#: calls come close together (CloseCallsChoice).
-SMALL_BATCH_MAX_ROWS = 64
-#: From this many rows up to SMALL_BATCH_MAX_ROWS, the unit split only up to SMALL_BATCH_WIDE_MAX_FLOPS a call:
-#: at 48 and 64 rows (LSTM and GRU of 32-256 units, T 20-100, units / batch, medians in one process) it won
-#: up to about 100 MFLOP (LSTM(32) B64 T20 218 / 466 us, serial 305; LSTM(64) B48 T20 429 / 626; GRU(64)
-#: B64 T50 1118 / 1300) and lost beyond about 150 (LSTM(64) B48 T50, 157 MFLOP: 1511 / 1254; LSTM(128) B64
-#: T50 5125 / 5095; GRU(256) B64 T20 5813 / 5495).
-SMALL_BATCH_WIDE_ROWS = 33
-SMALL_BATCH_WIDE_MAX_FLOPS = 100e6
-#: Up to this many FLOPs a call, a small batch's unit split beat the batch split: units / batch, LSTM and
-#: GRU of 64-256 units on as many inputs, B 4-32, T 10-300, medians in one process: 0.25-0.94 up to 200
-#: MFLOP (one 1.02), 0.80-1.04 from 300 to 700, 0.95-1.12 beyond (lengths: LSTM(128) B8 T100 1193 / 1613
-#: us, LSTM(256) B8 T50 1889 / 2775). The batch split needs no exchange a step; at a few milliseconds a
-#: call that is worth more than its hand-off.
-SMALL_BATCH_MAX_FLOPS = 600e6
-#: Up to this many rows the small batch's unit split won at every size measured: units / batch, B4 T300,
-#: LSTM(256) 0.91 (1.3 GFLOP), GRU(256) 0.94, LSTM(512) 0.95 (5 GFLOP); at B8 T300, 0.89-1.12.
-SMALL_BATCH_UNBOUNDED_ROWS = 4
+#: Small batches (more than UNIT_SPLIT_MAX_ROWS rows) run the unit split up to a number of FLOPs a call that
+#: depends on their rows, ``(most rows, most FLOPs)`` from the fewest rows up; no band, no split. Below it the
+#: partners, waiting in compiled code, start at once, where the batch split's hand-off to the pool would cost
+#: 150-200 us (MIN_FLOPS_PER_WORKER); only while the calls come close together (CloseCallsChoice).
+#: Units / batch, medians in one process:
+#: - up to 4 rows it won at every size measured (B4 T300: LSTM(256) 0.91 at 1.3 GFLOP, GRU(256) 0.94,
+#:   LSTM(512) 0.95 at 5 GFLOP; at B8 T300, 0.89-1.12);
+#: - up to 32 (LSTM and GRU of 64-256 units on as many inputs, B 4-32, T 10-300): 0.25-0.94 up to 200
+#:   MFLOP (one 1.02), 0.80-1.04 from 300 to 700, 0.95-1.12 beyond (lengths: LSTM(128) B8 T100 1193 / 1613
+#:   us, LSTM(256) B8 T50 1889 / 2775); the batch split needs no exchange a step, and at a few
+#:   milliseconds a call that is worth more than its hand-off;
+#: - at 48 and 64 rows (LSTM and GRU of 32-256 units, T 20-100) it won up to about 100 MFLOP (LSTM(32)
+#:   B64 T20 218 / 466 us, serial 305; LSTM(64) B48 T20 429 / 626; GRU(64) B64 T50 1118 / 1300) and lost
+#:   beyond about 150 (LSTM(64) B48 T50, 157 MFLOP: 1511 / 1254; LSTM(128) B64 T50 5125 / 5095; GRU(256)
+#:   B64 T20 5813 / 5495).
+SMALL_BATCH_MAX_FLOPS = ((4, math.inf), (32, 600e6), (64, 100e6))
 #: The smallest recurrent matrix whose small batches split their units: LSTM(32)'s (16 KiB, 16 units a
 #: worker) won from UNIT_SPLIT_MIN_FLOPS (B8-B32, T20-T100: 0.67-0.87 of the best other schedule's time);
 #: LSTM(16) and GRU(16) lost at every size (8 units a worker), GRU(32) (12 KiB) broke even.
@@ -502,14 +496,13 @@ class Scheduler:
         return self.batch_choice(steps, batch)
 
     def _small_batch_splits_units(self, steps: int, batch: int) -> bool:
-        """A small batch (past the latency-sized rows) of a call neither too small for a split nor, beyond
-        :data:`SMALL_BATCH_UNBOUNDED_ROWS` rows, large enough to pay for the batch split's hand-off."""
-        flops = self._flops(steps, batch)
-        return (self.splits_small_batches and UNIT_SPLIT_MAX_ROWS < batch <= SMALL_BATCH_MAX_ROWS
+        """A small batch (past the latency-sized rows) of a call neither too small for a split nor large enough
+        to pay for the batch split's hand-off (:data:`SMALL_BATCH_MAX_FLOPS`)."""
+        most = next((flops for rows, flops in SMALL_BATCH_MAX_FLOPS if batch <= rows), 0.0)
+        return (self.splits_small_batches and batch > UNIT_SPLIT_MAX_ROWS
                 and self.workers == 2  # as measured: two workers, each worker's product the packed one
-                and batch <= packed_product_rows() and flops >= UNIT_SPLIT_MIN_FLOPS
-                and (flops <= SMALL_BATCH_MAX_FLOPS or batch <= SMALL_BATCH_UNBOUNDED_ROWS)
-                and (flops <= SMALL_BATCH_WIDE_MAX_FLOPS or batch < SMALL_BATCH_WIDE_ROWS))
+                and batch <= packed_product_rows()
+                and UNIT_SPLIT_MIN_FLOPS <= self._flops(steps, batch) <= most)
 
     def _directions_pay_at(self, batch: int) -> bool:
         """Up to four rows; on as many workers as directions, as many rows as the packed product takes, where
