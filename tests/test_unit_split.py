@@ -36,6 +36,7 @@ from test_grid import (
 from codegen.cells import packed_names, split_packed
 from codegen.spec import BlockSpec, CellSpec, DirectionSpec, StackSpec, simple_stack
 from numrnn.runtime import get_kernel, kernels, pack_weights, schedule, sync
+from numrnn.runtime.partners import Partners
 
 LSTM_OPTIONS = CellSpec("lstm", 6, peephole=True, cell_clip=0.8, forget_bias=1.0)
 
@@ -78,6 +79,30 @@ def test_one_split_kernel_serves_calls_of_changing_length_and_rows(monkeypatch):
         assert_matches_reference(spec, got, got_states, expected, expected_states)
     assert get_kernel(dataclasses.replace(spec, unit_split=2)).compile_seconds is not None  # it really ran split
 
+
+
+def test_a_split_kernel_follows_the_weights_it_is_given(monkeypatch):
+    # The split kernel cuts each set of packed weights into the workers' slices once, and remembers the
+    # set it used last: calls that alternate sets, or a list whose arrays were replaced in place, must each
+    # run on the weights they pass.
+    spec = CASES["stack_carry"]
+    monkeypatch.setenv("NUMRNN_SCHEDULE", "units")
+    rng = np.random.default_rng(8)
+    sets = [_weights(spec, rng) for _ in range(2)]
+    packed = [pack_weights(spec, weights) for weights in sets]
+    kernel = get_kernel(spec)
+    x = rng.standard_normal((5, 1, D)).astype(spec.dtype)
+    mask = np.ones((5, 1), bool)
+    initial = [tuple(np.zeros((1, n), spec.dtype) for n in c.state_sizes) for c in spec.cells]
+    for weights, packed_list in [(sets[0], packed[0]), (sets[1], packed[1]), (sets[0], packed[0]),
+                                 (sets[0], packed[0])]:
+        expected, _ = run_stack(spec, weights, x, mask=mask, initial_states=initial)
+        states = [np.array(s) for cell_states in initial for s in cell_states]
+        np.testing.assert_allclose(kernel(x, mask, states, packed_list), expected, rtol=0, atol=1e-5)
+    packed[0][:] = packed[1]  # the same list, every array replaced
+    expected, _ = run_stack(spec, sets[1], x, mask=mask, initial_states=initial)
+    states = [np.array(s) for cell_states in initial for s in cell_states]
+    np.testing.assert_allclose(kernel(x, mask, states, packed[0]), expected, rtol=0, atol=1e-5)
 
 THREE_WORKERS = """
 import os, sys
@@ -386,15 +411,20 @@ def _measured_kernel(monkeypatch, batch: int):
     return kernel
 
 
+def _split_calls(monkeypatch) -> list:
+    """The split kernels' functions that the partners ran, one per split call from now on (however it got there)."""
+    calls, run = [], Partners.run
+    monkeypatch.setattr(Partners, "run", lambda team, function, *a: calls.append(function) or run(team, function, *a))
+    return calls
+
+
 @pytest.mark.parametrize("batch", [1, 2])
 def test_measured_calls_run_both_schedules_with_the_same_results(batch, monkeypatch):
     # A measured shape runs the static choice and the unit split call by call: the results must not
     # depend on which ran (every output sums its terms in the same order on both), bit for bit.
     kernel = _measured_kernel(monkeypatch, batch)
     assert kernel._scheduler.plan(24, batch)[2] is not None
-    splits = []
-    run_split = type(kernel)._run_split
-    monkeypatch.setattr(type(kernel), "_run_split", lambda k, *a: splits.append(k) or run_split(k, *a))
+    splits = _split_calls(monkeypatch)
     rng = np.random.default_rng(11)
     weights = fan_in_weights(MEASURED, rng)
     x = rng.standard_normal((24, batch, MEASURED.input_size)).astype(np.float32)
@@ -473,9 +503,7 @@ def test_a_small_batch_splits_its_units_when_its_calls_come_close(batch, monkeyp
     initial = [tuple(rng.standard_normal((batch, n)).astype(np.float32) for n in c.state_sizes)
                for c in SMALL_BATCH.cells]
     assert isinstance(kernel._scheduler.plan(30, batch)[2], schedule.CloseCallsChoice)
-    splits = []
-    run_split = type(kernel)._run_split
-    monkeypatch.setattr(type(kernel), "_run_split", lambda k, *a: splits.append(k) or run_split(k, *a))
+    splits = _split_calls(monkeypatch)
     expected, expected_states = run_stack(SMALL_BATCH, weights, x, lengths=lengths, initial_states=initial)
     for call in range(3):
         got, got_states = _run_kernel(SMALL_BATCH, weights, x, None, lengths, initial)
