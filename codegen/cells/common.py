@@ -13,7 +13,7 @@ import os
 import platform
 import sys
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from codegen.emit import Emitter
 from codegen.spec import CellSpec
@@ -471,6 +471,9 @@ class LayerContext:
     the worker's own slice of the new one.
     ``fused_projection``: the layer may project its input as it goes, in the
     step's product (:func:`emit_fused_product`).
+    ``defer_output``: the step leaves the outputs to :func:`emit_output_pass`,
+    which the layer emits where it chooses (the unit split: after sending
+    the step's ``h``).
     """
 
     cell: CellSpec
@@ -481,6 +484,7 @@ class LayerContext:
     dtype: str = "float64"
     recurrent_input: str = "h"
     fused_projection: bool = False
+    defer_output: bool = False
 
     @property
     def units(self) -> int:
@@ -542,7 +546,8 @@ def row_loop(em: Emitter, ctx: LayerContext, *, final: bool):
     """Emit ``for b in range(B):`` with the row's time index and its masking.
 
     In the ``final`` phase a masked row writes its masked output (the carried
-    previous one, or zeros) before skipping; in earlier phases it just skips.
+    previous one, or zeros) before skipping, unless the layer defers its
+    outputs; in earlier phases it just skips.
     """
     with em.block("for b in range(B):"):
         if ctx.reverse == "valid":
@@ -550,7 +555,7 @@ def row_loop(em: Emitter, ctx: LayerContext, *, final: bool):
         condition = ctx.masked_condition()
         if condition is not None:
             with em.block(f"if {condition}:"):
-                if final:
+                if final and not ctx.defer_output:
                     _emit_masked_output(em, ctx)
                 em("continue")
         yield
@@ -564,9 +569,18 @@ def _emit_masked_output(em: Emitter, ctx: LayerContext) -> None:
 
 
 def emit_store_output(em: Emitter, ctx: LayerContext) -> None:
-    """Write row ``b``'s new ``h`` to the output (and to the carried output)."""
+    """Write row ``b``'s new ``h`` to the output (and to the carried output), unless the layer defers its outputs."""
+    if ctx.defer_output:
+        return
     pos, off, w = ctx.out_position(masked=False), ctx.out_offset, ctx.width
     with em.block(f"for j in range({w}):"):
         em(f"out[{pos}, b, {off} + j] = h[b, j]")
         if ctx.carries_output:
             em("op[b, j] = h[b, j]")
+
+
+def emit_output_pass(em: Emitter, ctx: LayerContext) -> None:
+    """The outputs of a step whose layer defers them (``ctx.defer_output``): each row's, as its step would write it."""
+    ctx = replace(ctx, defer_output=False)
+    with row_loop(em, ctx, final=True):
+        emit_store_output(em, ctx)
