@@ -80,7 +80,6 @@ def test_one_split_kernel_serves_calls_of_changing_length_and_rows(monkeypatch):
     assert get_kernel(dataclasses.replace(spec, unit_split=2)).compile_seconds is not None  # it really ran split
 
 
-
 def test_a_split_kernel_follows_the_weights_it_is_given(monkeypatch):
     # The split kernel cuts each set of packed weights into the workers' slices once, and remembers the
     # set it used last: calls that alternate sets, or a list whose arrays were replaced in place, must each
@@ -103,6 +102,7 @@ def test_a_split_kernel_follows_the_weights_it_is_given(monkeypatch):
     expected, _ = run_stack(spec, sets[1], x, mask=mask, initial_states=initial)
     states = [np.array(s) for cell_states in initial for s in cell_states]
     np.testing.assert_allclose(kernel(x, mask, states, packed[0]), expected, rtol=0, atol=1e-5)
+
 
 THREE_WORKERS = """
 import os, sys

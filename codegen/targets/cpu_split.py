@@ -20,9 +20,10 @@ at the last step, before it sends that one: once a layer's last exchange
 is done every worker's outputs of the layer can be read. Written before
 the send, they held the others up: where a row of the output starts off a
 cache line, the workers' columns share the line at their boundary, and a
-store to it waited for the other core's copy ahead of the stamps (tiny64,
-hand-edited kernels, 50 steps: 27.2 against 25.8 us a call; on an output
-that starts on a line, 26.3 against 25.4). The barrier
+store to it waited for the other core's copy ahead of the stamps (tiny64's
+split kernel, this order against the other, calls by turns in one process:
+26.4 against 27.8 us; on an output that starts on a line, 25.9 against
+26.6). The barrier
 (``numrnn.runtime.sync.barrier``) is left for the merge of a
 bidirectional block, whose merged columns the next block reads.
 
