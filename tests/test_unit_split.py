@@ -363,6 +363,8 @@ def test_measured_choice_times_each_option_then_runs_the_faster_and_times_both_a
             choice.record(option, seconds[option])
         return option, timed
 
+    assert call() == (serial, True)  # no call before it: the static option, timed to learn when it ends
+    assert choice.typical() == {}  # and not counted
     first_round = [call() for _ in range(2 * (samples + 1))]
     assert first_round == [(serial, False)] + [(serial, True)] * samples + [(units, False)] + [(units, True)] * samples
     assert choice.typical() == {serial: 3.0, units: 2.0}
@@ -396,6 +398,34 @@ def test_measured_choice_times_each_option_then_runs_the_faster_and_times_both_a
     assert choice.best == units
 
 
+def test_measured_choice_runs_the_static_option_for_calls_after_a_pause():
+    # The partners sleep a few milliseconds after a split call: a call that comes CLOSE_CALL_SECONDS or
+    # more after the last one ended takes the static option, outside the rounds, timed but not counted.
+    serial, units = ("serial", 1), ("units", 2)
+    choice = schedule.MeasuredChoice((serial, units))
+    clock, seconds = 0.0, {serial: 2e-4, units: 1e-4}
+
+    def call(pause=0.0, timing=True):
+        nonlocal clock
+        clock += pause
+        option, timed = choice.pick(clock)
+        if timed and timing:
+            choice.record(option, seconds[option])
+        clock += seconds[option]
+        return option, timed
+
+    assert call() == (serial, True)
+    assert [call()[0] for _ in range(2 * (choice.SAMPLES + 1))] == [serial] * 4 + [units] * 4  # the first round
+    assert choice.best == units and call() == (units, False)
+    typical = choice.typical()
+    pause = schedule.CLOSE_CALL_SECONDS
+    assert call(pause) == (serial, True) and call() == (units, False)  # after a pause, then close again
+    assert call(pause - 1e-4) == (units, False)  # still close: the last call's end counts, not its start
+    assert call(pause, timing=False) == (serial, True)  # a call that did not run as picked (no record) ...
+    assert call(pause - seconds[serial]) == (units, False)  # ... is taken to end after its option's typical time
+    assert choice.typical() == typical  # none of these counted
+
+
 #: A stack in the measured zone on its own: 64 and 110 KiB recurrent matrices, 32 and 48 units a worker.
 MEASURED = simple_stack([CellSpec("lstm", 64), CellSpec("gru", 96)], 32, masking="carry")
 
@@ -408,6 +438,7 @@ def _measured_kernel(monkeypatch, batch: int):
     monkeypatch.setattr(schedule, "cores", lambda: 2)
     kernel = get_kernel(MEASURED)
     monkeypatch.setattr(kernel, "_scheduler", schedule.Scheduler(MEASURED))
+    monkeypatch.setattr(schedule, "CLOSE_CALL_SECONDS", 60.0)  # the calls come close, whatever packing them takes
     return kernel
 
 
