@@ -534,7 +534,29 @@ class Scheduler:
 CLOSE_CALL_SECONDS = 0.002
 
 
-class CloseCallsChoice:
+class _CallGaps:
+    """When a shape's last call ended (or should have), to tell a call that comes close after it
+    (:data:`CLOSE_CALL_SECONDS`) from one after a pause."""
+
+    def __init__(self):
+        self._started = self._ends_at = -np.inf
+
+    def _close(self, now: float) -> bool:
+        return now - self._ends_at < CLOSE_CALL_SECONDS
+
+    def _start(self, now: float, expected_seconds: float | None = None) -> None:
+        """A call starts at ``now``; until :meth:`_end` says, it is taken to last ``expected_seconds``, if given
+        (else the last call's end stands)."""
+        self._started = now
+        if expected_seconds is not None:
+            self._ends_at = now + expected_seconds
+
+    def _end(self, seconds: float) -> None:
+        """The call started last took ``seconds``."""
+        self._ends_at = self._started + seconds
+
+
+class CloseCallsChoice(_CallGaps):
     """A small batch's schedule: the unit split while its calls come close together, else the batch rule's.
 
     After a split call the partners wait for the next one in compiled code
@@ -557,21 +579,21 @@ class CloseCallsChoice:
     """
 
     def __init__(self, split: tuple[str, int], otherwise: tuple[str, int]):
+        super().__init__()
         self.split, self.otherwise = split, otherwise
-        self._started = self._ended = -np.inf
 
     def pick(self, now: float) -> tuple[tuple[str, int], bool]:
         """The option this call runs, and True (time it: :meth:`record` says when it ended); ``now``: its start."""
-        close = now - self._ended < CLOSE_CALL_SECONDS
-        self._started = now
+        close = self._close(now)
+        self._start(now)
         return (self.split if close else self.otherwise), True
 
     def record(self, option: tuple[str, int], seconds: float) -> None:
         """The call that :meth:`pick` started last took ``seconds``."""
-        self._ended = self._started + seconds
+        self._end(seconds)
 
 
-class MeasuredChoice:
+class MeasuredChoice(_CallGaps):
     """One call shape's schedule picked by timing its calls: whichever option ran them faster lately.
 
     For calls of one or two rows at the edge of the unit split's gain (the
@@ -605,9 +627,10 @@ class MeasuredChoice:
     A call that comes :data:`CLOSE_CALL_SECONDS` or more after the shape's
     last one ended runs the static rule's option, outside the rounds, as
     :class:`CloseCallsChoice` does: the partners it would find asleep. With
-    10 ms between tiny64's calls, after 20 back to back, the unit split ran
-    them in 2.9 ms (medians of 150) and serial in 0.14-0.19 ms, and the
-    rounds took about 50 such calls to learn it (their median 2.8 ms). Such
+    10 ms between tiny64's calls, after 20 back to back, the unit split
+    (forced) ran them in 2.9-3.2 ms and serial in 0.14-0.19 ms (medians of
+    the first 50 and the last 100 of 150), and the rounds took about 50 such
+    calls to learn it (their median 2.8 ms). Such
     a call is timed to learn when it ends, not counted; an untimed call is
     taken to end after its option's typical time.
 
@@ -622,6 +645,7 @@ class MeasuredChoice:
     ROUND_CALLS = 32
 
     def __init__(self, options: tuple[tuple[str, int], ...]):
+        super().__init__()
         self.options = options
         self.best = options[0]
         self._times: dict[tuple[str, int], list[float]] = {option: [] for option in options}
@@ -629,18 +653,17 @@ class MeasuredChoice:
         self._round = self._round_of(options, self.SAMPLES)  # the calls left of the current round
         self._round_at = 0.0  # when the last round's last call started
         self._since = 0  # calls of the best since then
-        self._started = self._ends_at = -np.inf  # when the last call started, and ended (or should have)
         self._last_seconds = 0.0  # the last timed call's
         self._counted = True  # whether the last call's time is a sample (not that of a call after a pause)
 
     def pick(self, now: float) -> tuple[tuple[str, int], bool]:
         """The option this call runs, and whether to time it (:meth:`record`); ``now``: its start."""
-        if now - self._ends_at >= CLOSE_CALL_SECONDS:
-            option, timed, self._counted = self.options[0], True, False
-        else:
+        if self._close(now):
             option, timed = self._next_call(now)
             self._counted = timed
-        self._started, self._ends_at = now, now + self._typical.get(option, self._last_seconds)
+        else:
+            option, timed, self._counted = self.options[0], True, False
+        self._start(now, self._typical.get(option, self._last_seconds))
         return option, timed
 
     def _next_call(self, now: float) -> tuple[tuple[str, int], bool]:
@@ -674,7 +697,8 @@ class MeasuredChoice:
 
     def record(self, option: tuple[str, int], seconds: float) -> None:
         """The timed call that :meth:`pick` started last, of ``option``, took ``seconds``."""
-        self._ends_at, self._last_seconds = self._started + seconds, seconds
+        self._end(seconds)
+        self._last_seconds = seconds
         if not self._counted:
             return
         times = self._times[option]
