@@ -276,11 +276,7 @@ class Kernel:
                 self._run_split(x, cond, states, weights, y)
                 return True
             lead = (x, *cond, *states, *self._worker_weights(weights), y, self._small, *shape[2])
-            if shape[3]:
-                with single_threaded_blas():
-                    team.run(self.function, lead, self.spec.unit_split)
-            else:
-                team.run(self.function, lead, self.spec.unit_split)
+            self._run_lead(team, lead, self.spec.unit_split, shape[3])
         finally:
             _SPLIT_LOCK.release()
         return True
@@ -310,18 +306,22 @@ class Kernel:
         if start is not None:
             _check_can_compile()
             self._compile_for(lead)
-        if self._calls_blas(T, B):
-            # Single-threaded BLAS before any worker starts: a partner's input projection on two OpenBLAS
-            # threads would spin against the workers' waits (latency256 took 8-10 ms instead of 1.9 in about one
-            # process of three when a pool worker could start before the block was entered).
-            with single_threaded_blas():
-                team.run(self.function, lead, n)
-        else:
-            team.run(self.function, lead, n)
+        self._run_lead(team, lead, n, self._calls_blas(T, B))
         if start is not None:
             self.compile_seconds = time.perf_counter() - start
             log.debug("first call of %s took %.2f s (compile or cache load, and one run)", self.spec.kernel_name(),
                       self.compile_seconds)
+
+    def _run_lead(self, team, lead: tuple, workers: int, calls_blas: bool) -> None:
+        """``team.run`` of the call whose lead's arguments are ``lead``; with single-threaded BLAS, entered before
+        any worker starts, if the call calls BLAS: a partner's input projection on two OpenBLAS threads would
+        spin against the workers' waits (latency256 took 8-10 ms instead of 1.9 in about one process of three
+        when a pool worker could start before the block was entered)."""
+        if calls_blas:
+            with single_threaded_blas():
+                team.run(self.function, lead, workers)
+        else:
+            team.run(self.function, lead, workers)
 
     def _check_panels(self, weights: list[np.ndarray]) -> None:
         """Raise unless every panel weight is as wide as this process packs them (``emit_panel_checks``).
