@@ -12,6 +12,7 @@ import time
 from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -227,9 +228,8 @@ class Kernel:
         self._last_slices: tuple[list, list[list[np.ndarray]]] | None = None  # the entry of _slices used last
         self._workspaces = WorkspacePool()
         self._thread_local = threading.local()  # short calls' workspaces
-        #: Split kernels, by call shape: the partners, the shared buffers, the lead's arguments' tail and whether
-        #: the call calls BLAS (``_calls_blas``).
-        self._shared: dict[tuple[int, int, int], tuple[object, tuple[np.ndarray, ...], tuple, bool]] = {}
+        #: Split kernels, by call shape ``(T, T_out, B)``: what its calls pass the same (:meth:`_lead_tail`).
+        self._shared: dict[tuple[int, int, int], _ShapeArguments] = {}
         self._streaming_size = (self.workspace_size(STREAMING_MAX_STEPS, STREAMING_MAX_STEPS, 1)
                                 if self.workspace_size is not None else 0)
         names = [f"cell {k} {name}" for k, cell in enumerate(self.spec.cells) for name in packed_names(cell)]
@@ -270,13 +270,13 @@ class Kernel:
             return False
         try:
             T, B = x.shape[0], x.shape[1]
-            shape = self._shared.get((T, y.shape[0], B))
+            kept = self._shared.get((T, y.shape[0], B))
             team = _partners()
-            if shape is None or shape[0] is not team or self.spec.unit_split < 2:
+            if kept is None or kept.team is not team or self.spec.unit_split < 2:
                 self._run_split(x, cond, states, weights, y)
                 return True
-            lead = (x, *cond, *states, *self._worker_weights(weights), y, self._small, *shape[2])
-            self._run_lead(team, lead, self.spec.unit_split, shape[3])
+            lead = (x, *cond, *states, *self._worker_weights(weights), y, self._small, *kept.tail)
+            self._run_lead(team, lead, self.spec.unit_split, kept.calls_blas)
         finally:
             _SPLIT_LOCK.release()
         return True
@@ -352,14 +352,14 @@ class Kernel:
         """
         key = (T, T_out, B)
         kept = self._shared.get(key)
-        if kept is not None and kept[0] is team:  # a forked child's team is another
-            return kept[2]
+        if kept is not None and kept.team is team:  # a forked child's team is another
+            return kept.tail
         if kept is None:
-            for large in [k for k, entry in self._shared.items() if _elements(entry[1]) > SMALL_WORKSPACE]:
+            for large in [k for k, entry in self._shared.items() if _elements(entry.buffers) > SMALL_WORKSPACE]:
                 del self._shared[large]
-        buffers = self.shared_buffers(T, T_out, B) if kept is None else kept[1]
+        buffers = self.shared_buffers(T, T_out, B) if kept is None else kept.buffers
         tail = team.lead_tail(buffers)
-        _keep(self._shared, key, (team, buffers, tail, self._calls_blas(T, B)), _SHARED_CACHE_SIZE)
+        _keep(self._shared, key, _ShapeArguments(team, buffers, tail, self._calls_blas(T, B)), _SHARED_CACHE_SIZE)
         return tail
 
     def _worker_weights(self, weights: list[np.ndarray]) -> list[np.ndarray]:
@@ -526,6 +526,16 @@ def _steps_per_row(cond: list[np.ndarray], steps: int) -> np.ndarray | None:
         return None
     condition = cond[0]
     return condition.sum(axis=0) if condition.ndim == 2 else np.clip(condition, 0, steps)
+
+
+class _ShapeArguments(NamedTuple):
+    """What a split kernel's calls of one shape pass the same: the partners, the generated ``shared_buffers``,
+    the lead's arguments' tail (``Partners.lead_tail``), and whether the call calls BLAS (``Kernel._calls_blas``)."""
+
+    team: object
+    buffers: tuple[np.ndarray, ...]
+    tail: tuple
+    calls_blas: bool
 
 
 def _elements(buffers: tuple[np.ndarray, ...]) -> int:
