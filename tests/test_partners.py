@@ -25,7 +25,7 @@ from test_grid import _inputs, _run_kernel, _weights, assert_matches_reference
 from test_unit_split import CASES as UNIT_CASES
 
 from codegen.targets.cpu_split import partner_tag
-from numrnn.runtime import sync
+from numrnn.runtime import get_kernel, pack_weights, sync
 from numrnn.runtime.partners import Partners, partners
 
 TAG = 12345
@@ -153,6 +153,51 @@ def test_when_the_lead_and_a_partner_fail_the_call_raises_the_leads_error_and_th
     team.run(lambda *args: True, team.lead_tail(()), 2)
 
 
+def _stand_in(roles: list):
+    """A split kernel's stand-in that records the roles it is called with: its lead finds no partner ready, its
+    cold lead waits for them, and a partner returns at once (a served job, or a loop with none to serve)."""
+
+    def kernel(me, flags, ctl, boxes, role):
+        roles.append(role)
+        if role == sync.LEAD:
+            return False
+        if role == sync.LEAD_COLD:
+            sync.await_partners(ctl, 2)
+        else:
+            sync.set_idle(ctl, me)
+        return True
+
+    return kernel
+
+
+def test_a_call_that_may_decline_sleeping_partners_wakes_them_and_runs_nothing():
+    team, roles = Partners(2), []
+    assert not team.run(_stand_in(roles), team.lead_tail(()), 2, decline=True)
+    assert team.declined_calls == 1 and team.cold_calls == 0
+    _wait_for(lambda: len(roles) == 2)
+    assert roles == [sync.LEAD, sync.STANDBY]  # the partner was put in the loop with no job, and nothing ran
+    _wait_for(lambda: team.ready(1) == sync.IDLE)
+
+
+def test_a_call_that_may_decline_still_hands_its_jobs_to_partners_awake_in_another_kernel():
+    # They wait in compiled code: evicted, they take their jobs at once, without a wake-up from the host.
+    team, roles = Partners(2), []
+    thread, result = _waiting_partner(team.ctl)  # partner 1's word, ready in another kernel (TAG)
+    assert team.run(_stand_in(roles), team.lead_tail(()), 2, decline=True)
+    thread.join(timeout=10)
+    assert result == [False]  # evicted
+    assert team.cold_calls == 1 and team.declined_calls == 0
+    assert sorted(roles) == sorted([sync.LEAD, sync.SERVE, sync.LEAD_COLD])
+
+
+def test_a_call_that_may_decline_waking_partners_declines_them_and_wakes_none():
+    team, roles = Partners(2), []
+    team.ctl[sync.STRIDE] = sync.WAKING  # on its way to a loop: another call woke it
+    assert not team.run(_stand_in(roles), team.lead_tail(()), 2, decline=True)
+    assert team.declined_calls == 1 and roles == [sync.LEAD]
+    team.ctl[sync.STRIDE] = sync.IDLE
+
+
 def _split_case(cases, name, change, batch):
     spec = cases[name]
     rng = np.random.default_rng(sorted(cases).index(name))
@@ -188,6 +233,38 @@ def test_a_sleeping_partner_holds_no_array_of_its_last_call():
     time.sleep(0.05)  # the thread returns from the kernel, then from the method that held the job
     gc.collect()
     assert output() is None
+
+
+def _tight_wait_for(condition, timeout=10.0) -> None:
+    """Poll ``condition`` without sleeping (a partner waits in a kernel's loop for a few milliseconds only)."""
+    end = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < end, "timed out"
+
+
+def test_partners_put_on_stand_by_take_the_next_call_of_their_kernel_hot():
+    spec, arguments, (expected, expected_states) = _split_case(UNIT_CASES, "stack_carry", {"unit_split": 2}, 1)
+    weights, x, mask, lengths, initial = arguments
+    team, kernel, tag = partners(), get_kernel(spec), partner_tag(spec)
+    _run_kernel(spec, *arguments)  # compiled, and the shape's shared buffers kept
+    packed = kernel._worker_weights(pack_weights(spec, weights))
+    for _attempt in range(3):  # the partner may leave the loop, unserved, before the call below comes
+        states = [np.array(s) for cell_states in initial for s in cell_states]
+        y = np.full((x.shape[0], 1, spec.output_size), np.nan, spec.dtype)
+        lead = (x, mask, *states, *packed, y, kernel._small, *kernel._lead_tail(x.shape[0], x.shape[0], 1, team))
+        sync.evict_partners(team.ctl, team.workers)  # asleep in Python
+        team.stand_by(kernel.function, lead, 2)
+        assert team.ready(1) in (sync.WAKING, tag)
+        _tight_wait_for(lambda: team.ready(1) == tag)
+        assert np.isnan(y).all()  # the job only gave the loop its types: nothing ran
+        hot = team.hot_calls
+        assert team.run(kernel.function, lead, 2, decline=True)
+        if team.hot_calls == hot + 1:
+            break
+    assert team.hot_calls == hot + 1
+    counts = [len(cell.state_names) for cell in spec.cells]
+    grouped = [tuple(states[sum(counts[:k]):sum(counts[:k + 1])]) for k in range(len(counts))]
+    assert_matches_reference(spec, y, grouped, expected, expected_states)
 
 
 def test_a_forked_child_makes_its_own_partners():

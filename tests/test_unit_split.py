@@ -443,9 +443,19 @@ def _measured_kernel(monkeypatch, batch: int):
 
 
 def _split_calls(monkeypatch) -> list:
-    """The split kernels' functions that the partners ran, one per split call from now on (however it got there)."""
+    """The split kernels' functions that the partners ran, one per split call from now on (however it got there).
+
+    No call declines sleeping partners (``Partners.run``'s ``decline``): these
+    tests count split calls, and whether the partners are awake when a call
+    comes depends on the host (test_partners covers the declines).
+    """
     calls, run = [], Partners.run
-    monkeypatch.setattr(Partners, "run", lambda team, function, *a: calls.append(function) or run(team, function, *a))
+
+    def spy(team, function, lead, workers, decline=False):
+        calls.append(function)
+        return run(team, function, lead, workers)
+
+    monkeypatch.setattr(Partners, "run", spy)
     return calls
 
 
@@ -514,6 +524,44 @@ def test_close_calls_split_and_spaced_ones_take_the_batch_rule(monkeypatch):
     assert choice.pick(10.008) == (serial, True)  # 0.5 ms after: not close when nothing is
 
 
+def _gaps(choice, calls, start: float = 10.0) -> list:
+    """``choice``'s :attr:`wake` at each of ``calls``, ``(gap before the call, its seconds)``, from ``start``."""
+    clock, wakes = start, []
+    for gap, seconds in calls:
+        clock += gap
+        option, timed = choice.pick(clock)
+        wakes.append(choice.wake)
+        if timed:
+            choice.record(option, seconds)
+        clock += seconds
+    return wakes
+
+
+def test_a_call_after_a_pause_wakes_the_partners_where_calls_come_in_bursts():
+    # A burst: a call after a pause, then close ones. The next burst's first call wakes the partners for its
+    # second; calls that come evenly spaced (two after a pause in a row) wake none.
+    units, serial = ("units", 2), ("serial", 1)
+    pause, close = 10 * schedule.CLOSE_CALL_SECONDS, 0.0
+    burst = [(pause, 1e-3), (close, 1e-3), (close, 1e-3)]
+    assert _gaps(schedule.CloseCallsChoice(units, serial), burst * 2) == [None] * 3 + [units, None, None]
+    spaced = [(pause, 1e-3)] * 3
+    # The first spaced call still takes the burst before it for one, and wakes them; the others do not.
+    assert _gaps(schedule.CloseCallsChoice(units, serial), burst + spaced + burst) == [None] * 3 + [units] + [None] * 5
+    # Where the static option runs on the batch rule's threads, the partners would take their cores: none.
+    assert _gaps(schedule.CloseCallsChoice(units, ("batch", 2)), burst * 2) == [None] * 6
+
+
+def test_a_measured_shape_wakes_the_partners_only_while_the_split_is_its_best():
+    units, serial = ("units", 2), ("serial", 1)
+    choice = schedule.MeasuredChoice((serial, units))
+    pause = 10 * schedule.CLOSE_CALL_SECONDS
+    burst = [(pause, 1e-3)] + [(0.0, 1e-3)] * 3
+    assert _gaps(choice, burst * 2)[4] is None  # the best is still the static option
+    choice.best = units
+    assert _gaps(choice, burst, start=100.0)[0] == units
+    assert _gaps(schedule.MeasuredChoice((("batch", 2), units)), burst * 2)[4] is None
+
+
 #: A small batch's stack: LSTM(48) (36 KiB, 24 units a worker) with lengths, then GRU(40) (19 KiB).
 SMALL_BATCH = simple_stack([CellSpec("lstm", 48), CellSpec("gru", 40)], 24, masking="lengths")
 
@@ -543,3 +591,48 @@ def test_a_small_batch_splits_its_units_when_its_calls_come_close(batch, monkeyp
     monkeypatch.setattr(schedule, "CLOSE_CALL_SECONDS", 0.0)  # calls far apart
     _run_kernel(SMALL_BATCH, weights, x, None, lengths, initial)
     assert len(splits) == 2
+
+
+def test_a_close_call_declines_sleeping_partners_and_a_burst_wakes_them(monkeypatch):
+    # A guarded shape's close call that finds the partners asleep runs without them (the batch rule's
+    # schedule) and wakes them for the next one, rather than wait while the host wakes their CPU; and a
+    # burst's first call wakes them itself.
+    batch = 8
+    if schedule.packed_product_rows() < batch:
+        pytest.skip("BLAS takes the per-step products here: small batches take the batch rule")
+    monkeypatch.delenv("NUMRNN_SCHEDULE", raising=False)
+    monkeypatch.setattr(schedule, "cores", lambda: 2)
+    monkeypatch.setattr(schedule, "CLOSE_CALL_SECONDS", 60.0)  # every call after the first is close
+    kernel = get_kernel(SMALL_BATCH)
+    monkeypatch.setattr(kernel, "_scheduler", schedule.Scheduler(SMALL_BATCH))
+    rng = np.random.default_rng(3)
+    weights = fan_in_weights(SMALL_BATCH, rng)
+    x = rng.standard_normal((30, batch, SMALL_BATCH.input_size)).astype(np.float32)
+    lengths = rng.integers(1, 31, batch).astype(np.int64)
+    initial = [tuple(rng.standard_normal((batch, n)).astype(np.float32) for n in c.state_sizes)
+               for c in SMALL_BATCH.cells]
+    expected, expected_states = run_stack(SMALL_BATCH, weights, x, lengths=lengths, initial_states=initial)
+    choice = kernel._scheduler.plan(30, batch)[2]
+    assert choice.otherwise == ("serial", 1)
+    stood_by, stand_by = [], Partners.stand_by
+    monkeypatch.setattr(Partners, "stand_by", lambda team, function, *a: stood_by.append(function)
+                        or stand_by(team, function, *a))
+
+    def call():
+        got, got_states = _run_kernel(SMALL_BATCH, weights, x, None, lengths, initial)
+        assert_matches_reference(SMALL_BATCH, got, got_states, expected, expected_states)
+
+    call(), call()  # after a pause (serial), then close: the split compiled, its shape's buffers kept
+    team, split = kernels._partners(), kernel._split_kernels[choice.split]
+    assert split._shared
+    stood_by.clear()  # the close call may have found the partners asleep already
+    sync.evict_partners(team.ctl, team.workers)
+    declined = team.declined_calls
+    call()
+    assert team.declined_calls == declined + 1 and stood_by == [split.function]
+    sync.evict_partners(team.ctl, team.workers)
+    monkeypatch.setattr(schedule, "CLOSE_CALL_SECONDS", 0.0)  # calls far apart ...
+    choice._bursts = True  # ... in a shape whose calls come in bursts: the call wakes the partners
+    call()
+    assert choice.wake == choice.split and stood_by == [split.function] * 2
+    assert team.declined_calls == declined + 1

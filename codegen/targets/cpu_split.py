@@ -185,8 +185,8 @@ def stacked(weight: str) -> str:
 #: The names split kernel modules give :func:`codegen.cells.aligned_empty` and :func:`codegen.cells.aligned_zeros`.
 ALIGNED_EMPTY, ALIGNED_ZEROS = "_aligned_empty", "_aligned_zeros"
 #: What split kernel modules import from ``numrnn.runtime.sync``.
-SYNC_IMPORTS = ("GENERATION, LEAD, PARTNER_WAIT_ROUNDS, SERVE, atomic_store, await_partners, await_stamp, barrier, "
-                "next_job, post_jobs, publish, receive")
+SYNC_IMPORTS = ("GENERATION, LEAD, PARTNER_WAIT_ROUNDS, SERVE, STANDBY, atomic_store, await_partners, await_stamp, "
+                "barrier, next_job, post_jobs, publish, receive")
 
 
 def partner_tag(spec: StackSpec) -> int:
@@ -203,7 +203,8 @@ def job_loop(em: Emitter, spec: StackSpec, arguments: list[str], workers: int, d
     when they are not all waiting in this kernel); with ``LEAD_COLD`` it runs
     its job as given; either lead then waits for its partners. With
     ``role=SERVE`` it runs the job it was called with, then every job posted
-    to its box until it leaves the loop.
+    to its box until it leaves the loop; with ``STANDBY``, only the jobs
+    posted (``numrnn.runtime.partners.Partners.stand_by``).
     """
     job = _nested_tuple(arguments)
     em(f"@njit({jit_options(spec.dtype)})")
@@ -214,14 +215,22 @@ def job_loop(em: Emitter, spec: StackSpec, arguments: list[str], workers: int, d
                 em(f"publish(box[w], {_nested_tuple(['w' if a == 'me' else a for a in arguments])})")
             with em.block(f"if not post_jobs(ctl, np.int64({workers}), PARTNER_TAG):"):
                 em("return False")
+        with em.block("elif role == STANDBY:"):
+            _emit_next_job(em)
+            em("role = SERVE")
         with em.block("while True:"):
             em(f"{job} = job")
             yield
             with em.block("if role != SERVE:"):
                 em(f"await_partners(ctl, np.int64({workers}))", "return True")
-            with em.block("if not next_job(ctl, me, PARTNER_TAG, np.int64(PARTNER_WAIT_ROUNDS)):"):
-                em("return True")
-            em("job = receive(box[me], job)")
+            _emit_next_job(em)
+
+
+def _emit_next_job(em: Emitter) -> None:
+    """A partner waits in the job loop for its next job, into ``job``; the kernel returns if none comes."""
+    with em.block("if not next_job(ctl, me, PARTNER_TAG, np.int64(PARTNER_WAIT_ROUNDS)):"):
+        em("return True")
+    em("job = receive(box[me], job)")
 
 
 #: Names per inner tuple of a job: CPython builds a tuple display of more than 30 names through a

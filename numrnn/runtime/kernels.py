@@ -191,21 +191,30 @@ class Kernel:
             else:
                 start = time.perf_counter()
                 option, timed = measured.pick(start)
-                if self._run_scheduled(*option, x, cond, states, weights, y) and timed:
-                    measured.record(option, time.perf_counter() - start)
+                if measured.wake is not None:
+                    self._wake_partners(measured.wake, x, cond, states, weights, y)
+                as_picked = self._run_scheduled(*option, x, cond, states, weights, y, decline=True)
+                if timed:
+                    measured.record(option, time.perf_counter() - start, counted=as_picked)
         return y if self._sequences else y[0]
 
-    def _run_scheduled(self, schedule: str, workers: int, x, cond, states, weights, y) -> bool:
-        """Run the call as ``schedule`` on ``workers``; False if it ran otherwise or compiled (a busy split)."""
+    def _run_scheduled(self, schedule: str, workers: int, x, cond, states, weights, y, decline: bool = False) -> bool:
+        """Run the call as ``schedule`` on ``workers``; False if it ran otherwise or compiled (a busy split).
+
+        ``decline``: a split call whose partners are asleep runs otherwise
+        (a guarded schedule's, whose static option runs such calls anyway;
+        :meth:`numrnn.runtime.partners.Partners.run`).
+        """
         as_scheduled = True
         if schedule in ("units", "directions"):
             split = self._split_kernels.get((schedule, workers))
             if split is not None and split.compile_seconds is not None:
-                if split._try_run_split(x, cond, states, weights, y):
+                if split._try_run_split(x, cond, states, weights, y, decline):
                     return True
             elif not _FORKED_MID_COMPILE and self._try_split(schedule, workers, x, cond, states, weights, y):
                 return False  # it compiled (a child forked mid-compile cannot)
-            # The split cannot compile here, or another split call holds the partners: the batch rule instead.
+            # The split cannot compile here, another split call holds the partners, or they are asleep and the
+            # call declined them: the batch rule instead.
             workers, as_scheduled = self._scheduler.batch_choice(x.shape[0], x.shape[1])[1], False
         if self.compile_seconds is None:
             self._first_call(x, cond, states, weights, y)
@@ -240,6 +249,22 @@ class Kernel:
         #: the fast path.
         self._stream_shapes: tuple | None = None
 
+    def _wake_partners(self, option: tuple[str, int], x, cond, states, weights, y) -> None:
+        """Have sleeping partners wait in the loop of ``option``'s split kernel for its next call
+        (:meth:`numrnn.runtime.partners.Partners.stand_by`; this call's arguments give them their types), if it
+        is compiled, this call's shape has run split before, and no split call is running."""
+        split = self._split_kernels.get(option)
+        if split is None or split.compile_seconds is None or not _SPLIT_LOCK.acquire(False):
+            return
+        try:
+            kept = split._shared.get((x.shape[0], y.shape[0], x.shape[1]))
+            team = _partners()
+            if kept is not None and kept.team is team:
+                lead = (x, *cond, *states, *split._worker_weights(weights), y, split._small, *kept.tail)
+                team.stand_by(split.function, lead, split.spec.unit_split)
+        finally:
+            _SPLIT_LOCK.release()
+
     def _try_split(self, schedule: str, workers: int, x, cond, states, weights, y) -> bool:
         """Run the call on the unit- or direction-split kernel, made and compiled on first use; False if another
         split call is running."""
@@ -256,8 +281,9 @@ class Kernel:
             _SPLIT_LOCK.release()
         return True
 
-    def _try_run_split(self, x, cond, states, weights, y) -> bool:
-        """Run the call on this compiled split kernel; False if another split call is running.
+    def _try_run_split(self, x, cond, states, weights, y, decline: bool = False) -> bool:
+        """Run the call on this compiled split kernel; False if another split call is running, or if, with
+        ``decline``, its partners were asleep (:meth:`numrnn.runtime.partners.Partners.run`).
 
         A split call's own path, for calls of a few tens of microseconds
         (tiny64 split: 32 us, of which Python took about 5): one lock, one
@@ -276,10 +302,9 @@ class Kernel:
                 self._run_split(x, cond, states, weights, y)
                 return True
             lead = (x, *cond, *states, *self._worker_weights(weights), y, self._small, *kept.tail)
-            self._run_lead(team, lead, self.spec.unit_split, kept.calls_blas)
+            return self._run_lead(team, lead, self.spec.unit_split, kept.calls_blas, decline)
         finally:
             _SPLIT_LOCK.release()
-        return True
 
     def _run_split(self, x, cond, states, weights, y) -> None:
         """Worker 0 here, the others on the partner threads, meeting at each step's exchange or at barriers.
@@ -312,16 +337,15 @@ class Kernel:
             log.debug("first call of %s took %.2f s (compile or cache load, and one run)", self.spec.kernel_name(),
                       self.compile_seconds)
 
-    def _run_lead(self, team, lead: tuple, workers: int, calls_blas: bool) -> None:
-        """``team.run`` of the call whose lead's arguments are ``lead``; with single-threaded BLAS, entered before
-        any worker starts, if the call calls BLAS: a partner's input projection on two OpenBLAS threads would
-        spin against the workers' waits (latency256 took 8-10 ms instead of 1.9 in about one process of three
-        when a pool worker could start before the block was entered)."""
+    def _run_lead(self, team, lead: tuple, workers: int, calls_blas: bool, decline: bool = False) -> bool:
+        """``team.run`` of the call whose lead's arguments are ``lead`` (True if it ran); with single-threaded
+        BLAS, entered before any worker starts, if the call calls BLAS: a partner's input projection on two
+        OpenBLAS threads would spin against the workers' waits (latency256 took 8-10 ms instead of 1.9 in about
+        one process of three when a pool worker could start before the block was entered)."""
         if calls_blas:
             with single_threaded_blas():
-                team.run(self.function, lead, workers)
-        else:
-            team.run(self.function, lead, workers)
+                return team.run(self.function, lead, workers, decline)
+        return team.run(self.function, lead, workers, decline)
 
     def _check_panels(self, weights: list[np.ndarray]) -> None:
         """Raise unless every panel weight is as wide as this process packs them (``emit_panel_checks``).

@@ -534,15 +534,41 @@ class Scheduler:
 CLOSE_CALL_SECONDS = 0.002
 
 
+#: The one-thread schedule.
+SERIAL = ("serial", 1)
+
+
 class _CallGaps:
     """When a shape's last call ended (or should have), to tell a call that comes close after it
-    (:data:`CLOSE_CALL_SECONDS`) from one after a pause."""
+    (:data:`CLOSE_CALL_SECONDS`) from one after a pause; and whether its calls come in bursts.
+
+    A call after a pause runs without the partners, asleep by then, and the
+    close calls after it decline them until they are awake
+    (``numrnn.runtime.partners.Partners.run``). Where the last call after a
+    pause was followed by a close one, :meth:`_arrive` sets :attr:`wake` for
+    the next call after a pause: the kernel then wakes the partners into the
+    split's loop (``Kernel._wake_partners``) while that call runs without
+    them, so that the burst's second call can find them ready. Calls that
+    come evenly spaced (two after a pause in a row) do not wake them: they
+    would spin their few milliseconds for nothing after every call.
+    """
 
     def __init__(self):
         self._started = self._ends_at = -np.inf
+        self._after_pause = False  # whether the last call came after a pause
+        self._bursts = False  # whether the last call after a pause was followed by a close one
+        #: The split option whose partners the call just picked should wake, or ``None``.
+        self.wake: tuple[str, int] | None = None
 
-    def _close(self, now: float) -> bool:
-        return now - self._ends_at < CLOSE_CALL_SECONDS
+    def _arrive(self, now: float, split: tuple[str, int] | None) -> bool:
+        """A call starts at ``now``: whether it comes close after the last one; :attr:`wake` set to ``split``
+        where it comes after a pause in a shape whose calls come in bursts (``split=None``: wake none)."""
+        close = now - self._ends_at < CLOSE_CALL_SECONDS
+        if self._after_pause:
+            self._bursts = close
+        self._after_pause = not close
+        self.wake = split if not close and self._bursts else None
+        return close
 
     def _start(self, now: float, expected_seconds: float | None = None) -> None:
         """A call starts at ``now``; until :meth:`_end` says, it is taken to last ``expected_seconds``, if given
@@ -568,7 +594,12 @@ class CloseCallsChoice(_CallGaps):
     back the unit split was fastest (62 / 223 / 41 us). So a call that comes
     :data:`CLOSE_CALL_SECONDS` or more after the shape's last one ended runs
     the batch rule's schedule (usually serial at these sizes), and the next
-    call, if it follows close, splits. The same for one or two rows
+    call, if it follows close, splits; if the partners are still asleep it
+    runs the batch rule's schedule too, and wakes them for the calls after
+    it (``numrnn.runtime.partners.Partners.run``'s ``decline``), rather than
+    wait for them (bursts of five calls 20 ms apart, medians by position:
+    tiny64 202, 2827, 89, 174, 71 us before, 245, 88, 67, 61, 58 us after,
+    with :class:`_CallGaps`'s wake). The same for one or two rows
     (latency256 with 10 ms between calls: 4.1 ms split against 1.7 ms
     serial; back to back, 0.7 against 1.4 ms). Not for the direction split,
     which won even so (bidir_masked, 10 ms apart: 5.0 against 8.7 ms
@@ -584,12 +615,13 @@ class CloseCallsChoice(_CallGaps):
 
     def pick(self, now: float) -> tuple[tuple[str, int], bool]:
         """The option this call runs, and True (time it: :meth:`record` says when it ended); ``now``: its start."""
-        close = self._close(now)
+        close = self._arrive(now, self.split if self.otherwise == SERIAL else None)  # batch threads take the cores
         self._start(now)
         return (self.split if close else self.otherwise), True
 
-    def record(self, option: tuple[str, int], seconds: float) -> None:
-        """The call that :meth:`pick` started last took ``seconds``."""
+    def record(self, option: tuple[str, int], seconds: float, counted: bool = True) -> None:
+        """The call that :meth:`pick` started last took ``seconds`` (``counted``: as picked, for the interface
+        :class:`MeasuredChoice` shares)."""
         self._end(seconds)
 
 
@@ -658,7 +690,8 @@ class MeasuredChoice(_CallGaps):
 
     def pick(self, now: float) -> tuple[tuple[str, int], bool]:
         """The option this call runs, and whether to time it (:meth:`record`); ``now``: its start."""
-        if self._close(now):
+        splits_best = self.best != self.options[0] and self.options[0] == SERIAL
+        if self._arrive(now, self.best if splits_best else None):
             option, timed = self._next_call(now)
             self._counted = timed
         else:
@@ -695,11 +728,12 @@ class MeasuredChoice(_CallGaps):
         """Each option's time a call as compared, in seconds (options timed :data:`SAMPLES` times)."""
         return dict(self._typical)
 
-    def record(self, option: tuple[str, int], seconds: float) -> None:
-        """The timed call that :meth:`pick` started last, of ``option``, took ``seconds``."""
+    def record(self, option: tuple[str, int], seconds: float, counted: bool = True) -> None:
+        """The timed call that :meth:`pick` started last, of ``option``, took ``seconds``; not a sample of it
+        unless ``counted`` (False: it ran otherwise, or compiled)."""
         self._end(seconds)
         self._last_seconds = seconds
-        if not self._counted:
+        if not (counted and self._counted):
             return
         times = self._times[option]
         times.append(seconds)

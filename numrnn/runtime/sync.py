@@ -45,7 +45,9 @@ thread wake-up or the GIL. ``ctl`` holds one state word per partner, at
 - a kernel module's tag (> 0): it spins in that kernel's job loop, ready;
 - :data:`RESERVED`, :data:`POSTED`, :data:`RUNNING`: a lead claimed it, its job
   is in its box, it runs the job;
-- :data:`EVICT`: a lead of another kernel asked it to return to Python.
+- :data:`EVICT`: a lead of another kernel asked it to return to Python;
+- :data:`WAKING`: a call that ran without it woke it from Python, to wait
+  in a kernel's loop with no job (``STANDBY``), and it is not there yet.
 
 A lead reserves every partner it needs or none (:func:`post_jobs`), so a
 call runs either wholly on ready partners or on the queue path. A partner
@@ -83,10 +85,11 @@ SPIN_LIMIT = 2000
 PARTNER_WAIT_ROUNDS = 8000
 
 #: Partner states (the ready state is a kernel module's tag, > 0).
-IDLE, RESERVED, POSTED, RUNNING, EVICT = 0, -1, -2, -3, -4
+IDLE, RESERVED, POSTED, RUNNING, EVICT, WAKING = 0, -1, -2, -3, -4, -5
 #: Roles of a split kernel's call: the lead posting its partners' jobs, the lead of a call whose
-#: partners got their jobs from Python, a partner.
-LEAD, LEAD_COLD, SERVE = 0, 1, 2
+#: partners got their jobs from Python, a partner, and a partner that only waits in the kernel's loop
+#: for a first job (its call's own job gives the loop its arguments' types, and is not run).
+LEAD, LEAD_COLD, SERVE, STANDBY = 0, 1, 2, 3
 #: Bytes of one partner's job box (a job is one tuple of kernel arguments, ~100 bytes per array).
 BOX_BYTES = 8192
 
