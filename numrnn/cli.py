@@ -1,4 +1,5 @@
-"""The ``numrnn`` command: ``compare`` (static unroll vs dynamic loop), ``show`` (generated source), ``bench``."""
+"""The ``numrnn`` command: ``compare`` (static unroll vs dynamic loop), ``show`` (generated source), ``bench``,
+``cache`` (the kernel cache folder)."""
 
 from __future__ import annotations
 
@@ -129,6 +130,52 @@ def _show(args) -> int:
     return 0
 
 
+def _configure_cache(parser: argparse.ArgumentParser) -> None:
+    action = parser.add_mutually_exclusive_group()
+    action.add_argument("--prune", action="store_true",
+                        help="remove the modules of other numrnn versions (other codegen versions) and their "
+                             "compiled code")
+    action.add_argument("--clear", action="store_true",
+                        help="remove every module numrnn generated there, and its compiled code: the next calls "
+                             "compile again")
+
+
+def _megabytes(size: int) -> str:
+    return f"{size / 1e6:.1f} MB"
+
+
+def _plural(count: int, noun: str) -> str:
+    return f"{count} {noun}{'s' * (count != 1)}"
+
+
+def _describe(modules) -> str:
+    """``modules``' kernels with their codegen versions, shared modules and size, in words."""
+    kernels = [m for m in modules if m.version is not None]
+    low, high = min((m.version for m in kernels), default=None), max((m.version for m in kernels), default=None)
+    span = "" if low is None else f" (codegen v{low})" if low == high else f" (codegen v{low}-v{high})"
+    shared = len(modules) - len(kernels)
+    return f"{_plural(len(kernels), 'kernel')}{span}, {_plural(shared, 'shared module')}, " \
+           f"{_megabytes(sum(m.size for m in modules))}"
+
+
+def _cache(args) -> int:
+    from numrnn.runtime.cache import CACHE_ENV, cache_dir, cached_modules, remove_modules
+
+    folder = cache_dir()
+    modules = cached_modules(folder)
+    current = [m for m in modules if m.current]
+    others = [m for m in modules if not m.current]
+    if args.prune or args.clear:
+        removed = modules if args.clear else others
+        freed = remove_modules(removed)
+        print(f"removed {_plural(len(removed), 'module')} and their compiled code from {folder} ({_megabytes(freed)})")
+        return 0
+    print(f"numrnn kernel cache: {folder} (set {CACHE_ENV} to move it)")
+    print(f"  this numrnn: {_describe(current)}")
+    print(f"  other numrnn versions: {_describe(others)}" + ("; numrnn cache --prune removes them" if others else ""))
+    return 0
+
+
 def _bench_missing(reason: str) -> int:
     print(f"numrnn bench: the benchmark module numrnn.bench cannot be imported ({reason}); it ships with numrnn "
           "from source, and its peer libraries come with python -m pip install 'numrnn[peers]'", file=sys.stderr)
@@ -138,7 +185,7 @@ def _bench_missing(reason: str) -> int:
 def build_parser(bench=None) -> argparse.ArgumentParser:
     """The ``numrnn`` argument parser; ``bench`` is the imported :mod:`numrnn.bench`, which configures ``bench``."""
     parser = argparse.ArgumentParser(prog="numrnn", description=__doc__)
-    commands = parser.add_subparsers(dest="command", required=True, metavar="{compare,show,bench}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="{compare,show,bench,cache}")
     compare = commands.add_parser("compare", help="static unroll vs dynamic loop: compile, run, memory, size over T",
                                   description="Measure the dynamic loop, partial unroll and full static unroll of "
                                               "one stack over a sweep of sequence lengths.")
@@ -151,6 +198,11 @@ def build_parser(bench=None) -> argparse.ArgumentParser:
     if bench is not None:
         bench.add_arguments(bench_parser)
         bench_parser.set_defaults(handler=bench.run)
+    cache = commands.add_parser("cache", help="what the kernel cache folder holds; --prune, --clear",
+                                description="Show the kernel cache folder's generated modules and compiled code, "
+                                            "this numrnn's and other versions'; or remove them.")
+    _configure_cache(cache)
+    cache.set_defaults(handler=_cache)
     return parser
 
 

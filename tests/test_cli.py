@@ -1,4 +1,5 @@
-"""The ``numrnn`` command: ``compare`` on a tiny sweep (real subprocess measurements), ``show``, ``bench`` dispatch.
+"""The ``numrnn`` command: ``compare`` on a tiny sweep (real subprocess measurements), ``show``, ``bench`` dispatch,
+``cache``.
 
 The one real sweep (SimpleRNN(4), B=2, T in {2, 3}, dynamic and static: three
 small kernels, seven worker processes) is shared by the tests that read its
@@ -19,7 +20,9 @@ import types
 import pytest
 
 import numrnn
-from codegen.spec import CellSpec
+from codegen import generate_source
+from codegen.spec import CODEGEN_VERSION, CellSpec, simple_stack
+from codegen.targets.cpu import generate_shared, shared_module_name
 from numrnn import cli
 from numrnn.compare import FIELDS, Comparison, StackOptions, parse_stack, summarize, write_plot
 
@@ -251,3 +254,60 @@ def test_bench_dispatches_to_the_benchmark_module(monkeypatch):
     monkeypatch.setattr(numrnn, "bench", bench, raising=False)
     assert cli.main(["bench", "--case", "seed000"]) == 7
     assert calls == ["seed000"]
+
+
+def _cache_folder(folder):
+    """A kernel cache folder: a module of this codegen version and one of the last, this numrnn's shared module and
+    an older one, each with compiled files, and files numrnn did not write."""
+    spec = simple_stack([CellSpec("gru", 4)], 3)
+    source = generate_source(spec)
+    old = source.replace(f"(codegen v{CODEGEN_VERSION},", f"(codegen v{CODEGEN_VERSION - 1},", 1)
+    assert old != source  # the header the cache reads is the one the generator writes
+    shared = generate_shared()
+    files = {f"{spec.kernel_name()}_{spec.cache_key()}.py": source, f"{spec.kernel_name()}_0123456789abcdef.py": old,
+             f"{shared_module_name()}.py": shared, "numrnn_shared_0123456789abcdef.py": shared,
+             "notes.py": "# a user's file\n"}
+    (folder / "__pycache__").mkdir(parents=True)
+    for name, text in files.items():
+        (folder / name).write_text(text)
+        stem = name[:-3]
+        for suffix in (f"{stem}.f-12.py311.nbi", f"{stem}.f-12.py311.1.nbc", f"{stem}.cpython-311.pyc"):
+            (folder / "__pycache__" / suffix).write_bytes(b"x" * 1000)
+    return spec
+
+
+def test_cache_shows_this_numrnns_modules_and_other_versions(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("NUMRNN_CACHE_DIR", str(tmp_path))
+    _cache_folder(tmp_path)
+    assert cli.main(["cache"]) == 0
+    out = capsys.readouterr().out
+    assert str(tmp_path) in out
+    assert f"this numrnn: 1 kernel (codegen v{CODEGEN_VERSION}), 1 shared module," in out
+    assert f"other numrnn versions: 1 kernel (codegen v{CODEGEN_VERSION - 1}), 1 shared module," in out
+    assert "--prune removes them" in out
+
+
+def test_cache_prune_removes_other_versions_and_clear_every_module_numrnn_wrote(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("NUMRNN_CACHE_DIR", str(tmp_path))
+    spec = _cache_folder(tmp_path)
+    current = {f"{spec.kernel_name()}_{spec.cache_key()}", shared_module_name()}
+    users = {"notes.py", "notes.f-12.py311.nbi", "notes.f-12.py311.1.nbc", "notes.cpython-311.pyc"}
+
+    def left():
+        return {p.name for p in tmp_path.rglob("*") if p.is_file()}
+
+    assert cli.main(["cache", "--prune"]) == 0
+    assert "removed 2 modules" in capsys.readouterr().out
+    assert left() == users | {f"{stem}{suffix}" for stem in current
+                              for suffix in (".py", ".f-12.py311.nbi", ".f-12.py311.1.nbc", ".cpython-311.pyc")}
+    assert cli.main(["cache", "--clear"]) == 0
+    assert "removed 2 modules" in capsys.readouterr().out
+    assert left() == users
+    assert cli.main(["cache"]) == 0
+    assert "this numrnn: 0 kernels, 0 shared modules, 0.0 MB" in capsys.readouterr().out
+
+
+def test_cache_prune_and_clear_exclude_each_other(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["cache", "--prune", "--clear"])
+    assert "not allowed with argument" in capsys.readouterr().err

@@ -15,11 +15,14 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
 import sys
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 from codegen import StackSpec
+from codegen.spec import CODEGEN_VERSION
 
 CACHE_ENV = "NUMRNN_CACHE_DIR"
 
@@ -147,3 +150,72 @@ def load_own_code_without_refresh() -> None:
     load_overload.numrnn_own = True
     load_overload.__doc__ = numba_load.__doc__
     caching.Cache.load_overload = load_overload
+
+
+#: The first line of a generated kernel module (``codegen.targets.cpu``), which names its codegen version.
+_KERNEL_HEADER = re.compile(r'"""numrnn kernel \S+ \(codegen v(\d+), key [0-9a-f]{16}\)\.')
+#: The first line of a generated shared module, named by a hash of its source.
+_SHARED_HEADER = '"""numrnn: the functions every CPU kernel shares.'
+
+
+@dataclass(frozen=True)
+class CachedModule:
+    """A module numrnn generated into the kernel cache folder, with its compiled code and bytecode.
+
+    ``version``: the codegen version of a kernel module, ``None`` for a
+    shared module; ``current``: whether this numrnn would load it (its
+    codegen version, or its shared module). ``files``: the module, then
+    numba's machine code and index files and Python's bytecode of it in
+    ``__pycache__``.
+    """
+
+    path: Path
+    version: int | None
+    current: bool
+    files: tuple[Path, ...]
+
+    @property
+    def size(self) -> int:
+        """Bytes of its files (those still there)."""
+        return sum(file.stat().st_size for file in self.files if file.exists())
+
+
+def cached_modules(folder: Path | None = None) -> list[CachedModule]:
+    """numrnn's generated modules in ``folder`` (default :func:`cache_dir`), by name.
+
+    Only files whose first line numrnn wrote are listed: a folder set by
+    ``NUMRNN_CACHE_DIR`` may hold other files, which are left out.
+    """
+    from codegen.targets.cpu import shared_module_name
+
+    folder = cache_dir() if folder is None else Path(folder)
+    shared = shared_module_name()
+    modules = []
+    for path in sorted(folder.glob("*.py")):
+        try:
+            with path.open(encoding="utf-8") as handle:
+                first = handle.readline()
+        except (OSError, UnicodeDecodeError):
+            continue
+        kernel = _KERNEL_HEADER.match(first)
+        if kernel is None and not first.startswith(_SHARED_HEADER):
+            continue
+        version = int(kernel.group(1)) if kernel else None
+        current = version == CODEGEN_VERSION if kernel else path.stem == shared
+        compiled = sorted(folder.glob(f"__pycache__/{path.stem}.*"))
+        modules.append(CachedModule(path, version, current, (path, *compiled)))
+    return modules
+
+
+def remove_modules(modules: list[CachedModule]) -> int:
+    """Delete ``modules``' files (compiled code first, the module last); the bytes freed."""
+    freed = 0
+    for module in modules:
+        for file in (*module.files[1:], module.files[0]):
+            try:
+                size = file.stat().st_size
+                file.unlink()
+            except FileNotFoundError:  # another process removed it
+                continue
+            freed += size
+    return freed
