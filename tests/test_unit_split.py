@@ -398,6 +398,34 @@ def test_measured_choice_times_each_option_then_runs_the_faster_and_times_both_a
     assert choice.best == units
 
 
+def test_a_timed_call_that_ran_otherwise_goes_back_to_its_round():
+    # A round's timed split call whose partners were still waking ran serial: its time is not the split's,
+    # and the next call takes its place, up to RETRIES times a round.
+    serial, units = ("serial", 1), ("units", 2)
+    choice = schedule.MeasuredChoice((serial, units))
+    clock = 100.0
+
+    def call(split_declined=False):
+        option, timed = choice.pick(clock)
+        if timed:
+            choice.record(option, 2.0 if option == units else 3.0, counted=not (split_declined and option == units))
+        return option, timed
+
+    call()  # after a pause: the static option, outside the rounds
+    assert [call() for _ in range(5)] == [(serial, False)] + [(serial, True)] * 3 + [(units, False)]
+    assert call(split_declined=True) == (units, True)  # put back
+    retried = [call(split_declined=True) for _ in range(choice.RETRIES - 1)]
+    assert retried == [(units, True)] * (choice.RETRIES - 1)
+    assert [call() for _ in range(3)] == [(units, True)] * 3  # the last retry, then the round's two left
+    assert choice.typical() == {serial: 3.0, units: 2.0}
+    assert call() == (units, False)  # the round is over: untimed calls of the best
+    clock += 2 * choice.ROUND_SECONDS
+    calls = [call(split_declined=True) for _ in range(2 * choice.ROUND_CALLS)]
+    start = calls.index((serial, False))  # the next round
+    assert calls[start:start + choice.RETRIES + 5] == [(serial, False), (serial, True), (units, False)] + [
+        (units, True)] * (choice.RETRIES + 1) + [(units, False)]  # its timed split call and RETRIES retries
+
+
 def test_measured_choice_runs_the_static_option_for_calls_after_a_pause():
     # The partners sleep a few milliseconds after a split call: a call that comes CLOSE_CALL_SECONDS or
     # more after the last one ended takes the static option, outside the rounds, timed but not counted.
@@ -566,30 +594,41 @@ def test_a_measured_shape_wakes_the_partners_only_while_the_split_is_its_best():
 SMALL_BATCH = simple_stack([CellSpec("lstm", 48), CellSpec("gru", 40)], 24, masking="lengths")
 
 
-@pytest.mark.parametrize("batch", [8, 32])
-def test_a_small_batch_splits_its_units_when_its_calls_come_close(batch, monkeypatch):
+def _small_batch_calls(monkeypatch, batch: int, seed: int):
+    """:data:`SMALL_BATCH`'s kernel with a fresh scheduler on two cores (every call after the first close), and
+    a function that makes one call of ``batch`` rows and checks it against the oracle."""
     if schedule.packed_product_rows() < batch:
         pytest.skip("BLAS takes the per-step products here: small batches take the batch rule")
     monkeypatch.delenv("NUMRNN_SCHEDULE", raising=False)
     monkeypatch.setattr(schedule, "cores", lambda: 2)
-    monkeypatch.setattr(schedule, "CLOSE_CALL_SECONDS", 60.0)  # every call after the first is close
+    monkeypatch.setattr(schedule, "CLOSE_CALL_SECONDS", 60.0)
     kernel = get_kernel(SMALL_BATCH)
     monkeypatch.setattr(kernel, "_scheduler", schedule.Scheduler(SMALL_BATCH))
-    rng = np.random.default_rng(batch)
+    rng = np.random.default_rng(seed)
     weights = fan_in_weights(SMALL_BATCH, rng)
     x = rng.standard_normal((30, batch, SMALL_BATCH.input_size)).astype(np.float32)
     lengths = rng.integers(1, 31, batch).astype(np.int64)
     initial = [tuple(rng.standard_normal((batch, n)).astype(np.float32) for n in c.state_sizes)
                for c in SMALL_BATCH.cells]
-    assert isinstance(kernel._scheduler.plan(30, batch)[2], schedule.CloseCallsChoice)
-    splits = _split_calls(monkeypatch)
     expected, expected_states = run_stack(SMALL_BATCH, weights, x, lengths=lengths, initial_states=initial)
-    for call in range(3):
+    assert isinstance(kernel._scheduler.plan(30, batch)[2], schedule.CloseCallsChoice)
+
+    def call():
         got, got_states = _run_kernel(SMALL_BATCH, weights, x, None, lengths, initial)
         assert_matches_reference(SMALL_BATCH, got, got_states, expected, expected_states)
-        assert len(splits) == call  # the first call ran the batch rule's schedule, the later ones split
+
+    return kernel, call
+
+
+@pytest.mark.parametrize("batch", [8, 32])
+def test_a_small_batch_splits_its_units_when_its_calls_come_close(batch, monkeypatch):
+    kernel, call = _small_batch_calls(monkeypatch, batch, seed=batch)
+    splits = _split_calls(monkeypatch)
+    for count in range(3):
+        call()
+        assert len(splits) == count  # the first call ran the batch rule's schedule, the later ones split
     monkeypatch.setattr(schedule, "CLOSE_CALL_SECONDS", 0.0)  # calls far apart
-    _run_kernel(SMALL_BATCH, weights, x, None, lengths, initial)
+    call()
     assert len(splits) == 2
 
 
@@ -597,31 +636,12 @@ def test_a_close_call_declines_sleeping_partners_and_a_burst_wakes_them(monkeypa
     # A guarded shape's close call that finds the partners asleep runs without them (the batch rule's
     # schedule) and wakes them for the next one, rather than wait while the host wakes their CPU; and a
     # burst's first call wakes them itself.
-    batch = 8
-    if schedule.packed_product_rows() < batch:
-        pytest.skip("BLAS takes the per-step products here: small batches take the batch rule")
-    monkeypatch.delenv("NUMRNN_SCHEDULE", raising=False)
-    monkeypatch.setattr(schedule, "cores", lambda: 2)
-    monkeypatch.setattr(schedule, "CLOSE_CALL_SECONDS", 60.0)  # every call after the first is close
-    kernel = get_kernel(SMALL_BATCH)
-    monkeypatch.setattr(kernel, "_scheduler", schedule.Scheduler(SMALL_BATCH))
-    rng = np.random.default_rng(3)
-    weights = fan_in_weights(SMALL_BATCH, rng)
-    x = rng.standard_normal((30, batch, SMALL_BATCH.input_size)).astype(np.float32)
-    lengths = rng.integers(1, 31, batch).astype(np.int64)
-    initial = [tuple(rng.standard_normal((batch, n)).astype(np.float32) for n in c.state_sizes)
-               for c in SMALL_BATCH.cells]
-    expected, expected_states = run_stack(SMALL_BATCH, weights, x, lengths=lengths, initial_states=initial)
-    choice = kernel._scheduler.plan(30, batch)[2]
+    kernel, call = _small_batch_calls(monkeypatch, 8, seed=3)
+    choice = kernel._scheduler.plan(30, 8)[2]
     assert choice.otherwise == ("serial", 1)
     stood_by, stand_by = [], Partners.stand_by
     monkeypatch.setattr(Partners, "stand_by", lambda team, function, *a: stood_by.append(function)
                         or stand_by(team, function, *a))
-
-    def call():
-        got, got_states = _run_kernel(SMALL_BATCH, weights, x, None, lengths, initial)
-        assert_matches_reference(SMALL_BATCH, got, got_states, expected, expected_states)
-
     call(), call()  # after a pause (serial), then close: the split compiled, its shape's buffers kept
     team, split = kernels._partners(), kernel._split_kernels[choice.split]
     assert split._shared

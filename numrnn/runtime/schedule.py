@@ -644,7 +644,15 @@ class MeasuredChoice(_CallGaps):
     last round, a round of two calls of each option (the others, then the
     best) adds one timed call to each. The first call of an option in a
     round is not timed: it pays for the change (a compile or a cache load,
-    partners woken from sleep, weights not yet in cache).
+    partners woken from sleep, weights not yet in cache). A timed call that
+    ran otherwise (its partners asleep or still waking, so the split
+    declined them; another thread's split call; a compile) goes back to its
+    round for the next call, up to :data:`RETRIES` times a round: a split
+    call declines partners that are still waking
+    (``numrnn.runtime.partners.Partners.run``), and while serial was the
+    best the round's untimed split call only woke them, so its timed one
+    would almost never find them ready and the split's timings would stay
+    as they were.
 
     Each option counts by the median of its last :data:`SAMPLES` timed
     calls, leaving out those over :data:`OUTLIER_FACTOR` times the shortest
@@ -675,6 +683,7 @@ class MeasuredChoice(_CallGaps):
     OUTLIER_FACTOR = 3.0
     ROUND_SECONDS = 0.05
     ROUND_CALLS = 32
+    RETRIES = 8
 
     def __init__(self, options: tuple[tuple[str, int], ...]):
         super().__init__()
@@ -683,6 +692,7 @@ class MeasuredChoice(_CallGaps):
         self._times: dict[tuple[str, int], list[float]] = {option: [] for option in options}
         self._typical: dict[tuple[str, int], float] = {}
         self._round = self._round_of(options, self.SAMPLES)  # the calls left of the current round
+        self._retries = 0  # timed calls of the current round put back (RETRIES)
         self._round_at = 0.0  # when the last round's last call started
         self._since = 0  # calls of the best since then
         self._last_seconds = 0.0  # the last timed call's
@@ -715,6 +725,7 @@ class MeasuredChoice(_CallGaps):
             return self.best, False
         calls = self._round_of([option for option in self.options if option != self.best] + [self.best], 1)
         call = calls.pop()
+        self._retries = 0
         self._round = calls  # stored whole, after its first call is taken: another thread may pop it at once
         return call
 
@@ -730,10 +741,15 @@ class MeasuredChoice(_CallGaps):
 
     def record(self, option: tuple[str, int], seconds: float, counted: bool = True) -> None:
         """The timed call that :meth:`pick` started last, of ``option``, took ``seconds``; not a sample of it
-        unless ``counted`` (False: it ran otherwise, or compiled)."""
+        unless ``counted`` (False: it ran otherwise, or compiled, and a round's call is put back)."""
         self._end(seconds)
         self._last_seconds = seconds
-        if not (counted and self._counted):
+        if not self._counted:
+            return
+        if not counted:
+            if self._retries < self.RETRIES:
+                self._retries += 1
+                self._round.append((option, True))
             return
         times = self._times[option]
         times.append(seconds)
