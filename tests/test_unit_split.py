@@ -420,7 +420,7 @@ def test_a_timed_call_that_ran_otherwise_goes_back_to_its_round():
     assert choice.typical() == {serial: 3.0, units: 2.0}
     assert call() == (units, False)  # the round is over: untimed calls of the best
     clock += 2 * choice.ROUND_SECONDS
-    calls = [call(split_declined=True) for _ in range(2 * choice.ROUND_CALLS)]
+    calls = [call(split_declined=True) for _ in range(2 * choice.ROUND_CALLS + choice.RETRIES)]
     start = calls.index((serial, False))  # the next round
     assert calls[start:start + choice.RETRIES + 5] == [(serial, False), (serial, True), (units, False)] + [
         (units, True)] * (choice.RETRIES + 1) + [(units, False)]  # its timed split call and RETRIES retries

@@ -683,7 +683,7 @@ class MeasuredChoice(_CallGaps):
     OUTLIER_FACTOR = 3.0
     ROUND_SECONDS = 0.05
     ROUND_CALLS = 32
-    RETRIES = 8
+    RETRIES = 64
 
     def __init__(self, options: tuple[tuple[str, int], ...]):
         super().__init__()
