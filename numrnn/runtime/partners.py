@@ -17,10 +17,11 @@ without a job (the last of them yielding its core) goes back to Python and
 sleeps on its queue, as does one evicted by a call of another kernel. A call
 that finds its partners asleep, or in another kernel, hands the jobs over
 through the queues (the cold path) and leaves the partners ready for the
-next call. A call that may run without them (a guarded schedule's, in
-``numrnn.runtime.kernels``) does not wait for sleeping partners: it wakes
-them into the kernel's loop with no job (:meth:`Partners.stand_by`) and
-runs on one thread, and the calls after it find them ready.
+next call. A call that may run without them (a guarded schedule's whose
+static option is serial, in ``numrnn.runtime.kernels``) does not wait for
+sleeping partners: it wakes them into the kernel's loop with no job
+(:meth:`Partners.stand_by`) and runs on one thread, and the calls after it
+find them ready.
 
 Only one split call runs at a time (``numrnn.runtime.kernels``), so one set
 of partners serves every split kernel of the process. A child process made by
@@ -31,6 +32,7 @@ from __future__ import annotations
 
 import atexit
 import itertools
+import logging
 import os
 import queue
 import threading
@@ -39,6 +41,8 @@ import numpy as np
 
 from numrnn.runtime import sync
 from numrnn.runtime.schedule import cores
+
+log = logging.getLogger("numrnn")
 
 
 class Partners:
@@ -147,7 +151,11 @@ class Partners:
         for w, job in enumerate(self._partner_jobs(lead, workers), start=1):
             if self.ready(w) == sync.IDLE:
                 self.ctl[w * sync.STRIDE] = sync.WAKING  # as in _hand_over: the partner is idle in Python
-                self._queues[w].put((kernel, job, sync.STANDBY))
+                try:
+                    self._queues[w].put((kernel, job, sync.STANDBY))
+                except BaseException:  # an interrupt: a partner left WAKING would be waited for forever
+                    sync.set_idle(self.ctl, w)
+                    raise
 
     def _serve(self, w: int) -> None:
         """Partner ``w``'s thread: each job it is handed, and the kernel's job loop after it."""
@@ -160,6 +168,11 @@ class Partners:
         try:
             kernel(*job, self.ctl, self.boxes, role)
         except BaseException as error:  # reported by the lead's run(); the thread lives on
+            if role == sync.STANDBY and self.ready(w) == sync.WAKING:  # before any job: no call to fail
+                log.warning("numrnn: a partner could not wait in %s's loop: %r", getattr(kernel, "__name__", kernel),
+                            error)
+                sync.set_idle(self.ctl, w)
+                return
             self._errors[w] = error
             self.flags[sync.ABORT] = 1
             sync.set_idle(self.ctl, w)

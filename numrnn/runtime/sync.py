@@ -50,7 +50,8 @@ thread wake-up or the GIL. ``ctl`` holds one state word per partner, at
   in a kernel's loop with no job (``STANDBY``), and it is not there yet.
 
 A lead reserves every partner it needs or none (:func:`post_jobs`), so a
-call runs either wholly on ready partners or on the queue path. A partner
+call runs either wholly on ready partners or on the queue path (or, where
+the runtime lets it decline partners still asleep, not at all). A partner
 leaves the ready state itself only with a compare-and-swap, so a lead that
 reserved it can never be left waiting for a partner that went to sleep.
 :func:`publish` stores a job (a tuple of the kernel's arguments) in the
@@ -285,7 +286,7 @@ def post_jobs(ctl, workers, tag):
 
     False when some partner was not ready in this kernel (asleep, or in
     another kernel's loop): the ones already reserved are put back, and the
-    lead hands the jobs over from Python instead.
+    lead hands the jobs over from Python instead, or declines them.
     """
     for w in range(1, workers):
         if not compare_exchange(ctl, w * STRIDE, tag, RESERVED):
