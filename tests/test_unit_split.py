@@ -575,8 +575,11 @@ def test_a_call_after_a_pause_wakes_the_partners_where_calls_come_in_bursts():
     spaced = [(pause, 1e-3)] * 3
     # The first spaced call still takes the burst before it for one, and wakes them; the others do not.
     assert _gaps(schedule.CloseCallsChoice(units, serial), burst + spaced + burst) == [None] * 3 + [units] + [None] * 5
-    # Where the static option runs on the batch rule's threads, the partners would take their cores: none.
-    assert _gaps(schedule.CloseCallsChoice(units, ("batch", 2)), burst * 2) == [None] * 6
+    # Where the static option runs on the batch rule's threads, the partners would take their cores: none, and a
+    # close call with the partners asleep waits for them (it does not decline them).
+    batch_static = schedule.CloseCallsChoice(units, ("batch", 2))
+    assert _gaps(batch_static, burst * 2) == [None] * 6
+    assert not batch_static.declines and schedule.CloseCallsChoice(units, serial).declines
 
 
 def test_a_measured_shape_wakes_the_partners_only_while_the_split_is_its_best():
@@ -587,7 +590,9 @@ def test_a_measured_shape_wakes_the_partners_only_while_the_split_is_its_best():
     assert _gaps(choice, burst * 2)[4] is None  # the best is still the static option
     choice.best = units
     assert _gaps(choice, burst, start=100.0)[0] == units
-    assert _gaps(schedule.MeasuredChoice((("batch", 2), units)), burst * 2)[4] is None
+    batch_static = schedule.MeasuredChoice((("batch", 2), units))
+    batch_static.best = units
+    assert _gaps(batch_static, burst * 2)[4] is None and not batch_static.declines
 
 
 #: A small batch's stack: LSTM(48) (36 KiB, 24 units a worker) with lengths, then GRU(40) (19 KiB).

@@ -193,7 +193,7 @@ class Kernel:
                 option, timed = measured.pick(start)
                 if measured.wake is not None:
                     self._wake_partners(measured.wake, x, cond, states, weights, y)
-                as_picked = self._run_scheduled(*option, x, cond, states, weights, y, decline=True)
+                as_picked = self._run_scheduled(*option, x, cond, states, weights, y, decline=measured.declines)
                 if timed:
                     measured.record(option, time.perf_counter() - start, counted=as_picked)
         return y if self._sequences else y[0]
@@ -201,8 +201,9 @@ class Kernel:
     def _run_scheduled(self, schedule: str, workers: int, x, cond, states, weights, y, decline: bool = False) -> bool:
         """Run the call as ``schedule`` on ``workers``; False if it ran otherwise or compiled (a busy split).
 
-        ``decline``: a split call whose partners are asleep runs otherwise
-        (a guarded schedule's, whose static option runs such calls anyway;
+        ``decline``: a split call whose partners are asleep or still waking
+        runs otherwise (a guarded schedule's, whose static option is serial
+        and runs the calls after a pause anyway;
         :meth:`numrnn.runtime.partners.Partners.run`).
         """
         as_scheduled = True
@@ -283,7 +284,7 @@ class Kernel:
 
     def _try_run_split(self, x, cond, states, weights, y, decline: bool = False) -> bool:
         """Run the call on this compiled split kernel; False if another split call is running, or if, with
-        ``decline``, its partners were asleep (:meth:`numrnn.runtime.partners.Partners.run`).
+        ``decline``, its partners were asleep or still waking (:meth:`numrnn.runtime.partners.Partners.run`).
 
         A split call's own path, for calls of a few tens of microseconds
         (tiny64 split: 32 us, of which Python took about 5): one lock, one

@@ -542,8 +542,9 @@ class _CallGaps:
     """When a shape's last call ended (or should have), to tell a call that comes close after it
     (:data:`CLOSE_CALL_SECONDS`) from one after a pause; and whether its calls come in bursts.
 
-    A call after a pause runs without the partners, asleep by then, and the
-    close calls after it decline them until they are awake
+    A call after a pause runs without the partners, asleep by then, and,
+    where the static option is serial (:attr:`declines`), the close calls
+    after it decline them until they are awake
     (``numrnn.runtime.partners.Partners.run``). Where the last call after a
     pause was followed by a close one, :meth:`_arrive` sets :attr:`wake` for
     the next call after a pause: the kernel then wakes the partners into the
@@ -553,8 +554,11 @@ class _CallGaps:
     would spin their few milliseconds for nothing after every call.
     """
 
-    def __init__(self):
+    def __init__(self, static: tuple[str, int]):
         self._started = self._ends_at = -np.inf
+        #: Whether a split call may decline partners still asleep and run ``static`` instead: where that is serial
+        #: (a batch split's threads would run beside the partners it wakes).
+        self.declines = static == SERIAL
         self._after_pause = False  # whether the last call came after a pause
         self._bursts = False  # whether the last call after a pause was followed by a close one
         #: The split option whose partners the call just picked should wake, or ``None``.
@@ -595,7 +599,8 @@ class CloseCallsChoice(_CallGaps):
     :data:`CLOSE_CALL_SECONDS` or more after the shape's last one ended runs
     the batch rule's schedule (usually serial at these sizes), and the next
     call, if it follows close, splits; if the partners are still asleep it
-    runs the batch rule's schedule too, and wakes them for the calls after
+    runs the batch rule's schedule too where that is serial, and wakes them
+    for the calls after
     it (``numrnn.runtime.partners.Partners.run``'s ``decline``), rather than
     wait for them (bursts of five calls 20 ms apart, medians by position:
     tiny64 202, 2827, 89, 174, 71 us before, 245, 88, 67, 61, 58 us after,
@@ -610,12 +615,12 @@ class CloseCallsChoice(_CallGaps):
     """
 
     def __init__(self, split: tuple[str, int], otherwise: tuple[str, int]):
-        super().__init__()
+        super().__init__(otherwise)
         self.split, self.otherwise = split, otherwise
 
     def pick(self, now: float) -> tuple[tuple[str, int], bool]:
         """The option this call runs, and True (time it: :meth:`record` says when it ended); ``now``: its start."""
-        close = self._arrive(now, self.split if self.otherwise == SERIAL else None)  # batch threads take the cores
+        close = self._arrive(now, self.split if self.declines else None)
         self._start(now)
         return (self.split if close else self.otherwise), True
 
@@ -686,7 +691,7 @@ class MeasuredChoice(_CallGaps):
     RETRIES = 64
 
     def __init__(self, options: tuple[tuple[str, int], ...]):
-        super().__init__()
+        super().__init__(options[0])
         self.options = options
         self.best = options[0]
         self._times: dict[tuple[str, int], list[float]] = {option: [] for option in options}
@@ -700,8 +705,7 @@ class MeasuredChoice(_CallGaps):
 
     def pick(self, now: float) -> tuple[tuple[str, int], bool]:
         """The option this call runs, and whether to time it (:meth:`record`); ``now``: its start."""
-        splits_best = self.best != self.options[0] and self.options[0] == SERIAL
-        if self._arrive(now, self.best if splits_best else None):
+        if self._arrive(now, self.best if self.declines and self.best != self.options[0] else None):
             option, timed = self._next_call(now)
             self._counted = timed
         else:
