@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -133,8 +134,8 @@ def _show(args) -> int:
 def _configure_cache(parser: argparse.ArgumentParser) -> None:
     action = parser.add_mutually_exclusive_group()
     action.add_argument("--prune", action="store_true",
-                        help="remove the modules of other numrnn versions (other codegen versions) and their "
-                             "compiled code")
+                        help="remove the modules this numrnn does not load (other codegen versions; shared modules "
+                             "of other versions or machines) and their compiled code")
     action.add_argument("--clear", action="store_true",
                         help="remove every module numrnn generated there, and its compiled code: the next calls "
                              "compile again")
@@ -172,7 +173,10 @@ def _cache(args) -> int:
         return 0
     print(f"numrnn kernel cache: {folder} (set {CACHE_ENV} to move it)")
     print(f"  this numrnn: {_describe(current)}")
-    print(f"  other numrnn versions: {_describe(others)}" + ("; numrnn cache --prune removes them" if others else ""))
+    print(f"  other numrnn versions or machines: {_describe(others)}"
+          + ("; numrnn cache --prune removes them" if others else ""))
+    if os.environ.get("NUMBA_CACHE_DIR"):
+        print("  NUMBA_CACHE_DIR is set: numba keeps the modules' machine code there, not counted or removed here")
     return 0
 
 

@@ -283,8 +283,11 @@ def test_cache_shows_this_numrnns_modules_and_other_versions(tmp_path, monkeypat
     out = capsys.readouterr().out
     assert str(tmp_path) in out
     assert f"this numrnn: 1 kernel (codegen v{CODEGEN_VERSION}), 1 shared module," in out
-    assert f"other numrnn versions: 1 kernel (codegen v{CODEGEN_VERSION - 1}), 1 shared module," in out
-    assert "--prune removes them" in out
+    assert f"other numrnn versions or machines: 1 kernel (codegen v{CODEGEN_VERSION - 1}), 1 shared module," in out
+    assert "--prune removes them" in out and "NUMBA_CACHE_DIR" not in out
+    monkeypatch.setenv("NUMBA_CACHE_DIR", str(tmp_path / "numba"))
+    assert cli.main(["cache"]) == 0
+    assert "NUMBA_CACHE_DIR is set" in capsys.readouterr().out  # the machine code is elsewhere: not counted
 
 
 def test_cache_prune_removes_other_versions_and_clear_every_module_numrnn_wrote(tmp_path, monkeypatch, capsys):
