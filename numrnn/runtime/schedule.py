@@ -600,11 +600,11 @@ class CloseCallsChoice(_CallGaps):
     the batch rule's schedule (usually serial at these sizes), and the next
     call, if it follows close, splits; if the partners are still asleep it
     runs the batch rule's schedule too where that is serial, and wakes them
-    for the calls after
-    it (``numrnn.runtime.partners.Partners.run``'s ``decline``), rather than
-    wait for them (bursts of five calls 20 ms apart, medians by position:
-    tiny64 202, 2827, 89, 174, 71 us before, 245, 88, 67, 61, 58 us after,
-    with :class:`_CallGaps`'s wake). The same for one or two rows
+    for the calls after it (``numrnn.runtime.partners.Partners.run``'s
+    ``decline``), rather than wait for them (bursts of five calls 20 ms
+    apart, medians by position: tiny64 202, 2827, 89, 174, 71 us before,
+    245, 88, 67, 61, 58 us after, with :class:`_CallGaps`'s wake). The same
+    for one or two rows
     (latency256 with 10 ms between calls: 4.1 ms split against 1.7 ms
     serial; back to back, 0.7 against 1.4 ms). Not for the direction split,
     which won even so (bidir_masked, 10 ms apart: 5.0 against 8.7 ms
