@@ -133,8 +133,7 @@ class Partners:
         """The cold path: partners back to Python, then each its job through its queue (``jobs[w - 1]``: worker w's)."""
         sync.evict_partners(self.ctl, len(jobs) + 1)
         for w, job in enumerate(jobs, start=1):
-            self.ctl[w * sync.STRIDE] = sync.RUNNING  # the partner is idle in Python: nothing else writes it
-            self._queues[w].put((kernel, job, sync.SERVE))
+            self._wake(w, kernel, job, sync.RUNNING, sync.SERVE)
 
     def stand_by(self, kernel, lead: tuple, workers: int) -> None:
         """Partners ``1 .. workers - 1`` asleep in Python: into ``kernel``'s job loop, to wait there for its next
@@ -150,12 +149,17 @@ class Partners:
         """
         for w, job in enumerate(self._partner_jobs(lead, workers), start=1):
             if self.ready(w) == sync.IDLE:
-                self.ctl[w * sync.STRIDE] = sync.WAKING  # as in _hand_over: the partner is idle in Python
-                try:
-                    self._queues[w].put((kernel, job, sync.STANDBY))
-                except BaseException:  # an interrupt: a partner left WAKING would be waited for forever
-                    sync.set_idle(self.ctl, w)
-                    raise
+                self._wake(w, kernel, job, sync.WAKING, sync.STANDBY)
+
+    def _wake(self, w: int, kernel, job: tuple, state: int, role: int) -> None:
+        """Partner ``w``, idle in Python (nothing else writes its word), to ``state``, then ``kernel(*job)`` as
+        ``role`` through its queue."""
+        self.ctl[w * sync.STRIDE] = state
+        try:
+            self._queues[w].put((kernel, job, role))
+        except BaseException:  # an interrupt: a partner left RUNNING or WAKING would be waited for forever
+            sync.set_idle(self.ctl, w)
+            raise
 
     def _serve(self, w: int) -> None:
         """Partner ``w``'s thread: each job it is handed, and the kernel's job loop after it."""
