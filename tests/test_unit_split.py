@@ -4,10 +4,11 @@ Each case is a spec the split can run (even unit counts; no projection, no GRU
 reset-before) covering the semantics the split touches: every cell kind and
 LSTM option, each masking mode, both reversals, every merge (including the
 merge between blocks, which needs its own barrier), the last-output mode and
-both dtypes. Each case runs at one row (the BLAS product) and four rows (the
-packed product where the BLAS has no small-matrix kernels), forced through
-``NUMRNN_SCHEDULE=units``, and is compared with the oracle (which pins the
-unsplit kernels too, in ``test_grid``). One compile per case.
+both dtypes. Each case runs at one row (the layer's inline one-row
+product), four rows (the shared module's packed product, or BLAS where it
+has small-matrix kernels) and 13, forced through ``NUMRNN_SCHEDULE=units``,
+and is compared with the oracle (which pins the unsplit kernels too, in
+``test_grid``). One compile per case.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import pytest
 from reference import run_stack
 from test_grid import (
     D,
+    T,
     _bidir,
     _run_kernel,
     _weights,
@@ -156,6 +158,34 @@ def test_split_packed_keeps_each_workers_columns_of_every_gate():
     np.testing.assert_array_equal(part1["wh"], logical["recurrent_kernel"][:, columns])
     np.testing.assert_array_equal(part1["b"], logical["bias"][columns])
     np.testing.assert_array_equal(part1["wp"], logical["peephole"][:, 2:4])
+
+
+ONE_ROW_PRODUCTS = {
+    # a worker's 272 outputs: two passes of four 32-column panels (walked back on odd steps), then a 16-column one
+    "float32_two_passes_and_a_partial_panel": simple_stack([CellSpec("lstm", 136)], D, masking="lengths"),
+    # 16-column float64 panels: a pass of four, then one whole panel
+    "float64_a_pass_and_a_whole_panel": simple_stack([CellSpec("gru", 40)], D, dtype="float64"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(ONE_ROW_PRODUCTS))
+def test_a_one_row_split_step_computes_the_packed_products_sums(name, monkeypatch):
+    # A split layer's one-row product is its own inline code (codegen.cells.common.emit_one_row_product), the
+    # serial kernel's the shared module's entry: the same multiply-adds in the same order, so the same bits.
+    spec = ONE_ROW_PRODUCTS[name]
+    rng = np.random.default_rng(11)
+    weights = fan_in_weights(spec, rng)
+    x = rng.standard_normal((T, 1, D)).astype(spec.dtype)
+    lengths = np.array([T], np.int64) if spec.masking == "lengths" else None
+    initial = [tuple(rng.standard_normal((1, n)).astype(spec.dtype) for n in c.state_sizes) for c in spec.cells]
+    runs = {}
+    for schedule_name in ("serial", "units"):
+        monkeypatch.setenv("NUMRNN_SCHEDULE", schedule_name)
+        runs[schedule_name] = _run_kernel(spec, weights, x, None, lengths, initial)
+    assert get_kernel(dataclasses.replace(spec, unit_split=2)).compile_seconds is not None  # it really ran split
+    assert_bit_equal(*runs["units"], *runs["serial"])
+    expected, expected_states = run_stack(spec, weights, x, lengths=lengths, initial_states=initial)
+    assert_matches_reference(spec, *runs["units"], expected, expected_states)
 
 
 @pytest.mark.parametrize(

@@ -221,11 +221,13 @@ def panels_name(matrix: str) -> str:
     return f"{matrix}_panels"
 
 
-def emit_recurrent_product(em: Emitter, ctx: LayerContext, h: str, w: str, out: str) -> None:
+def emit_recurrent_product(em: Emitter, ctx: LayerContext, h: str, w: str, out: str, outputs: int) -> None:
     """``out = h @ w`` for every row (``w`` packed ``(inputs, outputs)``) this step computes.
 
     Up to ``small`` rows (a runtime argument) the packed product
     (:func:`emit_panel_product`) over ``w``'s panel copy; above, one BLAS GEMM.
+    A layer with ``ctx.inline_one_row`` computes a one-row step's product
+    in its own code instead (:func:`emit_one_row_product`).
 
     A layer that fuses its input projection (``ctx.fused_projection``)
     takes :func:`emit_fused_product` instead for the step's first product
@@ -248,7 +250,13 @@ def emit_recurrent_product(em: Emitter, ctx: LayerContext, h: str, w: str, out: 
                 em(f"{PANEL_PRODUCT}(xs, wxp, xwr, {rows}, np.int64(0))")
             reverse = int(ctx.reverse == "full")
             em(f"{FUSED_PRODUCT}({h}, {panels_name(w)}, {out}, xs, wxp, xwr, s, T, np.int64({reverse}))")
-    with em.block(f"{'elif' if fused else 'if'} B <= small:"):
+    branch = "elif" if fused else "if"
+    if ctx.inline_one_row and not fused:
+        live = "" if masked() is None else f" and not ({masked('0')})"
+        with em.block(f"if B == 1 and small > 0{live}:"):
+            emit_one_row_product(em, h, panels_name(w), out, outputs, ctx.dtype)
+        branch = "elif"
+    with em.block(f"{branch} B <= small:"):
         if masked() is None:
             # np.int64: a bare 0 would type as a literal, and numba would compile a second
             # panel product for it beside the masked layers' (int64) one.
@@ -263,6 +271,41 @@ def emit_recurrent_product(em: Emitter, ctx: LayerContext, h: str, w: str, out: 
                 em(f"{PANEL_PRODUCT}({h}, {panels_name(w)}, {out}, lo, hi, s % 2)")
     with em.block("else:"):
         em(f"{DOT}({h}, {w}, {out})")
+
+
+def emit_one_row_product(em: Emitter, h: str, wp: str, out: str, outputs: int, dtype: str) -> None:
+    """``out[0] = h[0] @ w`` from ``w``'s panels ``wp``, as the packed product computes it for one row, inline.
+
+    The blocks of :func:`emit_panel_product` at one row, with the matrix's
+    shape settled here: passes of ``PANELS_PER_PASS[1]`` panels (last to
+    first on odd steps), then the panels left one at a time. Each output
+    adds the same terms in the same order as there.
+
+    The call of the shared module's entry cost a small slice's step more
+    than the product saves by being compiled once: tiny64's unit split
+    (LSTM(64), B1 T50, a 32 KiB slice a worker), 26.0 -> 24.1 us a call of
+    the split kernel alone (a hand-edited copy, medians of 9 x 1,000 calls,
+    the copies in turns), whole calls 29.7-30.1 -> 27.3-27.8 us (forced
+    ``units``, medians of 5 x 2,000, old and new code in alternating
+    processes, four pairs of five). The split kernel's cold compile did
+    not measurably change (2.91-3.10 s before, 2.46-3.24 s after, three
+    fresh modules each). A layer whose slice fuses its projection
+    (``fused_projection``) calls the fused entry instead, whose step is
+    long enough (latency256: 7 us) not to notice a call; serial kernels
+    keep the call: the streaming call (LSTM(32), one step) gained
+    nothing measurable from the inline product (1.51 against 1.48 us).
+    """
+    width = panel_width(dtype)
+    per_pass = PANELS_PER_PASS[1]
+    passes = outputs // (per_pass * width)
+    if passes == 1:
+        em(f"panel_block({h}, {wp}, {out}, 0, 0, {width}, 1, {per_pass})")
+    elif passes:
+        with em.block(f"for i in range({passes}):"):
+            em(f"p = {per_pass} * ({passes - 1} - i if s % 2 else i)")
+            em(f"panel_block({h}, {wp}, {out}, 0, p, {width}, 1, {per_pass})")
+    for p in range(passes * per_pass, -(-outputs // width)):
+        em(f"panel_block({h}, {wp}, {out}, 0, {p}, {min(width, outputs - p * width)}, 1, 1)")
 
 
 #: What the shared module's packed product needs from ``numrnn.runtime.simd``.
@@ -474,6 +517,9 @@ class LayerContext:
     ``defer_output``: the step leaves the outputs to :func:`emit_output_pass`,
     which the layer emits where it chooses (the unit split: after sending
     the step's ``h``).
+    ``inline_one_row``: a one-row step's product is the layer's own code
+    (:func:`emit_one_row_product`), not a call of the shared module's; the
+    module imports ``panel_block``.
     """
 
     cell: CellSpec
@@ -485,6 +531,7 @@ class LayerContext:
     recurrent_input: str = "h"
     fused_projection: bool = False
     defer_output: bool = False
+    inline_one_row: bool = False
 
     @property
     def units(self) -> int:

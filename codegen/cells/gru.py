@@ -67,7 +67,7 @@ def emit_step(em: Emitter, ctx: LayerContext) -> None:
 def _emit_reset_after(em: Emitter, ctx: LayerContext) -> None:
     cell, u, one = ctx.cell, ctx.units, lit(1, ctx.dtype)
     bias = (lambda k: f" + bh[{k}]") if cell.has_recurrent_bias else (lambda k: "")
-    emit_recurrent_product(em, ctx, ctx.recurrent_input, "wh", "rh")
+    emit_recurrent_product(em, ctx, ctx.recurrent_input, "wh", "rh", 3 * u)
     with row_loop(em, ctx, final=True):
         with em.block(f"for j in range({u}):"):
             em(
@@ -83,7 +83,7 @@ def _emit_reset_after(em: Emitter, ctx: LayerContext) -> None:
 
 def _emit_reset_before(em: Emitter, ctx: LayerContext) -> None:
     cell, u, one = ctx.cell, ctx.units, lit(1, ctx.dtype)
-    emit_recurrent_product(em, ctx, ctx.recurrent_input, "whzr", "rzr")
+    emit_recurrent_product(em, ctx, ctx.recurrent_input, "whzr", "rzr", 2 * u)
     with row_loop(em, ctx, final=False):
         with em.block(f"for j in range({u}):"):
             em(
@@ -92,7 +92,7 @@ def _emit_reset_before(em: Emitter, ctx: LayerContext) -> None:
                 f"zs[b, j] = {activation_expr(cell.recurrent_activation, 'az', ctx.dtype)}",
                 f"rhs[b, j] = ({activation_expr(cell.recurrent_activation, 'ar', ctx.dtype)}) * h[b, j]",
             )
-    emit_recurrent_product(em, ctx, "rhs", "whh", "rhh")
+    emit_recurrent_product(em, ctx, "rhs", "whh", "rhh", u)
     with row_loop(em, ctx, final=True):
         with em.block(f"for j in range({u}):"):
             em(

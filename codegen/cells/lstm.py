@@ -48,7 +48,7 @@ def emit_step(em: Emitter, ctx: LayerContext) -> None:
     cell, u = ctx.cell, ctx.units
     act = lambda v: activation_expr(cell.activation, v, ctx.dtype)  # noqa: E731
     ract = lambda v: activation_expr(cell.recurrent_activation, v, ctx.dtype)  # noqa: E731
-    emit_recurrent_product(em, ctx, ctx.recurrent_input, "wh", "rh")
+    emit_recurrent_product(em, ctx, ctx.recurrent_input, "wh", "rh", 4 * u)
     with row_loop(em, ctx, final=True):
         with em.block(f"for j in range({u}):"):
             em("cp = c[b, j]")

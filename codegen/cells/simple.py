@@ -37,7 +37,7 @@ def emit_scratch(em: Emitter, ctx: LayerContext, dtype: str) -> None:
 
 def emit_step(em: Emitter, ctx: LayerContext) -> None:
     """One time step for every row."""
-    emit_recurrent_product(em, ctx, ctx.recurrent_input, "wh", "rh")
+    emit_recurrent_product(em, ctx, ctx.recurrent_input, "wh", "rh", ctx.units)
     with row_loop(em, ctx, final=True):
         with em.block(f"for j in range({ctx.units}):"):
             em(f"a = {ctx.xw('j')} + rh[b, j]")

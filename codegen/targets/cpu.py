@@ -340,6 +340,7 @@ def generate(spec: StackSpec) -> str:
         from codegen.targets.cpu_split import ALIGNED_EMPTY, ALIGNED_ZEROS, SYNC_IMPORTS
 
         em("", f"from codegen.cells import aligned_empty as {ALIGNED_EMPTY}, aligned_zeros as {ALIGNED_ZEROS}",
+           *(["from numrnn.runtime.simd import panel_block"] if spec.unit_split > 1 else []),
            f"from numrnn.runtime.sync import {SYNC_IMPORTS}")
     layers = layers_of(spec)
     em.blank()

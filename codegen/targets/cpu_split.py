@@ -281,7 +281,7 @@ def _emit_layer_function(em: Emitter, spec: StackSpec, layer: Layer) -> None:
     emitter = emitter_for(cell)
     fused = fuses_projection(layer.context, n)
     ctx = replace(layer.context, cell=replace(cell, units=n), recurrent_input="hp", fused_projection=fused,
-                  defer_output=True)
+                  defer_output=True, inline_one_row=not fused)
     others = list(cell.state_names[1:])
     params = ["xw", *input_bias_args(cell), *recurrent_names(cell), "hstate", *(f"{o}state" for o in others),
               *condition_args(spec), "out", "small", "xb", "u0", "flags", "me", "epoch",

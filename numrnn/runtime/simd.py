@@ -50,8 +50,10 @@ def panel_block(typingctx, h, wp, out, row, p, cols, rows, panels):
     (the matrix's outputs) are C-contiguous with one row per batch row.
     ``rows`` and ``panels`` are literal integers. With one panel, only its
     first ``cols`` columns are stored (the matrix's last, partial panel);
-    with more, all of them. Each output adds its terms in input order, one
-    multiply-add each.
+    with more, all of them. A literal ``cols`` settles which when the block
+    compiles (the inline one-row product,
+    ``codegen.cells.common.emit_one_row_product``). Each output adds its
+    terms in input order, one multiply-add each.
     """
     if not (is_c_array(h, 2) and is_c_array(wp, 3) and is_c_array(out, 2)
             and h.dtype == wp.dtype == out.dtype and isinstance(h.dtype, types.Float)
@@ -59,11 +61,12 @@ def panel_block(typingctx, h, wp, out, row, p, cols, rows, panels):
             and all(isinstance(a, types.Integer) for a in (row, p, cols))):
         return None
     block = _Block(h.dtype, rows.literal_value, panels.literal_value)
+    known_cols = cols.literal_value if isinstance(cols, types.IntegerLiteral) else None
 
     def codegen(context, builder, sig, args):
         arrays = [context.make_array(t)(context, builder, a) for t, a in zip(sig.args[:3], args[:3])]
         row_, p_, cols_ = (context.cast(builder, a, t, types.int64) for a, t in zip(args[3:6], sig.args[3:6]))
-        block.emit(builder, *arrays, row_, p_, cols_)
+        block.emit(builder, *arrays, row_, p_, cols_, known_cols)
         return context.get_dummy_value()
 
     return types.none(h, wp, out, row, p, cols, rows, panels), codegen
@@ -118,8 +121,12 @@ class _Block:
         self.vector = ir.VectorType(self.scalar, self.lanes)
         self.align = dtype.bitwidth // 8
 
-    def emit(self, builder: ir.IRBuilder, h, wp, out, row, p, cols) -> None:
-        """The block at the builder's position: zeroed accumulators, the input loop, the stores."""
+    def emit(self, builder: ir.IRBuilder, h, wp, out, row, p, cols, known_cols: int | None = None) -> None:
+        """The block at the builder's position: zeroed accumulators, the input loop, the stores.
+
+        ``known_cols``: ``cols`` as a constant, if it is one: a single
+        panel's stores are then chosen here rather than by a branch.
+        """
         inputs, width = cgutils.unpack_tuple(builder, wp.shape)[1:]
         h_stride = cgutils.unpack_tuple(builder, h.shape)[1]
         out_stride = cgutils.unpack_tuple(builder, out.shape)[1]
@@ -152,8 +159,17 @@ class _Block:
                     pointer = self._vector_pointer(builder, out.data, start_of(r, column))
                     builder.store(builder.load(acc[r, (q, v)]), pointer, align=self.align)
 
-        if self.panels > 1:
+        width_lanes = PANEL_VECTORS * self.lanes
+        if self.panels > 1 or (known_cols is not None and known_cols >= width_lanes):
             store_all()
+            return
+        if known_cols is not None:
+            for v in range(PANEL_VECTORS):
+                for lane in range(min(self.lanes, known_cols - v * self.lanes)):
+                    for r in range(self.rows):
+                        value = builder.extract_element(builder.load(acc[r, (0, v)]), _i32(lane))
+                        builder.store(value, builder.gep(out.data, [start_of(r, _i64(v * self.lanes + lane))],
+                                                         inbounds=True))
             return
         with builder.if_else(builder.icmp_signed("==", cols, width)) as (full, partial):
             with full:
