@@ -79,3 +79,20 @@ def test_systems_are_timed_in_turns(monkeypatch):
     assert set(medians) == {"a", "b", "c"} and all(m >= 0 for m in medians.values())
     turns = log[9:]  # after three warm-up calls each, one call per turn (min_time 0)
     assert turns == ["a", "b", "c", "b", "c", "a", "c", "a", "b", "a", "b", "c", "b", "c", "a"][:bench.ROUNDS * 3]
+
+
+def test_streaming_diff_compares_each_systems_first_call_from_zeros(monkeypatch):
+    # Streaming runs carry their states between calls; the diff column compares each system's first call with
+    # numrnn's, both from zero states, so a peer that starts elsewhere shows up there.
+    monkeypatch.setattr(bench, "SETTLE_SECONDS", 0.0)
+
+    def one_step_ahead(problem):
+        run = bench._numrnn(problem)
+        run()
+        return run, "ahead"
+
+    monkeypatch.setitem(bench.PEERS, "same", lambda problem: (bench._numrnn(problem), "same"))
+    monkeypatch.setitem(bench.PEERS, "ahead", one_step_ahead)
+    rows = {row["system"]: row for row in bench.bench_shape(bench.SHAPES_BY_NAME["streaming"], ["same", "ahead"], 0.0)}
+    assert rows["same"]["diff"] == 0.0
+    assert rows["ahead"]["diff"] > 1e-3
