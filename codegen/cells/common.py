@@ -252,8 +252,8 @@ def emit_recurrent_product(em: Emitter, ctx: LayerContext, h: str, w: str, out: 
             em(f"{FUSED_PRODUCT}({h}, {panels_name(w)}, {out}, xs, wxp, xwr, s, T, np.int64({reverse}))")
     branch = "elif" if fused else "if"
     if ctx.inline_one_row and not fused:
-        live = "" if masked() is None else f" and not ({masked('0')})"
-        with em.block(f"if B == 1 and small > 0{live}:"):
+        live = ctx.live_condition("0")
+        with em.block(f"if B == 1 and small > 0{'' if live is None else f' and {live}'}:"):
             emit_one_row_product(em, h, panels_name(w), out, outputs, ctx.dtype)
         branch = "elif"
     with em.block(f"{branch} B <= small:"):
@@ -565,6 +565,14 @@ class LayerContext:
             return f"not mask[t, {row}]"
         if self.masking == "lengths":
             return f"s >= lengths[{row}]" if self.reverse == "valid" else f"t >= lengths[{row}]"
+        return None
+
+    def live_condition(self, row: str = "b") -> str | None:
+        """Condition under which row ``row`` runs this step (:meth:`masked_condition`'s negation), or ``None``."""
+        if self.masking in ("carry", "zero"):
+            return f"mask[t, {row}]"
+        if self.masking == "lengths":
+            return f"s < lengths[{row}]" if self.reverse == "valid" else f"t < lengths[{row}]"
         return None
 
     def out_position(self, masked: bool) -> str:
