@@ -561,18 +561,18 @@ class LayerContext:
 
     def masked_condition(self, row: str = "b") -> str | None:
         """Condition under which row ``row`` skips this step, or ``None`` when no step is skipped."""
-        if self.masking in ("carry", "zero"):
-            return f"not mask[t, {row}]"
-        if self.masking == "lengths":
-            return f"s >= lengths[{row}]" if self.reverse == "valid" else f"t >= lengths[{row}]"
-        return None
+        return self._row_condition(row, live=False)
 
     def live_condition(self, row: str = "b") -> str | None:
         """Condition under which row ``row`` runs this step (:meth:`masked_condition`'s negation), or ``None``."""
+        return self._row_condition(row, live=True)
+
+    def _row_condition(self, row: str, *, live: bool) -> str | None:
         if self.masking in ("carry", "zero"):
-            return f"mask[t, {row}]"
+            return f"mask[t, {row}]" if live else f"not mask[t, {row}]"
         if self.masking == "lengths":
-            return f"s < lengths[{row}]" if self.reverse == "valid" else f"t < lengths[{row}]"
+            step = "s" if self.reverse == "valid" else "t"  # a valid-prefix reversal counts steps, not times
+            return f"{step} {'<' if live else '>='} lengths[{row}]"
         return None
 
     def out_position(self, masked: bool) -> str:
