@@ -252,7 +252,7 @@ def emit_recurrent_product(em: Emitter, ctx: LayerContext, h: str, w: str, out: 
             em(f"{FUSED_PRODUCT}({h}, {panels_name(w)}, {out}, xs, wxp, xwr, s, T, np.int64({reverse}))")
     branch = "elif" if fused else "if"
     if ctx.inline_one_row and not fused:
-        live = ctx.live_condition("0")
+        live = ctx.unmasked_condition("0")
         with em.block(f"if B == 1 and small > 0{'' if live is None else f' and {live}'}:"):
             emit_one_row_product(em, h, panels_name(w), out, outputs, ctx.dtype)
         branch = "elif"
@@ -278,8 +278,11 @@ def emit_one_row_product(em: Emitter, h: str, wp: str, out: str, outputs: int, d
 
     The blocks of :func:`emit_panel_product` at one row, with the matrix's
     shape settled here: passes of ``PANELS_PER_PASS[1]`` panels (last to
-    first on odd steps), then the panels left one at a time. Each output
-    adds the same terms in the same order as there.
+    first on odd steps), then the panels left one at a time (in order: the
+    shared entry takes them first and backward on odd steps, a walk that
+    only a matrix larger than its cache notices). Each output adds the same
+    terms in the same order as there. The panel and column counts are the
+    spec's, as are the layer's panels and its ``out``: nothing is checked.
 
     The call of the shared module's entry cost a small slice's step more
     than the product saves by being compiled once: tiny64's unit split
@@ -290,10 +293,13 @@ def emit_one_row_product(em: Emitter, h: str, wp: str, out: str, outputs: int, d
     processes, four pairs of five). The split kernel's cold compile did
     not measurably change (2.91-3.10 s before, 2.46-3.24 s after, three
     fresh modules each). A layer whose slice fuses its projection
-    (``fused_projection``) calls the fused entry instead, whose step is
-    long enough (latency256: 7 us) not to notice a call; serial kernels
-    keep the call: the streaming call (LSTM(32), one step) gained
-    nothing measurable from the inline product (1.51 against 1.48 us).
+    (``fused_projection``) calls the fused entry instead while it projects
+    step by step (``fuse``), a step long enough (latency256's worker: 5.5
+    us) not to notice a call, else the shared packed product. Serial
+    kernels keep the call: a one-step LSTM(32) call with the packed
+    product (``small`` 1; the streaming fast path itself keeps BLAS's gemv)
+    took 1.51 us inline against 1.48 through the call. Longer one-row
+    serial calls of layers too small to fuse were not measured.
     """
     width = panel_width(dtype)
     per_pass = PANELS_PER_PASS[1]
@@ -563,7 +569,7 @@ class LayerContext:
         """Condition under which row ``row`` skips this step, or ``None`` when no step is skipped."""
         return self._row_condition(row, live=False)
 
-    def live_condition(self, row: str = "b") -> str | None:
+    def unmasked_condition(self, row: str = "b") -> str | None:
         """Condition under which row ``row`` runs this step (:meth:`masked_condition`'s negation), or ``None``."""
         return self._row_condition(row, live=True)
 

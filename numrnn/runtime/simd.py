@@ -27,7 +27,8 @@ vector width and ``PANEL_VECTORS``
 changes its name and so its disk cache.
 
 Indices are not checked: the callers are generated loops whose bounds come
-from the arrays' shapes.
+from the arrays' shapes, or (a unit-split layer's one-row product) from the
+spec that the layer's buffers and panels are made from too.
 """
 
 from __future__ import annotations
@@ -159,8 +160,8 @@ class _Block:
                     pointer = self._vector_pointer(builder, out.data, start_of(r, column))
                     builder.store(builder.load(acc[r, (q, v)]), pointer, align=self.align)
 
-        width_lanes = PANEL_VECTORS * self.lanes
-        if self.panels > 1 or (known_cols is not None and known_cols >= width_lanes):
+        panel_columns = PANEL_VECTORS * self.lanes
+        if self.panels > 1 or (known_cols is not None and known_cols >= panel_columns):
             store_all()
             return
         if known_cols is not None:
