@@ -176,9 +176,7 @@ ONE_ROW_PRODUCTS = {
 @pytest.mark.parametrize("name", sorted(ONE_ROW_PRODUCTS))
 def test_a_one_row_split_step_computes_the_packed_products_sums(name, monkeypatch):
     # A split layer's one-row product is its own inline code (codegen.cells.common.emit_one_row_product), two
-    # rows' the shared module's packed product: the same multiply-adds in the same order, so the same bits. Both
-    # from one split kernel: a kernel loaded from the disk cache can differ from the same kernel compiled in
-    # the process in the last bit (a float32 LSTM(132), lengths-masked: 53 of 924 outputs by 6e-8).
+    # rows' the shared module's packed product: the same multiply-adds in the same order, so the same bits.
     spec = ONE_ROW_PRODUCTS[name]
     rng = np.random.default_rng(11)
     weights = fan_in_weights(spec, rng)
@@ -194,6 +192,41 @@ def test_a_one_row_split_step_computes_the_packed_products_sums(name, monkeypatc
     assert_bit_equal(two[:, :1], [tuple(s[:1] for s in cell) for cell in two_states], *one)
     expected, expected_states = run_stack(spec, weights, x, lengths=lengths, initial_states=initial)
     assert_matches_reference(spec, *one, expected, expected_states)
+
+
+CACHED_BITS = """
+import os, sys
+import numpy as np
+sys.path.insert(0, sys.argv[1])
+from test_grid import _run_kernel, fan_in_weights
+from codegen.spec import CellSpec, simple_stack
+from numrnn.runtime import get_kernel
+import dataclasses
+spec = simple_stack([CellSpec("lstm", 132)], 3, masking="lengths")
+rng = np.random.default_rng(11)
+weights = fan_in_weights(spec, rng)
+x = rng.standard_normal((7, 1, 3)).astype(np.float32)
+initial = [tuple(rng.standard_normal((1, n)).astype(np.float32) for n in c.state_sizes) for c in spec.cells]
+output, states = _run_kernel(spec, weights, x, None, np.array([4], np.int64), initial)
+split = get_kernel(dataclasses.replace(spec, unit_split=2)).function
+print(split.stats.cache_hits.get(split.signatures[0], 0), output.tobytes().hex())
+"""
+
+
+def test_a_split_kernel_loaded_from_the_disk_cache_computes_the_bits_of_the_process_that_compiled_it(tmp_path):
+    # The kernel's cached code holds its own copy of its layer function, which rounded differently from the
+    # layer function's own code, which the compiling process runs (kernels._load_cached_callees).
+    env = {**os.environ, "NUMRNN_SCHEDULE": "units", "NUMRNN_CACHE_DIR": str(tmp_path)}
+    env.pop("NUMBA_CACHE_DIR", None)
+    runs = []
+    for _ in range(2):
+        done = subprocess.run([sys.executable, "-c", CACHED_BITS, os.path.dirname(__file__)], env=env,
+                              capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+        runs.append(done.stdout.split())
+    (compiled_hits, compiled), (loaded_hits, loaded) = runs
+    assert compiled_hits == "0" and loaded_hits == "1"  # the second process loaded the kernel from the cache
+    assert loaded == compiled
 
 
 @pytest.mark.parametrize(
