@@ -691,7 +691,7 @@ def _load_cached_callees(kernel) -> None:
     """
     from numba.core.registry import CPUDispatcher
 
-    for function in vars(sys.modules[kernel.__module__]).values():
+    for function in list(kernel.py_func.__globals__.values()):  # the kernel module's namespace
         if (not isinstance(function, CPUDispatcher) or function is kernel
                 or function.py_func.__module__ != kernel.__module__):
             continue
