@@ -172,17 +172,23 @@ ONE_ROW_PRODUCTS = {
 }
 
 
-@pytest.mark.skipif(schedule.packed_product_rows() < 2, reason="BLAS takes every product on this machine")
-@pytest.mark.parametrize("name", sorted(ONE_ROW_PRODUCTS))
-def test_a_one_row_split_step_computes_the_packed_products_sums(name, monkeypatch):
-    # A split layer's one-row product is its own inline code (codegen.cells.common.emit_one_row_product), two
-    # rows' the shared module's packed product: the same multiply-adds in the same order, so the same bits.
+def one_row_case(name: str):
+    """``ONE_ROW_PRODUCTS[name]``, its weights, one row of input, its lengths (or ``None``) and initial states."""
     spec = ONE_ROW_PRODUCTS[name]
     rng = np.random.default_rng(11)
     weights = fan_in_weights(spec, rng)
     x = rng.standard_normal((T, 1, D)).astype(spec.dtype)
     lengths = np.array([T - 3], np.int64) if spec.masking == "lengths" else None
     initial = [tuple(rng.standard_normal((1, n)).astype(spec.dtype) for n in c.state_sizes) for c in spec.cells]
+    return spec, weights, x, lengths, initial
+
+
+@pytest.mark.skipif(schedule.packed_product_rows() < 2, reason="BLAS takes every product on this machine")
+@pytest.mark.parametrize("name", sorted(ONE_ROW_PRODUCTS))
+def test_a_one_row_split_step_computes_the_packed_products_sums(name, monkeypatch):
+    # A split layer's one-row product is its own inline code (codegen.cells.common.emit_one_row_product), two
+    # rows' the shared module's packed product: the same multiply-adds in the same order, so the same bits.
+    spec, weights, x, lengths, initial = one_row_case(name)
     monkeypatch.setenv("NUMRNN_SCHEDULE", "units")
     one = _run_kernel(spec, weights, x, None, lengths, initial)
     doubled = [tuple(np.concatenate([s, s]) for s in cell) for cell in initial]
@@ -195,19 +201,13 @@ def test_a_one_row_split_step_computes_the_packed_products_sums(name, monkeypatc
 
 
 CACHED_BITS = """
-import os, sys
-import numpy as np
+import dataclasses, sys
 sys.path.insert(0, sys.argv[1])
-from test_grid import _run_kernel, fan_in_weights
-from codegen.spec import CellSpec, simple_stack
+from test_grid import _run_kernel
+from test_unit_split import one_row_case
 from numrnn.runtime import get_kernel
-import dataclasses
-spec = simple_stack([CellSpec("lstm", 132)], 3, masking="lengths")
-rng = np.random.default_rng(11)
-weights = fan_in_weights(spec, rng)
-x = rng.standard_normal((7, 1, 3)).astype(np.float32)
-initial = [tuple(rng.standard_normal((1, n)).astype(np.float32) for n in c.state_sizes) for c in spec.cells]
-output, states = _run_kernel(spec, weights, x, None, np.array([4], np.int64), initial)
+spec, weights, x, lengths, initial = one_row_case("float32_passes_and_a_partial_panel")
+output, states = _run_kernel(spec, weights, x, None, lengths, initial)
 split = get_kernel(dataclasses.replace(spec, unit_split=2)).function
 print(split.stats.cache_hits.get(split.signatures[0], 0), output.tobytes().hex())
 """

@@ -452,8 +452,8 @@ class Kernel:
 
         from numrnn.runtime.extern import finish_links
 
-        _recovering_cache(self.path, lambda: _load_cached_callees(self.function))
-        _recovering_cache(self.path, lambda: self.function.compile(tuple(typeof(a) for a in args)))
+        signature = tuple(typeof(a) for a in args)
+        _recovering_cache(self.path, lambda: (_load_cached_callees(self.function), self.function.compile(signature)))
         _recovering_cache(_shared_path(), lambda: finish_links(self.spec.dtype))
 
     def _run_batch_split(self, workers: int, x, cond, states, weights, y) -> None:
