@@ -15,6 +15,7 @@ import csv
 import io
 import json
 import sys
+import time
 import types
 
 import pytest
@@ -24,7 +25,8 @@ from codegen import generate_source
 from codegen.spec import CODEGEN_VERSION, CellSpec, simple_stack
 from codegen.targets.cpu import generate_shared, shared_module_name
 from numrnn import cli
-from numrnn.compare import FIELDS, Comparison, StackOptions, parse_stack, summarize, write_plot
+from numrnn.compare import FIELDS, Comparison, StackOptions, measure, parse_stack, summarize, write_plot
+from numrnn.runtime import get_kernel, kernels
 
 
 @pytest.fixture(scope="module")
@@ -93,6 +95,26 @@ def test_compare_prints_the_table_progress_and_the_missing_plot_note(tiny_sweep)
     assert "Crossover:" in stdout
     assert "no plot: matplotlib is not installed" in stdout and "numrnn[plot]" in stdout
     assert not (out / "compare.png").exists()
+
+
+def test_compare_times_a_cached_load_without_the_calls_run(monkeypatch):
+    # A measurement in a fresh process on a warm cache (phase "warm"), here after dropping the process's kernels.
+    # The run is slowed past any load: taking a call's run off the first call's compile time read 0 here.
+    options = StackOptions(stack="simple:4", input_size=2, batch=2)
+    spec, pause = options.mode_spec("dynamic", 3), 0.5
+    job = {"spec": spec.to_json(), "steps": [3], "batch": 2, "phase": "warm"}
+    measure(job)  # compiled, in the disk cache
+    run_serial = kernels.Kernel._run_serial
+
+    def slow_run_serial(self, *args):
+        time.sleep(pause)
+        return run_serial(self, *args)
+
+    kernels.clear_memory_cache()
+    monkeypatch.setattr(kernels.Kernel, "_run_serial", slow_run_serial)
+    loaded = measure(job)["first_call_s"]
+    assert 0 < loaded < pause
+    assert loaded == get_kernel(spec).compile_seconds
 
 
 def test_compare_rejects_a_bad_stack_before_measuring(capsys):
