@@ -86,14 +86,11 @@ def as_mask(name: str, mask, batch: int, steps: int) -> np.ndarray:
 def as_lengths(name: str, lengths, batch: int, steps: int, minimum: int = 0) -> np.ndarray:
     """Per-sequence lengths: ``(batch,)`` integers in ``[minimum, steps]`` (torch tensors accepted)."""
     array = np.asarray(to_numpy(lengths))
-    if array.dtype.kind not in "iu":
-        if array.dtype.kind == "f" and array.size and np.all(np.mod(array, 1) == 0):
-            array = array.astype(np.int64)
-        else:
-            raise TypeError(f"{name}: expected integers; got dtype {array.dtype}")
+    if array.dtype.kind not in "iuf" or (array.dtype.kind == "f" and not np.all(np.mod(array, 1) == 0)):
+        raise TypeError(f"{name}: expected integers; got dtype {array.dtype}")
     if array.shape != (batch,):
         raise ValueError(f"{name}: expected shape (batch,) = ({batch},); got {array.shape}")
-    if array.size and (array.min() < minimum or array.max() > steps):
+    if array.size and (array.min() < minimum or array.max() > steps):  # before a cast, which wraps huge floats
         raise ValueError(
             f"{name}: every length must lie in [{minimum}, {steps}] (the time size is {steps}); got {array.tolist()}"
         )
@@ -104,3 +101,25 @@ def check_finite(owner: str, name: str, array: np.ndarray) -> None:
     """ValueError if a weight holds NaN or infinity."""
     if not np.all(np.isfinite(array)):
         raise ValueError(f"{owner}: {name} holds NaN or infinite values; weights must be finite")
+
+
+def check_cell_chain(owner: str, label: str, cells, features: int) -> None:
+    """Raise unless every built cell of a stack was built for the width it gets: ``features`` for the first cell,
+    the output size of the cell below for the others (``label``: how the stack's cells are named, ``cells``)."""
+    width, source = features, "the input"
+    for i, cell in enumerate(cells):
+        if cell.input_size is not None and cell.input_size != width:
+            raise ValueError(f"{owner}: {label}[{i}] ({cell.name}) was built for {cell.input_size} input features; "
+                             f"{source} gives it {width}")
+        width, source = cell.output_size, f"{label}[{i}]"
+
+
+def read_only_copies(arrays: dict, dtype: str) -> dict:
+    """Contiguous copies of ``arrays`` in ``dtype``, each read-only: a cell's weights, changed only by assignment,
+    which also drops their pack (an array edited in place would leave the kernels on the old values)."""
+    copies = {}
+    for name, array in arrays.items():
+        copy = np.array(array, dtype=dtype, order="C", copy=True)
+        copy.flags.writeable = False
+        copies[name] = copy
+    return copies

@@ -184,3 +184,153 @@ def test_more_rows_than_blas_takes_is_refused_before_any_work():
     weights = pack_weights(spec, [{k: np.zeros(s) for k, s in spec.cells[0].weight_shapes(1).items()}])
     with pytest.raises(ValueError, match=r"x: 65536 steps of 32769 rows .* at most 2147483647"):
         get_kernel(spec)(x, None, [np.zeros((2**15 + 1, 2), np.float32)], weights)
+
+
+# -- cells built or set apart from the layer that runs them ------------------------------------------------------
+def _built(cell, features):
+    cell.build(features)
+    return cell
+
+
+def _same_weights(before, after) -> bool:
+    return len(before) == len(after) and all(np.array_equal(a, b) for a, b in zip(before, after))
+
+
+@pytest.mark.parametrize("wrap", ["bidirectional", "stack", "backward_layer"])
+def test_a_first_call_keeps_the_weights_already_set(wrap):
+    # Keras builds only the sublayers that have no weights; rebuilding every cell replaced weights set before.
+    x = np.random.default_rng(0).random((2, 4, 3)).astype(np.float32)
+    if wrap == "bidirectional":
+        kept = numrnn.GRU(4)
+        kept.build(x.shape)
+        layer = numrnn.Bidirectional(kept)
+    elif wrap == "stack":
+        kept = _built(numrnn.GRUCell(4), 3)
+        layer = numrnn.RNN([kept, numrnn.GRUCell(5)])
+    else:
+        kept = numrnn.GRU(4, go_backwards=True)
+        kept.build(x.shape)
+        layer = numrnn.Bidirectional(numrnn.GRU(4), backward_layer=kept)
+    before = [w.copy() for w in kept.get_weights()]
+    layer(x)
+    assert _same_weights(before, kept.get_weights())
+
+
+def test_a_first_call_of_a_multi_rnn_cell_keeps_the_weights_already_set():
+    x = np.random.default_rng(0).random((2, 4, 3)).astype(np.float32)
+    from numrnn.compat.v1 import nn
+    kept = nn.rnn_cell.GRUCell(4)
+    kept.build(3)
+    before = [w.copy() for w in kept.get_weights()]
+    nn.dynamic_rnn(nn.rnn_cell.MultiRNNCell([kept, nn.rnn_cell.GRUCell(5)]), x, dtype=np.float32)
+    assert _same_weights(before, kept.get_weights())
+
+
+@pytest.mark.parametrize("case, words", [
+    ("second cell", ["cells[1] (grucell)", "built for 7 input features", "cells[0] gives it 4"]),
+    ("one cell twice", ["cells[1] (grucell)", "built for 3 input features", "cells[0] gives it 4"]),
+    ("backward layer", ["backward_layer.cells[0]", "built for 6 input features", "the input gives it 3"]),
+])
+def test_a_cell_built_for_another_width_names_itself(case, words):
+    # The kernel read a cell's weights with the width the chain gives it: out of bounds, or garbage.
+    if case == "second cell":
+        layer = numrnn.RNN([_built(numrnn.GRUCell(4), 3), _built(numrnn.GRUCell(5), 7)])
+    elif case == "one cell twice":
+        cell = numrnn.GRUCell(4)
+        layer = numrnn.RNN([cell, cell])
+    else:
+        backward = numrnn.GRU(4, go_backwards=True)
+        backward.build((2, 4, 6))
+        layer = numrnn.Bidirectional(numrnn.GRU(4), backward_layer=backward)
+    with pytest.raises(ValueError) as info:
+        layer(X)
+    for word in words:
+        assert word in str(info.value)
+
+
+def test_a_stack_of_cells_checks_every_cells_width_on_one_step():
+    stack = numrnn.StackedRNNCells([_built(numrnn.GRUCell(4), 3), _built(numrnn.GRUCell(5), 1)])
+    with pytest.raises(ValueError, match=r"cells\[1\] \(grucell\) was built for 1 input features; cells\[0\] gives"):
+        stack(X[:, 0], [np.zeros((2, 4), np.float32), np.zeros((2, 5), np.float32)])
+
+
+def test_a_multi_rnn_cell_checks_every_cells_width():
+    from numrnn.compat.v1 import nn
+    top = nn.rnn_cell.GRUCell(5)
+    top.build(9)
+    cell = nn.rnn_cell.MultiRNNCell([nn.rnn_cell.GRUCell(4), top])
+    with pytest.raises(ValueError, match=r"cells\[1\] \(gru_cell\) was built for 9 input features; cells\[0\] gives"):
+        nn.dynamic_rnn(cell, X, dtype=np.float32)
+
+
+def test_bidirectional_set_weights_checks_the_backward_kernel_against_the_forward_one():
+    forward, backward = numrnn.GRU(4), numrnn.GRU(4, go_backwards=True)
+    forward.build(3)
+    backward.build(6)
+    layer = numrnn.Bidirectional(numrnn.GRU(4))
+    with pytest.raises(ValueError, match=r"kernel has shape \(6, 12\); expected \(3, 12\)"):
+        layer.set_weights(forward.get_weights() + backward.get_weights())
+    assert not layer.built
+
+
+def test_bidirectional_layers_of_two_dtypes_are_refused():
+    with pytest.raises(ValueError, match="share one dtype; got float32 and float64"):
+        numrnn.Bidirectional(numrnn.GRU(4), backward_layer=numrnn.GRU(4, go_backwards=True, dtype="float64"))
+
+
+def test_bidirectional_config_keeps_a_given_backward_layer():
+    layer = numrnn.Bidirectional(numrnn.LSTM(3), backward_layer=numrnn.GRU(5, go_backwards=True))
+    again = numrnn.Bidirectional.from_config(layer.get_config())
+    assert type(again.backward_layer) is numrnn.GRU and again.backward_layer.cells[0].units == 5
+    assert "backward_layer" not in numrnn.Bidirectional(numrnn.LSTM(3)).get_config()
+
+
+@pytest.mark.parametrize("facade", ["keras", "tf1"])
+def test_logical_weights_cannot_be_edited_behind_the_pack(facade):
+    # An in-place edit left the kernels on the packed old values while get_weights showed the new ones.
+    if facade == "keras":
+        cell = _built(numrnn.GRUCell(4), 3)
+    else:
+        from numrnn.compat.v1 import nn
+        cell = nn.rnn_cell.GRUCell(4)
+        cell.build(3)
+    weights = cell.logical_weights()
+    kernel = next(iter(weights))
+    with pytest.raises(ValueError, match="read-only"):
+        weights[kernel][...] = 0
+    weights[kernel] = np.zeros_like(weights[kernel])  # the dict is the caller's
+    assert np.any(cell.logical_weights()[kernel] != 0)
+
+
+def test_set_weights_keeps_its_own_copy():
+    cell = numrnn.GRUCell(4)
+    arrays = _built(numrnn.GRUCell(4), 3).get_weights()
+    cell.set_weights(arrays)
+    arrays[0][...] = 0
+    assert np.any(cell.get_weights()[0] != 0)
+
+
+@pytest.mark.parametrize("call, error, words", [
+    (lambda: numrnn.GRU(4).set_weights(None), TypeError, ["GRU.set_weights", "list of arrays", "NoneType"]),
+    (lambda: numrnn.GRUCell(4).set_weights(None), TypeError, ["GRUCell.set_weights", "list of arrays"]),
+    (lambda: numrnn.GRU(4).build((None, None, None)), ValueError, ["GRU.build", "feature size", "None"]),
+    (lambda: numrnn.GRUCell(4).build(None), ValueError, ["GRUCell.build", "input_shape", "None"]),
+    (lambda: numrnn.GRUCell(4).get_initial_state(-1), ValueError, ["get_initial_state", "batch_size", "-1"]),
+    (lambda: numrnn.GRU(4).set_weights([np.zeros((0, 12)), np.zeros((4, 12)), np.zeros((2, 12))]), ValueError,
+     ["kernel has shape (0, 12)", "a row per input feature"]),
+    (lambda: numrnn.GRU(4, stateful=True).reset_states([np.zeros(4)]), ValueError,
+     ["reset_states: states[0]", "(batch, 4)", "(4,)"]),
+    (lambda: numrnn.GRU(4)(X, initial_state=[np.zeros((3, 4))]), ValueError, ["GRU: initial_state[0]", "(2, 4)"]),
+    (lambda: numrnn.compat.v1.nn.rnn_cell.LSTMCell(4, forget_bias="a"), ValueError, ["forget_bias", "'a'"]),
+    (lambda: numrnn.compat.v1.nn.rnn_cell.LSTMCell(4, cell_clip="a"), ValueError, ["cell_clip", "'a'"]),
+    (lambda: numrnn.compat.torch.nn.GRU(2, 4)(np.zeros((0, 2))), ValueError, ["input", "(0, 2)"]),
+    (lambda: numrnn.compat.torch.nn.GRU(3, 4, batch_first=True)(X, lengths=np.array([1e300, 2.0])), ValueError,
+     ["lengths", "1e+300"]),
+], ids=["layer-weights-none", "cell-weights-none", "build-none", "cell-build-none", "negative-batch",
+        "zero-row-kernel", "reset-states-1d", "initial-state-owner", "forget-bias", "cell-clip",
+        "torch-unbatched-empty", "huge-float-length"])
+def test_odd_arguments_name_themselves(call, error, words):
+    with pytest.raises(error) as info:
+        call()
+    for word in words:
+        assert word in str(info.value)

@@ -16,7 +16,15 @@ from codegen.spec import ACTIVATIONS, CellSpec, simple_stack
 from numrnn.compat.weights import keras_cell_arrays, keras_cell_weights
 from numrnn.layers.initializers import glorot_uniform, orthogonal
 from numrnn.runtime import get_kernel
-from numrnn.validation import as_real_array, as_shaped_array, check_finite, check_ndim, normalize_dtype
+from numrnn.validation import (
+    as_real_array,
+    as_shaped_array,
+    check_cell_chain,
+    check_finite,
+    check_ndim,
+    normalize_dtype,
+    read_only_copies,
+)
 
 #: Held while a first call builds default weights: concurrent first calls of one layer or cell build them
 #: once and all run on them (each used to draw its own, and most got weights the layer did not keep).
@@ -37,6 +45,30 @@ def _positive_units(owner: str, units) -> int:
     return int(units)
 
 
+def feature_size(owner: str, input_shape) -> int:
+    """The feature size ``input_shape`` gives (an int, or a shape whose last entry it is); a ValueError otherwise."""
+    if isinstance(input_shape, (int, np.integer)):
+        size = input_shape
+    else:
+        try:
+            size = tuple(input_shape)[-1]
+        except (TypeError, IndexError):
+            raise ValueError(f"{owner}: input_shape must be the feature size or a shape ending with it; "
+                             f"got {input_shape!r}") from None
+    if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or size <= 0:
+        raise ValueError(f"{owner}: input_shape's last entry, the feature size, must be a positive integer; "
+                         f"got {size!r}")
+    return int(size)
+
+
+def weight_list(owner: str, weights) -> list:
+    """``weights`` as a list, or a TypeError unless it is a list or tuple (of arrays in Keras order)."""
+    if not isinstance(weights, (list, tuple)):
+        raise TypeError(f"{owner}: weights must be a list of arrays in Keras order (kernel, recurrent_kernel and "
+                        f"bias of each cell); got {type(weights).__name__}")
+    return list(weights)
+
+
 def one_step(owner: str, cells: list, inputs, states: list) -> tuple[np.ndarray, list[np.ndarray]]:
     """Run ``cells`` (a stack, bottom first) for one time step through a one-step unrolled kernel.
 
@@ -55,6 +87,7 @@ def one_step(owner: str, cells: list, inputs, states: list) -> tuple[np.ndarray,
                 width = cell.output_size
     if x.shape[1] != cells[0].input_size:
         raise ValueError(f"{owner}: inputs: expected {cells[0].input_size} features; got {x.shape[1]}")
+    check_cell_chain(owner, "cells", cells, x.shape[1])
     expected = [zero for cell in cells for zero in cell.get_initial_state(x.shape[0])]
     if len(states) != len(expected):
         raise ValueError(f"{owner}: states: expected {len(expected)} arrays; got {len(states)}")
@@ -109,8 +142,7 @@ class RNNCell:
     # -- weights -----------------------------------------------------------------------------
     def build(self, input_shape) -> None:
         """Create Keras-default weights for inputs whose last dimension is the feature size."""
-        size = input_shape if isinstance(input_shape, (int, np.integer)) else tuple(input_shape)[-1]
-        size = _positive_units(f"{type(self).__name__}.build", size)
+        size = feature_size(f"{type(self).__name__}.build", input_shape)
         rng = np.random.default_rng()
         shapes = self.cell_spec().weight_shapes(size)
         logical = {
@@ -127,7 +159,7 @@ class RNNCell:
 
     def _assign(self, input_size: int, logical: dict) -> None:
         self.input_size = input_size
-        self._logical = {k: np.ascontiguousarray(v, dtype=self.dtype) for k, v in logical.items()}
+        self._logical = read_only_copies(logical, self.dtype)
         self._packed = None
 
     def get_weights(self) -> list[np.ndarray]:
@@ -142,7 +174,10 @@ class RNNCell:
 
     def convert_keras_weights(self, weights, owner: str, input_size: int | None) -> dict:
         """Validate Keras-order arrays (count, shapes, finiteness) into logical weights, without assigning."""
-        arrays = [as_real_array(f"{owner}: weights[{i}]", w, self.dtype) for i, w in enumerate(weights)]
+        arrays = [as_real_array(f"{owner}: weights[{i}]", w, self.dtype)
+                  for i, w in enumerate(weight_list(owner, weights))]
+        if arrays and arrays[0].ndim == 2 and arrays[0].shape[0] == 0:
+            raise ValueError(f"{owner}: kernel has shape {arrays[0].shape}; it needs a row per input feature")
         if input_size is not None and arrays and arrays[0].ndim == 2 and arrays[0].shape[0] != input_size:
             expected = self.cell_spec().weight_shapes(input_size)["kernel"]
             raise ValueError(f"{owner}: kernel has shape {arrays[0].shape}; expected {expected}")
@@ -159,9 +194,10 @@ class RNNCell:
         self._assign(logical["kernel"].shape[0], logical)
 
     def logical_weights(self) -> dict:
-        """The weights in numrnn's logical layout (read-only view of what the kernels use)."""
+        """The weights in numrnn's logical layout: a new dict of the read-only arrays the kernels are packed from
+        (``set_weights`` or ``assign_logical`` change them)."""
         self._require_built("logical_weights")
-        return self._logical
+        return dict(self._logical)
 
     def __getstate__(self) -> dict:
         # The pack is made again after unpickling: its panels are as wide as this process's vectors
@@ -175,7 +211,8 @@ class RNNCell:
         a call that packed the old weights while another thread set new ones
         cannot leave its pack in place for the calls after ``set_weights``.
         """
-        logical = self.logical_weights()
+        self._require_built("packed")
+        logical = self._logical
         kept = self._packed
         if kept is None or kept[0] is not logical:
             kept = self._packed = (logical, pack(self.cell_spec(), logical, self.dtype))
@@ -194,6 +231,9 @@ class RNNCell:
     # -- running -----------------------------------------------------------------------------
     def get_initial_state(self, batch_size: int) -> list[np.ndarray]:
         """Zero states, one array per entry of :attr:`state_size`."""
+        if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 0:
+            raise ValueError(f"{type(self).__name__}.get_initial_state: batch_size must be an integer >= 0; "
+                             f"got {batch_size!r}")
         sizes = self.state_size if isinstance(self.state_size, list) else [self.state_size]
         return [np.zeros((batch_size, n), dtype=self.dtype) for n in sizes]
 

@@ -18,11 +18,13 @@ from numrnn.layers.cells import (
     SimpleRNNCell,
     StackedRNNCells,
     deserialize_cell,
+    feature_size,
     serialize_cell,
+    weight_list,
 )
 from numrnn.runtime import get_kernel
 from numrnn.runtime.policy import normalize_unroll, resolve_unroll
-from numrnn.validation import as_mask, as_real_array, as_shaped_array, check_sequence_input
+from numrnn.validation import as_mask, as_real_array, as_shaped_array, check_cell_chain, check_sequence_input
 
 
 def _flatten(structure) -> list:
@@ -45,6 +47,10 @@ class RecurrentLayer:
     # -- to be provided by the subclass ---------------------------------------------------------
     def _directions(self) -> list[tuple[list[RNNCell], str]]:
         """``(cells, reverse)`` per direction."""
+        raise NotImplementedError
+
+    def _direction_labels(self) -> list[str]:
+        """How messages name each direction's list of cells."""
         raise NotImplementedError
 
     def _merge(self):
@@ -78,13 +84,20 @@ class RecurrentLayer:
         return all(cell.built for cell in self.all_cells)
 
     def build(self, input_shape) -> None:
-        """Create Keras-default weights for inputs whose last dimension is the feature size."""
-        features = input_shape if isinstance(input_shape, (int, np.integer)) else tuple(input_shape)[-1]
+        """Create Keras-default weights, for inputs whose last dimension is the feature size, for the cells that
+        have none (as Keras builds only unbuilt sublayers: weights already set stay)."""
+        features = feature_size(f"{type(self).__name__}.build", input_shape)
         for cells, _ in self._directions():
             width = features
             for cell in cells:
-                cell.build(width)
+                if not cell.built:
+                    cell.build(width)
                 width = cell.output_size
+
+    def _check_cells(self, features: int) -> None:
+        """Raise unless every cell was built for the width it gets (a cell built or set apart from the layer)."""
+        for (cells, _), label in zip(self._directions(), self._direction_labels()):
+            check_cell_chain(type(self).__name__, label, cells, features)
 
     def spec(self, steps: int, masking: str = "none") -> StackSpec:
         """The spec this layer runs for ``steps`` time steps under ``masking`` (see :mod:`numrnn.runtime.policy`)."""
@@ -115,18 +128,20 @@ class RecurrentLayer:
     def set_weights(self, weights) -> None:
         """Set every cell's weights from Keras order and shapes (builds the layer if needed)."""
         owner = f"{type(self).__name__}.set_weights"
-        weights = list(weights)
+        weights = weight_list(owner, weights)
         counts = [2 + cell.use_bias for cell in self.all_cells]
         if len(weights) != sum(counts):
             raise ValueError(f"{owner}: expected {sum(counts)} arrays ({' + '.join(map(str, counts))} for the "
                              f"{len(counts)} cells); got {len(weights)}")
-        converted, start = [], 0
+        converted, start, features = [], 0, self.input_size
         for cells, _ in self._directions():
-            width = self.input_size
+            width = features
             for cell in cells:
                 n = 2 + cell.use_bias
                 logical = cell.convert_keras_weights(weights[start: start + n], f"{owner}: {cell.name}", width)
                 converted.append(logical)
+                if features is None:  # the first kernel sets the input size of every direction
+                    features = logical["kernel"].shape[0]
                 width, start = cell.output_size, start + n
         for cell, logical in zip(self.all_cells, converted):
             cell.assign_logical(logical)
@@ -161,14 +176,17 @@ class RecurrentLayer:
             raise ValueError(f"{type(self).__name__}.reset_states: the layer is not stateful (stateful=False)")
         if states is not None:
             leaves = _flatten(states)
-            batch = np.shape(leaves[0])[0] if leaves and np.ndim(leaves[0]) == 2 else 0
-            self.states = self._states_from(states, batch, "reset_states: states")
+            name = f"{type(self).__name__}.reset_states: states"
+            if leaves and np.ndim(leaves[0]) != 2:
+                raise ValueError(f"{name}[0]: expected a (batch, {self._state_shapes(0)[0][1]}) array; "
+                                 f"got shape {np.shape(leaves[0])}")
+            self.states = self._states_from(states, np.shape(leaves[0])[0] if leaves else 0, name)
         elif self.states is not None:
             self.states = [np.zeros_like(s) for s in self.states]
 
     def _initial_states(self, initial_state, batch: int) -> list[np.ndarray]:
         if initial_state is not None:
-            return self._states_from(initial_state, batch, "initial_state")
+            return self._states_from(initial_state, batch, f"{type(self).__name__}: initial_state")
         if self.stateful and self.states is not None:
             kept = self.states[0].shape[0]
             if kept != batch:
@@ -194,6 +212,7 @@ class RecurrentLayer:
             with BUILD_LOCK:
                 if not self.built:
                     self.build(x.shape)
+        self._check_cells(x.shape[-1])
         xt = np.ascontiguousarray(x if self.time_major else x.transpose(1, 0, 2))
         steps, batch = xt.shape[0], xt.shape[1]
         condition = None
@@ -262,6 +281,9 @@ class RNN(RecurrentLayer):
 
     def _directions(self):
         return [(self.cells, "full" if self.go_backwards else "none")]
+
+    def _direction_labels(self):
+        return ["cells"]
 
     def _masking(self, has_mask: bool) -> str:
         if not has_mask:
@@ -362,11 +384,15 @@ class Bidirectional(RecurrentLayer):
         if layer.go_backwards:
             raise ValueError("Bidirectional: layer must run forward (go_backwards=False); the backward copy is "
                              "made for you")
+        given_backward = backward_layer is not None
         if backward_layer is None:
             config = {**layer.get_config(), "go_backwards": True}
             backward_layer = type(layer).from_config(config)
         elif not isinstance(backward_layer, RNN) or not backward_layer.go_backwards:
             raise ValueError("Bidirectional: backward_layer must be an RNN layer with go_backwards=True")
+        if layer.dtype != backward_layer.dtype:
+            raise ValueError(f"Bidirectional: layer and backward_layer must share one dtype; got {layer.dtype} and "
+                             f"{backward_layer.dtype}")
         for attr in ("return_sequences", "return_state", "stateful", "time_major"):
             if getattr(layer, attr) != getattr(backward_layer, attr):
                 raise ValueError(f"Bidirectional: layer and backward_layer must agree on {attr}")
@@ -378,9 +404,13 @@ class Bidirectional(RecurrentLayer):
                          stateful=layer.stateful, unroll=layer.unroll, time_major=layer.time_major)
         self.forward_layer, self.backward_layer = layer, backward_layer
         self.merge_mode = merge_mode
+        self._backward_given = given_backward
 
     def _directions(self):
         return [(self.forward_layer.cells, "none"), (self.backward_layer.cells, "full")]
+
+    def _direction_labels(self):
+        return ["layer.cells", "backward_layer.cells"]
 
     def _merge(self):
         return self.merge_mode
@@ -407,15 +437,25 @@ class Bidirectional(RecurrentLayer):
         return (*outputs, *forward, *backward)
 
     def get_config(self) -> dict:
-        """``{"layer": ..., "merge_mode": ...}`` with the layer serialized."""
-        return {"layer": {"class_name": type(self.forward_layer).__name__,
-                          "config": self.forward_layer.get_config()},
-                "merge_mode": self.merge_mode}
+        """``{"layer": ..., "merge_mode": ...}`` with the layer serialized, and ``backward_layer`` if one was given."""
+        config = {"layer": _serialize_layer(self.forward_layer), "merge_mode": self.merge_mode}
+        if self._backward_given:
+            config["backward_layer"] = _serialize_layer(self.backward_layer)
+        return config
 
     @classmethod
     def from_config(cls, config: dict):
         """Inverse of :meth:`get_config`."""
-        layer = config["layer"]
-        if layer.get("class_name") not in _LAYER_CLASSES:
-            raise ValueError(f"Bidirectional.from_config: unknown layer class {layer.get('class_name')!r}")
-        return cls(_LAYER_CLASSES[layer["class_name"]].from_config(layer["config"]), config.get("merge_mode"))
+        backward = config.get("backward_layer")
+        return cls(_deserialize_layer(config["layer"]), config.get("merge_mode"),
+                   None if backward is None else _deserialize_layer(backward))
+
+
+def _serialize_layer(layer: RNN) -> dict:
+    return {"class_name": type(layer).__name__, "config": layer.get_config()}
+
+
+def _deserialize_layer(data: dict) -> RNN:
+    if data.get("class_name") not in _LAYER_CLASSES:
+        raise ValueError(f"Bidirectional.from_config: unknown layer class {data.get('class_name')!r}")
+    return _LAYER_CLASSES[data["class_name"]].from_config(data["config"])

@@ -237,6 +237,8 @@ class RNNBase:
             if lengths is not None:
                 raise ValueError(f"{name}: lengths needs a batched 3-D input; got an unbatched input of shape "
                                  f"{x.shape}")
+            if 0 in x.shape:
+                raise ValueError(f"{name}: input: time and feature sizes must be at least 1; got shape {x.shape}")
             x = x[:, None, :]
         layout = "(batch, time, input_size)" if self.batch_first else "(time, batch, input_size)"
         check_sequence_input(f"{name}: input", x, layout, self.input_size)

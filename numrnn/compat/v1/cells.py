@@ -20,7 +20,15 @@ from numrnn.compat.weights import tf1_cell_arrays, tf1_cell_weights, tf1_weight_
 from numrnn.layers.cells import BUILD_LOCK
 from numrnn.layers.initializers import glorot_uniform
 from numrnn.runtime import get_kernel
-from numrnn.validation import as_real_array, as_shaped_array, check_finite, check_ndim, normalize_dtype
+from numrnn.validation import (
+    as_real_array,
+    as_shaped_array,
+    check_cell_chain,
+    check_finite,
+    check_ndim,
+    normalize_dtype,
+    read_only_copies,
+)
 
 
 class LSTMStateTuple(NamedTuple):
@@ -45,6 +53,12 @@ def _positive_int(owner: str, name: str, value) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
         raise ValueError(f"{owner}: {name} must be a positive integer; got {value!r}")
     return int(value)
+
+
+def _real(owner: str, name: str, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise ValueError(f"{owner}: {name} must be a real number; got {value!r}")
+    return float(value)
 
 
 def _feature_size(owner: str, inputs_shape) -> int:
@@ -99,10 +113,12 @@ class RNNCell:
         return all(leaf.built for leaf in self.leaves())
 
     def build(self, inputs_shape) -> None:
-        """Create TF1-default weights for inputs whose last dimension (or the int given) is the feature size."""
+        """Create TF1-default weights for inputs whose last dimension (or the int given) is the feature size, for
+        the cells that have none (weights already set stay)."""
         width = _feature_size(f"{type(self).__name__}.build", inputs_shape)
         for leaf in self.leaves():
-            leaf.build(width)
+            if not leaf.built:
+                leaf.build(width)
             width = leaf.output_size
 
     def ensure_built(self, name: str, features: int) -> None:
@@ -114,6 +130,7 @@ class RNNCell:
         if features != self.input_size:
             raise ValueError(f"{name}: expected {self.input_size} features (the cell was built for them); "
                              f"got {features}")
+        check_cell_chain(name, "cells", self.leaves(), features)
 
     def get_weights(self) -> list[np.ndarray]:
         """The TF1 variables' values in creation order (``tf.trainable_variables()`` order)."""
@@ -293,13 +310,14 @@ class LeafCell(RNNCell):
     def assign_logical(self, logical: dict) -> None:
         """Adopt already-validated logical weights (the input size is read from the kernel)."""
         self._input_size = int(logical["kernel"].shape[0])
-        self._logical = {k: np.ascontiguousarray(v, dtype=self._dtype) for k, v in logical.items()}
+        self._logical = read_only_copies(logical, self._dtype)
         self._packed = {}
 
     def logical_weights(self) -> dict:
-        """The weights in numrnn's logical layout (what the kernels use)."""
+        """The weights in numrnn's logical layout: a new dict of the read-only arrays the kernels are packed from
+        (``set_weights`` changes them)."""
         self._require_built("logical_weights")
-        return self._logical
+        return dict(self._logical)
 
     def get_weights(self) -> list[np.ndarray]:
         """TF1 variables in creation order and shape (see :meth:`weight_names`)."""
@@ -402,7 +420,7 @@ class BasicLSTMCell(_LSTMBase):
                  dtype=None):
         super().__init__(num_units, activation=activation, reuse=reuse, name=name, dtype=dtype)
         _check_state_is_tuple(type(self).__name__, state_is_tuple)
-        self.forget_bias = float(forget_bias)
+        self.forget_bias = _real(type(self).__name__, "forget_bias", forget_bias)
         self.cell_spec()  # validates forget_bias now, not at the first call
 
     def cell_spec(self) -> CellSpec:
@@ -431,9 +449,9 @@ class LSTMCell(_LSTMBase):
             if value is not None:
                 raise ValueError(f"{owner}: {arg} is not supported; expected None, got {value!r}")
         self.use_peepholes = bool(use_peepholes)
-        self.cell_clip = None if cell_clip is None else float(cell_clip)
+        self.cell_clip = None if cell_clip is None else _real(owner, "cell_clip", cell_clip)
         self.num_proj = None if num_proj is None else _positive_int(owner, "num_proj", num_proj)
-        self.forget_bias = float(forget_bias)
+        self.forget_bias = _real(owner, "forget_bias", forget_bias)
         self.cell_spec()  # validates cell_clip and forget_bias now, not at the first call
 
     def cell_spec(self) -> CellSpec:
