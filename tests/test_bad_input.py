@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import copy as copy_module
+import pickle
+
 import numpy as np
 import pytest
 from test_compat_torch import FakeTensor
@@ -259,7 +262,7 @@ def test_a_multi_rnn_cell_checks_every_cells_width():
     top = nn.rnn_cell.GRUCell(5)
     top.build(9)
     cell = nn.rnn_cell.MultiRNNCell([nn.rnn_cell.GRUCell(4), top])
-    with pytest.raises(ValueError, match=r"cells\[1\] \(gru_cell\) was built for 9 input features; cells\[0\] gives"):
+    with pytest.raises(ValueError, match=r"leaves\[1\] \(gru_cell\) was built for 9 input features; leaves\[0\] gives"):
         nn.dynamic_rnn(cell, X, dtype=np.float32)
 
 
@@ -285,8 +288,9 @@ def test_bidirectional_config_keeps_a_given_backward_layer():
     assert "backward_layer" not in numrnn.Bidirectional(numrnn.LSTM(3)).get_config()
 
 
+@pytest.mark.parametrize("copy", [None, "deepcopy", "pickle"])
 @pytest.mark.parametrize("facade", ["keras", "tf1"])
-def test_logical_weights_cannot_be_edited_behind_the_pack(facade):
+def test_logical_weights_cannot_be_edited_behind_the_pack(facade, copy):
     # An in-place edit left the kernels on the packed old values while get_weights showed the new ones.
     if facade == "keras":
         cell = _built(numrnn.GRUCell(4), 3)
@@ -294,12 +298,28 @@ def test_logical_weights_cannot_be_edited_behind_the_pack(facade):
         from numrnn.compat.v1 import nn
         cell = nn.rnn_cell.GRUCell(4)
         cell.build(3)
+    if copy == "deepcopy":
+        cell = copy_module.deepcopy(cell)
+    elif copy == "pickle":  # the default protocol brings arrays back writeable
+        cell = pickle.loads(pickle.dumps(cell))
     weights = cell.logical_weights()
     kernel = next(iter(weights))
     with pytest.raises(ValueError, match="read-only"):
         weights[kernel][...] = 0
     weights[kernel] = np.zeros_like(weights[kernel])  # the dict is the caller's
     assert np.any(cell.logical_weights()[kernel] != 0)
+
+
+def test_set_weights_takes_any_sequence_of_arrays_but_not_one_array():
+    arrays = _built(numrnn.GRUCell(4), 3).get_weights()
+    saved = np.empty(len(arrays), object)  # np.save of a get_weights() list loads as this
+    saved[:] = arrays
+    for weights in (tuple(arrays), saved):
+        layer = numrnn.GRU(4)
+        layer.set_weights(weights)
+        assert _same_weights(arrays, layer.get_weights())
+    with pytest.raises(TypeError, match="list of arrays"):
+        numrnn.GRU(4).set_weights(arrays[0])
 
 
 def test_set_weights_keeps_its_own_copy():
@@ -323,14 +343,29 @@ def test_set_weights_keeps_its_own_copy():
     (lambda: numrnn.GRU(4)(X, initial_state=[np.zeros((3, 4))]), ValueError, ["GRU: initial_state[0]", "(2, 4)"]),
     (lambda: numrnn.compat.v1.nn.rnn_cell.LSTMCell(4, forget_bias="a"), ValueError, ["forget_bias", "'a'"]),
     (lambda: numrnn.compat.v1.nn.rnn_cell.LSTMCell(4, cell_clip="a"), ValueError, ["cell_clip", "'a'"]),
+    (lambda: numrnn.compat.v1.nn.rnn_cell.LSTMCell(4, forget_bias=True), ValueError, ["forget_bias", "True"]),
     (lambda: numrnn.compat.torch.nn.GRU(2, 4)(np.zeros((0, 2))), ValueError, ["input", "(0, 2)"]),
     (lambda: numrnn.compat.torch.nn.GRU(3, 4, batch_first=True)(X, lengths=np.array([1e300, 2.0])), ValueError,
      ["lengths", "1e+300"]),
 ], ids=["layer-weights-none", "cell-weights-none", "build-none", "cell-build-none", "negative-batch",
-        "zero-row-kernel", "reset-states-1d", "initial-state-owner", "forget-bias", "cell-clip",
+        "zero-row-kernel", "reset-states-1d", "initial-state-owner", "forget-bias", "cell-clip", "forget-bias-bool",
         "torch-unbatched-empty", "huge-float-length"])
 def test_odd_arguments_name_themselves(call, error, words):
     with pytest.raises(error) as info:
         call()
     for word in words:
         assert word in str(info.value)
+
+
+def test_tf1_forget_bias_takes_what_float_takes():
+    from numrnn.compat.v1 import nn
+    assert nn.rnn_cell.LSTMCell(4, forget_bias=np.array(0.5)).forget_bias == 0.5
+
+
+def test_a_failed_first_call_builds_nothing_around_the_cell_at_fault():
+    backward = numrnn.GRU(4, go_backwards=True)
+    backward.build((2, 4, 6))
+    forward = numrnn.GRU(4)
+    with pytest.raises(ValueError, match="backward_layer.cells"):
+        numrnn.Bidirectional(forward, backward_layer=backward)(X)
+    assert not forward.built

@@ -117,6 +117,17 @@ def test_compare_times_a_cached_load_without_the_calls_run(monkeypatch):
     assert loaded == get_kernel(spec).compile_seconds
 
 
+def test_compare_measures_the_split_kernel_that_a_first_call_compiles(monkeypatch):
+    # A call the schedule splits compiles the split kernel only: the spec's own kernel had no compile time.
+    monkeypatch.setenv("NUMRNN_SCHEDULE", "directions")
+    options = StackOptions(stack="simple:4", input_size=2, batch=1, direction="bidirectional")
+    kernels.clear_memory_cache()
+    result = measure({"spec": options.mode_spec("dynamic", 3).to_json(), "steps": [3, 2], "batch": 1,
+                      "phase": "warm"})
+    assert result["first_call_s"] > 0 and result["artifact_bytes"] > 1000
+    assert result["signatures"] == 1  # both lengths ran on one compiled signature
+
+
 def test_compare_rejects_a_bad_stack_before_measuring(capsys):
     assert cli.main(["compare", "lstm:0"]) == 2
     assert "kind:units" in capsys.readouterr().err

@@ -8,6 +8,7 @@ for one step, the same code path as a whole sequence.
 from __future__ import annotations
 
 import threading
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -62,8 +63,10 @@ def feature_size(owner: str, input_shape) -> int:
 
 
 def weight_list(owner: str, weights) -> list:
-    """``weights`` as a list, or a TypeError unless it is a list or tuple (of arrays in Keras order)."""
-    if not isinstance(weights, (list, tuple)):
+    """``weights`` as a list: a sequence of arrays in Keras order, or an object array of them (``np.save`` of a
+    ``get_weights()`` list); a TypeError for anything else (a numeric array would split into its rows)."""
+    is_sequence = isinstance(weights, Sequence) and not isinstance(weights, (str, bytes))
+    if not is_sequence and not (isinstance(weights, np.ndarray) and weights.dtype == object and weights.ndim == 1):
         raise TypeError(f"{owner}: weights must be a list of arrays in Keras order (kernel, recurrent_kernel and "
                         f"bias of each cell); got {type(weights).__name__}")
     return list(weights)
@@ -203,6 +206,12 @@ class RNNCell:
         # The pack is made again after unpickling: its panels are as wide as this process's vectors
         # (codegen.cells.common.vector_bytes), which another process or machine may not share.
         return {**self.__dict__, "_packed": None}
+
+    def __setstate__(self, state: dict) -> None:
+        # Unpickled (or deep-copied) arrays come back writeable; the weights stay read-only (logical_weights).
+        self.__dict__.update(state)
+        if self._logical is not None:
+            self._logical = read_only_copies(self._logical, self.dtype)
 
     def packed(self) -> list[np.ndarray]:
         """The kernel's weight arguments for this cell, packed once per weight change.

@@ -211,6 +211,7 @@ class RecurrentLayer:
         if not self.built:
             with BUILD_LOCK:
                 if not self.built:
+                    self._check_cells(x.shape[-1])  # the built cells, before any other is built around them
                     self.build(x.shape)
         self._check_cells(x.shape[-1])
         xt = np.ascontiguousarray(x if self.time_major else x.transpose(1, 0, 2))
@@ -439,7 +440,7 @@ class Bidirectional(RecurrentLayer):
     def get_config(self) -> dict:
         """``{"layer": ..., "merge_mode": ...}`` with the layer serialized, and ``backward_layer`` if one was given."""
         config = {"layer": _serialize_layer(self.forward_layer), "merge_mode": self.merge_mode}
-        if self._backward_given:
+        if getattr(self, "_backward_given", False):  # a Bidirectional pickled before it was kept
             config["backward_layer"] = _serialize_layer(self.backward_layer)
         return config
 

@@ -199,6 +199,11 @@ class Kernel:
                     measured.record(option, time.perf_counter() - start, counted=as_picked)
         return y if self._sequences else y[0]
 
+    def compiled_kernels(self) -> list[Kernel]:
+        """This kernel and the split kernels its calls made, those that have compiled (or loaded from the cache):
+        a call that runs split compiles the split kernel only."""
+        return [kernel for kernel in (self, *self._split_kernels.values()) if kernel.compile_seconds is not None]
+
     def _run_scheduled(self, schedule: str, workers: int, x, cond, states, weights, y, decline: bool = False) -> bool:
         """Run the call as ``schedule`` on ``workers``; False if it ran otherwise or compiled (a busy split).
 

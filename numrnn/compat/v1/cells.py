@@ -56,9 +56,12 @@ def _positive_int(owner: str, name: str, value) -> int:
 
 
 def _real(owner: str, name: str, value) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
-        raise ValueError(f"{owner}: {name} must be a real number; got {value!r}")
-    return float(value)
+    try:
+        if isinstance(value, (bool, str, bytes)):
+            raise TypeError(name)
+        return float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{owner}: {name} must be a real number; got {value!r}") from None
 
 
 def _feature_size(owner: str, inputs_shape) -> int:
@@ -126,11 +129,12 @@ class RNNCell:
         if not self.built:
             with BUILD_LOCK:
                 if not self.built:
+                    check_cell_chain(name, "leaves", self.leaves(), features)  # before building around them
                     self.build(features)
         if features != self.input_size:
             raise ValueError(f"{name}: expected {self.input_size} features (the cell was built for them); "
                              f"got {features}")
-        check_cell_chain(name, "cells", self.leaves(), features)
+        check_cell_chain(name, "leaves", self.leaves(), features)
 
     def get_weights(self) -> list[np.ndarray]:
         """The TF1 variables' values in creation order (``tf.trainable_variables()`` order)."""
@@ -327,6 +331,12 @@ class LeafCell(RNNCell):
     def __getstate__(self) -> dict:
         # Packs are made again after unpickling, as the Keras-style cells' are (their panels' width is the process's).
         return {**self.__dict__, "_packed": {}}
+
+    def __setstate__(self, state: dict) -> None:
+        # Unpickled (or deep-copied) arrays come back writeable; the weights stay read-only (logical_weights).
+        self.__dict__.update(state)
+        if self._logical is not None:
+            self._logical = read_only_copies(self._logical, self._dtype)
 
     def packed(self, dtype: str) -> list[np.ndarray]:
         """The kernel's weight arguments for this cell in ``dtype`` (cached)."""
