@@ -46,19 +46,19 @@ def _positive_units(owner: str, units) -> int:
     return int(units)
 
 
-def feature_size(owner: str, input_shape) -> int:
-    """The feature size ``input_shape`` gives (an int, or a shape whose last entry it is); a ValueError otherwise."""
+def feature_size(owner: str, input_shape, name: str = "input_shape") -> int:
+    """The feature size ``input_shape`` (the argument ``name``) gives: an int, or a shape whose last entry it is;
+    a ValueError otherwise."""
     if isinstance(input_shape, (int, np.integer)):
         size = input_shape
     else:
         try:
             size = tuple(input_shape)[-1]
         except (TypeError, IndexError):
-            raise ValueError(f"{owner}: input_shape must be the feature size or a shape ending with it; "
+            raise ValueError(f"{owner}: {name} must be the feature size or a shape ending with it; "
                              f"got {input_shape!r}") from None
     if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or size <= 0:
-        raise ValueError(f"{owner}: input_shape's last entry, the feature size, must be a positive integer; "
-                         f"got {size!r}")
+        raise ValueError(f"{owner}: {name}'s last entry, the feature size, must be a positive integer; got {size!r}")
     return int(size)
 
 

@@ -17,7 +17,7 @@ import numpy as np
 from codegen.cells import pack
 from codegen.spec import ACTIVATIONS, CellSpec, simple_stack
 from numrnn.compat.weights import tf1_cell_arrays, tf1_cell_weights, tf1_weight_names
-from numrnn.layers.cells import BUILD_LOCK
+from numrnn.layers.cells import BUILD_LOCK, feature_size
 from numrnn.layers.initializers import glorot_uniform
 from numrnn.runtime import get_kernel
 from numrnn.validation import (
@@ -62,11 +62,6 @@ def _real(owner: str, name: str, value) -> float:
         return float(value)
     except (TypeError, ValueError):
         raise ValueError(f"{owner}: {name} must be a real number; got {value!r}") from None
-
-
-def _feature_size(owner: str, inputs_shape) -> int:
-    size = inputs_shape if isinstance(inputs_shape, (int, np.integer)) else tuple(inputs_shape)[-1]
-    return _positive_int(owner, "inputs_shape[-1] (the input feature size)", size)
 
 
 class RNNCell:
@@ -118,7 +113,7 @@ class RNNCell:
     def build(self, inputs_shape) -> None:
         """Create TF1-default weights for inputs whose last dimension (or the int given) is the feature size, for
         the cells that have none (weights already set stay)."""
-        width = _feature_size(f"{type(self).__name__}.build", inputs_shape)
+        width = feature_size(f"{type(self).__name__}.build", inputs_shape, "inputs_shape")
         for leaf in self.leaves():
             if not leaf.built:
                 leaf.build(width)
@@ -259,7 +254,7 @@ class LeafCell(RNNCell):
     # -- weights -----------------------------------------------------------------------------
     def build(self, inputs_shape) -> None:
         """Create TF1-default weights: glorot-uniform kernels, zero biases (GRU gate bias one)."""
-        size = _feature_size(f"{type(self).__name__}.build", inputs_shape)
+        size = feature_size(f"{type(self).__name__}.build", inputs_shape, "inputs_shape")
         rng = np.random.default_rng()
         arrays = [self._initial(rng, n, shape) for n, shape in self._tf1_shapes(size)]
         self.assign_logical(tf1_cell_weights(self.cell_spec(), size, arrays))
