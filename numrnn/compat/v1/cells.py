@@ -56,12 +56,13 @@ def _positive_int(owner: str, name: str, value) -> int:
 
 
 def _real(owner: str, name: str, value) -> float:
-    try:
-        if isinstance(value, (bool, str, bytes)):
-            raise TypeError(name)
-        return float(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"{owner}: {name} must be a real number; got {value!r}") from None
+    """``float(value)``, or a ValueError naming ``name`` (bools and strings, which ``float`` takes, too)."""
+    if not isinstance(value, (bool, str, bytes)):
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            pass
+    raise ValueError(f"{owner}: {name} must be a real number; got {value!r}")
 
 
 class RNNCell:
