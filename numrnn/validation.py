@@ -19,11 +19,20 @@ DTYPES = ("float32", "float64")
 
 
 def normalize_dtype(owner: str, dtype) -> str:
-    """``"float32"`` or ``"float64"`` from a NumPy spelling, a TF dtype or a torch dtype; ValueError otherwise.
+    """``"float32"`` or ``"float64"`` from a NumPy spelling, a TF dtype, a torch dtype or a Keras dtype policy
+    (object or config); ValueError otherwise.
 
     TF dtypes are read through ``as_numpy_dtype`` and torch ones by name
     (``torch.float64``, ``torch.double``), so neither library is imported.
+    A policy must compute in the dtype it keeps its variables in: a mixed
+    one (``"mixed_float16"``) is refused.
     """
+    if isinstance(dtype, dict) and isinstance(dtype.get("config"), dict):  # {"class_name": "DTypePolicy", ...}
+        dtype = dtype["config"].get("name")
+    if hasattr(dtype, "compute_dtype") and hasattr(dtype, "variable_dtype"):
+        if dtype.compute_dtype != dtype.variable_dtype:
+            raise ValueError(f"{owner}: dtype must be 'float32' or 'float64'; got the mixed policy {dtype!r}")
+        dtype = dtype.compute_dtype
     dtype = getattr(dtype, "as_numpy_dtype", dtype)
     try:
         name = np.dtype(dtype).name
@@ -123,3 +132,21 @@ def read_only_copies(arrays: dict, dtype: str) -> dict:
         copy.flags.writeable = False
         copies[name] = copy
     return copies
+
+
+def dropout_rate(owner: str, name: str, value) -> float:
+    """A dropout fraction in ``[0, 1]`` (accepted for ported code; numrnn applies no dropout)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)) \
+            or not 0 <= value <= 1:
+        raise ValueError(f"{owner}: {name} must be a number in [0, 1]; got {value!r}")
+    return float(value)
+
+
+def refuse_training_dropout(owner: str, training, rates: dict[str, float], remedy: str) -> None:
+    """ValueError when a call in training mode would apply dropout: numrnn runs inference only, so it would
+    return the result without dropout where the framework returns one with it (``remedy``: what to do)."""
+    applied = {name: rate for name, rate in rates.items() if rate > 0}
+    if training and applied:
+        given = ", ".join(f"{name}={rate}" for name, rate in applied.items())
+        raise ValueError(f"{owner}: a training call would apply dropout ({given}); numrnn runs inference only and "
+                         f"applies none: {remedy}")

@@ -15,7 +15,7 @@ import numpy as np
 from codegen.cells import pack
 from codegen.spec import ACTIVATIONS, CellSpec, simple_stack
 from numrnn.compat.weights import keras_cell_arrays, keras_cell_weights
-from numrnn.layers.initializers import glorot_uniform, orthogonal
+from numrnn.layers.initializers import make_initializer
 from numrnn.runtime import get_kernel
 from numrnn.validation import (
     as_real_array,
@@ -23,8 +23,10 @@ from numrnn.validation import (
     check_cell_chain,
     check_finite,
     check_ndim,
+    dropout_rate,
     normalize_dtype,
     read_only_copies,
+    refuse_training_dropout,
 )
 
 #: Held while a first call builds default weights: concurrent first calls of one layer or cell build them
@@ -103,12 +105,33 @@ def one_step(owner: str, cells: list, inputs, states: list) -> tuple[np.ndarray,
 
 
 class RNNCell:
-    """Base of the Keras-style cells: weights, build, one-step call, config."""
+    """Base of the Keras-style cells: weights, build, one-step call, config.
+
+    Besides its own options, each cell takes Keras's other constructor
+    arguments. ``kernel_initializer``, ``recurrent_initializer`` and
+    ``bias_initializer`` make the weights that :meth:`build` draws (see
+    :mod:`numrnn.layers.initializers`). The regularizers, constraints,
+    ``seed`` and ``trainable`` act only in training, which numrnn does not
+    do: they are kept for :meth:`get_config` and change nothing.
+    ``dropout`` and ``recurrent_dropout`` (each in ``[0, 1]``) likewise
+    change nothing at inference, as in Keras; a call with ``training=True``
+    on a cell that has either is refused, since numrnn applies no dropout.
+    """
 
     kind = ""
+    # Class-level defaults also serve cells pickled before these options existed.
+    kernel_initializer = "glorot_uniform"
+    recurrent_initializer = "orthogonal"
+    bias_initializer = "zeros"
+    dropout = 0.0
+    recurrent_dropout = 0.0
+    training_only: dict = {}
 
     def __init__(self, units, *, activation="tanh", recurrent_activation="sigmoid", use_bias=True,
-                 dtype="float32", reset_after=True, name=None):
+                 dtype="float32", reset_after=True, name=None, kernel_initializer="glorot_uniform",
+                 recurrent_initializer="orthogonal", bias_initializer="zeros", dropout=0.0, recurrent_dropout=0.0,
+                 seed=None, trainable=True, kernel_regularizer=None, recurrent_regularizer=None,
+                 bias_regularizer=None, kernel_constraint=None, recurrent_constraint=None, bias_constraint=None):
         owner = type(self).__name__
         self.units = _positive_units(owner, units)
         self.activation = normalize_activation(owner, "activation", activation)
@@ -117,6 +140,19 @@ class RNNCell:
         self.reset_after = bool(reset_after)
         self.dtype = normalize_dtype(owner, dtype)
         self.name = name or owner.lower()
+        for argument, value in (("kernel_initializer", kernel_initializer),
+                                ("recurrent_initializer", recurrent_initializer),
+                                ("bias_initializer", bias_initializer)):
+            make_initializer(owner, argument, value)  # an unknown name or parameter fails here, not at build
+            setattr(self, argument, value)
+        self.dropout = dropout_rate(owner, "dropout", dropout)
+        self.recurrent_dropout = dropout_rate(owner, "recurrent_dropout", recurrent_dropout)
+        self.training_only = {
+            "seed": seed, "trainable": trainable, "kernel_regularizer": kernel_regularizer,
+            "recurrent_regularizer": recurrent_regularizer, "bias_regularizer": bias_regularizer,
+            "kernel_constraint": kernel_constraint, "recurrent_constraint": recurrent_constraint,
+            "bias_constraint": bias_constraint,
+        }
         self.input_size: int | None = None
         self._logical: dict | None = None
         self._packed: tuple[dict, list[np.ndarray]] | None = None
@@ -144,21 +180,20 @@ class RNNCell:
 
     # -- weights -----------------------------------------------------------------------------
     def build(self, input_shape) -> None:
-        """Create Keras-default weights for inputs whose last dimension is the feature size."""
+        """Create weights with the cell's initializers for inputs whose last dimension is the feature size."""
         size = feature_size(f"{type(self).__name__}.build", input_shape)
-        rng = np.random.default_rng()
         shapes = self.cell_spec().weight_shapes(size)
-        logical = {
-            "kernel": glorot_uniform(rng, shapes["kernel"]),
-            "recurrent_kernel": orthogonal(rng, shapes["recurrent_kernel"]),
-        }
-        for name in ("bias", "recurrent_bias"):
-            if name in shapes:
-                logical[name] = self._initial_bias()
+        logical = {"kernel": self._draw("kernel_initializer", shapes["kernel"]),
+                   "recurrent_kernel": self._draw("recurrent_initializer", shapes["recurrent_kernel"])}
+        if self.use_bias:
+            logical.update(self._initial_biases())
         self._assign(size, logical)
 
-    def _initial_bias(self) -> np.ndarray:
-        return np.zeros(self.cell_spec().gates * self.units)
+    def _draw(self, argument: str, shape: tuple) -> np.ndarray:
+        return make_initializer(type(self).__name__, argument, getattr(self, argument))(shape, self.dtype)
+
+    def _initial_biases(self) -> dict:
+        return {"bias": self._draw("bias_initializer", (self.cell_spec().gates * self.units,))}
 
     def _assign(self, input_size: int, logical: dict) -> None:
         self.input_size = input_size
@@ -251,18 +286,22 @@ class RNNCell:
 
         ``states`` is a list (``[h]``, or ``[h, c]`` for LSTM) or, for one-state
         cells, a bare array; the new states come back in the same form.
-        ``training`` is accepted as Keras code passes it; it changes nothing
-        (numrnn has no dropout).
+        ``training`` is accepted as Keras code passes it; a true one is
+        refused on a cell with dropout (numrnn applies none), else it
+        changes nothing.
         """
+        check_inference(type(self).__name__, training, [self])
         nested = isinstance(states, (list, tuple))
         output, fresh = one_step(type(self).__name__, [self], inputs, list(states) if nested else [states])
         return output, (fresh if nested or len(fresh) > 1 else fresh[0])
 
     # -- config ------------------------------------------------------------------------------
     def get_config(self) -> dict:
-        """Constructor arguments (Keras names)."""
+        """Constructor arguments (Keras names), initializers and training-only options as given."""
         return {"units": self.units, "activation": self.activation, "use_bias": self.use_bias,
-                "dtype": self.dtype, "name": self.name}
+                "dtype": self.dtype, "name": self.name, "kernel_initializer": self.kernel_initializer,
+                "recurrent_initializer": self.recurrent_initializer, "bias_initializer": self.bias_initializer,
+                "dropout": self.dropout, "recurrent_dropout": self.recurrent_dropout, **self.training_only}
 
     @classmethod
     def from_config(cls, config: dict):
@@ -275,34 +314,43 @@ class SimpleRNNCell(RNNCell):
 
     kind = "simple"
 
-    def __init__(self, units, activation="tanh", use_bias=True, dtype="float32", name=None):
-        super().__init__(units, activation=activation, use_bias=use_bias, dtype=dtype, name=name)
+    def __init__(self, units, activation="tanh", use_bias=True, dtype="float32", name=None, **keras_options):
+        super().__init__(units, activation=activation, use_bias=use_bias, dtype=dtype, name=name, **keras_options)
 
 
 class LSTMCell(RNNCell):
-    """Long short-term memory cell, Keras gate order ``i, f, c, o``; states ``[h, c]``."""
+    """Long short-term memory cell, Keras gate order ``i, f, c, o``; states ``[h, c]``.
+
+    ``unit_forget_bias`` (Keras's default): the forget gate's bias starts at
+    one, whatever ``bias_initializer`` gives the other gates.
+    """
 
     kind = "lstm"
+    unit_forget_bias = True
 
     def __init__(self, units, activation="tanh", recurrent_activation="sigmoid", use_bias=True,
-                 dtype="float32", name=None):
+                 dtype="float32", name=None, unit_forget_bias=True, **keras_options):
         super().__init__(units, activation=activation, recurrent_activation=recurrent_activation,
-                         use_bias=use_bias, dtype=dtype, name=name)
+                         use_bias=use_bias, dtype=dtype, name=name, **keras_options)
+        self.unit_forget_bias = bool(unit_forget_bias)
 
     @property
     def state_size(self):
         """``[units, units]`` (h, c)."""
         return [self.units, self.units]
 
-    def _initial_bias(self) -> np.ndarray:
-        # Keras's unit_forget_bias: the forget gate starts open.
-        bias = np.zeros(4 * self.units)
-        bias[self.units: 2 * self.units] = 1.0
-        return bias
+    def _initial_biases(self) -> dict:
+        if not self.unit_forget_bias:
+            return super()._initial_biases()
+        # As Keras draws it: the input gate's part, ones for the forget gate, then the last two gates' part.
+        u = self.units
+        parts = [self._draw("bias_initializer", (u,)), np.ones(u), self._draw("bias_initializer", (2 * u,))]
+        return {"bias": np.concatenate(parts)}
 
     def get_config(self) -> dict:
         """Constructor arguments (Keras names)."""
-        return {**super().get_config(), "recurrent_activation": self.recurrent_activation}
+        return {**super().get_config(), "recurrent_activation": self.recurrent_activation,
+                "unit_forget_bias": self.unit_forget_bias}
 
 
 class GRUCell(RNNCell):
@@ -311,9 +359,16 @@ class GRUCell(RNNCell):
     kind = "gru"
 
     def __init__(self, units, activation="tanh", recurrent_activation="sigmoid", use_bias=True,
-                 reset_after=True, dtype="float32", name=None):
+                 reset_after=True, dtype="float32", name=None, **keras_options):
         super().__init__(units, activation=activation, recurrent_activation=recurrent_activation,
-                         use_bias=use_bias, reset_after=reset_after, dtype=dtype, name=name)
+                         use_bias=use_bias, reset_after=reset_after, dtype=dtype, name=name, **keras_options)
+
+    def _initial_biases(self) -> dict:
+        if not self.reset_after:
+            return super()._initial_biases()
+        # Keras draws reset_after's biases as one (2, 3 * units) array: input row, then recurrent row.
+        both = self._draw("bias_initializer", (2, 3 * self.units))
+        return {"bias": both[0], "recurrent_bias": both[1]}
 
     def get_config(self) -> dict:
         """Constructor arguments (Keras names)."""
@@ -322,6 +377,14 @@ class GRUCell(RNNCell):
 
 
 CELL_CLASSES = {cls.__name__: cls for cls in (SimpleRNNCell, LSTMCell, GRUCell)}
+
+
+def check_inference(owner: str, training, cells: list[RNNCell]) -> None:
+    """Refuse a training call (``training`` true) to cells with dropout, which numrnn does not apply."""
+    if training:
+        rates = {f"{cell.name}.{name}": getattr(cell, name)
+                 for cell in cells for name in ("dropout", "recurrent_dropout")}
+        refuse_training_dropout(owner, training, rates, "call it with training=False or None")
 
 
 def serialize_cell(cell: RNNCell) -> dict:
@@ -340,9 +403,16 @@ def deserialize_cell(data: dict):
 
 
 class StackedRNNCells:
-    """A list of cells used as one: ``RNN(StackedRNNCells(cells))`` is ``RNN(cells)``."""
+    """A list of cells used as one: ``RNN(StackedRNNCells(cells))`` is ``RNN(cells)``.
 
-    def __init__(self, cells):
+    ``dtype`` and ``trainable`` are accepted as Keras configs hold them; the
+    cells' own dtype is the one they run in (as in Keras, which casts a
+    stack's inputs to its cells' dtype).
+    """
+
+    name = "stacked_rnn_cells"
+
+    def __init__(self, cells, name=None, trainable=True, dtype=None):
         cells = list(cells)
         if not cells:
             raise ValueError("StackedRNNCells: cells must hold at least one cell")
@@ -353,7 +423,10 @@ class StackedRNNCells:
         dtypes = {cell.dtype for cell in cells}
         if len(dtypes) > 1:
             raise ValueError(f"StackedRNNCells: all cells must share one dtype; got {sorted(dtypes)}")
+        if dtype is not None:
+            normalize_dtype("StackedRNNCells", dtype)
         self.cells = cells
+        self.name = name or type(self).name
 
     @property
     def state_size(self) -> list:
@@ -372,8 +445,9 @@ class StackedRNNCells:
     def __call__(self, inputs, states, training=None):
         """One time step of the whole stack: ``(output, new_states)``, states per cell as given.
 
-        ``training``: accepted as Keras code passes it; it changes nothing.
+        ``training``: as for a cell's call.
         """
+        check_inference("StackedRNNCells", training, self.cells)
         if not isinstance(states, (list, tuple)) or len(states) != len(self.cells):
             raise ValueError(f"StackedRNNCells: states: expected a list of {len(self.cells)} per-cell states; "
                              f"got {type(states).__name__}")
@@ -387,10 +461,11 @@ class StackedRNNCells:
         return output, grouped
 
     def get_config(self) -> dict:
-        """``{"cells": [serialized cell, ...]}``."""
-        return {"cells": [serialize_cell(cell) for cell in self.cells]}
+        """``{"cells": [serialized cell, ...], "name": ...}``."""
+        return {"cells": [serialize_cell(cell) for cell in self.cells], "name": self.name}
 
     @classmethod
     def from_config(cls, config: dict):
-        """Inverse of :meth:`get_config`."""
-        return cls([deserialize_cell(c) for c in config["cells"]])
+        """Inverse of :meth:`get_config`; also reads a Keras ``StackedRNNCells`` config."""
+        config = dict(config)
+        return cls([deserialize_cell(c) for c in config.pop("cells")], **config)

@@ -17,6 +17,7 @@ from numrnn.layers.cells import (
     RNNCell,
     SimpleRNNCell,
     StackedRNNCells,
+    check_inference,
     deserialize_cell,
     feature_size,
     serialize_cell,
@@ -24,7 +25,14 @@ from numrnn.layers.cells import (
 )
 from numrnn.runtime import get_kernel
 from numrnn.runtime.policy import normalize_unroll, resolve_unroll
-from numrnn.validation import as_mask, as_real_array, as_shaped_array, check_cell_chain, check_sequence_input
+from numrnn.validation import (
+    as_mask,
+    as_real_array,
+    as_shaped_array,
+    check_cell_chain,
+    check_sequence_input,
+    normalize_dtype,
+)
 
 
 def _flatten(structure) -> list:
@@ -202,9 +210,11 @@ class RecurrentLayer:
         ``mask``: optional boolean ``(batch, time)``. ``initial_state``: Keras
         nesting (per cell ``h`` or ``[h, c]``; per-cell lists for a stack) or a
         flat list. Returns Keras 3's structure. ``training`` is accepted as
-        Keras code passes it; it changes nothing (numrnn has no dropout).
+        Keras code passes it; a true one is refused where a cell has dropout
+        (numrnn applies none), else it changes nothing.
         """
         name = type(self).__name__
+        check_inference(name, training, self.all_cells)
         layout = "(time, batch, features)" if self.time_major else "(batch, time, features)"
         x = as_real_array(f"{name}: x", x, self.dtype)
         check_sequence_input(f"{name}: x", x, layout, self.input_size)
@@ -259,13 +269,20 @@ class RNN(RecurrentLayer):
 
     ``unroll``: ``False`` (dynamic loop), ``True`` (full static unroll, a
     kernel per sequence length), an integer ``k`` (k steps per loop
-    iteration) or ``"auto"``; see :mod:`numrnn.runtime.policy`.
+    iteration) or ``"auto"``; see :mod:`numrnn.runtime.policy`. ``name``,
+    ``trainable`` and ``dtype`` are accepted as Keras configs hold them; the
+    cells' dtype is the one the layer runs in.
     """
 
+    name = "rnn"  # also for layers pickled before they had a name
+
     def __init__(self, cell, return_sequences=False, return_state=False, go_backwards=False, stateful=False,
-                 unroll=False, time_major=False, zero_output_for_mask=False):
+                 unroll=False, time_major=False, zero_output_for_mask=False, name=None, trainable=True,
+                 dtype=None):
         super().__init__(return_sequences=return_sequences, return_state=return_state, stateful=stateful,
                          unroll=unroll, time_major=time_major)
+        if dtype is not None:
+            normalize_dtype(type(self).__name__, dtype)
         if isinstance(cell, (list, tuple)):
             cell = StackedRNNCells(cell)
         if not isinstance(cell, (RNNCell, StackedRNNCells)):
@@ -274,6 +291,7 @@ class RNN(RecurrentLayer):
         self.cell = cell
         self.go_backwards = bool(go_backwards)
         self.zero_output_for_mask = bool(zero_output_for_mask)
+        self.name = name or type(self).__name__.lower()
 
     @property
     def cells(self) -> list[RNNCell]:
@@ -311,7 +329,7 @@ class RNN(RecurrentLayer):
             else {"class_name": "StackedRNNCells", "config": self.cell.get_config()},
             "return_sequences": self.return_sequences, "return_state": self.return_state,
             "go_backwards": self.go_backwards, "stateful": self.stateful, "unroll": self.unroll,
-            "time_major": self.time_major, "zero_output_for_mask": self.zero_output_for_mask,
+            "time_major": self.time_major, "zero_output_for_mask": self.zero_output_for_mask, "name": self.name,
         }
 
     @classmethod
@@ -326,18 +344,36 @@ _RNN_KWARGS = ("return_sequences", "return_state", "go_backwards", "stateful", "
 
 
 class _CellLayer(RNN):
-    """A layer shorthand: cell kwargs and RNN kwargs in one constructor."""
+    """A layer shorthand: cell kwargs and RNN kwargs in one constructor.
+
+    ``name`` names the cell, and the layer after it. ``activity_regularizer``
+    (and ``use_cudnn`` for LSTM and GRU: ``"auto"`` or ``False``; numrnn
+    has no cuDNN path, so ``True``, which Keras refuses where cuDNN cannot
+    run, is refused) are kept for the config.
+    """
 
     cell_class = RNNCell
+    use_cudnn_option = False
+    layer_options: dict = {}
 
-    def __init__(self, units, **kwargs):
+    def __init__(self, units, activity_regularizer=None, **kwargs):
+        owner = type(self).__name__
+        layer_options = {"activity_regularizer": activity_regularizer}
+        if self.use_cudnn_option:
+            use_cudnn = kwargs.pop("use_cudnn", "auto")
+            if use_cudnn not in ("auto", False):
+                raise ValueError(f"{owner}: use_cudnn must be 'auto' or False (numrnn has no cuDNN path); "
+                                 f"got {use_cudnn!r}")
+            layer_options["use_cudnn"] = use_cudnn
         rnn_kwargs = {k: kwargs.pop(k) for k in _RNN_KWARGS if k in kwargs}
         super().__init__(self.cell_class(units, **kwargs), **rnn_kwargs)
+        self.name = self.cell.name
+        self.layer_options = layer_options
 
     def get_config(self) -> dict:
         """Cell arguments and RNN arguments, flat (Keras style)."""
         config = super().get_config()
-        return {**config.pop("cell")["config"], **config}
+        return {**config.pop("cell")["config"], **config, **self.layer_options}
 
     @classmethod
     def from_config(cls, config: dict):
@@ -355,12 +391,14 @@ class LSTM(_CellLayer):
     """``RNN(LSTMCell(units, ...))``."""
 
     cell_class = LSTMCell
+    use_cudnn_option = True
 
 
 class GRU(_CellLayer):
     """``RNN(GRUCell(units, ...))``."""
 
     cell_class = GRUCell
+    use_cudnn_option = True
 
 
 _LAYER_CLASSES = {cls.__name__: cls for cls in (RNN, SimpleRNN, LSTM, GRU)}
@@ -372,10 +410,15 @@ class Bidirectional(RecurrentLayer):
     ``merge_mode``: ``"concat"`` (default), ``"sum"``, ``"mul"``, ``"ave"`` or
     ``None`` (both outputs returned). As in Keras, masked steps give zero
     outputs when ``return_sequences`` is true, and the backward output is
-    re-aligned with the input time axis.
+    re-aligned with the input time axis. ``weights``, if given, are set at
+    once (``set_weights``); ``name``, ``trainable`` and ``dtype`` are
+    accepted as Keras configs hold them.
     """
 
-    def __init__(self, layer, merge_mode="concat", backward_layer=None):
+    name = "bidirectional"
+
+    def __init__(self, layer, merge_mode="concat", weights=None, backward_layer=None, name=None, trainable=True,
+                 dtype=None):
         if not isinstance(layer, RNN):
             raise TypeError(f"Bidirectional: layer must be an RNN layer (RNN, SimpleRNN, LSTM, GRU); "
                             f"got {type(layer).__name__}")
@@ -406,6 +449,11 @@ class Bidirectional(RecurrentLayer):
         self.forward_layer, self.backward_layer = layer, backward_layer
         self.merge_mode = merge_mode
         self._backward_given = given_backward
+        if dtype is not None:
+            normalize_dtype("Bidirectional", dtype)
+        self.name = name or type(self).name
+        if weights is not None:
+            self.set_weights(weights)
 
     def _directions(self):
         return [(self.forward_layer.cells, "none"), (self.backward_layer.cells, "full")]
@@ -439,17 +487,19 @@ class Bidirectional(RecurrentLayer):
 
     def get_config(self) -> dict:
         """``{"layer": ..., "merge_mode": ...}`` with the layer serialized, and ``backward_layer`` if one was given."""
-        config = {"layer": _serialize_layer(self.forward_layer), "merge_mode": self.merge_mode}
+        config = {"layer": _serialize_layer(self.forward_layer), "merge_mode": self.merge_mode,
+                  "name": self.name}
         if getattr(self, "_backward_given", False):  # a Bidirectional pickled before it was kept
             config["backward_layer"] = _serialize_layer(self.backward_layer)
         return config
 
     @classmethod
     def from_config(cls, config: dict):
-        """Inverse of :meth:`get_config`."""
-        backward = config.get("backward_layer")
-        return cls(_deserialize_layer(config["layer"]), config.get("merge_mode"),
-                   None if backward is None else _deserialize_layer(backward))
+        """Inverse of :meth:`get_config`; also reads a Keras ``Bidirectional`` config."""
+        config = dict(config)
+        layer, backward = config.pop("layer"), config.pop("backward_layer", None)
+        return cls(_deserialize_layer(layer), backward_layer=None if backward is None else _deserialize_layer(backward),
+                   **config)
 
 
 def _serialize_layer(layer: RNN) -> dict:

@@ -5,7 +5,9 @@
 concatenated output). Weights are kept under PyTorch's ``state_dict`` keys and
 shapes, as NumPy arrays; torch tensors are accepted wherever arrays are (duck
 typed, torch is never imported). Calls are inference only: ``dropout`` is
-accepted and ignored, as in ``module.eval()``.
+accepted and ignored, as in ``module.eval()``; a multi-layer module with
+``dropout`` put in ``train()`` mode refuses calls instead of running them
+without the dropout PyTorch would apply.
 """
 
 from __future__ import annotations
@@ -26,7 +28,9 @@ from numrnn.validation import (
     as_shaped_array,
     check_finite,
     check_sequence_input,
+    dropout_rate,
     normalize_dtype,
+    refuse_training_dropout,
 )
 
 _PARAMS = ("weight_ih", "weight_hh", "bias_ih", "bias_hh", "weight_hr")
@@ -63,8 +67,6 @@ class RNNBase:
         if self.proj_size >= self.hidden_size:
             raise ValueError(f"{owner}: proj_size has to be smaller than hidden_size ({self.hidden_size}); "
                              f"got {proj_size!r}")
-        if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout <= 1:
-            raise ValueError(f"{owner}: dropout must be a number in [0, 1]; got {dropout!r}")
         if nonlinearity not in ("tanh", "relu"):
             raise ValueError(f"{owner}: nonlinearity must be 'tanh' or 'relu'; got {nonlinearity!r}")
         if device is not None and not str(device).startswith("cpu"):
@@ -72,7 +74,7 @@ class RNNBase:
                              f"got {device!r}")
         self.bias = bool(bias)
         self.batch_first = bool(batch_first)
-        self.dropout = float(dropout)  # inference only: never applied
+        self.dropout = dropout_rate(owner, "dropout", dropout)  # inference only: never applied
         self.bidirectional = bool(bidirectional)
         self.nonlinearity = nonlinearity
         self.unroll = normalize_unroll(owner, unroll)
@@ -201,11 +203,13 @@ class RNNBase:
 
     # -- PyTorch conveniences ------------------------------------------------------------------
     def eval(self):
-        """Inference mode (the only mode): returns ``self``."""
+        """Inference mode (the mode a module starts in): returns ``self``."""
+        self.training = False
         return self
 
     def train(self, mode=True):
-        """Accepted for ported code; dropout is never applied. Returns ``self``."""
+        """Training mode: calls of a multi-layer module with ``dropout`` are then refused, as numrnn applies no
+        dropout (PyTorch would between layers); others run as in ``eval()``. Returns ``self``."""
         self.training = bool(mode)
         return self
 
@@ -231,6 +235,8 @@ class RNNBase:
         direction starts at each sequence's last valid step.
         """
         name = type(self).__name__
+        if self.training and self.num_layers > 1:  # PyTorch drops out between layers only
+            refuse_training_dropout(name, True, {"dropout": self.dropout}, "call .eval() first")
         x = as_real_array(f"{name}: input", input, self.dtype)
         unbatched = x.ndim == 2
         if unbatched:
