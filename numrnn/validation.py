@@ -25,23 +25,32 @@ def normalize_dtype(owner: str, dtype) -> str:
     TF dtypes are read through ``as_numpy_dtype`` and torch ones by name
     (``torch.float64``, ``torch.double``), so neither library is imported.
     A policy must compute in the dtype it keeps its variables in: a mixed
-    one (``"mixed_float16"``) is refused.
+    one (``"mixed_float16"``) is refused. ``None`` is refused too (NumPy
+    would read it as float64): callers give their own default.
     """
-    if isinstance(dtype, dict) and isinstance(dtype.get("config"), dict):  # {"class_name": "DTypePolicy", ...}
-        dtype = dtype["config"].get("name")
-    if hasattr(dtype, "compute_dtype") and hasattr(dtype, "variable_dtype"):
-        if dtype.compute_dtype != dtype.variable_dtype:
-            raise ValueError(f"{owner}: dtype must be 'float32' or 'float64'; got the mixed policy {dtype!r}")
-        dtype = dtype.compute_dtype
+    given = dtype
+    if isinstance(dtype, dict):  # a serialized policy: {"class_name": "DTypePolicy", "config": {"name": ...}}
+        dtype = (dtype.get("config") or {}).get("name") if isinstance(dtype.get("config") or {}, dict) else None
+    elif hasattr(dtype, "compute_dtype") and hasattr(dtype, "variable_dtype"):  # a Keras policy object
+        dtype = dtype.compute_dtype if dtype.compute_dtype == dtype.variable_dtype else None
     dtype = getattr(dtype, "as_numpy_dtype", dtype)
-    try:
-        name = np.dtype(dtype).name
-    except TypeError:
-        short = str(dtype).rsplit(".", 1)[-1]
-        name = {"float": "float32", "double": "float64"}.get(short, short)
+    name = None
+    if dtype is not None:
+        try:
+            name = np.dtype(dtype).name
+        except (TypeError, ValueError):
+            short = str(dtype).rsplit(".", 1)[-1]
+            name = {"float": "float32", "double": "float64"}.get(short, short)
     if name not in DTYPES:
-        raise ValueError(f"{owner}: dtype must be 'float32' or 'float64'; got {dtype!r}")
+        raise ValueError(f"{owner}: dtype must be 'float32' or 'float64'; got {given!r}")
     return name
+
+
+def check_dtype_if_given(owner: str, dtype) -> None:
+    """ValueError unless ``dtype`` is ``None`` or what :func:`normalize_dtype` reads (a container's Keras dtype,
+    accepted as configs hold it: its cells' dtype is the one it runs in)."""
+    if dtype is not None:
+        normalize_dtype(owner, dtype)
 
 
 def as_real_array(name: str, value, dtype: str) -> np.ndarray:
@@ -142,11 +151,12 @@ def dropout_rate(owner: str, name: str, value) -> float:
     return float(value)
 
 
-def refuse_training_dropout(owner: str, training, rates: dict[str, float], remedy: str) -> None:
-    """ValueError when a call in training mode would apply dropout: numrnn runs inference only, so it would
-    return the result without dropout where the framework returns one with it (``remedy``: what to do)."""
-    applied = {name: rate for name, rate in rates.items() if rate > 0}
-    if training and applied:
-        given = ", ".join(f"{name}={rate}" for name, rate in applied.items())
+def refuse_training_dropout(owner: str, rates: list[tuple[str, float]], remedy: str) -> None:
+    """For a call in training mode: ValueError if any of the named ``rates`` would apply dropout. numrnn runs
+    inference only, so it would return the result without dropout where the framework returns one with it
+    (``remedy``: what to do instead)."""
+    applied = [(name, rate) for name, rate in rates if rate > 0]
+    if applied:
+        given = ", ".join(f"{name}={rate}" for name, rate in applied)
         raise ValueError(f"{owner}: a training call would apply dropout ({given}); numrnn runs inference only and "
                          f"applies none: {remedy}")

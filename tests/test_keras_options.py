@@ -120,6 +120,14 @@ def test_other_initializers():
     assert not np.array_equal(draw("he_normal"), draw("he_normal"))
     np.testing.assert_array_equal(draw(lambda shape, dtype=None: np.full(shape, 3.0)), np.full((64, 32), 3.0))
 
+    class Halves:  # an initializer class, given uninstantiated as Keras allows
+        def __call__(self, shape, dtype=None):
+            return np.full(shape, 0.5)
+
+    np.testing.assert_array_equal(draw(Halves), np.full((64, 32), 0.5))
+    older = draw({"class_name": "VarianceScaling", "config": {"distribution": "normal", "seed": 1}}, (300, 500))
+    assert np.abs(older).max() <= 2 * np.sqrt(1 / 300) / TRUNCATED_UNIT_STDDEV  # Keras reads "normal" as truncated
+
 
 def test_cells_build_with_their_initializers():
     cell = numrnn.SimpleRNNCell(3, kernel_initializer="ones", recurrent_initializer="zeros",
@@ -163,6 +171,14 @@ def test_training_calls_with_dropout_are_refused():
     numrnn.LSTM(3)(X, training=True)  # no dropout: Keras's training result is the inference one
 
 
+def test_training_refusal_sees_every_cell_of_one_name():
+    with pytest.raises(ValueError, match=r"lstmcell.dropout=0.3"):
+        numrnn.RNN([numrnn.LSTMCell(3, dropout=0.3), numrnn.LSTMCell(3)])(X, training=True)
+    backward = numrnn.LSTM(3, go_backwards=True, name="same")
+    with pytest.raises(ValueError, match=r"same.dropout=0.3"):
+        numrnn.Bidirectional(numrnn.LSTM(3, dropout=0.3, name="same"), backward_layer=backward)(X, training=True)
+
+
 def test_torch_training_mode_with_dropout_between_layers_is_refused():
     lstm = nn.LSTM(2, 3, num_layers=2, dropout=0.2)
     x = X.transpose(1, 0, 2)
@@ -195,10 +211,33 @@ def test_torch_training_mode_with_dropout_between_layers_is_refused():
     (lambda: numrnn.LSTMCell(2, kernel_initializer=lambda shape, dtype=None: np.zeros(3)).build(3), ValueError,
      r"kernel_initializer returned shape \(3,\) for shape \(3, 8\)"),
     (lambda: nn.LSTM(2, 3, dropout=-0.1), ValueError, r"LSTM: dropout must be a number in \[0, 1\]"),
+    (lambda: numrnn.LSTM(4, "relu"), TypeError, "positional"),
+    (lambda: numrnn.GRUCell(2, dtype={"class_name": "DTypePolicy", "config": {}}), ValueError,
+     "GRUCell: dtype must be 'float32' or 'float64'"),
+    (lambda: numrnn.GRUCell(2, dtype={"name": "float32"}), ValueError, "GRUCell: dtype must be"),
+    (lambda: numrnn.StackedRNNCells([numrnn.GRUCell(2)], dtype="float16"), ValueError, "StackedRNNCells: dtype"),
 ])
 def test_bad_keras_options_are_named(make, error, match):
     with pytest.raises(error, match=match):
         make()
+
+
+def test_configs_are_copies():
+    given = {"class_name": "RandomNormal", "config": {"stddev": 0.1}}
+    layer = numrnn.LSTM(2, kernel_initializer=given)
+    given["config"]["stddev"] = -1.0
+    layer.get_config()["kernel_initializer"]["config"]["stddev"] = -1.0
+    assert layer.get_config()["kernel_initializer"]["config"]["stddev"] == 0.1
+    layer.build(X.shape)
+
+
+def test_names_and_dtypes_as_keras_gives_them():
+    assert (numrnn.LSTM(2).name, numrnn.GRU(2).name, numrnn.SimpleRNN(2).name, numrnn.RNN(numrnn.GRUCell(2)).name) \
+        == ("lstm", "gru", "simple_rnn", "rnn")
+    named = numrnn.Bidirectional(numrnn.GRU(2, name="enc"))
+    assert (named.forward_layer.name, named.backward_layer.name, named.name) == ("enc", "backward_enc", "bidirectional")
+    assert numrnn.GRUCell(2, dtype=None).dtype == "float32"  # Keras's floatx
+    assert numrnn.LSTMCell(2, dtype=_policy("float64")).dtype == "float64"
 
 
 def test_a_cell_pickled_before_the_options_existed_still_works():

@@ -21,6 +21,7 @@ from numrnn.validation import (
     as_real_array,
     as_shaped_array,
     check_cell_chain,
+    check_dtype_if_given,
     check_finite,
     check_ndim,
     dropout_rate,
@@ -39,6 +40,15 @@ def normalize_activation(owner: str, name: str, value) -> str:
     value = "linear" if value is None else value
     if value not in ACTIVATIONS:
         raise ValueError(f"{owner}: {name} must be one of {', '.join(map(repr, ACTIVATIONS))}; got {value!r}")
+    return value
+
+
+def _own_copy(value):
+    """``value`` with its dicts and lists copied (configs, which the caller may edit), objects shared."""
+    if isinstance(value, dict):
+        return {key: _own_copy(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_own_copy(item) for item in value)
     return value
 
 
@@ -138,21 +148,21 @@ class RNNCell:
         self.recurrent_activation = normalize_activation(owner, "recurrent_activation", recurrent_activation)
         self.use_bias = bool(use_bias)
         self.reset_after = bool(reset_after)
-        self.dtype = normalize_dtype(owner, dtype)
+        self.dtype = "float32" if dtype is None else normalize_dtype(owner, dtype)  # None: Keras's floatx
         self.name = name or owner.lower()
         for argument, value in (("kernel_initializer", kernel_initializer),
                                 ("recurrent_initializer", recurrent_initializer),
                                 ("bias_initializer", bias_initializer)):
             make_initializer(owner, argument, value)  # an unknown name or parameter fails here, not at build
-            setattr(self, argument, value)
+            setattr(self, argument, _own_copy(value))
         self.dropout = dropout_rate(owner, "dropout", dropout)
         self.recurrent_dropout = dropout_rate(owner, "recurrent_dropout", recurrent_dropout)
-        self.training_only = {
+        self.training_only = _own_copy({
             "seed": seed, "trainable": trainable, "kernel_regularizer": kernel_regularizer,
             "recurrent_regularizer": recurrent_regularizer, "bias_regularizer": bias_regularizer,
             "kernel_constraint": kernel_constraint, "recurrent_constraint": recurrent_constraint,
             "bias_constraint": bias_constraint,
-        }
+        })
         self.input_size: int | None = None
         self._logical: dict | None = None
         self._packed: tuple[dict, list[np.ndarray]] | None = None
@@ -298,10 +308,11 @@ class RNNCell:
     # -- config ------------------------------------------------------------------------------
     def get_config(self) -> dict:
         """Constructor arguments (Keras names), initializers and training-only options as given."""
-        return {"units": self.units, "activation": self.activation, "use_bias": self.use_bias,
-                "dtype": self.dtype, "name": self.name, "kernel_initializer": self.kernel_initializer,
-                "recurrent_initializer": self.recurrent_initializer, "bias_initializer": self.bias_initializer,
-                "dropout": self.dropout, "recurrent_dropout": self.recurrent_dropout, **self.training_only}
+        return _own_copy({
+            "units": self.units, "activation": self.activation, "use_bias": self.use_bias, "dtype": self.dtype,
+            "name": self.name, "kernel_initializer": self.kernel_initializer,
+            "recurrent_initializer": self.recurrent_initializer, "bias_initializer": self.bias_initializer,
+            "dropout": self.dropout, "recurrent_dropout": self.recurrent_dropout, **self.training_only})
 
     @classmethod
     def from_config(cls, config: dict):
@@ -382,9 +393,9 @@ CELL_CLASSES = {cls.__name__: cls for cls in (SimpleRNNCell, LSTMCell, GRUCell)}
 def check_inference(owner: str, training, cells: list[RNNCell]) -> None:
     """Refuse a training call (``training`` true) to cells with dropout, which numrnn does not apply."""
     if training:
-        rates = {f"{cell.name}.{name}": getattr(cell, name)
-                 for cell in cells for name in ("dropout", "recurrent_dropout")}
-        refuse_training_dropout(owner, training, rates, "call it with training=False or None")
+        rates = [(f"{cell.name}.{name}", getattr(cell, name))  # a list: cells may share a name
+                 for cell in cells for name in ("dropout", "recurrent_dropout")]
+        refuse_training_dropout(owner, rates, "call it with training=False or None")
 
 
 def serialize_cell(cell: RNNCell) -> dict:
@@ -423,8 +434,7 @@ class StackedRNNCells:
         dtypes = {cell.dtype for cell in cells}
         if len(dtypes) > 1:
             raise ValueError(f"StackedRNNCells: all cells must share one dtype; got {sorted(dtypes)}")
-        if dtype is not None:
-            normalize_dtype("StackedRNNCells", dtype)
+        check_dtype_if_given("StackedRNNCells", dtype)
         self.cells = cells
         self.name = name or type(self).name
 

@@ -52,6 +52,8 @@ def make_initializer(owner: str, argument: str, value) -> Draw:
 
     ValueError for an unknown name, an unknown or out-of-range parameter; TypeError for anything else.
     """
+    if isinstance(value, type):  # a Keras initializer class, which Keras makes with its defaults
+        value = value()
     if callable(value) and not isinstance(value, (str, dict)):
         return _call_user_initializer(owner, argument, value)
     name, params = _name_and_params(owner, argument, value)
@@ -69,6 +71,8 @@ def make_initializer(owner: str, argument: str, value) -> Draw:
     if unknown:
         raise ValueError(f"{owner}: {argument}: {name!r} takes {sorted(defaults) + ['seed']}; got {unknown}")
     settings = {**defaults, **params}
+    if settings.get("distribution") == "normal":  # Keras's older spelling
+        settings["distribution"] = "truncated_normal"
     _check_settings(owner, argument, kind, settings)
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0):
         raise ValueError(f"{owner}: {argument}: seed must be a non-negative integer or None; got {seed!r}")
@@ -136,7 +140,7 @@ def _fans(shape: tuple) -> tuple[int, int]:
     return shape[0], shape[1]
 
 
-def _truncated_normal(rng: np.random.Generator, shape: tuple, mean: float, stddev: float) -> np.ndarray:
+def _truncated(owner, argument, rng, shape, *, mean, stddev):
     """Normal values redrawn until each lies within two standard deviations of the mean."""
     values = rng.standard_normal(shape)
     outside = np.abs(values) > 2.0
@@ -166,10 +170,6 @@ def _normal(owner, argument, rng, shape, *, mean, stddev):
     return rng.normal(mean, stddev, size=shape)
 
 
-def _truncated(owner, argument, rng, shape, *, mean, stddev):
-    return _truncated_normal(rng, shape, mean, stddev)
-
-
 def _variance(owner, argument, rng, shape, *, scale, mode, distribution):
     fan_in, fan_out = _fans(shape)
     fan = {"fan_in": fan_in, "fan_out": fan_out, "fan_avg": (fan_in + fan_out) / 2.0}[mode]
@@ -179,7 +179,7 @@ def _variance(owner, argument, rng, shape, *, scale, mode, distribution):
         return rng.uniform(-limit, limit, size=shape)
     if distribution == "untruncated_normal":
         return rng.normal(0.0, np.sqrt(variance), size=shape)
-    return _truncated_normal(rng, shape, 0.0, np.sqrt(variance) / TRUNCATED_UNIT_STDDEV)
+    return _truncated(owner, argument, rng, shape, mean=0.0, stddev=np.sqrt(variance) / TRUNCATED_UNIT_STDDEV)
 
 
 def _orthogonal(owner, argument, rng, shape, *, gain):

@@ -30,8 +30,8 @@ from numrnn.validation import (
     as_real_array,
     as_shaped_array,
     check_cell_chain,
+    check_dtype_if_given,
     check_sequence_input,
-    normalize_dtype,
 )
 
 
@@ -281,8 +281,7 @@ class RNN(RecurrentLayer):
                  dtype=None):
         super().__init__(return_sequences=return_sequences, return_state=return_state, stateful=stateful,
                          unroll=unroll, time_major=time_major)
-        if dtype is not None:
-            normalize_dtype(type(self).__name__, dtype)
+        check_dtype_if_given(type(self).__name__, dtype)
         if isinstance(cell, (list, tuple)):
             cell = StackedRNNCells(cell)
         if not isinstance(cell, (RNNCell, StackedRNNCells)):
@@ -291,7 +290,7 @@ class RNN(RecurrentLayer):
         self.cell = cell
         self.go_backwards = bool(go_backwards)
         self.zero_output_for_mask = bool(zero_output_for_mask)
-        self.name = name or type(self).__name__.lower()
+        self.name = name or type(self).name
 
     @property
     def cells(self) -> list[RNNCell]:
@@ -346,7 +345,8 @@ _RNN_KWARGS = ("return_sequences", "return_state", "go_backwards", "stateful", "
 class _CellLayer(RNN):
     """A layer shorthand: cell kwargs and RNN kwargs in one constructor.
 
-    ``name`` names the cell, and the layer after it. ``activity_regularizer``
+    ``name`` names the layer and its cell (Keras's default names the layer
+    ``"lstm"``, ``"gru"`` or ``"simple_rnn"``). ``activity_regularizer``
     (and ``use_cudnn`` for LSTM and GRU: ``"auto"`` or ``False``; numrnn
     has no cuDNN path, so ``True``, which Keras refuses where cuDNN cannot
     run, is refused) are kept for the config.
@@ -356,7 +356,7 @@ class _CellLayer(RNN):
     use_cudnn_option = False
     layer_options: dict = {}
 
-    def __init__(self, units, activity_regularizer=None, **kwargs):
+    def __init__(self, units, *, activity_regularizer=None, **kwargs):
         owner = type(self).__name__
         layer_options = {"activity_regularizer": activity_regularizer}
         if self.use_cudnn_option:
@@ -366,8 +366,7 @@ class _CellLayer(RNN):
                                  f"got {use_cudnn!r}")
             layer_options["use_cudnn"] = use_cudnn
         rnn_kwargs = {k: kwargs.pop(k) for k in _RNN_KWARGS if k in kwargs}
-        super().__init__(self.cell_class(units, **kwargs), **rnn_kwargs)
-        self.name = self.cell.name
+        super().__init__(self.cell_class(units, **kwargs), name=kwargs.get("name"), **rnn_kwargs)
         self.layer_options = layer_options
 
     def get_config(self) -> dict:
@@ -385,6 +384,7 @@ class SimpleRNN(_CellLayer):
     """``RNN(SimpleRNNCell(units, ...))``."""
 
     cell_class = SimpleRNNCell
+    name = "simple_rnn"
 
 
 class LSTM(_CellLayer):
@@ -392,6 +392,7 @@ class LSTM(_CellLayer):
 
     cell_class = LSTMCell
     use_cudnn_option = True
+    name = "lstm"
 
 
 class GRU(_CellLayer):
@@ -399,6 +400,7 @@ class GRU(_CellLayer):
 
     cell_class = GRUCell
     use_cudnn_option = True
+    name = "gru"
 
 
 _LAYER_CLASSES = {cls.__name__: cls for cls in (RNN, SimpleRNN, LSTM, GRU)}
@@ -430,7 +432,7 @@ class Bidirectional(RecurrentLayer):
                              "made for you")
         given_backward = backward_layer is not None
         if backward_layer is None:
-            config = {**layer.get_config(), "go_backwards": True}
+            config = {**layer.get_config(), "go_backwards": True, "name": f"backward_{layer.name}"}
             backward_layer = type(layer).from_config(config)
         elif not isinstance(backward_layer, RNN) or not backward_layer.go_backwards:
             raise ValueError("Bidirectional: backward_layer must be an RNN layer with go_backwards=True")
@@ -449,8 +451,7 @@ class Bidirectional(RecurrentLayer):
         self.forward_layer, self.backward_layer = layer, backward_layer
         self.merge_mode = merge_mode
         self._backward_given = given_backward
-        if dtype is not None:
-            normalize_dtype("Bidirectional", dtype)
+        check_dtype_if_given("Bidirectional", dtype)
         self.name = name or type(self).name
         if weights is not None:
             self.set_weights(weights)

@@ -236,7 +236,7 @@ class RNNBase:
         """
         name = type(self).__name__
         if self.training and self.num_layers > 1:  # PyTorch drops out between layers only
-            refuse_training_dropout(name, True, {"dropout": self.dropout}, "call .eval() first")
+            refuse_training_dropout(name, [("dropout", self.dropout)], "call .eval() first")
         x = as_real_array(f"{name}: input", input, self.dtype)
         unbatched = x.ndim == 2
         if unbatched:
