@@ -30,7 +30,8 @@ def normalize_dtype(owner: str, dtype) -> str:
     """
     given = dtype
     if isinstance(dtype, dict):  # a serialized policy: {"class_name": "DTypePolicy", "config": {"name": ...}}
-        dtype = (dtype.get("config") or {}).get("name") if isinstance(dtype.get("config") or {}, dict) else None
+        config = dtype.get("config")
+        dtype = config.get("name") if isinstance(config, dict) else None
     elif hasattr(dtype, "compute_dtype") and hasattr(dtype, "variable_dtype"):  # a Keras policy object
         dtype = dtype.compute_dtype if dtype.compute_dtype == dtype.variable_dtype else None
     dtype = getattr(dtype, "as_numpy_dtype", dtype)

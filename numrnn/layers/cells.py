@@ -398,13 +398,13 @@ def check_inference(owner: str, training, cells: list[RNNCell]) -> None:
         refuse_training_dropout(owner, rates, "call it with training=False or None")
 
 
-def serialize_cell(cell: RNNCell) -> dict:
-    """``{"class_name": ..., "config": ...}`` like Keras's serialization."""
-    return {"class_name": type(cell).__name__, "config": cell.get_config()}
+def serialize(item) -> dict:
+    """``{"class_name": ..., "config": ...}`` like Keras's serialization: a cell, ``StackedRNNCells`` or a layer."""
+    return {"class_name": type(item).__name__, "config": item.get_config()}
 
 
 def deserialize_cell(data: dict):
-    """Inverse of :func:`serialize_cell` (also for ``StackedRNNCells``)."""
+    """Inverse of :func:`serialize` for a cell or ``StackedRNNCells``."""
     name = data.get("class_name")
     if name == "StackedRNNCells":
         return StackedRNNCells.from_config(data["config"])
@@ -472,7 +472,7 @@ class StackedRNNCells:
 
     def get_config(self) -> dict:
         """``{"cells": [serialized cell, ...], "name": ...}``."""
-        return {"cells": [serialize_cell(cell) for cell in self.cells], "name": self.name}
+        return {"cells": [serialize(cell) for cell in self.cells], "name": self.name}
 
     @classmethod
     def from_config(cls, config: dict):

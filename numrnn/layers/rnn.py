@@ -20,7 +20,7 @@ from numrnn.layers.cells import (
     check_inference,
     deserialize_cell,
     feature_size,
-    serialize_cell,
+    serialize,
     weight_list,
 )
 from numrnn.runtime import get_kernel
@@ -324,8 +324,7 @@ class RNN(RecurrentLayer):
     def get_config(self) -> dict:
         """Constructor arguments, the cell serialized Keras-style."""
         return {
-            "cell": serialize_cell(self.cell) if isinstance(self.cell, RNNCell)
-            else {"class_name": "StackedRNNCells", "config": self.cell.get_config()},
+            "cell": serialize(self.cell),
             "return_sequences": self.return_sequences, "return_state": self.return_state,
             "go_backwards": self.go_backwards, "stateful": self.stateful, "unroll": self.unroll,
             "time_major": self.time_major, "zero_output_for_mask": self.zero_output_for_mask, "name": self.name,
@@ -418,6 +417,7 @@ class Bidirectional(RecurrentLayer):
     """
 
     name = "bidirectional"
+    _backward_given = False  # also for a Bidirectional pickled before it was kept
 
     def __init__(self, layer, merge_mode="concat", weights=None, backward_layer=None, name=None, trainable=True,
                  dtype=None):
@@ -488,10 +488,9 @@ class Bidirectional(RecurrentLayer):
 
     def get_config(self) -> dict:
         """``{"layer": ..., "merge_mode": ...}`` with the layer serialized, and ``backward_layer`` if one was given."""
-        config = {"layer": _serialize_layer(self.forward_layer), "merge_mode": self.merge_mode,
-                  "name": self.name}
-        if getattr(self, "_backward_given", False):  # a Bidirectional pickled before it was kept
-            config["backward_layer"] = _serialize_layer(self.backward_layer)
+        config = {"layer": serialize(self.forward_layer), "merge_mode": self.merge_mode, "name": self.name}
+        if self._backward_given:
+            config["backward_layer"] = serialize(self.backward_layer)
         return config
 
     @classmethod
@@ -501,10 +500,6 @@ class Bidirectional(RecurrentLayer):
         layer, backward = config.pop("layer"), config.pop("backward_layer", None)
         return cls(_deserialize_layer(layer), backward_layer=None if backward is None else _deserialize_layer(backward),
                    **config)
-
-
-def _serialize_layer(layer: RNN) -> dict:
-    return {"class_name": type(layer).__name__, "config": layer.get_config()}
 
 
 def _deserialize_layer(data: dict) -> RNN:
