@@ -1,7 +1,8 @@
 """The fused product: layers at one row project their input inside the steps' products.
 
 ``codegen.cells.common.emit_fused_product``: a layer whose recurrent matrix
-(a unit-split worker's slice of it) is read from L2 projects the next block
+(a unit-split worker's slice of it) is read from L2, or just past it (up to
+2 MiB), projects the next block
 of rows a slice per step, in the same passes as its recurrent product. Each
 case runs forced through the unit split and through one thread, at step
 counts around the block size (a short block alone, one block, a block and a
@@ -64,12 +65,21 @@ def test_layers_whose_matrix_is_read_from_l2_fuse_their_projection(name):
 
 @pytest.mark.parametrize("spec, reason", [
     (simple_stack([CellSpec("lstm", 32)], 32), "16 KiB, read from L1"),
+    (simple_stack([CellSpec("lstm", 1024)], 64), "16 MiB, read from L3 (8 MiB a worker of two)"),
     (simple_stack([LSTM128], 40, masking="carry"), "masked steps skip the product"),
     (StackSpec(blocks=(BlockSpec((DirectionSpec((LSTM128,)), DirectionSpec((LSTM128,), "valid")), "concat"),),
                input_size=40, masking="lengths"), "each row's own reversal"),
 ])
 def test_layers_the_fused_product_cannot_serve_do_not_fuse(spec, reason):
     assert not any(_fuses(spec)), reason
+
+
+def test_a_matrix_read_from_l3_fuses_only_in_slices_near_l2():
+    # LSTM(512): 4 MiB on one thread, 2 MiB a worker of two.
+    spec = simple_stack([CellSpec("lstm", 512)], 64)
+    assert _fuses(spec) == [False] and _fuses(spec, 2) == [True]
+    assert "_fused_product(" not in generate_source(spec)
+    assert "_fused_product(" in generate_source(dataclasses.replace(spec, unit_split=2))
 
 
 def test_a_layer_with_a_loop_projection_calls_its_fused_function_unfused():

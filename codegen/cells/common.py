@@ -115,6 +115,14 @@ FUSED_ROWS = 8
 #: 64x128 (32 KiB, read from L1) 0.43 / 0.46 us; 64x256 0.93 / 0.82; 128x256 1.75 / 1.62; 256x512 7.2 / 7.0
 #: (7.1-7.2 / 6.6-6.8 without reading h back).
 FUSED_MIN_BYTES = 64 * 1024
+#: The largest slice that fuses: past it the slice is read from L3, where the input kernel's stream beside it
+#: costs more than the projection's own pass saves (and a layer's two matrices together can outgrow the 32 MiB
+#: L3). One row, medians of 60-200 calls, processes in turns, fused / projected before the loop: LSTM(1024) on
+#: 1024 inputs T50, unit split (8 MiB a worker) 13.6-15.3 / 8.6-9.5 ms, ONNX Runtime 11.6; on 256 inputs
+#: 7.4-8.6 / 6.7-6.9 ms; LSTM(896), 6.1 MiB, 9.9-11.6 / 6.7-7.3 ms; LSTM(768), 4.5 MiB, 5.3-6.8 / 5.0-5.2 ms;
+#: LSTM(640), 3.2 MiB, 2.7-5.1 / 2.8-5.5 ms; LSTM(512) serial, 4 MiB, 3.1-6.1 / 3.4-4.1 ms; LSTM(512) split,
+#: 2 MiB, 1.7-3.1 / 2.0-3.6 ms; GRU(512) split, 1.5 MiB, 2.5-2.9 / 2.8-3.2 ms.
+FUSED_MAX_BYTES = 2 * 1024 * 1024
 #: The product's matrices, by packed name (every cell kind's ``recurrent_names`` that are one).
 PRODUCT_MATRICES = ("wh", "whzr", "whh")
 #: The packed-product function, as a kernel module names it (from the shared module).

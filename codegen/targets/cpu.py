@@ -31,7 +31,7 @@ packed product (``codegen.cells.common.emit_panel_product``, over the
 ``numrnn.runtime.schedule.packed_product_rows``); where it is
 positive, input projections of up to :data:`PACKED_PROJECTION_MAX_ROWS` rows
 are the packed product too. At one row, a layer whose recurrent matrix is
-read from L2 projects its input inside its steps' products instead
+read from L2 (or just past it) projects its input inside its steps' products instead
 (:func:`fuses_projection`).
 """
 
@@ -48,6 +48,7 @@ from codegen.cells import emitter_for, packed_names, recurrent_names
 from codegen.cells.common import (
     DOT,
     EXTERN_FUNCTIONS,
+    FUSED_MAX_BYTES,
     FUSED_MIN_BYTES,
     FUSED_ROWS,
     PANEL_PRODUCT,
@@ -642,13 +643,14 @@ def fuses_projection(ctx: LayerContext, units: int) -> bool:
 
     At one row (``codegen.cells.common.emit_fused_product``), where the
     step's recurrent matrix (its ``units`` columns of every gate) is read
-    from L2 (``FUSED_MIN_BYTES``) and every step runs the product: no
+    from L2 or near it (``FUSED_MIN_BYTES`` to ``FUSED_MAX_BYTES``) and
+    every step runs the product: no
     masking, and rows in step order or reversed (not each row's own valid
     prefix). Layers that share the function share the answer; a layer whose
     input side is a loop (a few inputs) calls it with ``fuse`` false.
     """
     return (ctx.masked_condition() is None and ctx.reverse in ("none", "full")
-            and recurrent_bytes(ctx.cell, ctx.dtype, units) >= FUSED_MIN_BYTES)
+            and FUSED_MIN_BYTES <= recurrent_bytes(ctx.cell, ctx.dtype, units) <= FUSED_MAX_BYTES)
 
 
 def emit_fuse_flag(em: Emitter, layer: Layer) -> str | None:

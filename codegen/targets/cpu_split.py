@@ -34,7 +34,7 @@ work as in the unsplit kernel. Buffers that more than one worker reads (the
 module's ``shared_buffers(T, T_out, B)``, which the runtime allocates (and
 keeps for the next call of the same shape) and passes to every worker.
 
-At one row a layer whose slice of the recurrent matrix is read from L2
+At one row a layer whose slice of the recurrent matrix is read from L2 (or just past it)
 (``codegen.targets.cpu.fuses_projection``) projects its input as it goes:
 the kernel skips the hoisted projection, the layer projects the first block
 of ``FUSED_ROWS`` rows before its loop, and each step's product projects a
