@@ -649,6 +649,34 @@ def test_close_calls_split_and_spaced_ones_take_the_batch_rule(monkeypatch):
     assert choice.pick(10.008) == (serial, True)  # 0.5 ms after: not close when nothing is
 
 
+def test_long_calls_split_after_a_pause_and_never_decline_the_partners():
+    # Partners put on stand-by wait about 3.6 ms: behind a longer serial call they sleep again before the next
+    # call, which declined them again, and every call ran serial. Long calls split, waking them if need be.
+    units, serial = ("units", 2), ("serial", 1)
+    pause = 10 * schedule.CLOSE_CALL_SECONDS
+    short, medium, long = 1e-3, (schedule.DECLINE_MAX_SECONDS + schedule.PAUSE_SPLIT_SECONDS) / 2, 0.019
+    measured = schedule.MeasuredChoice((serial, units))
+    measured.best, measured._round = units, []  # past its first round, the split timed faster
+    for choice in (schedule.CloseCallsChoice(units, serial), measured):
+        assert choice.declines
+        clock = 10.0
+        for seconds, declines, after_pause in [(short, True, serial), (medium, False, serial), (long, False, units)]:
+            option, _ = choice.pick(clock)
+            assert option == serial  # a call after a pause: the static option, as the last call ran
+            choice.record(option, seconds)
+            clock += seconds + pause
+            assert choice.declines == declines, seconds
+            assert choice.pick(clock)[0] == after_pause, seconds
+            choice.record(after_pause, seconds / 2)
+            clock += seconds / 2 + pause
+    # A split call's time, or a call that ran otherwise than picked, says nothing of the static option's calls.
+    choice = schedule.CloseCallsChoice(units, serial)
+    choice.pick(10.0), choice.record(serial, short)
+    choice.pick(10.0 + short), choice.record(units, long)
+    choice.pick(10.0 + short + long), choice.record(units, long, counted=False)
+    assert choice.declines and choice.pick(11.0)[0] == serial
+
+
 def _gaps(choice, calls, start: float = 10.0) -> list:
     """``choice``'s :attr:`wake` at each of ``calls``, ``(gap before the call, its seconds)``, from ``start``."""
     clock, wakes = start, []

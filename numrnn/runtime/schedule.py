@@ -54,7 +54,8 @@ inside the kernel (:mod:`numrnn.runtime.partners`), not on the pool. Policy
   MFLOP up to 32, 100 MFLOP up to 64), where the batch split's hand-off
   costs more than the unit split's exchanges (on two workers, as measured,
   and rows the packed product takes); these and the latency-sized split
-  only while their calls come close together (:class:`CloseCallsChoice`);
+  only while their calls come close together or are long
+  (:class:`CloseCallsChoice`);
   one split call runs at a time (a concurrent one falls back, so the
   partners can never wait on each other);
 - one- or two-row float32 calls that the unit split could run, short of
@@ -62,8 +63,8 @@ inside the kernel (:mod:`numrnn.runtime.partners`), not on the pool. Policy
   :data:`MEASURED_MIN_WEIGHT_BYTES` and :data:`MEASURED_MIN_FLOPS` a call,
   are timed both ways (:class:`MeasuredChoice`): whether the split pays there
   depends on the machine and, on a virtual one, on where the host runs its
-  CPUs at the time; a call after a pause runs the static rule's option, as
-  under :class:`CloseCallsChoice`. Only calls whose products are all packed ones (up to
+  CPUs at the time; a call after a pause runs the static rule's option
+  (unless the calls are long), as under :class:`CloseCallsChoice`. Only calls whose products are all packed ones (up to
   ``PACKED_PROJECTION_MAX_ROWS`` rows of input projection) with whole
   vectors of units per worker, on which both schedules give the same bits;
 - otherwise the batch split above.
@@ -537,6 +538,18 @@ CLOSE_CALL_SECONDS = 0.002
 #: The one-thread schedule.
 SERIAL = ("serial", 1)
 
+#: A close call declines partners that are not ready only while the static option's calls are shorter than this:
+#: the partners it puts on stand-by wait about 3.6 ms for the next call (``numrnn.runtime.sync.
+#: PARTNER_WAIT_ROUNDS``), and behind a longer serial call they went back to sleep before it came, so every call
+#: declined them again: LSTM(1024) B1 T50 on 1024 inputs, with 0.2 s pauses now and then, ran every call serial
+#: (19 ms, 56 of 56 declined) where the split takes 8.5-9.6 ms.
+DECLINE_MAX_SECONDS = 0.003
+#: A call after a pause splits too, waking the partners, where the static option's calls take at least this long:
+#: the wake costs 1.5-3 ms, and the split saves more. One row, T50, calls 20 ms apart, serial / split (medians of
+#: 30): LSTM(256) T100 2.86 / 3.14 ms, LSTM(512) 4.49 / 5.15, LSTM(640) 6.46 / 4.85, LSTM(512) T100 7.89 / 7.04,
+#: LSTM(768) 9.39 / 7.00, LSTM(1024) 18.5 / 10.5.
+PAUSE_SPLIT_SECONDS = 0.006
+
 
 class _CallGaps:
     """When a shape's last call ended (or should have), to tell a call that comes close after it
@@ -552,22 +565,35 @@ class _CallGaps:
     them, so that the burst's second call can find them ready. Calls that
     come evenly spaced (two after a pause in a row) do not wake them: they
     would spin their few milliseconds for nothing after every call.
+
+    Long calls change both: where the static option's last call took
+    :data:`PAUSE_SPLIT_SECONDS` or more, every call counts as close (waking
+    the partners costs less than the split saves), and where it took
+    :data:`DECLINE_MAX_SECONDS` or more, no call declines them.
     """
 
     def __init__(self, static: tuple[str, int]):
         self._started = self._ends_at = -np.inf
-        #: Whether a split call may decline partners still asleep and run ``static`` instead: where that is serial
-        #: (a batch split's threads would run beside the partners it wakes).
-        self.declines = static == SERIAL
+        self._static = static
+        #: Seconds of the static option's last call that ran as picked (0 until one has).
+        self._static_seconds = 0.0
         self._after_pause = False  # whether the last call came after a pause
         self._bursts = False  # whether the last call after a pause was followed by a close one
         #: The split option whose partners the call just picked should wake, or ``None``.
         self.wake: tuple[str, int] | None = None
 
+    @property
+    def declines(self) -> bool:
+        """Whether a split call may decline partners still asleep and run the static option instead: where that is
+        serial (a batch split's threads would run beside the partners it wakes) and its calls are short
+        (:data:`DECLINE_MAX_SECONDS`)."""
+        return self._static == SERIAL and self._static_seconds < DECLINE_MAX_SECONDS
+
     def _arrive(self, now: float, split: tuple[str, int] | None) -> bool:
-        """A call starts at ``now``: whether it comes close after the last one; :attr:`wake` set to ``split``
-        where it comes after a pause in a shape whose calls come in bursts (``split=None``: wake none)."""
-        close = now - self._ends_at < CLOSE_CALL_SECONDS
+        """A call starts at ``now``: whether it comes close after the last one (every call does where the static
+        option's calls are long); :attr:`wake` set to ``split`` where it comes after a pause in a shape whose calls
+        come in bursts (``split=None``: wake none)."""
+        close = now - self._ends_at < CLOSE_CALL_SECONDS or self._static_seconds >= PAUSE_SPLIT_SECONDS
         if self._after_pause:
             self._bursts = close
         self._after_pause = not close
@@ -581,9 +607,11 @@ class _CallGaps:
         if expected_seconds is not None:
             self._ends_at = now + expected_seconds
 
-    def _end(self, seconds: float) -> None:
-        """The call started last took ``seconds``."""
+    def _end(self, option: tuple[str, int], seconds: float, as_picked: bool) -> None:
+        """The call started last, picked as ``option``, took ``seconds``; ``as_picked``: it ran that option."""
         self._ends_at = self._started + seconds
+        if as_picked and option == self._static:
+            self._static_seconds = seconds
 
 
 class CloseCallsChoice(_CallGaps):
@@ -627,7 +655,7 @@ class CloseCallsChoice(_CallGaps):
     def record(self, option: tuple[str, int], seconds: float, counted: bool = True) -> None:
         """The call that :meth:`pick` started last took ``seconds`` (``counted``: as picked, for the interface
         :class:`MeasuredChoice` shares)."""
-        self._end(seconds)
+        self._end(option, seconds, counted)
 
 
 class MeasuredChoice(_CallGaps):
@@ -746,7 +774,7 @@ class MeasuredChoice(_CallGaps):
     def record(self, option: tuple[str, int], seconds: float, counted: bool = True) -> None:
         """The timed call that :meth:`pick` started last, of ``option``, took ``seconds``; not a sample of it
         unless ``counted`` (False: it ran otherwise, or compiled, and a round's call is put back)."""
-        self._end(seconds)
+        self._end(option, seconds, counted)
         self._last_seconds = seconds
         if not self._counted:
             return
