@@ -495,6 +495,8 @@ def schedule_line(shape: Shape) -> str:
     if measured is None:
         return _option((schedule, workers))
     if isinstance(measured, CloseCallsChoice):
+        if measured.long_calls:
+            return f"{_option(measured.split)} (calls this long, even after a pause)"
         return (f"{_option(measured.split)} (calls under {CLOSE_CALL_SECONDS * 1e3:g} ms apart; "
                 f"else {_option(measured.otherwise)})")
     if len(measured.typical()) < len(measured.options):

@@ -36,6 +36,12 @@ def test_schedule_line_gives_each_timed_option(monkeypatch):
     assert bench.schedule_line(tiny64) == "units on 2 cores (timed: serial 46.0 us, units on 2 cores 31.0 us)"
     assert bench.schedule_line(bench.SHAPES_BY_NAME["seed000"]) == "batch on 2 cores"
     assert bench.schedule_line(bench.SHAPES_BY_NAME["bidir_masked"]) == "directions on 2 cores"
+    latency256 = bench.SHAPES_BY_NAME["latency256"]
+    guarded = kernel(bench.stack_spec(latency256))._scheduler.plan(latency256.steps, latency256.batch)[2]
+    line = "units on 2 cores (calls under 2 ms apart; else serial)"
+    assert bench.schedule_line(latency256) == line
+    guarded.pick(10.0), guarded.record(("serial", 1), schedule.PAUSE_SPLIT_SECONDS)
+    assert bench.schedule_line(latency256) == "units on 2 cores (calls this long, even after a pause)"
 
 
 def test_machine_line_names_the_cores_numrnn_and_the_peers_use(monkeypatch):

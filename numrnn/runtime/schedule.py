@@ -589,11 +589,17 @@ class _CallGaps:
         (:data:`DECLINE_MAX_SECONDS`)."""
         return self._static == SERIAL and self._static_seconds < DECLINE_MAX_SECONDS
 
+    @property
+    def long_calls(self) -> bool:
+        """Whether the static option's last call took :data:`PAUSE_SPLIT_SECONDS` or more: every call counts as
+        close."""
+        return self._static_seconds >= PAUSE_SPLIT_SECONDS
+
     def _arrive(self, now: float, split: tuple[str, int] | None) -> bool:
         """A call starts at ``now``: whether it comes close after the last one (every call does where the static
         option's calls are long); :attr:`wake` set to ``split`` where it comes after a pause in a shape whose calls
         come in bursts (``split=None``: wake none)."""
-        close = now - self._ends_at < CLOSE_CALL_SECONDS or self._static_seconds >= PAUSE_SPLIT_SECONDS
+        close = now - self._ends_at < CLOSE_CALL_SECONDS or self.long_calls
         if self._after_pause:
             self._bursts = close
         self._after_pause = not close
