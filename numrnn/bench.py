@@ -85,7 +85,28 @@ SHAPES = (
     Shape("bidir_masked", (("lstm", 128),) * 2, 8, 100, 64, bidirectional=True, lengths=(50, 100)),
     Shape("streaming", (("lstm", 32),), 1, 1, 32, streaming=True),
 )
-SHAPES_BY_NAME = {s.name: s for s in SHAPES}
+#: Shapes off the standard set (``numrnn bench --grid``): more stacks, directions and cell kinds at one row,
+#: hidden sizes whose recurrent matrix outgrows L2 and L3, small and large batches, long sequences. Each was
+#: behind ONNX Runtime or PyTorch once, or sits at the edge of a rule (docs/speed-history.md).
+GRID_SHAPES = (
+    Shape("gru256_b1", (("gru", 256),), 1, 100, 256),
+    Shape("2lstm128_b1", (("lstm", 128),) * 2, 1, 100, 128),
+    Shape("3lstm64_b1", (("lstm", 64),) * 3, 1, 50, 32),
+    Shape("bigru256_b1", (("gru", 256),), 1, 100, 256, bidirectional=True),
+    Shape("bilstm64_b4_masked", (("lstm", 64),), 4, 60, 32, bidirectional=True, lengths=(20, 60)),
+    Shape("lstm16_b1_t1000", (("lstm", 16),), 1, 1000, 8),
+    Shape("mixed_b4", (("lstm", 64), ("gru", 128)), 4, 60, 16),
+    Shape("lstm128_b32_masked", (("lstm", 128),), 32, 100, 64, lengths=(20, 100)),
+    Shape("lstm256_b16_last", (("lstm", 256),), 16, 100, 256, return_sequences=False),
+    Shape("lstm128_b256", (("lstm", 128),), 256, 50, 128),
+    Shape("lstm512_b1", (("lstm", 512),), 1, 50, 512),
+    Shape("lstm1024_b1", (("lstm", 1024),), 1, 50, 1024),
+    Shape("lstm1024_b4", (("lstm", 1024),), 4, 50, 1024),
+    Shape("lstm2048_b1", (("lstm", 2048),), 1, 20, 2048),
+    Shape("gru768_b2_t200", (("gru", 768),), 2, 200, 256),
+    Shape("gru_streaming", (("gru", 128),), 1, 1, 64, streaming=True),
+)
+SHAPES_BY_NAME = {s.name: s for s in SHAPES + GRID_SHAPES}
 
 
 # -- the shared problem: spec, weights, inputs ------------------------------------------------------
@@ -542,8 +563,10 @@ def _seconds(text: str) -> float:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``numrnn bench``."""
-    parser.add_argument("--shapes", nargs="+", choices=[s.name for s in SHAPES], default=[s.name for s in SHAPES],
-                        help="standard shapes to run (default: all)")
+    parser.add_argument("--shapes", nargs="+", choices=list(SHAPES_BY_NAME), default=[s.name for s in SHAPES],
+                        help="shapes to run (default: the standard ones)")
+    parser.add_argument("--grid", action="store_true",
+                        help=f"run the {len(GRID_SHAPES)} shapes off the standard set (GRID_SHAPES) instead")
     parser.add_argument("--peers", nargs="*", choices=list(PEERS), default=list(PEERS),
                         help="peers to compare with, when installed (default: all; none with an empty list)")
     parser.add_argument("--min-time", type=_seconds, default=1.0,
@@ -563,7 +586,7 @@ def run(args: argparse.Namespace) -> int:
               f"{'max|diff|':>11}")
     print(header)
     print("-" * len(header))
-    for name in args.shapes:
+    for name in [s.name for s in GRID_SHAPES] if args.grid else args.shapes:
         shape = SHAPES_BY_NAME[name]
         rows = bench_shape(shape, peers, args.min_time)
         base = rows[0]["seconds"]

@@ -18,6 +18,21 @@ def test_bench_runs_without_peers(capsys):
     assert "schedule: serial, the streaming fast path" in out
 
 
+def test_grid_runs_the_shapes_off_the_standard_set(monkeypatch, capsys):
+    ran = []
+    monkeypatch.setattr(bench, "bench_shape", lambda shape, peers, min_time: ran.append(shape.name) or
+                        [{"system": "numrnn", "seconds": 1e-3, "diff": 0.0, "version": None}])
+    monkeypatch.setattr(bench, "schedule_line", lambda shape: "serial")
+    monkeypatch.setattr(bench, "sgemm_gflops", lambda: 100.0)
+    assert bench.main(["--peers", "--grid"]) == 0
+    assert ran == [s.name for s in bench.GRID_SHAPES]
+    assert "lstm1024_b1" in capsys.readouterr().out
+    assert not {s.name for s in bench.SHAPES} & {s.name for s in bench.GRID_SHAPES}
+    for shape in bench.GRID_SHAPES:  # each builds its problem
+        problem = bench.make_problem(shape)
+        assert problem.x.shape == (shape.steps, shape.batch, shape.input_size)
+
+
 def test_schedule_line_gives_each_timed_option(monkeypatch):
     monkeypatch.delenv("NUMRNN_SCHEDULE", raising=False)
     monkeypatch.setattr(schedule, "cores", lambda: 2)
