@@ -55,7 +55,8 @@ def test_schedule_line_gives_each_timed_option(monkeypatch):
     guarded = kernel(bench.stack_spec(latency256))._scheduler.plan(latency256.steps, latency256.batch)[2]
     line = "units on 2 cores (calls under 2 ms apart; else serial)"
     assert bench.schedule_line(latency256) == line
-    guarded.pick(10.0), guarded.record(("serial", 1), schedule.PAUSE_SPLIT_SECONDS)
+    for k in range(guarded.STATIC_SAMPLES):  # calls after pauses, each this long
+        guarded.pick(10.0 + k), guarded.record(("serial", 1), schedule.PAUSE_SPLIT_SECONDS)
     assert bench.schedule_line(latency256) == "units on 2 cores (calls this long, even after a pause)"
 
 

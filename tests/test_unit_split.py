@@ -649,32 +649,48 @@ def test_close_calls_split_and_spaced_ones_take_the_batch_rule(monkeypatch):
     assert choice.pick(10.008) == (serial, True)  # 0.5 ms after: not close when nothing is
 
 
+def _static_calls_after_pauses(choice, times, clock: float = 10.0) -> float:
+    """A call after a pause of ``choice``'s static option for each of ``times`` (its seconds); the clock after."""
+    for seconds in times:
+        clock += 10 * schedule.CLOSE_CALL_SECONDS
+        option, _ = choice.pick(clock)
+        assert option == ("serial", 1)
+        choice.record(option, seconds)
+        clock += seconds
+    return clock + 10 * schedule.CLOSE_CALL_SECONDS
+
+
 def test_long_calls_split_after_a_pause_and_never_decline_the_partners():
     # Partners put on stand-by wait about 3.6 ms: behind a longer serial call they sleep again before the next
     # call, which declined them again, and every call ran serial. Long calls split, waking them if need be.
     units, serial = ("units", 2), ("serial", 1)
-    pause = 10 * schedule.CLOSE_CALL_SECONDS
     short, medium, long = 1e-3, (schedule.DECLINE_MAX_SECONDS + schedule.PAUSE_SPLIT_SECONDS) / 2, 0.019
-    measured = schedule.MeasuredChoice((serial, units))
-    measured.best, measured._round = units, []  # past its first round, the split timed faster
-    for choice in (schedule.CloseCallsChoice(units, serial), measured):
-        assert choice.declines
-        clock = 10.0
+    samples = schedule.CloseCallsChoice.STATIC_SAMPLES
+    for make in (lambda: schedule.CloseCallsChoice(units, serial), lambda: schedule.MeasuredChoice((serial, units))):
         for seconds, declines, after_pause in [(short, True, serial), (medium, False, serial), (long, False, units)]:
-            option, _ = choice.pick(clock)
-            assert option == serial  # a call after a pause: the static option, as the last call ran
-            choice.record(option, seconds)
-            clock += seconds + pause
+            choice = make()
+            if isinstance(choice, schedule.MeasuredChoice):
+                choice.best, choice._round = units, []  # past its first round, the split timed faster
+            assert choice.declines
+            clock = _static_calls_after_pauses(choice, [seconds] * samples)
             assert choice.declines == declines, seconds
             assert choice.pick(clock)[0] == after_pause, seconds
-            choice.record(after_pause, seconds / 2)
-            clock += seconds / 2 + pause
-    # A split call's time, or a call that ran otherwise than picked, says nothing of the static option's calls.
+
+
+def test_one_slow_call_does_not_make_a_shape_long():
+    # The shortest of the static option's last calls counts: a call the host held up decides nothing, and the
+    # split's calls, or calls that ran otherwise than picked, say nothing of the static option's.
+    units, serial = ("units", 2), ("serial", 1)
     choice = schedule.CloseCallsChoice(units, serial)
-    choice.pick(10.0), choice.record(serial, short)
-    choice.pick(10.0 + short), choice.record(units, long)
-    choice.pick(10.0 + short + long), choice.record(units, long, counted=False)
-    assert choice.declines and choice.pick(11.0)[0] == serial
+    ended = _static_calls_after_pauses(choice, [1e-3, 0.019, 0.019]) - 10 * schedule.CLOSE_CALL_SECONDS
+    assert choice.declines and not choice.long_calls
+    assert choice.pick(ended)[0] == units  # close calls split
+    choice.record(units, 0.019)
+    assert choice.pick(ended + 0.019)[0] == units
+    choice.record(units, 0.019, counted=False)
+    assert choice.declines and not choice.long_calls
+    clock = _static_calls_after_pauses(choice, [0.019], ended + 0.038)
+    assert choice.long_calls and not choice.declines and choice.pick(clock)[0] == units
 
 
 def _gaps(choice, calls, start: float = 10.0) -> list:
