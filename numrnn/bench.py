@@ -359,15 +359,15 @@ def _tensorflow(problem: Problem):
         layer.set_weights(arrays)
 
     if shape.streaming:
-        H = shape.layers[0][1]
-        state = [tf.zeros((shape.batch, H)), tf.zeros((shape.batch, H))]
+        state = [tf.zeros((shape.batch, n)) for n in spec.cells[0].state_sizes]  # LSTM h and c, GRU h
 
         @tf.function
-        def step(x, h, c):
-            return layers[0](x, initial_state=[h, c])
+        def step(x, states):
+            y, *new_states = layers[0](x, initial_state=list(states))
+            return y, new_states
 
         def run():
-            y, state[0], state[1] = step(x, state[0], state[1])
+            y, state[:] = step(x, state)
             return y.numpy()[None]
         return run, tf.__version__
 
@@ -582,16 +582,19 @@ def run(args: argparse.Namespace) -> int:
     for note in notes:
         print("note:", note)
     versions = {}
-    header = (f"{'shape':<14}{'stack':<34}{'system':<13}{'time':>11}{'GFLOP/s':>9}{'%sgemm':>8}{'ratio':>7}"
+    names = [s.name for s in GRID_SHAPES] if args.grid else args.shapes
+    width = max(14, *(len(name) + 2 for name in names))
+    header = (f"{'shape':<{width}}{'stack':<34}{'system':<13}{'time':>11}{'GFLOP/s':>9}{'%sgemm':>8}{'ratio':>7}"
               f"{'max|diff|':>11}")
     print(header)
     print("-" * len(header))
-    for name in [s.name for s in GRID_SHAPES] if args.grid else args.shapes:
+    for name in names:
         shape = SHAPES_BY_NAME[name]
         rows = bench_shape(shape, peers, args.min_time)
         base = rows[0]["seconds"]
         for k, row in enumerate(rows):
-            lead = f"{shape.name if k == 0 else '':<14}{shape.describe() if k == 0 else '':<34}{row['system']:<13}"
+            lead = (f"{shape.name if k == 0 else '':<{width}}{shape.describe() if k == 0 else '':<34}"
+                    f"{row['system']:<13}")
             if "error" in row:
                 print(f"{lead}  failed: {row['error']}")
                 continue
@@ -603,7 +606,7 @@ def run(args: argparse.Namespace) -> int:
             print(f"{lead}{_format_time(row['seconds']) + unit:>11}{rate:>9.1f}{100 * rate / gflops:>7.1f}%"
                   f"{ratio:>7}{diff:>11}")
             if k == 0:
-                print(f"{'':<48}schedule: {schedule_line(shape)}")
+                print(f"{'':<{width + 34}}schedule: {schedule_line(shape)}")
         sys.stdout.flush()
     print("ratio = peer time / numrnn time (> 1: numrnn faster); times are medians of warm calls, "
           f"the systems timed in {ROUNDS} turns each")

@@ -5,6 +5,7 @@ from __future__ import annotations
 from types import SimpleNamespace
 
 import numpy as np
+import pytest
 
 from numrnn import bench, runtime
 from numrnn.runtime import schedule
@@ -118,3 +119,14 @@ def test_streaming_diff_compares_each_systems_first_call_from_zeros(monkeypatch)
     rows = {row["system"]: row for row in bench.bench_shape(bench.SHAPES_BY_NAME["streaming"], ["same", "ahead"], 0.0)}
     assert rows["same"]["diff"] == 0.0
     assert rows["ahead"]["diff"] > 1e-3
+
+
+@pytest.mark.parametrize("peer", sorted(bench.PEERS))
+def test_installed_peers_stream_a_gru(peer, monkeypatch):
+    # Skipped where the peer is not installed (the suite never needs one). TensorFlow's streaming step had
+    # unpacked an LSTM's two states and failed on a GRU's one.
+    pytest.importorskip(bench.PEER_MODULES[peer])
+    monkeypatch.setattr(bench, "SETTLE_SECONDS", 0.0)
+    rows = bench.bench_shape(bench.SHAPES_BY_NAME["gru_streaming"], [peer], 0.0)
+    assert "error" not in rows[1], rows[1]
+    assert rows[1]["diff"] < 1e-5
