@@ -563,10 +563,11 @@ def _seconds(text: str) -> float:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``numrnn bench``."""
-    parser.add_argument("--shapes", nargs="+", choices=list(SHAPES_BY_NAME), default=[s.name for s in SHAPES],
-                        help="shapes to run (default: the standard ones)")
-    parser.add_argument("--grid", action="store_true",
-                        help=f"run the {len(GRID_SHAPES)} shapes off the standard set (GRID_SHAPES) instead")
+    which = parser.add_mutually_exclusive_group()
+    which.add_argument("--shapes", nargs="+", choices=list(SHAPES_BY_NAME), default=[s.name for s in SHAPES],
+                       help="shapes to run (default: the standard ones)")
+    which.add_argument("--grid", action="store_true",
+                       help=f"run the {len(GRID_SHAPES)} shapes off the standard set (GRID_SHAPES) instead")
     parser.add_argument("--peers", nargs="*", choices=list(PEERS), default=list(PEERS),
                         help="peers to compare with, when installed (default: all; none with an empty list)")
     parser.add_argument("--min-time", type=_seconds, default=1.0,

@@ -224,6 +224,20 @@ def _split_case(cases, name, change, batch):
     return dataclasses.replace(spec, **change), (weights, x, mask, lengths, initial), expected
 
 
+def test_partners_asleep_again_after_a_stand_by_take_the_next_call_cold():
+    # Behind a call longer than their wait, partners put on stand-by sleep again before the next call; declining
+    # them again would run every call without them (LSTM(1024) B1 T50, 19 ms serial calls, did).
+    team, roles = Partners(2), []
+    assert not team.run(_stand_in(roles), team.lead_tail(()), 2, decline=True)
+    _wait_for(lambda: len(roles) == 2 and team.ready(1) == sync.IDLE)  # stood by with no job, asleep again
+    assert team.run(_stand_in(roles), team.lead_tail(()), 2, decline=True)
+    assert team.declined_calls == 1 and team.cold_calls == 1
+    assert sorted(roles[2:]) == sorted([sync.LEAD, sync.SERVE, sync.LEAD_COLD])  # handed over through the queue
+    _wait_for(lambda: team.ready(1) == sync.IDLE)
+    assert not team.run(_stand_in(roles), team.lead_tail(()), 2, decline=True)  # they ran: declined as before
+    assert team.declined_calls == 2
+
+
 def test_split_kernels_taking_turns_stay_right_and_reuse_ready_partners():
     unit = _split_case(UNIT_CASES, "stack_carry", {"unit_split": 2}, 1)
     direction = _split_case(DIRECTION_CASES, "torch_packed_projection_two_blocks", {"direction_split": True}, 1)

@@ -41,6 +41,7 @@ from test_grid import (
 from codegen.cells import packed_names, split_packed
 from codegen.spec import BlockSpec, CellSpec, DirectionSpec, StackSpec, simple_stack
 from numrnn.runtime import get_kernel, kernels, pack_weights, schedule, sync
+from numrnn.runtime import partners as partners_module
 from numrnn.runtime.partners import Partners
 
 LSTM_OPTIONS = CellSpec("lstm", 6, peephole=True, cell_clip=0.8, forget_bias=1.0)
@@ -654,27 +655,34 @@ def _static_calls_after_pauses(choice, times, clock: float = 10.0) -> float:
     for seconds in times:
         clock += 10 * schedule.CLOSE_CALL_SECONDS
         option, _ = choice.pick(clock)
-        assert option == ("serial", 1)
+        assert option == choice._static
         choice.record(option, seconds)
         clock += seconds
     return clock + 10 * schedule.CLOSE_CALL_SECONDS
 
 
-def test_long_calls_split_after_a_pause_and_never_decline_the_partners():
-    # Partners put on stand-by wait about 3.6 ms: behind a longer serial call they sleep again before the next
-    # call, which declined them again, and every call ran serial. Long calls split, waking them if need be.
+def test_long_calls_split_after_a_pause():
+    # Waking the partners costs less than the split saves on a long call; a fresh sample of the static option
+    # now and then lets a shape whose calls the host held up become short again.
     units, serial = ("units", 2), ("serial", 1)
-    short, medium, long = 1e-3, (schedule.DECLINE_MAX_SECONDS + schedule.PAUSE_SPLIT_SECONDS) / 2, 0.019
+    short, long = 1e-3, 0.019
     samples = schedule.CloseCallsChoice.STATIC_SAMPLES
     for make in (lambda: schedule.CloseCallsChoice(units, serial), lambda: schedule.MeasuredChoice((serial, units))):
-        for seconds, declines, after_pause in [(short, True, serial), (medium, False, serial), (long, False, units)]:
-            choice = make()
-            if isinstance(choice, schedule.MeasuredChoice):
-                choice.best, choice._round = units, []  # past its first round, the split timed faster
-            assert choice.declines
-            clock = _static_calls_after_pauses(choice, [seconds] * samples)
-            assert choice.declines == declines, seconds
-            assert choice.pick(clock)[0] == after_pause, seconds
+        choice = make()
+        if isinstance(choice, schedule.MeasuredChoice):
+            choice.best, choice._round = units, []  # past its first round, the split timed faster
+        clock = _static_calls_after_pauses(choice, [short] * samples)
+        assert not choice.long_calls and choice.pick(clock)[0] == serial
+        choice.record(serial, short)
+        clock = _static_calls_after_pauses(choice, [long] * samples, clock + short)
+        assert choice.long_calls and choice.declines
+        for _ in range(3):  # after pauses, within the refresh time: split, waiting for the partners
+            assert choice.pick(clock)[0] == units and not choice.declines
+            choice.record(units, long / 2)
+            clock += long / 2 + 10 * schedule.CLOSE_CALL_SECONDS
+        clock += schedule.STATIC_REFRESH_SECONDS
+        _static_calls_after_pauses(choice, [short], clock)  # the fresh sample: a short call
+        assert not choice.long_calls and choice.declines
 
 
 def test_one_slow_call_does_not_make_a_shape_long():
@@ -683,14 +691,22 @@ def test_one_slow_call_does_not_make_a_shape_long():
     units, serial = ("units", 2), ("serial", 1)
     choice = schedule.CloseCallsChoice(units, serial)
     ended = _static_calls_after_pauses(choice, [1e-3, 0.019, 0.019]) - 10 * schedule.CLOSE_CALL_SECONDS
-    assert choice.declines and not choice.long_calls
+    assert not choice.long_calls
     assert choice.pick(ended)[0] == units  # close calls split
     choice.record(units, 0.019)
     assert choice.pick(ended + 0.019)[0] == units
     choice.record(units, 0.019, counted=False)
-    assert choice.declines and not choice.long_calls
-    clock = _static_calls_after_pauses(choice, [0.019], ended + 0.038)
-    assert choice.long_calls and not choice.declines and choice.pick(clock)[0] == units
+    assert not choice.long_calls
+    clock = ended + 0.038 + 10 * schedule.CLOSE_CALL_SECONDS
+    assert choice.pick(clock)[0] == serial
+    choice.record(serial, 0.019, counted=False)  # ran otherwise (a compile): no sample
+    assert not choice.long_calls
+    clock = _static_calls_after_pauses(choice, [0.019], clock + 0.019)
+    assert choice.long_calls and choice.pick(clock)[0] == units
+    # Where the static option is the batch split, it stays: the split after a pause was measured against serial.
+    batch = schedule.CloseCallsChoice(units, ("batch", 2))
+    clock = _static_calls_after_pauses(batch, [0.019] * batch.STATIC_SAMPLES)
+    assert not batch.long_calls and batch.pick(clock)[0] == ("batch", 2)
 
 
 def _gaps(choice, calls, start: float = 10.0) -> list:
@@ -785,6 +801,8 @@ def test_a_close_call_declines_sleeping_partners_and_a_burst_wakes_them(monkeypa
     kernel, call = _small_batch_calls(monkeypatch, 8, seed=3)
     choice = kernel._scheduler.plan(30, 8)[2]
     assert choice.otherwise == ("serial", 1)
+    # Partners evicted below stand for partners asleep long since, not ones a declined call has just woken.
+    monkeypatch.setattr(partners_module, "SLEPT_AGAIN_SECONDS", 0.0)
     stood_by, stand_by = [], Partners.stand_by
     monkeypatch.setattr(Partners, "stand_by", lambda team, function, *a: stood_by.append(function)
                         or stand_by(team, function, *a))

@@ -538,17 +538,14 @@ CLOSE_CALL_SECONDS = 0.002
 #: The one-thread schedule.
 SERIAL = ("serial", 1)
 
-#: A close call declines partners that are not ready only while the static option's calls are shorter than this:
-#: the partners it puts on stand-by wait about 3.6 ms for the next call (``numrnn.runtime.sync.
-#: PARTNER_WAIT_ROUNDS``), and behind a longer serial call they went back to sleep before it came, so every call
-#: declined them again: LSTM(1024) B1 T50 on 1024 inputs, with 0.2 s pauses now and then, ran every call serial
-#: (19 ms, 56 of 56 declined) where the split takes 8.5-9.6 ms.
-DECLINE_MAX_SECONDS = 0.003
-#: A call after a pause splits too, waking the partners, where the static option's calls take at least this long:
-#: the wake costs 1.5-3 ms, and the split saves more. One row, T50, calls 20 ms apart, serial / split (medians of
-#: 30): LSTM(256) T100 2.86 / 3.14 ms, LSTM(512) 4.49 / 5.15, LSTM(640) 6.46 / 4.85, LSTM(512) T100 7.89 / 7.04,
-#: LSTM(768) 9.39 / 7.00, LSTM(1024) 18.5 / 10.5.
+#: A call after a pause splits too, waking the partners, where the serial static option's calls take at least this
+#: long: the wake costs 1.5-3 ms, and the split saves more. One row, T50, calls 20 ms apart, serial / split
+#: (medians of 30): LSTM(256) T100 2.86 / 3.14 ms, LSTM(512) 4.49 / 5.15, LSTM(640) 6.46 / 4.85, LSTM(512) T100
+#: 7.89 / 7.04, LSTM(768) 9.39 / 7.00, LSTM(1024) 18.5 / 10.5.
 PAUSE_SPLIT_SECONDS = 0.006
+#: While a shape's calls count as long, a call after a pause runs the static option again once this long has
+#: passed since the last one did: fresh samples, so that calls the host held up do not keep a short shape long.
+STATIC_REFRESH_SECONDS = 5.0
 
 
 class _CallGaps:
@@ -566,14 +563,15 @@ class _CallGaps:
     come evenly spaced (two after a pause in a row) do not wake them: they
     would spin their few milliseconds for nothing after every call.
 
-    Long calls change both: where the static option's last
-    :data:`STATIC_SAMPLES` calls all took :data:`PAUSE_SPLIT_SECONDS` or
-    more, every call counts as close (waking the partners costs less than
-    the split saves), and where its recent calls took
-    :data:`DECLINE_MAX_SECONDS` or more, no call declines them. The shortest
-    of those calls counts, so one call that the host held up decides
-    neither (in a ``numrnn bench --grid`` run, 2xLSTM(128) B1 T100, about 1
-    ms a call serial, had split after every pause since one such call).
+    Long calls are the exception: where the static option is serial and
+    its last :data:`STATIC_SAMPLES` calls each took
+    :data:`PAUSE_SPLIT_SECONDS` or more, every call counts as close
+    (waking the partners costs less than the split saves) and none declines
+    them, except one after a pause every :data:`STATIC_REFRESH_SECONDS`,
+    which runs the static option again for a fresh sample. The shortest of those calls
+    counts, so a call that the host held up does not make a shape long (in
+    a ``numrnn bench --grid`` run, 2xLSTM(128) B1 T100, about 1 ms a call
+    serial, split after every pause once one such call decided alone).
     """
 
     #: The static option's calls kept to tell long calls.
@@ -582,19 +580,19 @@ class _CallGaps:
     def __init__(self, static: tuple[str, int]):
         self._started = self._ends_at = -np.inf
         self._static = static
-        #: Seconds of the static option's last calls that ran as picked (up to STATIC_SAMPLES, the last last).
+        self._serial_static = static == SERIAL
+        #: Whether the call just picked, if split, may decline partners still asleep and run ``static`` instead:
+        #: where that is serial (a batch split's threads would run beside the partners it wakes), unless its calls
+        #: are long (the partners would sleep again behind it).
+        self.declines = self._serial_static
+        #: Seconds of a serial static option's last calls that ran as picked (STATIC_SAMPLES at most, oldest
+        #: first), and when the last of them started.
         self._static_times: list[float] = []
+        self._static_at = -np.inf
         self._after_pause = False  # whether the last call came after a pause
         self._bursts = False  # whether the last call after a pause was followed by a close one
         #: The split option whose partners the call just picked should wake, or ``None``.
         self.wake: tuple[str, int] | None = None
-
-    @property
-    def declines(self) -> bool:
-        """Whether a split call may decline partners still asleep and run the static option instead: where that is
-        serial (a batch split's threads would run beside the partners it wakes) and its calls are short
-        (:data:`DECLINE_MAX_SECONDS`)."""
-        return self._static == SERIAL and min(self._static_times, default=0.0) < DECLINE_MAX_SECONDS
 
     @property
     def long_calls(self) -> bool:
@@ -604,9 +602,11 @@ class _CallGaps:
 
     def _arrive(self, now: float, split: tuple[str, int] | None) -> bool:
         """A call starts at ``now``: whether it comes close after the last one (every call does where the static
-        option's calls are long); :attr:`wake` set to ``split`` where it comes after a pause in a shape whose calls
-        come in bursts (``split=None``: wake none)."""
-        close = now - self._ends_at < CLOSE_CALL_SECONDS or self.long_calls
+        option's calls are long, but for a fresh sample); :attr:`wake` set to ``split`` where it comes after a pause
+        in a shape whose calls come in bursts (``split=None``: wake none)."""
+        long = self.long_calls and now - self._static_at < STATIC_REFRESH_SECONDS
+        self.declines = self._serial_static and not long
+        close = long or now - self._ends_at < CLOSE_CALL_SECONDS
         if self._after_pause:
             self._bursts = close
         self._after_pause = not close
@@ -623,8 +623,9 @@ class _CallGaps:
     def _end(self, option: tuple[str, int], seconds: float, as_picked: bool) -> None:
         """The call started last, picked as ``option``, took ``seconds``; ``as_picked``: it ran that option."""
         self._ends_at = self._started + seconds
-        if as_picked and option == self._static:
-            self._static_times = [*self._static_times[1 - self.STATIC_SAMPLES:], seconds]
+        if as_picked and option == self._static == SERIAL:
+            self._static_times = [*self._static_times, seconds][-self.STATIC_SAMPLES:]
+            self._static_at = self._started
 
 
 class CloseCallsChoice(_CallGaps):
@@ -661,7 +662,7 @@ class CloseCallsChoice(_CallGaps):
 
     def pick(self, now: float) -> tuple[tuple[str, int], bool]:
         """The option this call runs, and True (time it: :meth:`record` says when it ended); ``now``: its start."""
-        close = self._arrive(now, self.split if self.declines else None)
+        close = self._arrive(now, self.split if self._serial_static else None)
         self._start(now)
         return (self.split if close else self.otherwise), True
 
@@ -746,7 +747,7 @@ class MeasuredChoice(_CallGaps):
 
     def pick(self, now: float) -> tuple[tuple[str, int], bool]:
         """The option this call runs, and whether to time it (:meth:`record`); ``now``: its start."""
-        if self._arrive(now, self.best if self.declines and self.best != self.options[0] else None):
+        if self._arrive(now, self.best if self._serial_static and self.best != self.options[0] else None):
             option, timed = self._next_call(now)
             self._counted = timed
         else:
