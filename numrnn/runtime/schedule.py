@@ -64,7 +64,8 @@ inside the kernel (:mod:`numrnn.runtime.partners`), not on the pool. Policy
   are timed both ways (:class:`MeasuredChoice`): whether the split pays there
   depends on the machine and, on a virtual one, on where the host runs its
   CPUs at the time; a call after a pause runs the static rule's option
-  (unless the calls are long), as under :class:`CloseCallsChoice`. Only calls whose products are all packed ones (up to
+  (unless the calls are long), as under :class:`CloseCallsChoice`. Only
+  calls whose products are all packed ones (up to
   ``PACKED_PROJECTION_MAX_ROWS`` rows of input projection) with whole
   vectors of units per worker, on which both schedules give the same bits;
 - otherwise the batch split above.
@@ -566,12 +567,13 @@ class _CallGaps:
     Long calls are the exception: where the static option is serial and
     its last :data:`STATIC_SAMPLES` calls each took
     :data:`PAUSE_SPLIT_SECONDS` or more, every call counts as close
-    (waking the partners costs less than the split saves) and none declines
-    them, except one after a pause every :data:`STATIC_REFRESH_SECONDS`,
-    which runs the static option again for a fresh sample. The shortest of those calls
-    counts, so a call that the host held up does not make a shape long (in
-    a ``numrnn bench --grid`` run, 2xLSTM(128) B1 T100, about 1 ms a call
-    serial, split after every pause once one such call decided alone).
+    (waking the partners costs less than the split saves) and none
+    declines them, except one after a pause every
+    :data:`STATIC_REFRESH_SECONDS`, which runs the static option again for
+    a fresh sample. The shortest of those calls counts, so a call that the
+    host held up does not make a shape long (in a ``numrnn bench --grid``
+    run, 2xLSTM(128) B1 T100, about 1 ms a call serial, split after every
+    pause once one such call decided alone).
     """
 
     #: The static option's calls kept to tell long calls.
@@ -596,17 +598,17 @@ class _CallGaps:
 
     @property
     def long_calls(self) -> bool:
-        """Whether the static option's last :data:`STATIC_SAMPLES` calls each took :data:`PAUSE_SPLIT_SECONDS`
-        or more: every call counts as close."""
+        """Whether the static option is serial and its last :data:`STATIC_SAMPLES` calls each took
+        :data:`PAUSE_SPLIT_SECONDS` or more: every call counts as close (but for a fresh sample)."""
         return len(self._static_times) == self.STATIC_SAMPLES and min(self._static_times) >= PAUSE_SPLIT_SECONDS
 
     def _arrive(self, now: float, split: tuple[str, int] | None) -> bool:
         """A call starts at ``now``: whether it comes close after the last one (every call does where the static
         option's calls are long, but for a fresh sample); :attr:`wake` set to ``split`` where it comes after a pause
         in a shape whose calls come in bursts (``split=None``: wake none)."""
-        long = self.long_calls and now - self._static_at < STATIC_REFRESH_SECONDS
-        self.declines = self._serial_static and not long
-        close = long or now - self._ends_at < CLOSE_CALL_SECONDS
+        long_now = self.long_calls and now - self._static_at < STATIC_REFRESH_SECONDS
+        self.declines = self._serial_static and not long_now
+        close = long_now or now - self._ends_at < CLOSE_CALL_SECONDS
         if self._after_pause:
             self._bursts = close
         self._after_pause = not close
