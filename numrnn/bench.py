@@ -584,7 +584,7 @@ def run(args: argparse.Namespace) -> int:
         print("note:", note)
     versions = {}
     names = [s.name for s in GRID_SHAPES] if args.grid else args.shapes
-    width = max(14, *(len(name) + 2 for name in names))
+    width = max(14, *(len(name) + 1 for name in names))
     header = (f"{'shape':<{width}}{'stack':<34}{'system':<13}{'time':>11}{'GFLOP/s':>9}{'%sgemm':>8}{'ratio':>7}"
               f"{'max|diff|':>11}")
     print(header)
