@@ -794,6 +794,19 @@ def test_a_small_batch_splits_its_units_when_its_calls_come_close(batch, monkeyp
     assert len(splits) == 2
 
 
+def test_a_first_call_leaves_its_shape_ended_when_it_returns(monkeypatch):
+    # The first call compiles, then runs itself again through __call__, which records its end; the outer call
+    # recorded its own time, compile included, from the inner call's start: an end in the future, so that the
+    # next call counted as close after a real pause.
+    kernel, call = _small_batch_calls(monkeypatch, 8, seed=5)
+    compile_for = kernel._compile_for
+    monkeypatch.setattr(kernel, "compile_seconds", None)
+    monkeypatch.setattr(kernel, "_compile_for", lambda args: time.sleep(0.2) or compile_for(args))
+    call()
+    assert kernel.compile_seconds >= 0.2
+    assert kernel._scheduler.plan(30, 8)[2]._ends_at <= time.perf_counter()
+
+
 def test_a_close_call_declines_sleeping_partners_and_a_burst_wakes_them(monkeypatch):
     # A guarded shape's close call that finds the partners asleep runs without them (the batch rule's
     # schedule) and wakes them for the next one, rather than wait while the host wakes their CPU; and a
