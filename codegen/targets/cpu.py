@@ -31,8 +31,8 @@ packed product (``codegen.cells.common.emit_panel_product``, over the
 ``numrnn.runtime.schedule.packed_product_rows``); where it is
 positive, input projections of up to :data:`PACKED_PROJECTION_MAX_ROWS` rows
 are the packed product too. At one row, a layer whose recurrent matrix is
-read from L2 (or just past it) projects its input inside its steps' products instead
-(:func:`fuses_projection`).
+read from L2 (or just past it) projects its input inside its steps'
+products instead (:func:`fuses_projection`).
 """
 
 from __future__ import annotations

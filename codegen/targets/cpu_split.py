@@ -34,11 +34,11 @@ work as in the unsplit kernel. Buffers that more than one worker reads (the
 module's ``shared_buffers(T, T_out, B)``, which the runtime allocates (and
 keeps for the next call of the same shape) and passes to every worker.
 
-At one row a layer whose slice of the recurrent matrix is read from L2 (or just past it)
-(``codegen.targets.cpu.fuses_projection``) projects its input as it goes:
-the kernel skips the hoisted projection, the layer projects the first block
-of ``FUSED_ROWS`` rows before its loop, and each step's product projects a
-slice of the next block in the same passes
+At one row a layer whose slice of the recurrent matrix is read from L2 (or
+just past it; ``codegen.targets.cpu.fuses_projection``) projects its input
+as it goes: the kernel skips the hoisted projection, the layer projects the
+first block of ``FUSED_ROWS`` rows before its loop, and each step's
+product projects a slice of the next block in the same passes
 (``codegen.cells.common.emit_fused_product``). The product alone leaves
 half the multiply-adds idle while it waits for its weights; the
 projection's slice fills them.

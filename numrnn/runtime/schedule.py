@@ -625,7 +625,7 @@ class _CallGaps:
     def _end(self, option: tuple[str, int], seconds: float, as_picked: bool) -> None:
         """The call started last, picked as ``option``, took ``seconds``; ``as_picked``: it ran that option."""
         self._ends_at = self._started + seconds
-        if as_picked and option == self._static == SERIAL:
+        if as_picked and self._serial_static and option == SERIAL:
             self._static_times = [*self._static_times, seconds][-self.STATIC_SAMPLES:]
             self._static_at = self._started
 
