@@ -160,14 +160,13 @@ class CellSpec:
         """Why this cell's units cannot be split over threads, or ``None`` when they can.
 
         A split worker computes its units from the whole previous ``h`` and its
-        own slice of every gate. A projection (``h = r(o * tanh(c)) P``) or a
-        GRU that resets before its product (``(r * h) U_h``) mixes every unit
-        inside the step, which would need a second barrier per step.
+        own slice of every gate; a GRU that resets before its product
+        (``(r * h) U_h``) gathers every worker's ``r * h`` within the step as
+        well. A projection (``h = r(o * tanh(c)) P``) has ``h`` narrower than
+        the units the workers own, which the exchange does not lay out.
         """
         if self.proj_units:
             return "an LSTM projection (proj_units) mixes every unit inside the step"
-        if self.kind == "gru" and not self.reset_after:
-            return "a GRU with reset_after=False multiplies r * h by U_h inside the step"
         return None
 
     def short_name(self) -> str:

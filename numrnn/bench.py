@@ -56,6 +56,9 @@ class Shape:
     lengths: tuple[int, int] | None = None
     #: One step per call, state carried (``steps`` calls are timed as one run).
     streaming: bool = False
+    #: Whether the GRU layers reset after their recurrent product (Keras 3, PyTorch, ONNX
+    #: ``linear_before_reset``) or before it (Keras ``reset_after=False``, TF1, ONNX's default).
+    reset_after: bool = True
 
     def flops(self) -> float:
         """Multiply-adds x 2 of the whole stack (both directions)."""
@@ -72,7 +75,8 @@ class Shape:
         stack = f"{len(kinds)}x{kinds[0]}" if len(set(kinds)) == 1 and len(kinds) > 1 else "->".join(kinds)
         if self.bidirectional:
             stack = f"{len(kinds)}xBi{kinds[0]}"
-        return f"{stack} B{self.batch} T{self.steps} D{self.input_size}"
+        reset = "" if self.reset_after or all(k != "gru" for k, _ in self.layers) else " reset-before"
+        return f"{stack}{reset} B{self.batch} T{self.steps} D{self.input_size}"
 
 
 #: The standard shapes of DESIGN.md; they drive both ``numrnn bench`` and the asv suite.
@@ -90,6 +94,7 @@ SHAPES = (
 #: behind ONNX Runtime or PyTorch once, or sits at the edge of a rule (docs/speed-history.md).
 GRID_SHAPES = (
     Shape("gru256_b1", (("gru", 256),), 1, 100, 256),
+    Shape("gru256_b1_reset_before", (("gru", 256),), 1, 100, 256, reset_after=False),
     Shape("2lstm128_b1", (("lstm", 128),) * 2, 1, 100, 128),
     Shape("3lstm64_b1", (("lstm", 64),) * 3, 1, 50, 32),
     Shape("bigru256_b1", (("gru", 256),), 1, 100, 256, bidirectional=True),
@@ -113,8 +118,9 @@ SHAPES_BY_NAME = {s.name: s for s in SHAPES + GRID_SHAPES}
 
 
 def stack_spec(shape: Shape, dtype: str = "float32") -> StackSpec:
-    """The numrnn spec of ``shape`` (GRU reset_after, as Keras 3, PyTorch and ONNX linear_before_reset)."""
-    cells = [CellSpec(kind, units) for kind, units in shape.layers]
+    """The numrnn spec of ``shape`` (its GRUs reset after their product unless ``shape.reset_after`` is false)."""
+    cells = [CellSpec(kind, units, **({"reset_after": shape.reset_after} if kind == "gru" else {}))
+             for kind, units in shape.layers]
     masking = "lengths" if shape.lengths else "none"
     if shape.bidirectional:
         back = "valid" if shape.lengths else "full"
@@ -230,7 +236,7 @@ def _onnx(problem: Problem):
                 outs.append(f"Yc{li}")
             state_out = outs[1:]
         attrs = {"hidden_size": H, "direction": "bidirectional" if n_dirs == 2 else "forward"}
-        if cell.kind == "gru":
+        if cell.kind == "gru" and cell.reset_after:
             attrs["linear_before_reset"] = 1
         nodes.append(helper.make_node(cell.kind.upper(), ins, outs, **attrs))
         # Y (T, dirs, B, H) -> (T, B, dirs * H) for the next layer
@@ -341,7 +347,7 @@ def _tensorflow(problem: Problem):
         last = li == len(shape.layers) - 1
         seqs = shape.return_sequences or not last
         cls = keras.layers.LSTM if kind == "lstm" else keras.layers.GRU
-        kwargs = {"reset_after": True} if kind == "gru" else {}
+        kwargs = {"reset_after": shape.reset_after} if kind == "gru" else {}
         layer = cls(units, return_sequences=seqs, return_state=shape.streaming, **kwargs)
         if shape.bidirectional:
             layer = keras.layers.Bidirectional(layer)
@@ -585,8 +591,9 @@ def run(args: argparse.Namespace) -> int:
     versions = {}
     names = [s.name for s in GRID_SHAPES] if args.grid else args.shapes
     width = max(14, *(len(name) + 1 for name in names))
-    header = (f"{'shape':<{width}}{'stack':<34}{'system':<13}{'time':>11}{'GFLOP/s':>9}{'%sgemm':>8}{'ratio':>7}"
-              f"{'max|diff|':>11}")
+    stack_width = max(34, *(len(SHAPES_BY_NAME[name].describe()) + 1 for name in names))
+    header = (f"{'shape':<{width}}{'stack':<{stack_width}}{'system':<13}{'time':>11}{'GFLOP/s':>9}{'%sgemm':>8}"
+              f"{'ratio':>7}{'max|diff|':>11}")
     print(header)
     print("-" * len(header))
     for name in names:
@@ -594,7 +601,7 @@ def run(args: argparse.Namespace) -> int:
         rows = bench_shape(shape, peers, args.min_time)
         base = rows[0]["seconds"]
         for k, row in enumerate(rows):
-            lead = (f"{shape.name if k == 0 else '':<{width}}{shape.describe() if k == 0 else '':<34}"
+            lead = (f"{shape.name if k == 0 else '':<{width}}{shape.describe() if k == 0 else '':<{stack_width}}"
                     f"{row['system']:<13}")
             if "error" in row:
                 print(f"{lead}  failed: {row['error']}")
@@ -607,7 +614,7 @@ def run(args: argparse.Namespace) -> int:
             print(f"{lead}{_format_time(row['seconds']) + unit:>11}{rate:>9.1f}{100 * rate / gflops:>7.1f}%"
                   f"{ratio:>7}{diff:>11}")
             if k == 0:
-                print(f"{'':<{width + 34}}schedule: {schedule_line(shape)}")
+                print(f"{'':<{width + stack_width}}schedule: {schedule_line(shape)}")
         sys.stdout.flush()
     print("ratio = peer time / numrnn time (> 1: numrnn faster); times are medians of warm calls, "
           f"the systems timed in {ROUNDS} turns each")

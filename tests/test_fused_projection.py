@@ -14,8 +14,9 @@ product's, in input order), so must a one-row call and the same row in a
 two-row call (which never fuses), and all must match the oracle. LSTM(64)
 fuses serial only (a worker's 32 KiB is read from L1): fused against
 unfused, and its static unroll against its loop. A GRU that resets before
-its product cannot split; serial, its fused product (over z and r) is
-narrower than its projection (z, r and h). Since every one-row call of
+its product fuses in the first of its two products (over z and r), narrower
+than its projection (z, r and h); split, the second reads the workers'
+gathered ``r * h``. Since every one-row call of
 five steps or more fuses, a long sequence equals the same one cut in two
 calls, its states carried, to the bit.
 """
@@ -46,10 +47,9 @@ CASES = {
         input_size=40),
     "float64_simple": simple_stack([CellSpec("simple", 256)], 20, dtype="float64"),
     "lstm64_serial_only": simple_stack([CellSpec("lstm", 64)], 32),
-    "gru_reset_before_unsplit": simple_stack([CellSpec("gru", 128, reset_after=False)], 40),
+    "gru_reset_before": simple_stack([CellSpec("gru", 128, reset_after=False)], 40),
 }
 SERIAL_ONLY = {"lstm64_serial_only"}
-UNSPLIT = {"gru_reset_before_unsplit"}
 
 
 def _fuses(spec: StackSpec, workers: int = 1) -> list[bool]:
@@ -59,8 +59,7 @@ def _fuses(spec: StackSpec, workers: int = 1) -> list[bool]:
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_layers_whose_matrix_is_read_from_l2_fuse_their_projection(name):
     assert all(_fuses(CASES[name]))
-    if name not in UNSPLIT:
-        assert all(_fuses(CASES[name], 2)) == (name not in SERIAL_ONLY)
+    assert all(_fuses(CASES[name], 2)) == (name not in SERIAL_ONLY)
 
 
 @pytest.mark.parametrize("spec, reason", [
@@ -105,10 +104,9 @@ def test_fused_calls_equal_unfused_ones_bit_for_bit_and_the_oracle(name, steps, 
     x = rng.standard_normal((steps, batch, spec.input_size)).astype(spec.dtype)
     initial = [tuple(rng.standard_normal((batch, n)).astype(spec.dtype) for n in c.state_sizes) for c in spec.cells]
     serial, serial_states = _run(spec, weights, x, initial, "serial", monkeypatch)
-    if name not in UNSPLIT:
-        split, split_states = _run(spec, weights, x, initial, "units", monkeypatch)
-        assert get_kernel(dataclasses.replace(spec, unit_split=2)).compile_seconds is not None  # it really ran split
-        assert_bit_equal(split, split_states, serial, serial_states)
+    split, split_states = _run(spec, weights, x, initial, "units", monkeypatch)
+    assert get_kernel(dataclasses.replace(spec, unit_split=2)).compile_seconds is not None  # it really ran split
+    assert_bit_equal(split, split_states, serial, serial_states)
     if batch == 1 and 2 * steps <= PACKED_PROJECTION_MAX_ROWS:  # the row beside another, which never fuses
         pair = np.concatenate([x, rng.standard_normal(x.shape).astype(spec.dtype)], axis=1)
         pair_initial = [tuple(np.concatenate([s, s]) for s in cell) for cell in initial]
@@ -123,7 +121,8 @@ def test_fused_calls_equal_unfused_ones_bit_for_bit_and_the_oracle(name, steps, 
 
 @pytest.mark.skipif(packed_product_rows() < 2, reason="BLAS takes every product on this machine: nothing fuses")
 @pytest.mark.parametrize("name, schedule", [("float64_simple", "serial"), ("float64_simple", "units"),
-                                            ("gru_reset_before_unsplit", "serial"), ("lstm64_serial_only", "serial")])
+                                            ("gru_reset_before", "serial"), ("gru_reset_before", "units"),
+                                            ("lstm64_serial_only", "serial")])
 def test_a_long_row_equals_the_same_row_in_two_calls_bit_for_bit(name, schedule, monkeypatch):
     # 200 steps in one call, then as 100 + 100 with the states carried: every call fuses. Up to 128 steps only,
     # at first: BLAS projected the 200 up front, and its float64 sums differ (float32's OpenBLAS happens to add

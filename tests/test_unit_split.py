@@ -1,13 +1,14 @@
 """The unit split (one call on several threads, an exchange of ``h`` per step) against the NumPy oracle.
 
-Each case is a spec the split can run (even unit counts; no projection, no GRU
-reset-before) covering the semantics the split touches: every cell kind and
-LSTM option, each masking mode, both reversals, every merge (including the
-merge between blocks, which needs its own barrier), the last-output mode and
-both dtypes. Each case runs at one row (the layer's inline one-row
-product), four rows and 13 (the shared module's packed product), forced
-through ``NUMRNN_SCHEDULE=units``, and is compared with the oracle (which
-pins the unsplit kernels too, in ``test_grid``); where OpenBLAS has
+Each case is a spec the split can run (even unit counts; no projection)
+covering the semantics the split touches: every cell kind and LSTM option,
+both GRU resets (reset-before exchanges ``r * h`` within the step as well),
+each masking mode, both reversals, every merge (including the merge between
+blocks, which needs its own barrier), the last-output mode and both dtypes.
+Each case runs at one row (the layer's inline one-row product), four rows
+and 13 (the shared module's packed product), forced through
+``NUMRNN_SCHEDULE=units``, and is compared with the oracle (which pins the
+unsplit kernels too, in ``test_grid``); where OpenBLAS has
 AVX-512 small-matrix kernels and numba's vectors are narrower
 (``packed_product_rows`` 0), BLAS takes every product instead. One compile
 per case.
@@ -56,6 +57,12 @@ CASES = {
                           "sum"),
                 BlockSpec((DirectionSpec((CellSpec("gru", 4, use_bias=False),)),))),
         input_size=D, dtype="float64", masking="lengths", return_sequences=False),
+    "gru_reset_before_valid_two_blocks": _bidir(
+        [CellSpec("gru", 6, reset_after=False), CellSpec("gru", 4, reset_after=False, use_bias=False)], "concat",
+        reverse="valid", blocks=2, masking="lengths"),
+    "float64_gru_reset_before_carry_last": simple_stack(
+        [CellSpec("gru", 4, reset_after=False, recurrent_activation="hard_sigmoid")], D, dtype="float64",
+        masking="carry", return_sequences=False),
 }
 
 
@@ -189,6 +196,18 @@ def test_split_packed_keeps_each_workers_columns_of_every_gate():
     np.testing.assert_array_equal(part1["wp"], logical["peephole"][:, 2:4])
 
 
+def test_split_packed_keeps_each_workers_columns_of_a_reset_before_grus_two_products():
+    cell = CellSpec("gru", 4, reset_after=False)
+    rng = np.random.default_rng(0)
+    logical = {k: rng.standard_normal(s).astype(np.float32) for k, s in cell.weight_shapes(3).items()}
+    packed = pack_weights(simple_stack([cell], 3), [logical])
+    part1 = dict(zip(packed_names(cell), split_packed(cell, packed, 1, 2)))
+    recurrent = logical["recurrent_kernel"]  # (4, 12): z, r, h
+    np.testing.assert_array_equal(part1["whzr"], recurrent[:, [2, 3, 6, 7]])  # units 2, 3 of z and r, every row
+    np.testing.assert_array_equal(part1["whh"], recurrent[:, [10, 11]])  # units 2, 3 of h, every row of r * h
+    np.testing.assert_array_equal(part1["wx"], logical["kernel"][:, [2, 3, 6, 7, 10, 11]])
+
+
 ONE_ROW_PRODUCTS = {
     # A worker's 264 outputs end in an 8-column panel: after two passes of four 32-column panels (64-byte
     # vectors, walked back on odd steps), or four of 16-column ones. Masked, so that its 136 KiB slice does
@@ -196,6 +215,9 @@ ONE_ROW_PRODUCTS = {
     "float32_passes_and_a_partial_panel": simple_stack([CellSpec("lstm", 132)], D, masking="lengths"),
     # 96 float64 outputs: one pass of four 16-column panels and two more panels, or three passes of 8-column ones.
     "float64_passes_and_whole_panels": simple_stack([CellSpec("gru", 64)], D, dtype="float64"),
+    # Two products a step, of 96 and 48 outputs (whole panels of 16 or 32 columns, or a partial one), the
+    # second from the gathered r * h. Masked: its rows stop 3 steps early.
+    "float32_gru_reset_before": simple_stack([CellSpec("gru", 96, reset_after=False)], D, masking="lengths"),
 }
 
 
@@ -260,7 +282,6 @@ def test_a_split_kernel_loaded_from_the_disk_cache_computes_the_bits_of_the_proc
     "spec, message",
     [
         (simple_stack([CellSpec("lstm", 4, proj_units=2)], 3), "projection"),
-        (simple_stack([CellSpec("gru", 4, reset_after=False)], 3), "reset_after=False"),
         (simple_stack([CellSpec("lstm", 5)], 3), "divide the units"),
         (simple_stack([CellSpec("lstm", 4)], 3, unroll=8), "plain dynamic loop"),
     ],
@@ -329,9 +350,12 @@ def test_auto_policy_splits_the_units_of_small_batches_up_to_a_few_hundred_mflop
     tiny_units = simple_stack([CellSpec("gru", 16)], 16)  # 8 units a worker: the exchange costs more
     assert schedule.choose(tiny_units, 300, 32) == ("serial", 1)  # 14 MFLOP: the batch split's hand-off too
     assert schedule.choose(tiny_units, 300, 256) == ("batch", 2)  # 113 MFLOP
-    reset_before = simple_stack([CellSpec("gru", 128, reset_after=False)], 128)  # cannot split its units
-    assert schedule.choose(reset_before, 100, 8) == ("batch", 2)  # 157 MFLOP
-    assert schedule.choose(reset_before, 20, 8) == ("serial", 1)  # 31 MFLOP
+    reset_before = simple_stack([CellSpec("gru", 128, reset_after=False)], 128)  # two exchanges a step
+    assert schedule.choose(reset_before, 100, 1) == ("units", 2)
+    assert schedule.choose(reset_before, 200, 4) == ("units", 2)  # 157 MFLOP
+    assert schedule.choose(reset_before, 100, 8) == ("batch", 2)  # 157 MFLOP: past 100 from 5 rows
+    assert schedule.choose(reset_before, 20, 8) == ("units", 2)  # 31 MFLOP
+    assert schedule.choose(reset_before, 10, 40) == ("batch", 2)  # 79 MFLOP: not split past 32 rows
     monkeypatch.setattr(schedule, "packed_product_rows", lambda: 8)  # BLAS past 8 rows: not measured
     assert schedule.choose(lstm128, 20, 16) == ("batch", 2)
     monkeypatch.setattr(schedule, "packed_product_rows", lambda: schedule.PACKED_PRODUCT_MAX_ROWS)

@@ -1,9 +1,11 @@
-"""One emitter module per cell kind, each with the same five functions.
+"""One emitter module per cell kind, each with the same six functions.
 
 ``recurrent_names(cell)`` / ``pack_recurrent(cell, logical)``: the packed arrays
 the time loop reads; ``scratch_names(cell)`` / ``emit_scratch(em, ctx, dtype)``:
-buffers allocated once per layer; ``emit_step(em, ctx)``: one time step over
-every batch row.
+buffers allocated once per layer; ``gathered_names(cell)``: the scratch
+buffers whose every unit a step reads after computing them, which the unit
+split gathers from its workers within the step (``LayerContext.gather``);
+``emit_step(em, ctx)``: one time step over every batch row.
 The input side (``kernel`` and ``bias``) is the same for every kind and is
 handled by the target as one hoisted product per layer; the kernel is kept
 twice, as is for a BLAS GEMM and in panels for the packed product of a short
@@ -102,10 +104,11 @@ def _with_panels(cell: CellSpec, arrays: dict[str, np.ndarray]) -> list[np.ndarr
     return [panels[name] if name in panels else aligned_copy(arrays[name]) for name in packed_names(cell)]
 
 
-#: How each packed array is cut for one worker of the unit split: along which axis, and whether that
-#: axis holds the gate blocks side by side (``G`` blocks of ``units``) or the units once.
-_SPLIT_AXES = {"wx": (1, True), "b": (0, True), "wh": (1, True), "bh": (0, True),
-               "wp": (1, False)}
+#: How each packed array is cut for one worker of the unit split: along which axis, and how many blocks
+#: of ``units`` that axis holds side by side (``None``: one per gate). A GRU that resets before its
+#: product keeps ``z, r`` in ``whzr`` and ``h`` in ``whh``.
+_SPLIT_AXES = {"wx": (1, None), "b": (0, None), "wh": (1, None), "bh": (0, None),
+               "whzr": (1, 2), "whh": (1, 1), "wp": (1, 1)}
 
 
 def split_packed(cell: CellSpec, arrays: list[np.ndarray], part: int, parts: int) -> list[np.ndarray]:
@@ -121,8 +124,8 @@ def split_packed(cell: CellSpec, arrays: list[np.ndarray], part: int, parts: int
     for name, array in zip(packed_names(cell), arrays):
         if name in panels:
             continue  # made again from the worker's slice
-        axis, gated = _SPLIT_AXES[name]
-        blocks = cell.gates if gated else 1
+        axis, blocks = _SPLIT_AXES[name]
+        blocks = cell.gates if blocks is None else blocks
         index = np.concatenate([np.arange(g * cell.units + lo, g * cell.units + hi) for g in range(blocks)])
         out[name] = np.take(array, index, axis=axis)
     return _with_panels(cell, out)

@@ -12,6 +12,7 @@ import functools
 import os
 import platform
 import sys
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 
@@ -534,6 +535,10 @@ class LayerContext:
     ``inline_one_row``: a one-row step's product is the layer's own code
     (:func:`emit_one_row_product`), not a call of the shared module's; the
     module imports ``panel_block``.
+    ``gather``: under the unit split, ``gather(em, name)`` emits the
+    exchange that fills a buffer of every worker's units from each worker's
+    scratch ``name`` (one of the cell's ``gathered_names``) and returns the
+    whole buffer's name, which the step reads in place of ``name``.
     """
 
     cell: CellSpec
@@ -546,6 +551,7 @@ class LayerContext:
     fused_projection: bool = False
     defer_output: bool = False
     inline_one_row: bool = False
+    gather: Callable[[Emitter, str], str] | None = None
 
     @property
     def units(self) -> int:

@@ -42,6 +42,11 @@ def scratch_names(cell: CellSpec) -> list[str]:
     return ["rh"] if cell.reset_after else ["rzr", "zs", "rhs", "rhh"]
 
 
+def gathered_names(cell: CellSpec) -> list[str]:
+    """Scratch buffers a step reads whole after computing them: reset-before's ``r * h``, which ``U_h`` multiplies."""
+    return [] if cell.reset_after else ["rhs"]
+
+
 def emit_scratch(em: Emitter, ctx: LayerContext, dtype: str) -> None:
     """Per-layer buffers, allocated once before the time loop."""
     u = ctx.units
@@ -92,7 +97,8 @@ def _emit_reset_before(em: Emitter, ctx: LayerContext) -> None:
                 f"zs[b, j] = {activation_expr(cell.recurrent_activation, 'az', ctx.dtype)}",
                 f"rhs[b, j] = ({activation_expr(cell.recurrent_activation, 'ar', ctx.dtype)}) * h[b, j]",
             )
-    emit_recurrent_product(em, ctx, "rhs", "whh", "rhh", u)
+    rhs = ctx.gather(em, "rhs") if ctx.gather else "rhs"
+    emit_recurrent_product(em, ctx, rhs, "whh", "rhh", u)
     with row_loop(em, ctx, final=True):
         with em.block(f"for j in range({u}):"):
             em(

@@ -36,6 +36,15 @@ def scratch_names(cell: CellSpec) -> list[str]:
     return ["rh"] + (["hn"] if cell.proj_units else [])
 
 
+def gathered_names(cell: CellSpec) -> list[str]:
+    """Scratch buffers a step reads whole after computing them: none that the unit split runs.
+
+    A projection's ``hn`` would be, but a projected cell cannot split
+    (``CellSpec.unit_split_blocker``).
+    """
+    return []
+
+
 def emit_scratch(em: Emitter, ctx: LayerContext, dtype: str) -> None:
     """Per-layer buffers, allocated once before the time loop."""
     em(f"rh = np.empty((B, {4 * ctx.units}), dtype=np.{dtype})")

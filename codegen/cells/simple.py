@@ -30,6 +30,11 @@ def scratch_names(cell: CellSpec) -> list[str]:
     return ["rh"]
 
 
+def gathered_names(cell: CellSpec) -> list[str]:
+    """Scratch buffers a step reads whole after computing them: none (each unit reads only its own gates)."""
+    return []
+
+
 def emit_scratch(em: Emitter, ctx: LayerContext, dtype: str) -> None:
     """Per-layer buffers, allocated once before the time loop."""
     em(f"rh = np.empty((B, {ctx.units}), dtype=np.{dtype})")

@@ -59,6 +59,7 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import replace
+from functools import partial
 
 from codegen.cells import emitter_for, packed_names, recurrent_names
 from codegen.cells.common import ITEMSIZE, emit_output_pass, emit_scratch_for_output, emit_step_times
@@ -275,13 +276,18 @@ def _emit_layer_function(em: Emitter, spec: StackSpec, layer: Layer) -> None:
     after each step with this worker's new ``h`` and the others'. No
     barrier starts the layer: ``hp`` starts as the whole initial state, and
     the previous layer's outputs were all written before its last exchange.
+    A cell that reads a scratch buffer whole within the step (its
+    ``gathered_names``: a GRU's ``r * h`` before ``U_h``) exchanges it there
+    too, into ``<name>_all`` (:func:`_emit_gather`).
     """
     cell = layer.cell
     n = slice_width(layer, spec)
     emitter = emitter_for(cell)
     fused = fuses_projection(layer.context, n)
+    gathered = emitter.gathered_names(cell)
     ctx = replace(layer.context, cell=replace(cell, units=n), recurrent_input="hp", fused_projection=fused,
-                  defer_output=True, inline_one_row=not fused)
+                  defer_output=True, inline_one_row=not fused,
+                  gather=partial(_emit_gather, spec=spec, layer=layer) if gathered else None)
     others = list(cell.state_names[1:])
     params = ["xw", *input_bias_args(cell), *recurrent_names(cell), "hstate", *(f"{o}state" for o in others),
               *condition_args(spec), "out", "small", "xb", "u0", "flags", "me", "epoch",
@@ -295,6 +301,8 @@ def _emit_layer_function(em: Emitter, spec: StackSpec, layer: Layer) -> None:
         _emit_copy(em, n, *((f"{name}[b, j]", f"{name}state[b, u0 + j]") for name in ("h", *others)))
         em(f"hp = np.empty((B, {cell.units}), dtype=np.{spec.dtype})")
         _emit_copy(em, cell.units, ("hp[b, j]", "hstate[b, j]"))
+        # Zeros: a masked row's product reads its row of the buffer, which no exchange may have filled yet.
+        em(*(f"{_whole(name)} = np.zeros((B, {cell.units}), dtype=np.{spec.dtype})" for name in gathered))
         emitter.emit_scratch(em, ctx, spec.dtype)
         emit_scratch_for_output(em, ctx, spec.dtype)
         if fused:
@@ -316,16 +324,38 @@ def _emit_layer_function(em: Emitter, spec: StackSpec, layer: Layer) -> None:
         em("return epoch")
 
 
-def _emit_send(em: Emitter, spec: StackSpec, layer: Layer) -> None:
-    """The first half of the step's exchange of ``h``: this worker's new ``h`` to the others, and into its ``hp``.
+def _whole(name: str) -> str:
+    """The buffer that gathers every worker's units of the scratch buffer ``name``."""
+    return f"{name}_all"
+
+
+def _emit_gather(em: Emitter, name: str, *, spec: StackSpec, layer: Layer) -> str:
+    """``LayerContext.gather`` of a split layer: exchange this step's ``name`` as ``h`` is exchanged, into
+    :func:`_whole` (``name``); return that name.
+
+    The exchange takes the next epoch and the same exchange buffer, lines and
+    parities as ``h``'s: a worker still rewrites a line only after every other
+    worker has sent the exchange between, which each sent after reading the line.
+    """
+    whole = _whole(name)
+    em("epoch += 1")
+    _emit_send(em, spec, layer, name, whole)
+    _emit_receive(em, spec, layer, whole)
+    return whole
+
+
+def _emit_send(em: Emitter, spec: StackSpec, layer: Layer, source: str = "h", whole: str = "hp") -> None:
+    """The first half of an exchange: this worker's ``source`` (by default its new ``h``) to the others, and
+    into its ``whole`` copy (by default ``hp``).
 
     The layer's exchange buffer has int64 slots ``xb_slots`` and values
-    ``xb_values`` (the same memory). Row ``b`` of a worker's ``h`` fills lines
-    ``b * lines ..`` of its lines for the step's parity, ``per_line`` values
-    each, and each line's last slot gets the step's epoch after its values,
+    ``xb_values`` (the same memory). Row ``b`` of a worker's ``source`` fills
+    lines ``b * lines ..`` of its lines for the epoch's parity, ``per_line``
+    values each, and each line's last slot gets the epoch after its values,
     with release ordering (``numrnn.runtime.sync``). A worker rewrites the
-    lines of one parity two steps later, once every other worker has sent
-    the step between, which it sent after reading them (:func:`_emit_receive`).
+    lines of one parity two exchanges later, once every other worker has
+    sent the exchange between, which it sent after reading them
+    (:func:`_emit_receive`).
 
     Emitted inline with the line layout as constants: an exchange made by a
     function over views of the buffer cost a tiny64 split call 5-7 us of 29
@@ -334,20 +364,21 @@ def _emit_send(em: Emitter, spec: StackSpec, layer: Layer) -> None:
     """
     lines = _ExchangeLines(spec, layer)
     em(f"mine = ((epoch % 2) * {spec.unit_split} + me) * B * {lines.slots}")
-    lines.emit(em, "mine", f"xb_values[{lines.ratio} * at + i] = h[b, line * {lines.per_line} + i]", stamped=True)
-    _emit_copy(em, lines.n, ("hp[b, u0 + j]", "h[b, j]"))
+    lines.emit(em, "mine", f"xb_values[{lines.ratio} * at + i] = {source}[b, line * {lines.per_line} + i]",
+               stamped=True)
+    _emit_copy(em, lines.n, (f"{whole}[b, u0 + j]", f"{source}[b, j]"))
 
 
-def _emit_receive(em: Emitter, spec: StackSpec, layer: Layer) -> None:
-    """The second half of the step's exchange: for each other worker, wait for the stamps of its lines
-    (:func:`numrnn.runtime.sync.await_stamp`), then copy its values into ``hp``."""
+def _emit_receive(em: Emitter, spec: StackSpec, layer: Layer, whole: str = "hp") -> None:
+    """The second half of an exchange: for each other worker, wait for the stamps of its lines
+    (:func:`numrnn.runtime.sync.await_stamp`), then copy its values into ``whole``."""
     lines, workers = _ExchangeLines(spec, layer), spec.unit_split
     with em.block(f"for w in range({workers}):"):
         with em.block("if w != me:"):
             em(f"theirs = ((epoch % 2) * {workers} + w) * B * {lines.slots}")
             with em.block(f"for line in range(B * {lines.count}):"):
                 em(f"await_stamp(xb_slots, theirs + line * {LINE_SLOTS} + {LINE_SLOTS - 1}, epoch, flags)")
-            lines.emit(em, "theirs", f"hp[b, w * {lines.n} + line * {lines.per_line} + i] = "
+            lines.emit(em, "theirs", f"{whole}[b, w * {lines.n} + line * {lines.per_line} + i] = "
                        f"xb_values[{lines.ratio} * at + i]", stamped=False)
 
 
