@@ -176,8 +176,8 @@ def test_blas_symbols_are_all_linked_or_none(monkeypatch):
 
 
 def test_panel_product_covers_its_rows_and_every_column():
-    # Every row-block size (none, 1-4 and beyond; 1-3 leftover rows take 2 or 4 panels a pass when there are that
-    # many full ones), a last panel that is partial or full, panels walked forward and backward (any nonzero
+    # Every row-block size (none, 1-4, 5-7, 8 and beyond: AVX-512's 8-row blocks leave 4 + up to 3; 1-3 leftover
+    # rows take 2 or 4 panels a pass when there are that many full ones), a last panel that is partial or full, panels walked forward and backward (any nonzero
     # ``backward``), bit for bit against the sums in input order (float32: fused multiply-adds), rows outside
     # b0..b1 untouched.
     shared = _shared_module()
@@ -187,14 +187,15 @@ def test_panel_product_covers_its_rows_and_every_column():
         width = panel_width(dtype)
         for inputs, outputs in ((1, 1), (5, 7), (9, width), (3, 2 * width + 3), (17, 3 * width - 1),
                                 (7, 4 * width + 5), (4, 2 * width), (6, 4 * width), (5, 8 * width + 1)):
-            h = rng.standard_normal((11, inputs)).astype(dtype)
+            h = rng.standard_normal((16, inputs)).astype(dtype)
             w = rng.standard_normal((inputs, outputs)).astype(dtype)
             panels = to_panels(w)
             assert panels.shape == (-(-outputs // width), inputs, width)
             expected = _input_order_product(h, w)
-            for b0, b1 in ((0, 11), (0, 1), (2, 4), (3, 6), (1, 8), (5, 10), (0, 4), (2, 10), (3, 3), (11, 11)):
+            for b0, b1 in ((0, 11), (0, 1), (2, 4), (3, 6), (1, 8), (5, 10), (0, 4), (2, 10), (3, 3), (11, 11),
+                           (0, 16), (1, 15), (0, 13), (3, 16)):
                 for backward in (0, 1, 2):
-                    out = np.full((11, outputs), np.nan, dtype=dtype)
+                    out = np.full((16, outputs), np.nan, dtype=dtype)
                     product(h, panels, out, b0, b1, backward)
                     assert np.isnan(out[:b0]).all() and np.isnan(out[b1:]).all()
                     np.testing.assert_array_equal(out[b0:b1], expected[b0:b1])

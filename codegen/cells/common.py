@@ -98,9 +98,11 @@ def emit_math_helpers(em: Emitter, dtype: str, jit_options: str) -> None:
 
 #: Bytes of one vector the packed product can work in (``numrnn.runtime.simd``): AVX2's, AVX-512's.
 VECTOR_WIDTHS = (32, 64)
-#: Vectors per panel: the packed product's output block is ``PANEL_ROWS`` rows by one panel.
+#: Vectors per panel: the packed product's output block is :func:`panel_rows` rows by one panel.
 PANEL_VECTORS = 2
-PANEL_ROWS = 4
+#: Rows of the packed product's block where vectors are AVX2's (16 registers) and AVX-512's (32): see
+#: :func:`panel_rows`. Fewer rows left over take a block of ``PANEL_ROWS`` first, then the rest.
+PANEL_ROWS, WIDE_PANEL_ROWS = 4, 8
 #: Panels per pass of the rows left over from the blocks of ``PANEL_ROWS`` (by their count; one if absent).
 #: Three rows take one panel at a time: with two, 12 accumulators, 4 weight vectors and the
 #: broadcast need 17 of AVX2's 16 registers, and the spills made 3 rows slower than 4 (128x512,
@@ -212,6 +214,26 @@ def _numba_enables_avx(cpu_name: str) -> bool:
 
 
 #: Bytes of one element, by the dtypes the kernels take.
+def panel_rows() -> int:
+    """Rows of the packed product's block: :data:`WIDE_PANEL_ROWS` where numba compiles AVX-512 vectors, else
+    :data:`PANEL_ROWS`.
+
+    A block keeps ``rows x PANEL_VECTORS`` sums in registers and loads its
+    panel's vectors once per input for all its rows. AVX-512's 32 registers
+    hold 8 rows' sums (16) beside the weights and the broadcast, and the
+    panel, read from L2 when it outgrows L1 (512 inputs: 64 KiB), is read
+    once per 8 rows rather than 4. On an Emerald Rapids guest (2 MiB L2,
+    full-width AVX-512), one thread, medians of 15 x 50 ms, three alternating
+    processes each, 4 -> 8 rows: LSTM(512) B32 T20 20.4-21.8 -> 18.0-19.8 ms,
+    B64 T10 20.1-20.9 -> 18.2-18.9 ms, GRU(256) B64 T20 7.0-7.7 -> 5.7-6.9
+    ms, LSTM(128) B128 T20 4.9-5.5 -> 4.2-5.2 ms, LSTM(256) B16 T50 5.9-6.2
+    -> 5.3-6.0 ms; LSTM(128) B8 T100 (1.5-1.7 ms) and GRU(120) B64 T50
+    (3.8-4.4 ms) within noise, and B4 (the same 4-row block) unchanged. Not
+    measured on Zen 4, whose AVX-512 units are half width.
+    """
+    return WIDE_PANEL_ROWS if vector_bytes() == 64 and "+avx512f" in _target_features() else PANEL_ROWS
+
+
 ITEMSIZE = {"float32": 4, "float64": 8}
 
 
@@ -333,7 +355,7 @@ def emit_panel_product(em: Emitter) -> None:
     ``wp`` is ``(panels, inputs, P)``: column block ``p`` of ``w``, zero-padded
     to ``P`` columns (:func:`codegen.cells.to_panels`). A micro-kernel keeps a
     block of outputs in vector registers over the whole input loop. Blocks of
-    :data:`PANEL_ROWS` rows take one panel at a time, panel by panel, so a
+    :func:`panel_rows` rows take one panel at a time, panel by panel, so a
     panel (a few KiB) stays in L1 from one row block to the next. The rows
     left over take :data:`PANELS_PER_PASS` panels at a time: every vector
     register adds one term per input, and with fewer than about 8 of them a
@@ -367,12 +389,19 @@ def emit_panel_product(em: Emitter) -> None:
     intrinsics, then the loops over the panels) compiled in 5.1 s on a cold
     machine; this entry, with the same loops, in 1.1-1.3 s.
     """
-    em("P = wp.shape[2]", "G = out.shape[1]", "n = wp.shape[0]", f"b = b0 + (b1 - b0) // {PANEL_ROWS} * {PANEL_ROWS}",
+    block = panel_rows()
+    em("P = wp.shape[2]", "G = out.shape[1]", "n = wp.shape[0]", f"b = b0 + (b1 - b0) // {block} * {block}",
        "back = backward != 0")
     with em.block("for i in range(n):"):
         em("p = n - 1 - i if back else i", "cols = min(P, G - p * P)")
-        with em.block(f"for r in range(b0, b, {PANEL_ROWS}):"):
-            _emit_micro_kernel(em, "r", PANEL_ROWS, 1)
+        with em.block(f"for r in range(b0, b, {block}):"):
+            _emit_micro_kernel(em, "r", block, 1)
+    if block > PANEL_ROWS:  # one more block shape, not one per count of rows left over
+        with em.block(f"if b1 - b >= {PANEL_ROWS}:"):
+            with em.block("for i in range(n):"):
+                em("p = n - 1 - i if back else i", "cols = min(P, G - p * P)")
+                _emit_micro_kernel(em, "b", PANEL_ROWS, 1)
+            em(f"b += {PANEL_ROWS}")
     for rows in range(1, PANEL_ROWS):
         with em.block(f"{'if' if rows == 1 else 'elif'} b1 - b == {rows}:"):
             _emit_leftover_rows(em, rows)
