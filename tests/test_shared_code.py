@@ -177,9 +177,9 @@ def test_blas_symbols_are_all_linked_or_none(monkeypatch):
 
 def test_panel_product_covers_its_rows_and_every_column():
     # Every row-block size (none, 1-4, 5-7, 8 and beyond: AVX-512's 8-row blocks leave 4 + up to 3; 1-3 leftover
-    # rows take 2 or 4 panels a pass when there are that many full ones), a last panel that is partial or full, panels walked forward and backward (any nonzero
-    # ``backward``), bit for bit against the sums in input order (float32: fused multiply-adds), rows outside
-    # b0..b1 untouched.
+    # rows take 2 or 4 panels a pass when there are that many full ones), a last panel that is partial or full,
+    # panels walked forward and backward (any nonzero ``backward``), bit for bit against the sums in input order
+    # (float32: fused multiply-adds), rows outside b0..b1 untouched.
     shared = _shared_module()
     rng = np.random.default_rng(3)
     for dtype, product in (("float64", _c_entry(shared, "PANEL_PRODUCT", "_exact")),
