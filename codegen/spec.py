@@ -156,19 +156,6 @@ class CellSpec:
             shapes["projection"] = (self.units, self.proj_units)
         return shapes
 
-    def unit_split_blocker(self) -> str | None:
-        """Why this cell's units cannot be split over threads, or ``None`` when they can.
-
-        A split worker computes its units from the whole previous ``h`` and its
-        own slice of every gate; a GRU that resets before its product
-        (``(r * h) U_h``) gathers every worker's ``r * h`` within the step as
-        well. A projection (``h = r(o * tanh(c)) P``) has ``h`` narrower than
-        the units the workers own, which the exchange does not lay out.
-        """
-        if self.proj_units:
-            return "an LSTM projection (proj_units) mixes every unit inside the step"
-        return None
-
     def short_name(self) -> str:
         """Readable name fragment, e.g. ``lstm64`` or ``gru128``."""
         return f"{self.kind}{self.units}" + (f"p{self.proj_units}" if self.proj_units else "")
@@ -249,10 +236,10 @@ class StackSpec:
     the plain loop; more than 1 needs ``unroll=None`` and at most
     :data:`UNROLL_STEPS_CEILING`.
     ``unit_split``: threads that share one call, each computing a slice of
-    every layer's hidden units and meeting the others at a barrier after every
+    every layer's hidden units and exchanging ``h`` with the others after every
     time step (the runtime's schedule for small batches; ``1``: no split).
-    Needs the plain dynamic loop, cells that :meth:`CellSpec.unit_split_blocker`
-    allows, and unit counts divisible by it.
+    Needs the plain dynamic loop, and unit counts (and LSTM projections)
+    divisible by it.
     ``direction_split``: two threads share one call, each running one
     direction of every bidirectional block over all rows; they meet at a
     barrier after each block (the runtime's schedule for small batches of
@@ -344,11 +331,10 @@ class StackSpec:
         if self.unroll is not None or self.unroll_steps != 1:
             return "the unit split needs the plain dynamic loop (unroll=None, unroll_steps=1)"
         for cell in self.cells:
-            reason = cell.unit_split_blocker()
-            if reason is None and cell.units % workers:
-                reason = f"{workers} threads must divide the units of every cell, and it has {cell.units}"
-            if reason is not None:
-                return f"{cell.short_name()}: {reason}"
+            for count, name in ((cell.units, "units"), (cell.output_size, "projected outputs")):
+                if count % workers:
+                    return (f"{cell.short_name()}: {workers} threads must divide the {name} of every cell, "
+                            f"and it has {count}")
         return None
 
     @property

@@ -1,8 +1,9 @@
 """The unit split (one call on several threads, an exchange of ``h`` per step) against the NumPy oracle.
 
-Each case is a spec the split can run (even unit counts; no projection)
-covering the semantics the split touches: every cell kind and LSTM option,
-both GRU resets (reset-before exchanges ``r * h`` within the step as well),
+Each case is a spec the split can run (even unit counts) covering the
+semantics the split touches: every cell kind and LSTM option, both GRU
+resets (reset-before exchanges ``r * h`` within the step as well, an LSTM
+projection ``o * tanh(c)``),
 each masking mode, both reversals, every merge (including the merge between
 blocks, which needs its own barrier), the last-output mode and both dtypes.
 Each case runs at one row (the layer's inline one-row product), four rows
@@ -60,6 +61,13 @@ CASES = {
     "gru_reset_before_valid_two_blocks": _bidir(
         [CellSpec("gru", 6, reset_after=False), CellSpec("gru", 4, reset_after=False, use_bias=False)], "concat",
         reverse="valid", blocks=2, masking="lengths"),
+    "lstm_projection_valid_sum": _bidir(
+        [CellSpec("lstm", 6, proj_units=4, peephole=True, cell_clip=0.8, forget_bias=1.0)], "sum", reverse="valid",
+        masking="lengths"),
+    # A projection wider than its units, then one of a column a worker.
+    "float64_projections_carry_last": simple_stack(
+        [CellSpec("lstm", 4, proj_units=6), CellSpec("lstm", 8, proj_units=2)], D, dtype="float64", masking="carry",
+        return_sequences=False),
     "float64_gru_reset_before_carry_last": simple_stack(
         [CellSpec("gru", 4, reset_after=False, recurrent_activation="hard_sigmoid")], D, dtype="float64",
         masking="carry", return_sequences=False),
@@ -281,7 +289,7 @@ def test_a_split_kernel_loaded_from_the_disk_cache_computes_the_bits_of_the_proc
 @pytest.mark.parametrize(
     "spec, message",
     [
-        (simple_stack([CellSpec("lstm", 4, proj_units=2)], 3), "projection"),
+        (simple_stack([CellSpec("lstm", 4, proj_units=3)], 3), "divide the projected outputs"),
         (simple_stack([CellSpec("lstm", 5)], 3), "divide the units"),
         (simple_stack([CellSpec("lstm", 4)], 3, unroll=8), "plain dynamic loop"),
     ],
@@ -293,8 +301,8 @@ def test_spec_refuses_a_unit_split_it_cannot_run(spec, message):
 
 def test_forcing_units_on_a_spec_that_cannot_split_names_the_reason(monkeypatch):
     monkeypatch.setenv("NUMRNN_SCHEDULE", "units")
-    with pytest.raises(ValueError, match="NUMRNN_SCHEDULE=units cannot run .*lstm4p2.*projection"):
-        schedule.choose(simple_stack([CellSpec("lstm", 4, proj_units=2)], 3), 10, 1)
+    with pytest.raises(ValueError, match="NUMRNN_SCHEDULE=units cannot run .*lstm4p3.*divide the projected outputs"):
+        schedule.choose(simple_stack([CellSpec("lstm", 4, proj_units=3)], 3), 10, 1)
 
 
 def test_unknown_schedule_is_refused(monkeypatch):
@@ -326,8 +334,11 @@ def test_auto_policy_splits_units_only_for_large_recurrent_matrices_at_one_row_o
     assert schedule.choose(latency, 100, 64) == ("batch", 2)  # every batch worker runs the packed product
     monkeypatch.setattr(schedule, "packed_product_rows", lambda: 0)  # BLAS for every row
     assert schedule.choose(latency, 100, 17) == ("units", 2)
-    projected = simple_stack([CellSpec("lstm", 256, proj_units=128)], 256)
-    assert schedule.choose(projected, 100, 1) == ("serial", 1)
+    projected = simple_stack([CellSpec("lstm", 256, proj_units=128)], 256)  # two exchanges a step
+    assert schedule.choose(projected, 100, 1) == ("units", 2)
+    assert schedule.choose(projected, 100, 17) == ("batch", 2)  # GEMM-sized, not measured: no unit split
+    monkeypatch.setattr(schedule, "packed_product_rows", lambda: schedule.PACKED_PRODUCT_MAX_ROWS)
+    assert schedule.choose(projected, 20, 16) == ("units", 2)  # 273 MFLOP: the usual small-batch bands
     monkeypatch.setattr(schedule, "cores", lambda: 1)
     assert schedule.choose(latency, 100, 1) == ("serial", 1)
 
@@ -463,7 +474,8 @@ def test_auto_policy_times_both_schedules_for_calls_at_the_edge_of_the_splits_ga
     latency = schedule.Scheduler(simple_stack([CellSpec("lstm", 256)], 256)).plan(100, 1)
     assert latency[:2] == ("units", 2)  # while its calls come close; serial after a pause
     assert (latency[2].split, latency[2].otherwise) == (("units", 2), ("serial", 1))
-    assert schedule.Scheduler(simple_stack([CellSpec("lstm", 64, proj_units=32)], 32)).plan(50, 1)[2] is None
+    # 96 KiB, 48 units a worker: timed but for its projection, whose split sums may differ from serial's
+    assert schedule.Scheduler(simple_stack([CellSpec("lstm", 96, proj_units=64)], 32)).plan(50, 1)[2] is None
     monkeypatch.setenv("NUMRNN_SCHEDULE", "serial")
     assert schedule.Scheduler(tiny).plan(50, 1) == ("serial", 1, None)
     monkeypatch.delenv("NUMRNN_SCHEDULE")

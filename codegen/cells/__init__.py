@@ -106,9 +106,11 @@ def _with_panels(cell: CellSpec, arrays: dict[str, np.ndarray]) -> list[np.ndarr
 
 #: How each packed array is cut for one worker of the unit split: along which axis, and how many blocks
 #: of ``units`` that axis holds side by side (``None``: one per gate). A GRU that resets before its
-#: product keeps ``z, r`` in ``whzr`` and ``h`` in ``whh``.
+#: product keeps ``z, r`` in ``whzr`` and ``h`` in ``whh``. An LSTM's projection ``wr``, ``(proj_units,
+#: units)``, is cut along its outputs: the worker's slice of ``h`` (:data:`_CUT_BY_OUTPUT`).
 _SPLIT_AXES = {"wx": (1, None), "b": (0, None), "wh": (1, None), "bh": (0, None),
-               "whzr": (1, 2), "whh": (1, 1), "wp": (1, 1)}
+               "whzr": (1, 2), "whh": (1, 1), "wp": (1, 1), "wr": (0, 1)}
+_CUT_BY_OUTPUT = {"wr"}
 
 
 def split_packed(cell: CellSpec, arrays: list[np.ndarray], part: int, parts: int) -> list[np.ndarray]:
@@ -116,17 +118,19 @@ def split_packed(cell: CellSpec, arrays: list[np.ndarray], part: int, parts: int
 
     The worker owns units ``[part * n, (part + 1) * n)`` with ``n = units / parts``:
     it keeps those columns of every gate block, and whole rows where a matrix
-    is indexed by the previous ``h`` (every worker reads all of it).
+    is indexed by the previous ``h`` (every worker reads all of it). A
+    projection's rows are cut by the outputs instead, ``output_size / parts``
+    of them a worker.
     """
-    n = cell.units // parts
-    lo, hi = part * n, (part + 1) * n
     out, panels = {}, {panels_name(name) for name in _panel_sources(cell)}
     for name, array in zip(packed_names(cell), arrays):
         if name in panels:
             continue  # made again from the worker's slice
         axis, blocks = _SPLIT_AXES[name]
         blocks = cell.gates if blocks is None else blocks
-        index = np.concatenate([np.arange(g * cell.units + lo, g * cell.units + hi) for g in range(blocks)])
+        width = cell.output_size if name in _CUT_BY_OUTPUT else cell.units
+        n = width // parts
+        index = np.concatenate([np.arange(g * width + part * n, g * width + (part + 1) * n) for g in range(blocks)])
         out[name] = np.take(array, index, axis=axis)
     return _with_panels(cell, out)
 

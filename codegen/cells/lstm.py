@@ -37,50 +37,74 @@ def scratch_names(cell: CellSpec) -> list[str]:
 
 
 def gathered_names(cell: CellSpec) -> list[str]:
-    """Scratch buffers a step reads whole after computing them: none that the unit split runs.
-
-    A projection's ``hn`` would be, but a projected cell cannot split
-    (``CellSpec.unit_split_blocker``).
-    """
-    return []
+    """Scratch buffers a step reads whole after computing them: a projection's ``hn = o * tanh(c)``."""
+    return ["hn"] if cell.proj_units else []
 
 
 def emit_scratch(em: Emitter, ctx: LayerContext, dtype: str) -> None:
-    """Per-layer buffers, allocated once before the time loop."""
+    """Per-layer buffers, allocated once before the time loop.
+
+    A projection's ``hn``: one row's, projected in the row's loop; every
+    row's where the unit split gathers it between the gates and the
+    projection.
+    """
     em(f"rh = np.empty((B, {4 * ctx.units}), dtype=np.{dtype})")
     if ctx.cell.proj_units:
-        em(f"hn = np.empty({ctx.units}, dtype=np.{dtype})")
+        em(f"hn = np.empty({'(B, ' + str(ctx.units) + ')' if ctx.gather else ctx.units}, dtype=np.{dtype})")
 
 
 def emit_step(em: Emitter, ctx: LayerContext) -> None:
-    """One time step for every row."""
+    """One time step for every row.
+
+    A projection under the unit split runs in a second pass over the rows,
+    once the workers have gathered every row's ``hn``
+    (``LayerContext.gather``): each projects its slice of ``h`` from all of it.
+    """
     cell, u = ctx.cell, ctx.units
     act = lambda v: activation_expr(cell.activation, v, ctx.dtype)  # noqa: E731
     ract = lambda v: activation_expr(cell.recurrent_activation, v, ctx.dtype)  # noqa: E731
     emit_recurrent_product(em, ctx, ctx.recurrent_input, "wh", "rh", 4 * u)
+    if cell.proj_units and ctx.gather:
+        with row_loop(em, ctx, final=False):
+            _emit_gates(em, ctx, act, ract, "hn[b, j]")
+        whole = ctx.gather(em, "hn")
+        with row_loop(em, ctx, final=True):
+            _emit_projection(em, ctx, f"{whole}[b, j]", f"{whole}.shape[1]")
+            emit_store_output(em, ctx)
+        return
     with row_loop(em, ctx, final=True):
-        with em.block(f"for j in range({u}):"):
-            em("cp = c[b, j]")
-            peep = (" + wp[0, j] * cp", " + wp[1, j] * cp") if cell.peephole else ("", "")
-            forget_bias = f" + {lit(cell.forget_bias, ctx.dtype)}" if cell.forget_bias else ""
-            em(
-                f"ai = {ctx.xw('j')} + rh[b, j]{peep[0]}",
-                f"af = {ctx.xw(f'{u} + j')} + rh[b, {u} + j]{forget_bias}{peep[1]}",
-                f"ac = {ctx.xw(f'{2 * u} + j')} + rh[b, {2 * u} + j]",
-                f"ao = {ctx.xw(f'{3 * u} + j')} + rh[b, {3 * u} + j]",
-                f"cn = ({ract('af')}) * cp + ({ract('ai')}) * ({act('ac')})",
-            )
-            if cell.cell_clip is not None:
-                em(f"cn = min(max(cn, {lit(-cell.cell_clip, ctx.dtype)}), {lit(cell.cell_clip, ctx.dtype)})")
-            if cell.peephole:
-                em("ao = ao + wp[2, j] * cn")
-            em("c[b, j] = cn")
-            target = "hn[j]" if cell.proj_units else "h[b, j]"
-            em(f"{target} = ({ract('ao')}) * ({act('cn')})")
+        _emit_gates(em, ctx, act, ract, "hn[j]" if cell.proj_units else "h[b, j]")
         if cell.proj_units:
-            with em.block(f"for p in range({cell.proj_units}):"):
-                em(f"acc = {lit(0, ctx.dtype)}")
-                with em.block(f"for j in range({u}):"):
-                    em("acc += hn[j] * wr[p, j]")
-                em("h[b, p] = acc")
+            _emit_projection(em, ctx, "hn[j]", str(u))
         emit_store_output(em, ctx)
+
+
+def _emit_gates(em: Emitter, ctx: LayerContext, act, ract, target: str) -> None:
+    """Row ``b``'s gates, its new ``c`` and ``target = o * act(c)`` (``h``, or ``hn`` to project)."""
+    cell, u = ctx.cell, ctx.units
+    with em.block(f"for j in range({u}):"):
+        em("cp = c[b, j]")
+        peep = (" + wp[0, j] * cp", " + wp[1, j] * cp") if cell.peephole else ("", "")
+        forget_bias = f" + {lit(cell.forget_bias, ctx.dtype)}" if cell.forget_bias else ""
+        em(
+            f"ai = {ctx.xw('j')} + rh[b, j]{peep[0]}",
+            f"af = {ctx.xw(f'{u} + j')} + rh[b, {u} + j]{forget_bias}{peep[1]}",
+            f"ac = {ctx.xw(f'{2 * u} + j')} + rh[b, {2 * u} + j]",
+            f"ao = {ctx.xw(f'{3 * u} + j')} + rh[b, {3 * u} + j]",
+            f"cn = ({ract('af')}) * cp + ({ract('ai')}) * ({act('ac')})",
+        )
+        if cell.cell_clip is not None:
+            em(f"cn = min(max(cn, {lit(-cell.cell_clip, ctx.dtype)}), {lit(cell.cell_clip, ctx.dtype)})")
+        if cell.peephole:
+            em("ao = ao + wp[2, j] * cn")
+        em("c[b, j] = cn")
+        em(f"{target} = ({ract('ao')}) * ({act('cn')})")
+
+
+def _emit_projection(em: Emitter, ctx: LayerContext, hn: str, units: str) -> None:
+    """Row ``b``'s ``h`` (its ``proj_units`` columns) as dot products of ``hn`` (``units`` of them) with ``wr``."""
+    with em.block(f"for p in range({ctx.cell.proj_units}):"):
+        em(f"acc = {lit(0, ctx.dtype)}")
+        with em.block(f"for j in range({units}):"):
+            em(f"acc += {hn} * wr[p, j]")
+        em("h[b, p] = acc")

@@ -14,6 +14,14 @@ the layer's exchange buffer ``xb`` and copies the others' into its own
 the step's parity, so a worker overwrites its lines only after every other
 worker has read them (each had to send its own step in between).
 
+Two cells read a buffer whole within the step, after each worker computed
+its units of it: a GRU that resets before its product (``r * h``, which
+``U_h`` multiplies) and an LSTM projection (``o * tanh(c)``, projected to
+``h``). Their layers gather it from every worker there, through the same
+lines at the next epoch (:func:`_emit_gather`), two exchanges a step. A
+projection's worker owns ``proj_units / n`` columns of ``h`` and of the
+outputs beside its ``units / n`` of ``c``.
+
 A worker writes its outputs of a step after it sends that step's ``h``
 (``LayerContext.defer_output``), and before it sends the next step's, or,
 at the last step, before it sends that one: once a layer's last exchange
@@ -93,6 +101,17 @@ def slice_width(layer: Layer, spec: StackSpec) -> int:
     return layer.cell.units // spec.unit_split
 
 
+def output_slice_width(layer: Layer, spec: StackSpec) -> int:
+    """Columns of ``layer``'s ``h`` (and outputs) that one worker owns: its units, or its share of a projection."""
+    return layer.cell.output_size // spec.unit_split
+
+
+def exchange_widths(layer: Layer, spec: StackSpec) -> set[int]:
+    """Values per row that one worker sends in ``layer``'s exchanges: its ``h``, and its gathered buffers'."""
+    gathered = emitter_for(layer.cell).gathered_names(layer.cell)
+    return {output_slice_width(layer, spec)} | ({slice_width(layer, spec)} if gathered else set())
+
+
 def shared_buffers(spec: StackSpec) -> list[tuple[str, str]]:
     """``(name, allocation expression in T, T_out, B)`` of every buffer the workers share, in argument order.
 
@@ -124,16 +143,16 @@ def exchange_shape(layer: Layer, spec: StackSpec) -> str:
     """The shape expression (in ``B``) of ``layer``'s exchange buffer: ``(2, workers, B * lines, LINE_SLOTS)``.
 
     Even and odd steps, then each worker's lines: ``lines`` per row of its ``h``
-    (:func:`exchange_layout`).
+    or of a gathered buffer, whichever is wider (:func:`exchange_layout`).
     """
-    lines = exchange_layout(layer, spec)[1]
+    lines = max(exchange_layout(spec, width)[1] for width in exchange_widths(layer, spec))
     return f"(2, {spec.unit_split}, B * {lines}, {LINE_SLOTS})"
 
 
-def exchange_layout(layer: Layer, spec: StackSpec) -> tuple[int, int]:
-    """Values of one exchange line, and lines per row of one worker's ``h``, of ``layer``."""
+def exchange_layout(spec: StackSpec, width: int) -> tuple[int, int]:
+    """Values of one exchange line, and lines per row of one worker's ``width`` values."""
     per_line = (LINE_SLOTS - 1) * 8 // ITEMSIZE[spec.dtype]
-    return per_line, -(-slice_width(layer, spec) // per_line)
+    return per_line, -(-width // per_line)
 
 
 def block_buffers(spec: StackSpec, bi: int) -> list[tuple[str, str]]:
@@ -278,14 +297,17 @@ def _emit_layer_function(em: Emitter, spec: StackSpec, layer: Layer) -> None:
     the previous layer's outputs were all written before its last exchange.
     A cell that reads a scratch buffer whole within the step (its
     ``gathered_names``: a GRU's ``r * h`` before ``U_h``) exchanges it there
-    too, into ``<name>_all`` (:func:`_emit_gather`).
+    too, into ``<name>_all`` (:func:`_emit_gather`). An LSTM projection's
+    worker owns ``proj_units / n`` columns of ``h`` (from ``h0``) beside its
+    units of ``c``.
     """
     cell = layer.cell
-    n = slice_width(layer, spec)
+    n, m = slice_width(layer, spec), output_slice_width(layer, spec)
     emitter = emitter_for(cell)
     fused = fuses_projection(layer.context, n)
     gathered = emitter.gathered_names(cell)
-    ctx = replace(layer.context, cell=replace(cell, units=n), recurrent_input="hp", fused_projection=fused,
+    split_cell = replace(cell, units=n, proj_units=m if cell.proj_units else None)
+    ctx = replace(layer.context, cell=split_cell, recurrent_input="hp", fused_projection=fused,
                   defer_output=True, inline_one_row=not fused,
                   gather=partial(_emit_gather, spec=spec, layer=layer) if gathered else None)
     others = list(cell.state_names[1:])
@@ -296,11 +318,14 @@ def _emit_layer_function(em: Emitter, spec: StackSpec, layer: Layer) -> None:
     with em.block(f"def {layer.function}({', '.join(params)}):"):
         em(f'"""This worker\'s units [u0, u0 + {n}) of the layer; returns the epoch it reached (its last stamp)."""')
         em("T = xw.shape[0]", "B = xw.shape[1]")
-        for name in ("h", *others):
-            em(f"{name} = np.empty((B, {n}), dtype=np.{spec.dtype})")
-        _emit_copy(em, n, *((f"{name}[b, j]", f"{name}state[b, u0 + j]") for name in ("h", *others)))
-        em(f"hp = np.empty((B, {cell.units}), dtype=np.{spec.dtype})")
-        _emit_copy(em, cell.units, ("hp[b, j]", "hstate[b, j]"))
+        if m != n:
+            em(f"h0 = me * {m}")
+        states = _StateSlices(cell, n, m)
+        for name, width in states.widths:
+            em(f"{name} = np.empty((B, {width}), dtype=np.{spec.dtype})")
+        states.emit_copies(em, lambda name, offset: (f"{name}[b, j]", f"{name}state[b, {offset} + j]"))
+        em(f"hp = np.empty((B, {cell.output_size}), dtype=np.{spec.dtype})")
+        _emit_copy(em, cell.output_size, ("hp[b, j]", "hstate[b, j]"))
         # Zeros: a masked row's product reads its row of the buffer, which no exchange may have filled yet.
         em(*(f"{_whole(name)} = np.zeros((B, {cell.units}), dtype=np.{spec.dtype})" for name in gathered))
         emitter.emit_scratch(em, ctx, spec.dtype)
@@ -316,12 +341,30 @@ def _emit_layer_function(em: Emitter, spec: StackSpec, layer: Layer) -> None:
             # before, so that every output of the layer can be read once its last exchange is done.
             with em.block("if s == T - 1:"):
                 emit_output_pass(em, ctx)
-            _emit_send(em, spec, layer)
+            _emit_send(em, spec, m, "h", "hp", states.offset("h"))
             with em.block("if s < T - 1:"):
                 emit_output_pass(em, ctx)
-            _emit_receive(em, spec, layer)
-        _emit_copy(em, n, *((f"{name}state[b, u0 + j]", f"{name}[b, j]") for name in ("h", *others)))
+            _emit_receive(em, spec, m, "hp")
+        states.emit_copies(em, lambda name, offset: (f"{name}state[b, {offset} + j]", f"{name}[b, j]"))
         em("return epoch")
+
+
+class _StateSlices:
+    """A split layer's states, each a worker's slice: ``h`` of ``m`` columns from ``h0`` (``u0`` when ``m``
+    is ``n``), the others of ``n`` units from ``u0``."""
+
+    def __init__(self, cell, n: int, m: int):
+        self.widths = [("h", m), *((name, n) for name in cell.state_names[1:])]
+        self._offsets = {"h": "u0" if m == n else "h0"}
+
+    def offset(self, name: str) -> str:
+        """The first column of the worker's slice of state ``name``."""
+        return self._offsets.get(name, "u0")
+
+    def emit_copies(self, em: Emitter, pair) -> None:
+        """``dst = src`` for ``pair(name, offset)`` of every state, one loop per width."""
+        for width in dict.fromkeys(width for _, width in self.widths):
+            _emit_copy(em, width, *(pair(name, self.offset(name)) for name, w in self.widths if w == width))
 
 
 def _whole(name: str) -> str:
@@ -337,16 +380,16 @@ def _emit_gather(em: Emitter, name: str, *, spec: StackSpec, layer: Layer) -> st
     parities as ``h``'s: a worker still rewrites a line only after every other
     worker has sent the exchange between, which each sent after reading the line.
     """
-    whole = _whole(name)
+    whole, n = _whole(name), slice_width(layer, spec)
     em("epoch += 1")
-    _emit_send(em, spec, layer, name, whole)
-    _emit_receive(em, spec, layer, whole)
+    _emit_send(em, spec, n, name, whole, "u0")
+    _emit_receive(em, spec, n, whole)
     return whole
 
 
-def _emit_send(em: Emitter, spec: StackSpec, layer: Layer, source: str = "h", whole: str = "hp") -> None:
-    """The first half of an exchange: this worker's ``source`` (by default its new ``h``) to the others, and
-    into its ``whole`` copy (by default ``hp``).
+def _emit_send(em: Emitter, spec: StackSpec, width: int, source: str, whole: str, offset: str) -> None:
+    """The first half of an exchange: this worker's ``width`` values a row of ``source`` (its new ``h``, or a
+    buffer to gather) to the others, and into its ``whole`` copy (``hp``) from column ``offset``.
 
     The layer's exchange buffer has int64 slots ``xb_slots`` and values
     ``xb_values`` (the same memory). Row ``b`` of a worker's ``source`` fills
@@ -362,17 +405,17 @@ def _emit_send(em: Emitter, spec: StackSpec, layer: Layer, source: str = "h", wh
     (its references to the arrays), and one with the layout computed at run
     time 2-5 us more than this.
     """
-    lines = _ExchangeLines(spec, layer)
+    lines = _ExchangeLines(spec, width)
     em(f"mine = ((epoch % 2) * {spec.unit_split} + me) * B * {lines.slots}")
     lines.emit(em, "mine", f"xb_values[{lines.ratio} * at + i] = {source}[b, line * {lines.per_line} + i]",
                stamped=True)
-    _emit_copy(em, lines.n, (f"{whole}[b, u0 + j]", f"{source}[b, j]"))
+    _emit_copy(em, lines.n, (f"{whole}[b, {offset} + j]", f"{source}[b, j]"))
 
 
-def _emit_receive(em: Emitter, spec: StackSpec, layer: Layer, whole: str = "hp") -> None:
+def _emit_receive(em: Emitter, spec: StackSpec, width: int, whole: str) -> None:
     """The second half of an exchange: for each other worker, wait for the stamps of its lines
     (:func:`numrnn.runtime.sync.await_stamp`), then copy its values into ``whole``."""
-    lines, workers = _ExchangeLines(spec, layer), spec.unit_split
+    lines, workers = _ExchangeLines(spec, width), spec.unit_split
     with em.block(f"for w in range({workers}):"):
         with em.block("if w != me:"):
             em(f"theirs = ((epoch % 2) * {workers} + w) * B * {lines.slots}")
@@ -383,11 +426,11 @@ def _emit_receive(em: Emitter, spec: StackSpec, layer: Layer, whole: str = "hp")
 
 
 class _ExchangeLines:
-    """One worker's exchange lines of a layer, per row: ``count`` lines of ``per_line`` of its ``n`` values."""
+    """One worker's lines of an exchange, per row: ``count`` lines of ``per_line`` of its ``n`` values."""
 
-    def __init__(self, spec: StackSpec, layer: Layer):
-        self.n = slice_width(layer, spec)
-        self.per_line, self.count = exchange_layout(layer, spec)
+    def __init__(self, spec: StackSpec, width: int):
+        self.n = width
+        self.per_line, self.count = exchange_layout(spec, width)
         self.slots = self.count * LINE_SLOTS
         self.ratio = 8 // ITEMSIZE[spec.dtype]  # values per int64 slot
 
@@ -436,7 +479,7 @@ def _emit_kernel(em: Emitter, spec: StackSpec, layers: list[Layer]) -> None:
 
 
 def _emit_layer_call(em: Emitter, spec: StackSpec, layer: Layer, *, is_last: bool) -> None:
-    cell, n = layer.cell, slice_width(layer, spec)
+    cell, n, m = layer.cell, slice_width(layer, spec), output_slice_width(layer, spec)
     weights = dict(zip(packed_names(cell), layer.weight_args()))
     em(f"u0 = me * {n}")
     fused = fuses_projection(layer.context, n)
@@ -446,7 +489,8 @@ def _emit_layer_call(em: Emitter, spec: StackSpec, layer: Layer, *, is_last: boo
     recurrent = [weights[name] for name in recurrent_names(cell)]
     bias = [weights["b"]] if cell.use_bias else []
     args = [f"{VIEW}(xw, 0, (T, B, {cell.gates * n}))", *bias, *recurrent, *layer.state_args(), *condition_args(spec),
-            f"{out}[:, :, u0:]", "small", exchange_buffer(layer), "u0", "flags", "me", "epoch",
+            f"{out}[:, :, {'u0' if m == n else f'me * {m}'}:]", "small", exchange_buffer(layer), "u0", "flags", "me",
+            "epoch",
             *(fused_arguments(weights) if fused else [])]
     em(f"epoch = {layer.function}({', '.join(args)})")
     if not is_last:
@@ -455,7 +499,7 @@ def _emit_layer_call(em: Emitter, spec: StackSpec, layer: Layer, *, is_last: boo
 
 def _emit_merge(em: Emitter, spec: StackSpec, block, last: Layer, target: str) -> None:
     """Merge this worker's columns of both directions (it wrote both, so no barrier is needed first)."""
-    w, n = block.directions[0].output_size, slice_width(last, spec)
+    w, n = block.directions[0].output_size, output_slice_width(last, spec)
     fw, bw = "dest[t, b, u0 + j]", f"dest[t, b, {w} + u0 + j]"
     expr = merge_expression(block.merge, fw, bw)
     em(f"u0 = me * {n}")

@@ -40,20 +40,20 @@ inside the kernel (:mod:`numrnn.runtime.partners`), not on the pool. Policy
 (``choose``):
 
 - the unit split when the call has at least :data:`UNIT_SPLIT_MIN_FLOPS`,
-  the spec allows it (plain dynamic loop; no LSTM projection), every
-  layer's units divide by the number of cores, and
+  the spec allows it (plain dynamic loop), every layer's units (and LSTM
+  projection) divide by the number of cores, and
   the batch is either latency-sized (``B <=`` :data:`UNIT_SPLIT_MAX_ROWS`,
   some layer's recurrent matrix at least :data:`UNIT_SPLIT_MIN_WEIGHT_BYTES`)
   or GEMM-sized: every batch worker would get more rows than the packed
   product takes (so it would run a BLAS GEMM per step anyway), ``B <=``
   :data:`UNIT_SPLIT_MAX_GEMM_ROWS` and a recurrent matrix of at least
   :data:`UNIT_SPLIT_MIN_GEMM_WEIGHT_BYTES` (no GRU that resets before its
-  product: it exchanges twice a step); or a small batch (up to 64
+  product nor LSTM projection: they exchange twice a step); or a small batch (up to 64
   rows, a recurrent matrix of at least
   :data:`SMALL_BATCH_MIN_WEIGHT_BYTES`) of a call of up to
   :data:`SMALL_BATCH_MAX_FLOPS` by its rows (any size up to 4 rows, 600
   MFLOP up to 32, 100 MFLOP up to 64; with a GRU that resets before its
-  product, :data:`SMALL_BATCH_MAX_FLOPS_GATHERED`), where the batch split's
+  product, :data:`SMALL_BATCH_RESET_BEFORE_MAX_FLOPS`), where the batch split's
   hand-off costs more than the unit split's exchanges (on two workers, as
   measured, and rows the packed product takes); these and the latency-sized split
   only while their calls come close together or are long
@@ -314,15 +314,17 @@ UNIT_SPLIT_MAX_ROWS = 2
 #:   beyond about 150 (LSTM(64) B48 T50, 157 MFLOP: 1511 / 1254; LSTM(128) B64 T50 5125 / 5095; GRU(256)
 #:   B64 T20 5813 / 5495).
 SMALL_BATCH_MAX_FLOPS = ((4, math.inf), (32, 600e6), (64, 100e6))
-#: SMALL_BATCH_MAX_FLOPS of a stack with a cell that exchanges a second buffer within each step (a GRU that
-#: resets before its product: ``codegen.cells.gru.gathered_names``), whose exchanges cost twice as much a
-#: step. Units / best other schedule, GRU(H) reset_after=False on H inputs, medians in one process:
+#: SMALL_BATCH_MAX_FLOPS of a stack with a GRU that resets before its product, which exchanges ``r * h``
+#: within each step as well as ``h`` after it (``codegen.cells.gru.gathered_names``). Units / best other
+#: schedule, GRU(H) reset_after=False on H inputs, medians in one process (Emerald Rapids guest):
 #: up to 4 rows it won (B4 T20 and T100: GRU(128) 0.87 and 0.86, GRU(256) T100 0.89); at 8 and 16 rows it
 #: won up to about 30 MFLOP (GRU(64) B8 T50 0.94, GRU(128) B8 T20 0.78), tied at 16-126 (GRU(64) B16 T20
 #: 0.98, GRU(128) B32 T20 0.97) and lost from 157 (GRU(128) B8 T100 and B16 T50 1.09) but for the largest
 #: matrix (GRU(256) B16 T20, 252 MFLOP, 0.93; B8 T50, 315 MFLOP, 0.97); at 64 rows it lost (GRU(64) B64
-#: T20, 63 MFLOP, 1.11).
-SMALL_BATCH_MAX_FLOPS_GATHERED = ((4, math.inf), (32, 100e6))
+#: T20, 63 MFLOP, 1.11). An LSTM projection exchanges its ``o * tanh(c)`` too, but keeps the usual bands:
+#: it won by as much as plain LSTMs do (LSTM(128) projected to 64, B8 T20 0.81, B8 T100 0.91 at 170
+#: MFLOP, B32 T20 0.95; LSTM(256) to 128, B4 T100 0.91, B16 T20 0.93 at 272 MFLOP).
+SMALL_BATCH_RESET_BEFORE_MAX_FLOPS = ((4, math.inf), (32, 100e6))
 #: The smallest recurrent matrix whose small batches split their units: LSTM(32)'s (16 KiB, 16 units a
 #: worker) won from UNIT_SPLIT_MIN_FLOPS (B8-B32, T20-T100: 0.67-0.87 of the best other schedule's time);
 #: LSTM(16) and GRU(16) lost at every size (8 units a worker), GRU(32) (12 KiB) broke even.
@@ -376,10 +378,14 @@ def same_sums_when_split(spec: StackSpec, workers: int) -> bool:
 
     float32, and every worker's units a whole number of vectors: then each
     worker's gate loops run whole vectors as the serial loop does, never a
-    unit in the scalar remainder that the serial loop vectorized.
+    unit in the scalar remainder that the serial loop vectorized. No LSTM
+    projection: a split worker's dot products run to a bound known only at
+    run time, which LLVM may vectorize otherwise than the serial kernel's
+    constant one (not compared).
     """
     lanes = vector_bytes() // 4
-    return spec.dtype == "float32" and all(cell.units // workers % lanes == 0 for cell in spec.cells)
+    return spec.dtype == "float32" and all(cell.units // workers % lanes == 0 and not cell.proj_units
+                                           for cell in spec.cells)
 
 
 def forced_schedule() -> str:
@@ -432,6 +438,7 @@ class Scheduler:
         self.measures_units = (splittable and self.recurrent_bytes >= MEASURED_MIN_WEIGHT_BYTES
                                and same_sums_when_split(spec, self.workers))
         self.gathers = any(emitter_for(cell).gathered_names(cell) for cell in spec.cells)
+        self.resets_before = any(cell.kind == "gru" and not cell.reset_after for cell in spec.cells)
         self.splits_directions = direction_split_blocker(spec, self.workers) is None
         self.even_directions = self.splits_directions and direction_imbalance(spec) <= DIRECTION_SPLIT_MAX_IMBALANCE
         self._chosen: dict[tuple, tuple[str, int, MeasuredChoice | None]] = {}
@@ -514,7 +521,7 @@ class Scheduler:
     def _small_batch_splits_units(self, steps: int, batch: int) -> bool:
         """A small batch (past the latency-sized rows) of a call neither too small for a split nor large enough
         to pay for the batch split's hand-off (:data:`SMALL_BATCH_MAX_FLOPS`)."""
-        bands = SMALL_BATCH_MAX_FLOPS_GATHERED if self.gathers else SMALL_BATCH_MAX_FLOPS
+        bands = SMALL_BATCH_RESET_BEFORE_MAX_FLOPS if self.resets_before else SMALL_BATCH_MAX_FLOPS
         most = next((flops for rows, flops in bands if batch <= rows), 0.0)
         return (self.splits_small_batches and batch > UNIT_SPLIT_MAX_ROWS
                 and self.workers == 2  # as measured: two workers, each worker's product the packed one
@@ -532,7 +539,7 @@ class Scheduler:
         if batch <= UNIT_SPLIT_MAX_ROWS:
             return True
         if self.recurrent_bytes < UNIT_SPLIT_MIN_GEMM_WEIGHT_BYTES or self.gathers:
-            return False  # a second exchange a step: not measured with BLAS's products (lost with the packed one)
+            return False  # a second exchange a step: not measured with BLAS's products
         # Only where BLAS takes a batch worker's rows (see packed_product_rows); not measured below 9 rows.
         return self.workers * max(packed_product_rows(), 8) < batch <= UNIT_SPLIT_MAX_GEMM_ROWS
 
