@@ -32,6 +32,7 @@ import platform
 import statistics
 import sys
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -59,19 +60,24 @@ class Shape:
     #: Whether the GRU layers reset after their recurrent product (Keras 3, PyTorch, ONNX
     #: ``linear_before_reset``) or before it (Keras ``reset_after=False``, TF1, ONNX's default).
     reset_after: bool = True
+    #: Every LSTM layer's output projection (PyTorch ``proj_size``, TF1 ``num_proj``), or none.
+    proj_units: int | None = None
 
     def flops(self) -> float:
         """Multiply-adds x 2 of the whole stack (both directions)."""
         total, width = 0.0, self.input_size
         dirs = 2 if self.bidirectional else 1
         for kind, units in self.layers:
-            total += {"lstm": 8, "gru": 6}[kind] * self.steps * self.batch * units * (width + units) * dirs
-            width = units * dirs
+            out = self.proj_units if kind == "lstm" and self.proj_units else units
+            total += {"lstm": 8, "gru": 6}[kind] * self.steps * self.batch * units * (width + out) * dirs
+            total += 2 * self.steps * self.batch * units * out * dirs if out != units else 0
+            width = out * dirs
         return total
 
     def describe(self) -> str:
         """Short human description, e.g. ``3xGRU(120) B128 T196 D2``."""
-        kinds = [f"{k.upper()}({u})" for k, u in self.layers]
+        kinds = [f"{k.upper()}({u}{f'->{self.proj_units}' if k == 'lstm' and self.proj_units else ''})"
+                 for k, u in self.layers]
         stack = f"{len(kinds)}x{kinds[0]}" if len(set(kinds)) == 1 and len(kinds) > 1 else "->".join(kinds)
         if self.bidirectional:
             stack = f"{len(kinds)}xBi{kinds[0]}"
@@ -95,6 +101,7 @@ SHAPES = (
 GRID_SHAPES = (
     Shape("gru256_b1", (("gru", 256),), 1, 100, 256),
     Shape("gru256_b1_reset_before", (("gru", 256),), 1, 100, 256, reset_after=False),
+    Shape("lstm256p128_b1", (("lstm", 256),), 1, 100, 256, proj_units=128),
     Shape("2lstm128_b1", (("lstm", 128),) * 2, 1, 100, 128),
     Shape("3lstm64_b1", (("lstm", 64),) * 3, 1, 50, 32),
     Shape("bigru256_b1", (("gru", 256),), 1, 100, 256, bidirectional=True),
@@ -119,8 +126,8 @@ SHAPES_BY_NAME = {s.name: s for s in SHAPES + GRID_SHAPES}
 
 def stack_spec(shape: Shape, dtype: str = "float32") -> StackSpec:
     """The numrnn spec of ``shape`` (its GRUs reset after their product unless ``shape.reset_after`` is false)."""
-    cells = [CellSpec(kind, units, **({"reset_after": shape.reset_after} if kind == "gru" else {}))
-             for kind, units in shape.layers]
+    options = {"gru": {"reset_after": shape.reset_after}, "lstm": {"proj_units": shape.proj_units}}
+    cells = [CellSpec(kind, units, **options[kind]) for kind, units in shape.layers]
     masking = "lengths" if shape.lengths else "none"
     if shape.bidirectional:
         back = "valid" if shape.lengths else "full"
@@ -198,6 +205,8 @@ def _onnx(problem: Problem):
     from onnx import TensorProto, helper, numpy_helper
 
     shape, spec = problem.shape, problem.spec
+    if shape.proj_units:
+        raise ValueError("ONNX's LSTM has no output projection (proj_units)")
     nodes, inits, inputs, outputs = [], [], [], []
     B, D = shape.batch, shape.input_size
     inputs.append(helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, B, D]))
@@ -283,12 +292,16 @@ def _torch(problem: Problem):
 
     shape, spec = problem.shape, problem.spec
     torch.set_num_threads(cores())
+    # Printed over the table at the first call: PyTorch's oneDNN path takes no projection (it runs its own).
+    warnings.filterwarnings("ignore", message="LSTM with projections is not supported with oneDNN")
     n_dirs = 2 if shape.bidirectional else 1
     modules, width = [], shape.input_size
     cells = list(zip(spec.cells, problem.weights))
     for li, (kind, units) in enumerate(shape.layers):
+        projected = kind == "lstm" and shape.proj_units
         cls = torch.nn.LSTM if kind == "lstm" else torch.nn.GRU
-        module = cls(width, units, bidirectional=shape.bidirectional)
+        module = cls(width, units, bidirectional=shape.bidirectional,
+                     **({"proj_size": shape.proj_units} if projected else {}))
         state = {}
         for d, (cell, w) in enumerate(cells[li * n_dirs:(li + 1) * n_dirs]):
             suffix = "_l0" + ("_reverse" if d else "")
@@ -297,7 +310,7 @@ def _torch(problem: Problem):
         module.load_state_dict(state)
         module.eval()
         modules.append(module)
-        width = units * n_dirs
+        width = (shape.proj_units if projected else units) * n_dirs
     x = torch.from_numpy(problem.x)
     lengths = torch.from_numpy(problem.lengths) if problem.lengths is not None else None
     pack = torch.nn.utils.rnn

@@ -80,6 +80,10 @@ def test_flops_follow_the_design_formula():
     seed000 = bench.SHAPES_BY_NAME["seed000"]
     expected = 6 * 196 * 128 * 120 * ((2 + 120) + 2 * (120 + 120))
     assert seed000.flops() == expected
+    projected = bench.SHAPES_BY_NAME["lstm256p128_b1"]  # gates from 256 inputs and 128 of h, then the projection
+    assert projected.flops() == 100 * (8 * 256 * (256 + 128) + 2 * 256 * 128)
+    assert bench.stack_spec(projected).cells[0].proj_units == 128
+    assert not bench.stack_spec(bench.SHAPES_BY_NAME["gru256_b1_reset_before"]).cells[0].reset_after
 
 
 def test_problem_matches_its_spec():
