@@ -191,12 +191,16 @@ def test_three_workers_exchange_h_as_two_do():
     assert "three workers ok" in done.stdout
 
 
-def test_split_packed_keeps_each_workers_columns_of_every_gate():
-    cell = CellSpec("lstm", 4, peephole=True)
+def _second_workers_arrays(cell: CellSpec) -> tuple[dict, dict]:
+    """Random logical weights of ``cell`` on 3 inputs, and worker 1 of 2's packed arrays by name."""
     rng = np.random.default_rng(0)
     logical = {k: rng.standard_normal(s).astype(np.float32) for k, s in cell.weight_shapes(3).items()}
     packed = pack_weights(simple_stack([cell], 3), [logical])
-    part1 = dict(zip(packed_names(cell), split_packed(cell, packed, 1, 2)))
+    return logical, dict(zip(packed_names(cell), split_packed(cell, packed, 1, 2)))
+
+
+def test_split_packed_keeps_each_workers_columns_of_every_gate():
+    logical, part1 = _second_workers_arrays(CellSpec("lstm", 4, peephole=True))
     columns = [2, 3, 6, 7, 10, 11, 14, 15]  # units 2, 3 of gates i, f, c, o
     np.testing.assert_array_equal(part1["wx"], logical["kernel"][:, columns])
     np.testing.assert_array_equal(part1["wh"], logical["recurrent_kernel"][:, columns])
@@ -205,15 +209,17 @@ def test_split_packed_keeps_each_workers_columns_of_every_gate():
 
 
 def test_split_packed_keeps_each_workers_columns_of_a_reset_before_grus_two_products():
-    cell = CellSpec("gru", 4, reset_after=False)
-    rng = np.random.default_rng(0)
-    logical = {k: rng.standard_normal(s).astype(np.float32) for k, s in cell.weight_shapes(3).items()}
-    packed = pack_weights(simple_stack([cell], 3), [logical])
-    part1 = dict(zip(packed_names(cell), split_packed(cell, packed, 1, 2)))
+    logical, part1 = _second_workers_arrays(CellSpec("gru", 4, reset_after=False))
     recurrent = logical["recurrent_kernel"]  # (4, 12): z, r, h
     np.testing.assert_array_equal(part1["whzr"], recurrent[:, [2, 3, 6, 7]])  # units 2, 3 of z and r, every row
     np.testing.assert_array_equal(part1["whh"], recurrent[:, [10, 11]])  # units 2, 3 of h, every row of r * h
     np.testing.assert_array_equal(part1["wx"], logical["kernel"][:, [2, 3, 6, 7, 10, 11]])
+
+
+def test_split_packed_cuts_a_projection_by_its_outputs():
+    logical, part1 = _second_workers_arrays(CellSpec("lstm", 4, proj_units=6))
+    np.testing.assert_array_equal(part1["wh"], logical["recurrent_kernel"][:, [2, 3, 6, 7, 10, 11, 14, 15]])  # 6 rows
+    np.testing.assert_array_equal(part1["wr"], logical["projection"][:, 3:].T)  # outputs 3-5, from every unit
 
 
 ONE_ROW_PRODUCTS = {
