@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -40,6 +41,7 @@ from test_grid import (
     fan_in_weights,
 )
 
+from codegen import generate_source
 from codegen.cells import packed_names, split_packed
 from codegen.spec import BlockSpec, CellSpec, DirectionSpec, StackSpec, simple_stack
 from numrnn.runtime import get_kernel, kernels, pack_weights, schedule, sync
@@ -64,6 +66,8 @@ CASES = {
     "lstm_projection_valid_sum": _bidir(
         [CellSpec("lstm", 6, proj_units=4, peephole=True, cell_clip=0.8, forget_bias=1.0)], "sum", reverse="valid",
         masking="lengths"),
+    # o * tanh(c) takes two exchange lines a row and h one: each exchange's parts start where the wider one's do.
+    "lstm_projection_of_fewer_lines_zero": simple_stack([CellSpec("lstm", 32, proj_units=8)], D, masking="zero"),
     # A projection wider than its units, then one of a column a worker.
     "float64_projections_carry_last": simple_stack(
         [CellSpec("lstm", 4, proj_units=6), CellSpec("lstm", 8, proj_units=2)], D, dtype="float64", masking="carry",
@@ -189,6 +193,14 @@ def test_three_workers_exchange_h_as_two_do():
                           text=True, capture_output=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "three workers ok" in done.stdout
+
+
+def test_every_exchange_of_a_layer_starts_the_workers_parts_alike():
+    # o * tanh(c) takes two lines a row (16 float32 values) and h one (4): placed by their own line counts, the
+    # h exchange's parts would overlap the gather's, which the other worker may still be reading.
+    source = generate_source(dataclasses.replace(CASES["lstm_projection_of_fewer_lines_zero"], unit_split=2))
+    starts = re.findall(r"(?:mine|theirs) = \(\(epoch % 2\) \* 2 \+ (?:me|w)\) \* B \* (\d+)", source)
+    assert len(starts) == 4 and set(starts) == {"16"}  # two lines of 8 slots, in both exchanges
 
 
 def _second_workers_arrays(cell: CellSpec) -> tuple[dict, dict]:

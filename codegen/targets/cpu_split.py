@@ -145,8 +145,17 @@ def exchange_shape(layer: Layer, spec: StackSpec) -> str:
     Even and odd steps, then each worker's lines: ``lines`` per row of its ``h``
     or of a gathered buffer, whichever is wider (:func:`exchange_layout`).
     """
-    lines = max(exchange_layout(spec, width)[1] for width in exchange_widths(layer, spec))
-    return f"(2, {spec.unit_split}, B * {lines}, {LINE_SLOTS})"
+    return f"(2, {spec.unit_split}, B * {row_lines(layer, spec)}, {LINE_SLOTS})"
+
+
+def row_lines(layer: Layer, spec: StackSpec) -> int:
+    """Lines a row of one worker's part of ``layer``'s exchange buffer has room for: its widest exchange's.
+
+    Every exchange of the layer starts each worker's part at the same place,
+    whatever its own width: parts placed by a narrower exchange's lines
+    would overlap another worker's (or the other parity's) part of a wider one.
+    """
+    return max(exchange_layout(spec, width)[1] for width in exchange_widths(layer, spec))
 
 
 def exchange_layout(spec: StackSpec, width: int) -> tuple[int, int]:
@@ -341,10 +350,11 @@ def _emit_layer_function(em: Emitter, spec: StackSpec, layer: Layer) -> None:
             # before, so that every output of the layer can be read once its last exchange is done.
             with em.block("if s == T - 1:"):
                 emit_output_pass(em, ctx)
-            _emit_send(em, spec, m, "h", "hp", states.offset("h"))
+            h_lines = _ExchangeLines(spec, layer, m)
+            _emit_send(em, spec, h_lines, "h", "hp", states.offset("h"))
             with em.block("if s < T - 1:"):
                 emit_output_pass(em, ctx)
-            _emit_receive(em, spec, m, "hp")
+            _emit_receive(em, spec, h_lines, "hp")
         states.emit_copies(em, lambda name, offset: (f"{name}state[b, {offset} + j]", f"{name}[b, j]"))
         em("return epoch")
 
@@ -380,15 +390,16 @@ def _emit_gather(em: Emitter, name: str, *, spec: StackSpec, layer: Layer) -> st
     parities as ``h``'s: a worker still rewrites a line only after every other
     worker has sent the exchange between, which each sent after reading the line.
     """
-    whole, n = _whole(name), slice_width(layer, spec)
+    lines = _ExchangeLines(spec, layer, slice_width(layer, spec))
+    whole = _whole(name)
     em("epoch += 1")
-    _emit_send(em, spec, n, name, whole, "u0")
-    _emit_receive(em, spec, n, whole)
+    _emit_send(em, spec, lines, name, whole, "u0")
+    _emit_receive(em, spec, lines, whole)
     return whole
 
 
-def _emit_send(em: Emitter, spec: StackSpec, width: int, source: str, whole: str, offset: str) -> None:
-    """The first half of an exchange: this worker's ``width`` values a row of ``source`` (its new ``h``, or a
+def _emit_send(em: Emitter, spec: StackSpec, lines: _ExchangeLines, source: str, whole: str, offset: str) -> None:
+    """The first half of an exchange: this worker's ``lines.n`` values a row of ``source`` (its new ``h``, or a
     buffer to gather) to the others, and into its ``whole`` copy (``hp``) from column ``offset``.
 
     The layer's exchange buffer has int64 slots ``xb_slots`` and values
@@ -405,20 +416,19 @@ def _emit_send(em: Emitter, spec: StackSpec, width: int, source: str, whole: str
     (its references to the arrays), and one with the layout computed at run
     time 2-5 us more than this.
     """
-    lines = _ExchangeLines(spec, width)
-    em(f"mine = ((epoch % 2) * {spec.unit_split} + me) * B * {lines.slots}")
+    em(f"mine = ((epoch % 2) * {spec.unit_split} + me) * B * {lines.part_slots}")
     lines.emit(em, "mine", f"xb_values[{lines.ratio} * at + i] = {source}[b, line * {lines.per_line} + i]",
                stamped=True)
     _emit_copy(em, lines.n, (f"{whole}[b, {offset} + j]", f"{source}[b, j]"))
 
 
-def _emit_receive(em: Emitter, spec: StackSpec, width: int, whole: str) -> None:
+def _emit_receive(em: Emitter, spec: StackSpec, lines: _ExchangeLines, whole: str) -> None:
     """The second half of an exchange: for each other worker, wait for the stamps of its lines
     (:func:`numrnn.runtime.sync.await_stamp`), then copy its values into ``whole``."""
-    lines, workers = _ExchangeLines(spec, width), spec.unit_split
+    workers = spec.unit_split
     with em.block(f"for w in range({workers}):"):
         with em.block("if w != me:"):
-            em(f"theirs = ((epoch % 2) * {workers} + w) * B * {lines.slots}")
+            em(f"theirs = ((epoch % 2) * {workers} + w) * B * {lines.part_slots}")
             with em.block(f"for line in range(B * {lines.count}):"):
                 em(f"await_stamp(xb_slots, theirs + line * {LINE_SLOTS} + {LINE_SLOTS - 1}, epoch, flags)")
             lines.emit(em, "theirs", f"{whole}[b, w * {lines.n} + line * {lines.per_line} + i] = "
@@ -426,12 +436,13 @@ def _emit_receive(em: Emitter, spec: StackSpec, width: int, whole: str) -> None:
 
 
 class _ExchangeLines:
-    """One worker's lines of an exchange, per row: ``count`` lines of ``per_line`` of its ``n`` values."""
+    """One worker's lines of an exchange, per row: ``count`` lines of ``per_line`` of its ``n`` values, in a part
+    of the buffer with ``part_slots`` slots a row (:func:`row_lines`)."""
 
-    def __init__(self, spec: StackSpec, width: int):
+    def __init__(self, spec: StackSpec, layer: Layer, width: int):
         self.n = width
         self.per_line, self.count = exchange_layout(spec, width)
-        self.slots = self.count * LINE_SLOTS
+        self.part_slots = row_lines(layer, spec) * LINE_SLOTS
         self.ratio = 8 // ITEMSIZE[spec.dtype]  # values per int64 slot
 
     def emit(self, em: Emitter, start: str, assignment: str, *, stamped: bool) -> None:
