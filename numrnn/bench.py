@@ -68,9 +68,10 @@ class Shape:
         total, width = 0.0, self.input_size
         dirs = 2 if self.bidirectional else 1
         for kind, units in self.layers:
-            out = self.proj_units if kind == "lstm" and self.proj_units else units
+            projected = kind == "lstm" and self.proj_units
+            out = self.proj_units if projected else units
             total += {"lstm": 8, "gru": 6}[kind] * self.steps * self.batch * units * (width + out) * dirs
-            total += 2 * self.steps * self.batch * units * out * dirs if out != units else 0
+            total += 2 * self.steps * self.batch * units * out * dirs if projected else 0
             width = out * dirs
         return total
 
@@ -125,7 +126,8 @@ SHAPES_BY_NAME = {s.name: s for s in SHAPES + GRID_SHAPES}
 
 
 def stack_spec(shape: Shape, dtype: str = "float32") -> StackSpec:
-    """The numrnn spec of ``shape`` (its GRUs reset after their product unless ``shape.reset_after`` is false)."""
+    """The numrnn spec of ``shape``: its GRUs reset after their product unless ``shape.reset_after`` is false, its
+    LSTMs project to ``shape.proj_units`` where it is set."""
     options = {"gru": {"reset_after": shape.reset_after}, "lstm": {"proj_units": shape.proj_units}}
     cells = [CellSpec(kind, units, **options[kind]) for kind, units in shape.layers]
     masking = "lengths" if shape.lengths else "none"

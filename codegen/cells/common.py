@@ -213,7 +213,6 @@ def _numba_enables_avx(cpu_name: str) -> bool:
     return cpu_name not in {"corei7-avx", "core-avx-i", "sandybridge", "ivybridge", "nocona"}
 
 
-#: Bytes of one element, by the dtypes the kernels take.
 def panel_rows() -> int:
     """Rows of the packed product's block: :data:`WIDE_PANEL_ROWS` where numba compiles AVX-512 vectors, else
     :data:`PANEL_ROWS`.
@@ -234,6 +233,7 @@ def panel_rows() -> int:
     return WIDE_PANEL_ROWS if vector_bytes() == 64 and "+avx512f" in _target_features() else PANEL_ROWS
 
 
+#: Bytes of one element, by the dtypes the kernels take.
 ITEMSIZE = {"float32": 4, "float64": 8}
 
 

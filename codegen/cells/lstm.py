@@ -50,7 +50,8 @@ def emit_scratch(em: Emitter, ctx: LayerContext, dtype: str) -> None:
     """
     em(f"rh = np.empty((B, {4 * ctx.units}), dtype=np.{dtype})")
     if ctx.cell.proj_units:
-        em(f"hn = np.empty({'(B, ' + str(ctx.units) + ')' if ctx.gather else ctx.units}, dtype=np.{dtype})")
+        shape = f"(B, {ctx.units})" if ctx.gather else str(ctx.units)
+        em(f"hn = np.empty({shape}, dtype=np.{dtype})")
 
 
 def emit_step(em: Emitter, ctx: LayerContext) -> None:

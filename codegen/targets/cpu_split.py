@@ -305,10 +305,10 @@ def _emit_layer_function(em: Emitter, spec: StackSpec, layer: Layer) -> None:
     barrier starts the layer: ``hp`` starts as the whole initial state, and
     the previous layer's outputs were all written before its last exchange.
     A cell that reads a scratch buffer whole within the step (its
-    ``gathered_names``: a GRU's ``r * h`` before ``U_h``) exchanges it there
-    too, into ``<name>_all`` (:func:`_emit_gather`). An LSTM projection's
-    worker owns ``proj_units / n`` columns of ``h`` (from ``h0``) beside its
-    units of ``c``.
+    ``gathered_names``: a reset-before GRU's ``r * h``, a projection's ``o *
+    tanh(c)``) exchanges it there too, into ``<name>_all``
+    (:func:`_emit_gather`). An LSTM projection's worker owns ``proj_units /
+    n`` columns of ``h`` (from ``h0``) beside its units of ``c``.
     """
     cell = layer.cell
     n, m = slice_width(layer, spec), output_slice_width(layer, spec)

@@ -48,14 +48,15 @@ inside the kernel (:mod:`numrnn.runtime.partners`), not on the pool. Policy
   product takes (so it would run a BLAS GEMM per step anyway), ``B <=``
   :data:`UNIT_SPLIT_MAX_GEMM_ROWS` and a recurrent matrix of at least
   :data:`UNIT_SPLIT_MIN_GEMM_WEIGHT_BYTES` (no GRU that resets before its
-  product nor LSTM projection: they exchange twice a step); or a small batch (up to 64
-  rows, a recurrent matrix of at least
+  product nor LSTM projection: they exchange twice a step); or a small
+  batch (up to 64 rows, a recurrent matrix of at least
   :data:`SMALL_BATCH_MIN_WEIGHT_BYTES`) of a call of up to
   :data:`SMALL_BATCH_MAX_FLOPS` by its rows (any size up to 4 rows, 600
   MFLOP up to 32, 100 MFLOP up to 64; with a GRU that resets before its
-  product, :data:`SMALL_BATCH_RESET_BEFORE_MAX_FLOPS`), where the batch split's
-  hand-off costs more than the unit split's exchanges (on two workers, as
-  measured, and rows the packed product takes); these and the latency-sized split
+  product, :data:`SMALL_BATCH_RESET_BEFORE_MAX_FLOPS`), where the batch
+  split's hand-off costs more than the unit split's exchanges (on two
+  workers, as measured, and rows the packed product takes); these and the
+  latency-sized split
   only while their calls come close together or are long
   (:class:`CloseCallsChoice`);
   one split call runs at a time (a concurrent one falls back, so the
