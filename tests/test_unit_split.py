@@ -163,7 +163,8 @@ from codegen.spec import CellSpec, simple_stack
 from numrnn.runtime import get_kernel, pack_weights
 from numrnn.runtime.kernels import _partners
 
-spec = simple_stack([CellSpec("lstm", 48), CellSpec("gru", 48)], 5, masking="lengths", dtype="float32")
+spec = simple_stack([CellSpec("lstm", 48), CellSpec("gru", 48, reset_after=False), CellSpec("lstm", 48, proj_units=24)],
+                    5, masking="lengths", dtype="float32")
 packed, kernel = pack_weights(spec, fan_in_weights(spec, np.random.default_rng(5))), get_kernel(spec)
 results = {}
 for schedule in ("serial", "units"):
@@ -172,7 +173,7 @@ for schedule in ("serial", "units"):
         x = np.random.default_rng(batch).standard_normal((9, batch, 5)).astype(np.float32)
         lengths = np.array([9, 5][:batch], dtype=np.int64)
         for call in range(2):  # the second call reuses the exchange buffers the first stamped
-            states = [np.full((batch, 48), 0.1 * call, np.float32) for cell in spec.cells for _ in cell.state_sizes]
+            states = [np.full((batch, n), 0.1 * call, np.float32) for cell in spec.cells for n in cell.state_sizes]
             results[schedule, batch, call] = (kernel(x, lengths, states, packed), *states)
 team = _partners()
 assert team.workers == 3 and team.hot_calls + team.cold_calls == 4, (team.workers, team.hot_calls, team.cold_calls)
@@ -186,7 +187,8 @@ print("three workers ok")
 
 def test_three_workers_exchange_h_as_two_do():
     # Every worker waits for the lines of each other worker: three of them, whatever the machine's cores
-    # (NUMRNN_NUM_THREADS; two share a core here), in a fresh interpreter; a two-layer stack, lengths masking,
+    # (NUMRNN_NUM_THREADS; two share a core here), in a fresh interpreter; a three-layer stack (the last two
+    # exchange twice a step: a reset-before GRU, an LSTM projection), lengths masking,
     # one and two rows, each shape called twice; against the serial kernel.
     env = {**os.environ, "NUMRNN_NUM_THREADS": "3"}
     done = subprocess.run([sys.executable, "-c", textwrap.dedent(THREE_WORKERS), os.path.dirname(__file__)], env=env,
