@@ -18,7 +18,9 @@ its product fuses in the first of its two products (over z and r), narrower
 than its projection (z, r and h); split, the second reads the workers'
 gathered ``r * h``. Since every one-row call of
 five steps or more fuses, a long sequence equals the same one cut in two
-calls, its states carried, to the bit.
+calls, its states carried, to the bit. The suite fuses on every machine
+(``NUMRNN_FUSED_PROJECTION=1``, conftest), also where it does not pay by
+default (``fusion_pays``).
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from reference import run_stack
 from test_grid import _run_kernel, assert_bit_equal, assert_matches_reference, fan_in_weights
 
 from codegen import generate_source
+from codegen.cells import common
 from codegen.cells.common import FUSED_ROWS
 from codegen.spec import BlockSpec, CellSpec, DirectionSpec, StackSpec, simple_stack
 from codegen.targets.cpu import FUSE_CONDITION, PACKED_PROJECTION_MAX_ROWS, fuses_projection, layers_of
@@ -71,6 +74,34 @@ def test_layers_whose_matrix_is_read_from_l2_fuse_their_projection(name):
 ])
 def test_layers_the_fused_product_cannot_serve_do_not_fuse(spec, reason):
     assert not any(_fuses(spec)), reason
+
+
+@pytest.fixture
+def fusion_unset(monkeypatch):
+    """``NUMRNN_FUSED_PROJECTION`` unset (the suite sets it: conftest) and ``fusion_pays`` asked afresh, then again
+    after the test, with the suite's setting back."""
+    monkeypatch.delenv("NUMRNN_FUSED_PROJECTION", raising=False)
+    common.fusion_pays.cache_clear()
+    yield monkeypatch
+    common.fusion_pays.cache_clear()
+
+
+def test_fusion_follows_the_cpu_unless_set(fusion_unset):
+    latency256 = simple_stack([CellSpec("lstm", 256)], 256)
+    split = dataclasses.replace(latency256, unit_split=2)
+    fusion_unset.setattr(common, "_target_cpu_name", lambda: "emeraldrapids")
+    assert not common.fusion_pays() and _fuses(latency256, 2) == [False]
+    assert "_fused_product(" not in generate_source(split)
+    fusion_unset.setattr(common, "_target_cpu_name", lambda: "znver4")
+    common.fusion_pays.cache_clear()
+    assert common.fusion_pays() and _fuses(latency256, 2) == [True]
+    fusion_unset.setenv("NUMRNN_FUSED_PROJECTION", "0")
+    common.fusion_pays.cache_clear()
+    assert not common.fusion_pays()
+    fusion_unset.setenv("NUMRNN_FUSED_PROJECTION", "yes")
+    common.fusion_pays.cache_clear()
+    with pytest.raises(ValueError, match="NUMRNN_FUSED_PROJECTION must be 0 or 1; got 'yes'"):
+        common.fusion_pays()
 
 
 def test_a_matrix_read_from_l3_fuses_only_in_slices_near_l2():

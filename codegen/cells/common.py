@@ -126,6 +126,48 @@ FUSED_MIN_BYTES = 64 * 1024
 #: LSTM(640), 3.2 MiB, 2.7-5.1 / 2.8-5.5 ms; LSTM(512) serial, 4 MiB, 3.1-6.1 / 3.4-4.1 ms; LSTM(512) split,
 #: 2 MiB, 1.7-3.1 / 2.0-3.6 ms; GRU(512) split, 1.5 MiB, 2.5-2.9 / 2.8-3.2 ms.
 FUSED_MAX_BYTES = 2 * 1024 * 1024
+#: CPUs (LLVM's names) on which no layer fuses its projection (:func:`fusion_pays`).
+UNFUSED_CPUS = ("sapphirerapids", "emeraldrapids")
+
+
+@functools.cache
+def fusion_pays() -> bool:
+    """Whether one-row layers fuse their input projection into the steps' products on this machine.
+
+    The fused product fills the multiply-adds a one-row product leaves idle
+    while its weights stream in. On the AVX-512 Zen 4 it won (see
+    :data:`FUSED_MIN_BYTES` and :data:`FUSED_MAX_BYTES`); on an Emerald
+    Rapids guest (full-width AVX-512, 2 MiB L2 a core), whose projection
+    before the loop takes half the cycles, it lost at every size timed.
+    One row, medians of 15 x 0.1 s, two processes each way in turns, fused
+    / projected before the loop: LSTM(64) on 32 inputs T50 serial 36-38 /
+    33-36 us; unit split T100, D=H: LSTM(128) 181-204 / 167-171 us,
+    LSTM(192) 376-381 / 322-338, LSTM(256) 714-717 / 567-670, LSTM(384)
+    1629-1710 / 1478-1489; LSTM(512) T50 2126-2137 / 1522-1615. So CPUs of
+    that core (:data:`UNFUSED_CPUS`) project before the loop; other CPUs
+    fuse, as measured on the Zen 4 (other Intel cores with AVX-512 were not
+    measured). ``NUMRNN_FUSED_PROJECTION`` (1 or 0) overrides. The CPU is
+    numba's target (:func:`_target_cpu_name`).
+    """
+    configured = os.environ.get("NUMRNN_FUSED_PROJECTION", "").strip()
+    if configured:
+        if configured not in ("0", "1"):
+            raise ValueError(f"NUMRNN_FUSED_PROJECTION must be 0 or 1; got {configured!r}")
+        return configured == "1"
+    return _target_cpu_name() not in UNFUSED_CPUS
+
+
+def _target_cpu_name() -> str:
+    """The CPU numba compiles for, as LLVM names it: numba's setting (``NUMBA_CPU_NAME``), else the host's."""
+    config = sys.modules.get("numba.core.config")
+    name = config.CPU_NAME if config is not None else os.environ.get("NUMBA_CPU_NAME")
+    if name and name != "host":
+        return name
+    from llvmlite import binding  # numba imports it anyway; not at ``import numrnn``
+
+    return binding.get_host_cpu_name()
+
+
 #: The product's matrices, by packed name (every cell kind's ``recurrent_names`` that are one).
 PRODUCT_MATRICES = ("wh", "whzr", "whh")
 #: The packed-product function, as a kernel module names it (from the shared module).

@@ -60,6 +60,7 @@ from codegen.cells.common import (
     emit_scratch_for_output,
     emit_step_times,
     extern_name,
+    fusion_pays,
     panel_width,
     panels_name,
     recurrent_bytes,
@@ -646,10 +647,11 @@ def fuses_projection(ctx: LayerContext, units: int) -> bool:
     from L2 or near it (``FUSED_MIN_BYTES`` to ``FUSED_MAX_BYTES``) and
     every step runs the product: no
     masking, and rows in step order or reversed (not each row's own valid
-    prefix). Layers that share the function share the answer; a layer whose
+    prefix); on a machine where fusing pays
+    (``codegen.cells.common.fusion_pays``). Layers that share the function share the answer; a layer whose
     input side is a loop (a few inputs) calls it with ``fuse`` false.
     """
-    return (ctx.masked_condition() is None and ctx.reverse in ("none", "full")
+    return (fusion_pays() and ctx.masked_condition() is None and ctx.reverse in ("none", "full")
             and FUSED_MIN_BYTES <= recurrent_bytes(ctx.cell, ctx.dtype, units) <= FUSED_MAX_BYTES)
 
 
