@@ -645,11 +645,11 @@ def fuses_projection(ctx: LayerContext, units: int) -> bool:
     At one row (``codegen.cells.common.emit_fused_product``), where the
     step's recurrent matrix (its ``units`` columns of every gate) is read
     from L2 or near it (``FUSED_MIN_BYTES`` to ``FUSED_MAX_BYTES``) and
-    every step runs the product: no
-    masking, and rows in step order or reversed (not each row's own valid
-    prefix); on a machine where fusing pays
-    (``codegen.cells.common.fusion_pays``). Layers that share the function share the answer; a layer whose
-    input side is a loop (a few inputs) calls it with ``fuse`` false.
+    every step runs the product: no masking, and rows in step order or
+    reversed (not each row's own valid prefix); on a machine where fusing
+    pays (``codegen.cells.common.fusion_pays``). Layers that share the
+    function share the answer; a layer whose input side is a loop (a few
+    inputs) calls it with ``fuse`` false.
     """
     return (fusion_pays() and ctx.masked_condition() is None and ctx.reverse in ("none", "full")
             and FUSED_MIN_BYTES <= recurrent_bytes(ctx.cell, ctx.dtype, units) <= FUSED_MAX_BYTES)
