@@ -159,8 +159,7 @@ def fusion_pays() -> bool:
 
 def _target_cpu_name() -> str:
     """The CPU numba compiles for, as LLVM names it: numba's setting (``NUMBA_CPU_NAME``), else the host's."""
-    config = sys.modules.get("numba.core.config")
-    name = config.CPU_NAME if config is not None else os.environ.get("NUMBA_CPU_NAME")
+    name = _numba_target_settings()[0]
     if name and name != "host":
         return name
     from llvmlite import binding  # numba imports it anyway; not at ``import numrnn``
@@ -214,13 +213,9 @@ def _target_features() -> set[str]:
     features as given, none for the generic CPU, else the host's, without
     AVX where numba turns it off.
     """
-    config = sys.modules.get("numba.core.config")
-    if config is not None:
-        name, features, enable_avx = config.CPU_NAME, config.CPU_FEATURES, config.ENABLE_AVX
-    else:
-        name, features, enable_avx = os.environ.get("NUMBA_CPU_NAME"), os.environ.get("NUMBA_CPU_FEATURES"), None
-        if features is None and str(name).lower() == "generic":
-            features = ""
+    name, features, enable_avx = _numba_target_settings()
+    if features is None and str(name).lower() == "generic":
+        features = ""
     if features is None:
         from llvmlite import binding  # numba imports it anyway; not at ``import numrnn``
 
@@ -232,6 +227,15 @@ def _target_features() -> set[str]:
             host = {feature: enabled and not feature.startswith("avx") for feature, enabled in host.items()}
         return {("+" if enabled else "-") + feature for feature, enabled in host.items()}
     return {feature.strip() for feature in features.split(",")}
+
+
+def _numba_target_settings() -> tuple[str | None, str | None, bool | None]:
+    """numba's ``CPU_NAME``, ``CPU_FEATURES`` and ``ENABLE_AVX`` where numba is imported, else the first two's
+    environment variables and ``None``."""
+    config = sys.modules.get("numba.core.config")
+    if config is not None:
+        return config.CPU_NAME, config.CPU_FEATURES, config.ENABLE_AVX
+    return os.environ.get("NUMBA_CPU_NAME"), os.environ.get("NUMBA_CPU_FEATURES"), None
 
 
 def _numba_enables_avx(cpu_name: str) -> bool:
