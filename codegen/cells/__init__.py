@@ -104,13 +104,12 @@ def _with_panels(cell: CellSpec, arrays: dict[str, np.ndarray]) -> list[np.ndarr
     return [panels[name] if name in panels else aligned_copy(arrays[name]) for name in packed_names(cell)]
 
 
-#: How each packed array is cut for one worker of the unit split: along which axis, and how many blocks
-#: of ``units`` that axis holds side by side (``None``: one per gate). A GRU that resets before its
-#: product keeps ``z, r`` in ``whzr`` and ``h`` in ``whh``. An LSTM's projection ``wr``, ``(proj_units,
-#: units)``, is cut along its outputs: the worker's slice of ``h`` (:data:`_CUT_BY_OUTPUT`).
-_SPLIT_AXES = {"wx": (1, None), "b": (0, None), "wh": (1, None), "bh": (0, None),
-               "whzr": (1, 2), "whh": (1, 1), "wp": (1, 1), "wr": (0, 1)}
-_CUT_BY_OUTPUT = {"wr"}
+#: How each packed array is cut for one worker of the unit split: along which axis, how many blocks that
+#: axis holds side by side (``None``: one per gate), and whether a block is ``units`` wide or, for an LSTM's
+#: projection ``wr`` (``(proj_units, units)``, cut by the worker's slice of ``h``), ``output_size``. A GRU
+#: that resets before its product keeps ``z, r`` in ``whzr`` and ``h`` in ``whh``.
+_SPLIT_AXES = {"wx": (1, None, False), "b": (0, None, False), "wh": (1, None, False), "bh": (0, None, False),
+               "whzr": (1, 2, False), "whh": (1, 1, False), "wp": (1, 1, False), "wr": (0, 1, True)}
 
 
 def split_packed(cell: CellSpec, arrays: list[np.ndarray], part: int, parts: int) -> list[np.ndarray]:
@@ -126,9 +125,9 @@ def split_packed(cell: CellSpec, arrays: list[np.ndarray], part: int, parts: int
     for name, array in zip(packed_names(cell), arrays):
         if name in panels:
             continue  # made again from the worker's slice
-        axis, blocks = _SPLIT_AXES[name]
+        axis, blocks, by_output = _SPLIT_AXES[name]
         blocks = cell.gates if blocks is None else blocks
-        width = cell.output_size if name in _CUT_BY_OUTPUT else cell.units
+        width = cell.output_size if by_output else cell.units
         n = width // parts
         index = np.concatenate([np.arange(g * width + part * n, g * width + (part + 1) * n) for g in range(blocks)])
         out[name] = np.take(array, index, axis=axis)

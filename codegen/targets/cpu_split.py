@@ -327,9 +327,8 @@ def _emit_layer_function(em: Emitter, spec: StackSpec, layer: Layer) -> None:
     with em.block(f"def {layer.function}({', '.join(params)}):"):
         em(f'"""This worker\'s units [u0, u0 + {n}) of the layer; returns the epoch it reached (its last stamp)."""')
         em("T = xw.shape[0]", "B = xw.shape[1]")
-        if m != n:
-            em(f"h0 = me * {m}")
         states = _StateSlices(cell, n, m)
+        states.emit_offsets(em)
         for name, width in states.widths:
             em(f"{name} = np.empty((B, {width}), dtype=np.{spec.dtype})")
         states.emit_copies(em, lambda name, offset: (f"{name}[b, j]", f"{name}state[b, {offset} + j]"))
@@ -365,11 +364,16 @@ class _StateSlices:
 
     def __init__(self, cell, n: int, m: int):
         self.widths = [("h", m), *((name, n) for name in cell.state_names[1:])]
-        self._offsets = {"h": "u0" if m == n else "h0"}
+        self._h0 = None if m == n else f"me * {m}"
+
+    def emit_offsets(self, em: Emitter) -> None:
+        """``h0``, where ``h``'s slice starts elsewhere than the units' (``u0``, a parameter)."""
+        if self._h0 is not None:
+            em(f"h0 = {self._h0}")
 
     def offset(self, name: str) -> str:
         """The first column of the worker's slice of state ``name``."""
-        return self._offsets.get(name, "u0")
+        return "h0" if name == "h" and self._h0 is not None else "u0"
 
     def emit_copies(self, em: Emitter, pair) -> None:
         """``dst = src`` for ``pair(name, offset)`` of every state, one loop per width."""
