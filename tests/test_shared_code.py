@@ -6,6 +6,7 @@ Both exist for compile time (see ``codegen.targets.cpu.layers_of`` and
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -354,3 +355,59 @@ def test_kernels_refuse_panels_of_another_width(monkeypatch):
     monkeypatch.setenv("NUMRNN_SCHEDULE", "units")
     with pytest.raises(ValueError, match=rf"weights\[{index}\] \(cell 0 wh_panels\): panels of {width} columns"):
         kernel(x, None, states, packed)
+
+
+def _functions_asking_full_width(source: str) -> list[str]:
+    """Names of the generated functions whose body calls full_width_vectors."""
+    names, current = [], None
+    for line in source.splitlines():
+        if line.startswith("def "):
+            current = line[4:].split("(")[0]
+        elif line.strip() == "_full_width_vectors()":
+            names.append(current)
+    return names
+
+
+@pytest.mark.parametrize("width", [32, 64])
+def test_full_width_vectors_where_avx512_and_the_gates_fill_them(width, monkeypatch):
+    # GRU(120)'s gate loop leaves half a vector over at 64 bytes, which ran slower than 32-byte vectors; LSTM(128)'s
+    # fills 8 of them. The kernel (copies and calls, no gates) asks wherever the machine has AVX-512.
+    monkeypatch.setattr(codegen.targets.cpu, "vector_bytes", lambda: width)
+    spec = StackSpec((BlockSpec((DirectionSpec((CellSpec("gru", 120), CellSpec("lstm", 128))),)),), 3)
+    source = generate_source(spec)
+    asked = _functions_asking_full_width(source)
+    if width == 32:
+        assert asked == [] and "full_width_vectors" not in source
+        return
+    assert "from numrnn.runtime.simd import full_width_vectors as _full_width_vectors" in source
+    assert asked == ["_layer1_lstm128", spec.kernel_name()]
+    exact = generate_source(simple_stack([CellSpec("lstm", 8), CellSpec("lstm", 12)], 3, dtype="float64"))
+    assert _functions_asking_full_width(exact)[0] == "_layer0_lstm8"  # 8 float64 lanes a vector
+    assert "_layer1_lstm12" not in _functions_asking_full_width(exact)
+
+
+def test_a_split_layer_asks_full_width_by_its_workers_slice(monkeypatch):
+    monkeypatch.setattr(codegen.targets.cpu, "vector_bytes", lambda: 64)
+    for units, asks in ((64, True), (40, False)):  # 32 units a worker fill two vectors, 20 do not
+        spec = dataclasses.replace(simple_stack([CellSpec("lstm", units)], 3), unit_split=2)
+        layer = f"_layer0_lstm{units}"
+        asked = _functions_asking_full_width(generate_source(spec))
+        assert (layer in asked) == asks and spec.kernel_name() in asked
+
+
+def test_full_width_vectors_sets_llvms_preferred_width_of_its_caller():
+    from numrnn.runtime.simd import full_width_vectors
+
+    @njit(fastmath=True, error_model="numpy")
+    def scale(a):
+        full_width_vectors()
+        for i in range(a.shape[0]):
+            a[i] = a[i] * np.float32(3.0) + np.float32(1.0)
+
+    a = np.arange(64, dtype=np.float32)
+    scale(a)
+    assert np.array_equal(a, np.arange(64, dtype=np.float32) * 3 + 1)
+    ir = next(iter(scale.inspect_llvm().values()))
+    assert f'"prefer-vector-width"="{vector_bytes() * 8}"' in ir
+    if vector_bytes() == 64:
+        assert "zmm" in next(iter(scale.inspect_asm().values()))

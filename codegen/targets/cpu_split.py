@@ -89,9 +89,9 @@ from codegen.targets.cpu import (
     fused_arguments,
     fuses_projection,
     input_bias_args,
-    jit_options,
     layers_of,
     merge_expression,
+    njit_function,
 )
 from codegen.targets.cpu import kernel_arguments as unsplit_kernel_arguments
 
@@ -236,9 +236,9 @@ def job_loop(em: Emitter, spec: StackSpec, arguments: list[str], workers: int, d
     posted (``numrnn.runtime.partners.Partners.stand_by``).
     """
     job = _nested_tuple(arguments)
-    em(f"@njit({jit_options(spec.dtype)})")
-    with em.block(f"def {spec.kernel_name()}({', '.join([*arguments, 'ctl', 'box', 'role'])}):"):
-        em(f'"""{docstring}"""', f"job = {job}")
+    with njit_function(em, spec.dtype, f"{spec.kernel_name()}({', '.join([*arguments, 'ctl', 'box', 'role'])})",
+                       docstring):
+        em(f"job = {job}")
         with em.block("if role == LEAD:"):
             with em.block(f"for w in range(1, {workers}):"):
                 em(f"publish(box[w], {_nested_tuple(['w' if a == 'me' else a for a in arguments])})")
@@ -323,9 +323,8 @@ def _emit_layer_function(em: Emitter, spec: StackSpec, layer: Layer) -> None:
     params = ["xw", *input_bias_args(cell), *recurrent_names(cell), "hstate", *(f"{o}state" for o in others),
               *condition_args(spec), "out", "small", "xb", "u0", "flags", "me", "epoch",
               *(FUSED_PARAMS if fused else [])]
-    em(f"@njit({jit_options(spec.dtype)})")
-    with em.block(f"def {layer.function}({', '.join(params)}):"):
-        em(f'"""This worker\'s units [u0, u0 + {n}) of the layer; returns the epoch it reached (its last stamp)."""')
+    docstring = f"This worker's units [u0, u0 + {n}) of the layer; returns the epoch it reached (its last stamp)."
+    with njit_function(em, spec.dtype, f"{layer.function}({', '.join(params)})", docstring, gate_width=n):
         em("T = xw.shape[0]", "B = xw.shape[1]")
         states = _StateSlices(cell, n, m)
         states.emit_offsets(em)

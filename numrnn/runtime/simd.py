@@ -111,6 +111,29 @@ def fused_block(typingctx, h, up, out, x, wp, xw, p, row, q, v, valid, rec_panel
     return types.none(*arrays, *integers, rec_panels), codegen
 
 
+@intrinsic
+def full_width_vectors(typingctx):
+    """Let LLVM vectorize the calling function's loops with :func:`vector_bytes`-byte registers (a statement).
+
+    On Intel cores with AVX-512 LLVM prefers 32-byte vectors for the loops
+    it vectorizes itself (its ``prefer-256-bit`` tuning), so a kernel's
+    gate loops ran at half the width that the packed product's explicit
+    vectors use. The function attribute ``prefer-vector-width`` lifts that
+    for the function being compiled; numba has no option for it, and
+    llvmlite admits only the attributes it lists, so the string attribute is
+    put in the attribute set directly. A call changes no result: the loop
+    computes the same operations on more lanes at a time. Measured on
+    Emerald Rapids, the gates of an LSTM(128) step at 8 rows (one thread,
+    medians of 7 x 10,000 steps): 1.72 -> 1.28 us.
+    """
+
+    def codegen(context, builder, sig, args):
+        set.add(builder.function.attributes, f'"prefer-vector-width"="{vector_bytes() * 8}"')
+        return context.get_dummy_value()
+
+    return types.none(), codegen
+
+
 class _Block:
     """The LLVM IR of one block shape: ``rows`` rows by ``panels`` panels of ``dtype``."""
 
