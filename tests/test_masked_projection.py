@@ -12,7 +12,9 @@ none to all (the rest at random), and is compared with the oracle. The specs
 are those of the other suites (a layer of more than
 ``LOOP_PROJECTION_MAX_INPUTS`` inputs in each), but for two kernels that
 compile for this file alone: the unit split of a lengths spec, and a float64
-stack.
+stack. The gathered rows are multiplied by the packed product up to
+``packed_projection_rows`` of them (on AVX-512, these calls' rows), by BLAS
+beyond or in a call that takes no packed product (``small`` 0, tested too).
 """
 
 from __future__ import annotations
@@ -27,8 +29,10 @@ from test_grid import CASES as GRID_CASES
 from test_grid import D, assert_forced_schedule_matches_reference
 from test_unit_split import CASES as UNIT_CASES
 
+import codegen.targets.cpu
+from codegen import generate_source
 from codegen.spec import CellSpec, simple_stack
-from codegen.targets.cpu import PACKED_PROJECTION_MAX_ROWS
+from codegen.targets.cpu import PACKED_PROJECTION_MAX_ROWS, packed_projection_rows, projections_packed_up_to
 from numrnn.runtime import get_kernel
 from numrnn.runtime.kernels import SMALL_WORKSPACE
 
@@ -67,9 +71,42 @@ def _masked_inputs(spec, rng, batch: int, steps: int):
 @pytest.mark.parametrize("name", sorted(CALLS))
 def test_long_masked_calls_match_reference(name, monkeypatch):
     spec, schedule, split_spec, batch, steps = CALLS[name]
-    assert steps * batch // 2 > PACKED_PROJECTION_MAX_ROWS  # a GEMM, even for a batch worker
+    assert steps * batch // 2 > PACKED_PROJECTION_MAX_ROWS  # gathered, even for a batch worker
     assert_forced_schedule_matches_reference(spec, sorted(CALLS).index(name), batch, monkeypatch, schedule, split_spec,
                                              partial(_masked_inputs, steps=steps))
+
+
+@pytest.mark.parametrize("name", ["auto_lengths_valid_reverse", "auto_carry_stack"])
+def test_long_masked_calls_without_packed_products_match_reference(name, monkeypatch):
+    spec, schedule, _, batch, steps = CALLS[name]
+    monkeypatch.setattr(get_kernel(spec), "_small", 0)  # every product BLAS's, the gathered projection's too
+    assert_forced_schedule_matches_reference(spec, sorted(CALLS).index(name), batch, monkeypatch, schedule, None,
+                                             partial(_masked_inputs, steps=steps))
+
+
+@pytest.mark.parametrize("rows", [4, 8])
+def test_the_packed_projection_takes_more_rows_with_8_row_blocks_while_they_fit_l2(rows, monkeypatch):
+    monkeypatch.setattr(codegen.targets.cpu, "panel_rows", lambda: rows)
+    lstm128 = CellSpec("lstm", 128)  # 256 inputs: 1 KiB a row, a 512 KiB kernel
+    if rows == 4:
+        assert packed_projection_rows(lstm128, 256, "float32") == PACKED_PROJECTION_MAX_ROWS
+        return
+    assert packed_projection_rows(lstm128, 256, "float32") == 1024
+    assert packed_projection_rows(lstm128, 64, "float32") == 4096
+    assert packed_projection_rows(lstm128, 256, "float64") == 512
+    assert packed_projection_rows(lstm128, 5000, "float32") == PACKED_PROJECTION_MAX_ROWS  # at least that many
+    assert packed_projection_rows(CellSpec("lstm", 512), 512, "float32") == PACKED_PROJECTION_MAX_ROWS  # 4 MiB kernel
+    # The call is as packed as its narrowest layer's projection; a masked one gathers beyond 128 rows.
+    spec = simple_stack([CellSpec("lstm", 128), CellSpec("gru", 64)], 256)
+    assert projections_packed_up_to(spec) == 1024
+    source = generate_source(spec)
+    assert "if T * B <= 1024 and small > 0:" in source and "if T * B <= 2048 and small > 0:" in source
+    masked = dataclasses.replace(spec, masking="lengths")
+    assert projections_packed_up_to(masked) == PACKED_PROJECTION_MAX_ROWS
+    source = generate_source(masked)
+    assert f"if T * B <= {PACKED_PROJECTION_MAX_ROWS} and small > 0:" in source
+    call = source.split("_project_live(xs, lengths, B, w0_wx, ")[1].split("\n")[0]
+    assert call.startswith("w0_wx_panels, xw, ") and call.endswith("np.int64(1024 if small > 0 else 0))")
 
 
 def test_direction_split_keeps_the_last_large_buffers_and_reuses_them_exactly(monkeypatch):

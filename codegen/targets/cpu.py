@@ -29,7 +29,7 @@ projections, the sequences between layers and blocks); the module's
 packed product (``codegen.cells.common.emit_panel_product``, over the
 ``*_panels`` weights) instead of a BLAS call (see
 ``numrnn.runtime.schedule.packed_product_rows``); where it is
-positive, input projections of up to :data:`PACKED_PROJECTION_MAX_ROWS` rows
+positive, input projections of up to :func:`packed_projection_rows` rows
 are the packed product too. At one row, a layer whose recurrent matrix is
 read from L2 (or just past it) projects its input inside its steps'
 products instead (:func:`fuses_projection`).
@@ -55,6 +55,7 @@ from codegen.cells.common import (
     PANEL_PRODUCT,
     PANEL_VECTORS,
     SIMD_NAMES,
+    WIDE_PANEL_ROWS,
     LayerContext,
     emit_extern_functions,
     emit_math_helpers,
@@ -62,6 +63,7 @@ from codegen.cells.common import (
     emit_step_times,
     extern_name,
     fusion_pays,
+    panel_rows,
     panel_width,
     panels_name,
     recurrent_bytes,
@@ -192,13 +194,18 @@ def emit_live_projection(em: Emitter, spec: StackSpec) -> None:
     if live is None:
         return
     condition = condition_args(spec)[0]
-    with njit_function(em, spec.dtype, f"_project_live(xs, {condition}, B, wx, xw, xc)",
-                       "xw = xs @ wx for the rows of xs ((T * B, D)) a step reads; xc: a buffer as large as xs."):
+    with njit_function(em, spec.dtype, f"_project_live(xs, {condition}, B, wx, wxp, xw, xc, packed_rows)",
+                       "xw = xs @ wx for the rows of xs ((T * B, D)) a step reads; xc: a buffer as large as xs. "
+                       "Up to packed_rows of them the packed product over wx's panels wxp, else BLAS."):
         em("T = xs.shape[0] // B", "n = 0")
         with _each_live_row(em, live):
             em("n += 1")
         with em.block("if n == T * B:"):
-            em(f"{DOT}(xs, wx, xw)", "return")
+            with em.block("if n <= packed_rows:"):
+                em(f"{PANEL_PRODUCT}(xs, wxp, xw, np.int64(0), n, np.int64(0))")
+            with em.block("else:"):
+                em(f"{DOT}(xs, wx, xw)")
+            em("return")
         em("n = 0")
         with _each_live_row(em, live):
             em("r = t * B + b")
@@ -207,7 +214,11 @@ def emit_live_projection(em: Emitter, spec: StackSpec) -> None:
             em("n += 1")
         with em.block("if n == 0:"):
             em("return")
-        em(f"{DOT}({VIEW}(xc, 0, (n, xs.shape[1])), wx, {VIEW}(xw, 0, (n, xw.shape[1])))")
+        em(f"gathered = {VIEW}(xc, 0, (n, xs.shape[1]))", f"projected = {VIEW}(xw, 0, (n, xw.shape[1]))")
+        with em.block("if n <= packed_rows:"):
+            em(f"{PANEL_PRODUCT}(gathered, wxp, projected, np.int64(0), n, np.int64(0))")
+        with em.block("else:"):
+            em(f"{DOT}(gathered, wx, projected)")
         with em.block("for r in range(T * B - 1, -1, -1):"):
             em("t = r // B", "b = r - t * B")
             with em.block(f"if {live}:"):
@@ -602,7 +613,7 @@ def emit_layer_call(em: Emitter, spec: StackSpec, layer: Layer, *, is_last: bool
     weights = dict(zip(packed_names(cell), layer.weight_args()))
     fused = fuses_projection(layer.context, cell.units)
     deferred = emit_fuse_flag(em, layer) if fused else None
-    emit_input_projection(em, spec, layer.input_size, weights, buffers, deferred)
+    emit_input_projection(em, spec, layer, weights, buffers, deferred)
     out = "dest" if is_last else "seq"
     if not is_last:
         buffers.emit_buffer(em, "seq", "T", cell.output_size)
@@ -618,44 +629,88 @@ def emit_layer_call(em: Emitter, spec: StackSpec, layer: Layer, *, is_last: bool
 #: Up to this many input features the input projection is a loop, not a BLAS GEMM: OpenBLAS packs
 #: its operands for a K of 2 as for any other (seed000's first layer, 12544x2 by 2x360: 3.2 ms).
 LOOP_PROJECTION_MAX_INPUTS = 4
-#: Rows (T * B) up to which the input projection is the packed product (:func:`emit_input_projection`).
+#: Rows (T * B) up to which the input projection is the packed product on any machine
+#: (:func:`packed_projection_rows`).
 PACKED_PROJECTION_MAX_ROWS = 128
+#: Where the packed product has 8-row blocks (AVX-512): bytes of input rows, and of the input kernel, up to which the
+#: projection is the packed product at any row count (:func:`packed_projection_rows`).
+PACKED_PROJECTION_MAX_INPUT_BYTES = 1 << 20
+PACKED_PROJECTION_MAX_WEIGHT_BYTES = 1 << 20
 
 
-def emit_input_projection(em: Emitter, spec: StackSpec, inputs: int, weights: dict[str, str],
+def packed_projection_rows(cell: CellSpec, inputs: int, dtype: str) -> int:
+    """Rows (T * B) up to which the input projection of ``cell`` on ``inputs`` features is the packed product.
+
+    :data:`PACKED_PROJECTION_MAX_ROWS` where the packed product has 4-row
+    blocks (AVX2: BLAS was ahead from about 400 rows; :func:`emit_input_projection`).
+    With 8-row blocks it stayed ahead of OpenBLAS (which packs the input
+    kernel again on every call) while the input rows and the kernel fit L2:
+    one thread, Emerald Rapids (2 MiB L2), rows x inputs x outputs, packed /
+    OpenBLAS us: 624x64x512 197 / 255, 800x64x512 250 / 336, 3200x64x512
+    1213 / 1505, 624x256x512 785 / 913, 1200x256x512 1584 / 1971,
+    1600x256x512 2516 / 2742, 1792x28x512 410 / 542, 1792x128x768 1899 /
+    2140, 1600x120x360 743 / 823; BLAS ahead at 3200x256x512 5020 / 4270,
+    3584x128x768 4441 / 4184, 12544x120x360 7260 / 6159 and 6400x512x2048
+    86.3 / 74.0 ms. Hence up to :data:`PACKED_PROJECTION_MAX_INPUT_BYTES` of
+    input rows with a kernel of up to :data:`PACKED_PROJECTION_MAX_WEIGHT_BYTES`.
+    """
+    itemsize = ITEMSIZE[dtype]
+    kernel_bytes = inputs * cell.gates * cell.units * itemsize
+    if panel_rows() < WIDE_PANEL_ROWS or kernel_bytes > PACKED_PROJECTION_MAX_WEIGHT_BYTES:
+        return PACKED_PROJECTION_MAX_ROWS
+    return max(PACKED_PROJECTION_MAX_ROWS, PACKED_PROJECTION_MAX_INPUT_BYTES // (inputs * itemsize))
+
+
+def projections_packed_up_to(spec: StackSpec) -> int:
+    """Rows (T * B) up to which every input projection of ``spec`` is the packed product (when ``small > 0``).
+
+    A masked spec's longer calls project their live rows (:func:`emit_live_projection`), whose count the kernel
+    knows only inside: :data:`PACKED_PROJECTION_MAX_ROWS`.
+    """
+    if live_condition(spec) is not None:
+        return PACKED_PROJECTION_MAX_ROWS
+    return min((packed_projection_rows(layer.cell, layer.input_size, spec.dtype) for layer in layers_of(spec)
+                if layer.input_size > LOOP_PROJECTION_MAX_INPUTS), default=PACKED_PROJECTION_MAX_ROWS)
+
+
+def emit_input_projection(em: Emitter, spec: StackSpec, layer: Layer, weights: dict[str, str],
                           buffers: Workspace | NewArrays, deferred: str | None = None) -> None:
     """``xw = src.reshape(T * B, inputs) @ wx``: one product over every step, or a loop for a few inputs.
 
     ``weights``: the layer's packed names -> argument names; ``buffers``:
     where ``xw`` and a masked spec's gathered rows live. Up to
-    :data:`PACKED_PROJECTION_MAX_ROWS` rows the packed product over ``wx``'s
+    :func:`packed_projection_rows` rows the packed product over ``wx``'s
     panels (when the call takes the packed product at all, ``small > 0``),
-    beyond them one BLAS GEMM (of a masked spec, over the rows steps read
-    only: :func:`emit_live_projection`), which repacks ``wx`` on every
-    call: one thread, rows x inputs x outputs, packed / OpenBLAS, 50x256x512
-    154 / 226 us, 100x256x512 309 / 361 us, 50x32x256 16 / 19 us, even at
-    about 200 rows, BLAS ahead from 400.
+    beyond them one BLAS GEMM, which repacks ``wx`` on every call: on Zen 3
+    (AVX2), one thread, rows x inputs x outputs, packed / OpenBLAS,
+    50x256x512 154 / 226 us, 100x256x512 309 / 361 us, 50x32x256 16 / 19
+    us, even at about 200 rows, BLAS ahead from 400. A masked spec projects
+    the rows steps read only (:func:`emit_live_projection`), beyond
+    :data:`PACKED_PROJECTION_MAX_ROWS` rows: a short call's are not worth
+    gathering.
     The GEMM writes into ``xw`` (called through the shared module's C entry
     ``_dot``, as the layers' recurrent products are: ``numrnn.runtime.extern``).
     Where the runtime condition ``deferred`` holds, nothing is projected
     here: the layer does it in its steps (its fused product).
     """
-    wx = weights["wx"]
+    inputs, wx, panels = layer.input_size, weights["wx"], weights[panels_name("wx")]
+    rows = packed_projection_rows(layer.cell, inputs, spec.dtype)
     em(f"xw = {buffers.projection(wx)}", f"xs = {VIEW}(src, 0, (T * B, {inputs}))")
     if inputs > LOOP_PROJECTION_MAX_INPUTS:
-        packed = f"if T * B <= {PACKED_PROJECTION_MAX_ROWS} and small > 0:"
+        masked = live_condition(spec) is not None
+        packed = f"if T * B <= {PACKED_PROJECTION_MAX_ROWS if masked else rows} and small > 0:"
         if deferred is not None:
             with em.block(f"if {deferred}:"):
                 em("pass  # projected by the layer, step by step")
             packed = f"el{packed}"
         with em.block(packed):
-            em(f"{PANEL_PRODUCT}(xs, {weights[panels_name('wx')]}, xw, np.int64(0), T * B, np.int64(0))")
-        if live_condition(spec) is None:
-            with em.block("else:"):
-                em(f"{DOT}(xs, {wx}, xw)")
-            return
+            em(f"{PANEL_PRODUCT}(xs, {panels}, xw, np.int64(0), T * B, np.int64(0))")
         with em.block("else:"):
-            em(f"_project_live(xs, {condition_args(spec)[0]}, B, {wx}, xw, {buffers.gathered(inputs)})")
+            if masked:
+                em(f"_project_live(xs, {condition_args(spec)[0]}, B, {wx}, {panels}, xw, "
+                   f"{buffers.gathered(inputs)}, np.int64({rows} if small > 0 else 0))")
+            else:
+                em(f"{DOT}(xs, {wx}, xw)")
         return
     with em.block("for r in range(T * B):"):
         em(*(f"x{k} = xs[r, {k}]" for k in range(inputs)), "xr = xw[r]")

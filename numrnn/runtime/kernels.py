@@ -20,10 +20,10 @@ from codegen import StackSpec, generate_source
 from codegen.cells import aligned_copy, pack, packed_names, split_packed
 from codegen.cells.common import panel_width, panels_name
 from codegen.targets.cpu import (
-    PACKED_PROJECTION_MAX_ROWS,
     SHARED_SUFFIX,
     condition_args,
     generate_shared,
+    projections_packed_up_to,
     shared_module_name,
     wrong_panels_message,
 )
@@ -240,6 +240,7 @@ class Kernel:
         self._dtype = np.dtype(self.spec.dtype)
         self._has_condition = bool(condition_args(self.spec))
         self._small = packed_product_rows()
+        self._projection_rows = projections_packed_up_to(self.spec)
         self._scheduler = Scheduler(self.spec)
         self._split_kernels: dict[tuple[str, int], Kernel] = {}
         self._slices: dict[tuple[int, ...], tuple[list, list[list[np.ndarray]]]] = {}
@@ -546,7 +547,7 @@ class Kernel:
 
         Such calls skip :class:`single_threaded_blas` (5 us to enter and leave).
         """
-        return not (0 < rows <= self._small and T * rows <= PACKED_PROJECTION_MAX_ROWS)
+        return not (0 < rows <= self._small and T * rows <= self._projection_rows)
 
     def _workspace(self, T: int, T_out: int, rows: int) -> Borrowed:
         """A workspace for a call on ``rows`` rows, from this kernel's pool."""
