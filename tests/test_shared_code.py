@@ -177,8 +177,8 @@ def test_blas_symbols_are_all_linked_or_none(monkeypatch):
 
 
 def test_panel_product_covers_its_rows_and_every_column():
-    # Every row-block size (none, 1-4, 5-7, 8 and beyond: AVX-512's 8-row blocks leave 4 + up to 3; 1-3 leftover
-    # rows take 2 or 4 panels a pass when there are that many full ones), a last panel that is partial or full,
+    # Every row-block size (none, 1-4, 5-7, 8 and beyond: AVX-512's 8-row blocks leave 4-7 rows to one block; 1-3
+    # leftover rows take 2 or 4 panels a pass when there are that many full ones), a last panel partial or full,
     # panels walked forward and backward (any nonzero ``backward``), bit for bit against the sums in input order
     # (float32: fused multiply-adds), rows outside b0..b1 untouched.
     shared = _shared_module()
@@ -258,8 +258,9 @@ def test_a_vector_width_other_than_32_or_64_is_refused(monkeypatch):
         vector_bytes.__wrapped__()
 
 
-#: Runs the packed product on every row (1 to 7: the 4-row blocks and each leftover pass, one row's four panels
-#: a pass) and partial panels, both dtypes, at this process's vector width; ``outputs()`` returns the results.
+#: Runs the packed product on every row count (1 to 7: every block shape below 8 and each leftover pass, one
+#: row's four panels a pass) and partial panels, both dtypes, at this process's vector width; ``outputs()``
+#: returns the results.
 _WIDTH_SCRIPT = """
 import numpy as np
 from codegen.spec import CellSpec, simple_stack

@@ -101,7 +101,11 @@ VECTOR_WIDTHS = (32, 64)
 #: Vectors per panel: the packed product's output block is :func:`panel_rows` rows by one panel.
 PANEL_VECTORS = 2
 #: Rows of the packed product's block where vectors are AVX2's (16 registers) and AVX-512's (32): see
-#: :func:`panel_rows`. Fewer rows left over take a block of ``PANEL_ROWS`` first, then the rest.
+#: :func:`panel_rows`. Of the rows left over from 8-row blocks, 4 to 7 take one block of them all, a block
+#: shape each (products of that many rows by 128x512, one thread, 5 rows 5.35 -> 3.62 us, 6 4.94 -> 4.29,
+#: 7 5.56 -> 4.39, against a 4-row block and the rest; bidir_masked, whose rows past the shortest length
+#: are 5 to 7, direction split, before / after in alternating processes: 2.55 / 2.44, 2.95 / 2.77, 2.83 /
+#: 2.61 ms; the shared module's cold compile 2.12-2.24 -> 2.23-2.30 s); fewer than 4 as below.
 PANEL_ROWS, WIDE_PANEL_ROWS = 4, 8
 #: Panels per pass of the rows left over from the blocks of ``PANEL_ROWS`` (by their count; one if absent).
 #: Three rows take one panel at a time: with two, 12 accumulators, 4 weight vectors and the
@@ -402,7 +406,8 @@ def emit_panel_product(em: Emitter) -> None:
     to ``P`` columns (:func:`codegen.cells.to_panels`). A micro-kernel keeps a
     block of outputs in vector registers over the whole input loop. Blocks of
     :func:`panel_rows` rows take one panel at a time, panel by panel, so a
-    panel (a few KiB) stays in L1 from one row block to the next. The rows
+    panel (a few KiB) stays in L1 from one row block to the next; from
+    :data:`PANEL_ROWS` rows left over, one block of them all. Fewer rows
     left over take :data:`PANELS_PER_PASS` panels at a time: every vector
     register adds one term per input, and with fewer than about 8 of them a
     product waits on the multiply-add latency (1x256x512: 13.2 us one panel
@@ -442,12 +447,12 @@ def emit_panel_product(em: Emitter) -> None:
         em("p = n - 1 - i if back else i", "cols = min(P, G - p * P)")
         with em.block(f"for r in range(b0, b, {block}):"):
             _emit_micro_kernel(em, "r", block, 1)
-    if block > PANEL_ROWS:  # one more block shape, not one per count of rows left over
-        with em.block(f"if b1 - b >= {PANEL_ROWS}:"):
+    for rows in range(block - 1, PANEL_ROWS - 1, -1):  # from PANEL_ROWS rows left over, a block of them all
+        with em.block(f"{'if' if rows == block - 1 else 'elif'} b1 - b == {rows}:"):
             with em.block("for i in range(n):"):
                 em("p = n - 1 - i if back else i", "cols = min(P, G - p * P)")
-                _emit_micro_kernel(em, "b", PANEL_ROWS, 1)
-            em(f"b += {PANEL_ROWS}")
+                _emit_micro_kernel(em, "b", rows, 1)
+            em(f"b += {rows}")
     for rows in range(1, PANEL_ROWS):
         with em.block(f"{'if' if rows == 1 else 'elif'} b1 - b == {rows}:"):
             _emit_leftover_rows(em, rows)
