@@ -11,6 +11,7 @@ from codegen.cells.common import (
     emit_store_output,
     lit,
     row_loop,
+    shares_divisions,
 )
 from codegen.emit import Emitter
 from codegen.spec import CellSpec
@@ -83,6 +84,7 @@ def emit_step(em: Emitter, ctx: LayerContext) -> None:
 def _emit_gates(em: Emitter, ctx: LayerContext, act, ract, target: str) -> None:
     """Row ``b``'s gates, its new ``c`` and ``target = o * act(c)`` (``h``, or ``hn`` to project)."""
     cell, u = ctx.cell, ctx.units
+    fractions = shares_divisions(cell, ctx.dtype)
     with em.block(f"for j in range({u}):"):
         em("cp = c[b, j]")
         peep = (" + wp[0, j] * cp", " + wp[1, j] * cp") if cell.peephole else ("", "")
@@ -92,14 +94,25 @@ def _emit_gates(em: Emitter, ctx: LayerContext, act, ract, target: str) -> None:
             f"af = {ctx.xw(f'{u} + j')} + rh[b, {u} + j]{forget_bias}{peep[1]}",
             f"ac = {ctx.xw(f'{2 * u} + j')} + rh[b, {2 * u} + j]",
             f"ao = {ctx.xw(f'{3 * u} + j')} + rh[b, {3 * u} + j]",
-            f"cn = ({ract('af')}) * cp + ({ract('ai')}) * ({act('ac')})",
         )
+        if fractions:
+            two = lit(2, ctx.dtype)
+            em("ui = _tanh_clamp(HALF * ai)", "uf = _tanh_clamp(HALF * af)", "uc = _tanh_clamp(ac)",
+               "qi = _tanh_den(ui)", "qf = _tanh_den(uf)", "qc = _tanh_den(uc)",
+               "cn = ((qf + _tanh_num(uf)) * cp * qi * qc + (qi + _tanh_num(ui)) * _tanh_num(uc) * qf) "
+               f"/ ({two} * qf * qi * qc)")
+        else:
+            em(f"cn = ({ract('af')}) * cp + ({ract('ai')}) * ({act('ac')})")
         if cell.cell_clip is not None:
             em(f"cn = min(max(cn, {lit(-cell.cell_clip, ctx.dtype)}), {lit(cell.cell_clip, ctx.dtype)})")
         if cell.peephole:
             em("ao = ao + wp[2, j] * cn")
         em("c[b, j] = cn")
-        em(f"{target} = ({ract('ao')}) * ({act('cn')})")
+        if fractions:
+            em("uo = _tanh_clamp(HALF * ao)", "un = _tanh_clamp(cn)", "qo = _tanh_den(uo)",
+               f"{target} = (qo + _tanh_num(uo)) * _tanh_num(un) / ({two} * qo * _tanh_den(un))")
+        else:
+            em(f"{target} = ({ract('ao')}) * ({act('cn')})")
 
 
 def _emit_projection(em: Emitter, ctx: LayerContext, hn: str, units: str) -> None:
