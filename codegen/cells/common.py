@@ -134,7 +134,9 @@ PANEL_VECTORS = 2
 #: shape each (products of that many rows by 128x512, one thread, 5 rows 5.35 -> 3.62 us, 6 4.94 -> 4.29,
 #: 7 5.56 -> 4.39, against a 4-row block and the rest; bidir_masked, whose rows past the shortest length
 #: are 5 to 7, direction split, before / after in alternating processes: 2.55 / 2.44, 2.95 / 2.77, 2.83 /
-#: 2.61 ms; the shared module's cold compile 2.12-2.24 -> 2.23-2.30 s); fewer than 4 as below.
+#: 2.61 ms). They cost compile time once a machine: seed000's first result on an empty cache (the helper process
+#: compiling the shared module beside the kernel) 2.17-2.19 -> 2.50-2.53 s, alternating processes. Fewer than 4
+#: rows left over as below.
 PANEL_ROWS, WIDE_PANEL_ROWS = 4, 8
 #: Panels per pass of the rows left over from the blocks of ``PANEL_ROWS`` (by their count; one if absent).
 #: Three rows take one panel at a time: with two, 12 accumulators, 4 weight vectors and the

@@ -102,8 +102,9 @@ def full_width(dtype: str, gate_width: int | None = None) -> bool:
     them) fill whole vectors. LLVM's remainder of the wider loops was slower
     at some widths: GRU gates at 32 rows (one thread, ns a unit, 32-byte ->
     64-byte vectors) 120 units 1.30 -> 1.48, 104 4.69 -> 5.69 us a step, 88
-    3.67 -> 4.74, against 128 1.34 -> 1.03 ns, 64 1.57 -> 1.11, 256 1.34 ->
-    1.01 (and 136, 152, 200 faster too, 8-56 within noise).
+    3.67 -> 4.74, against 64 1.57 -> 1.11 ns, 256 1.34 -> 1.01 (and 136,
+    152, 200 faster too, 8-56 within noise); at 128 rows, 128 units 1.43-1.53
+    -> 1.09-1.18 ns, 120 units 1.47-1.57 -> 1.84-1.91.
     """
     if vector_bytes() != 64:
         return False
