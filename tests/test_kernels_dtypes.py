@@ -47,7 +47,7 @@ def test_kernel_matches_reference(cell, dtype, monkeypatch):
 
 
 def test_saturated_float32_lstm_gates_stay_close():
-    # The default float32 LSTM puts its activations over common denominators (codegen.cells.lstm._shares_divisions):
+    # The default float32 LSTM puts its activations over common denominators (codegen.cells.common.shares_divisions):
     # with inputs and weights that pin most gates at either end of their clamps, it stays as close to the oracle as
     # the activations one by one did (1.9e-6 then, 1.6e-6 since, on this case).
     rng = np.random.default_rng(7)

@@ -84,7 +84,7 @@ def emit_step(em: Emitter, ctx: LayerContext) -> None:
 def _emit_gates(em: Emitter, ctx: LayerContext, act, ract, target: str) -> None:
     """Row ``b``'s gates, its new ``c`` and ``target = o * act(c)`` (``h``, or ``hn`` to project)."""
     cell, u = ctx.cell, ctx.units
-    fractions = shares_divisions(cell, ctx.dtype)
+    fractions, two = shares_divisions(cell, ctx.dtype), lit(2, ctx.dtype)
     with em.block(f"for j in range({u}):"):
         em("cp = c[b, j]")
         peep = (" + wp[0, j] * cp", " + wp[1, j] * cp") if cell.peephole else ("", "")
@@ -96,7 +96,6 @@ def _emit_gates(em: Emitter, ctx: LayerContext, act, ract, target: str) -> None:
             f"ao = {ctx.xw(f'{3 * u} + j')} + rh[b, {3 * u} + j]",
         )
         if fractions:
-            two = lit(2, ctx.dtype)
             em("ui = _tanh_clamp(HALF * ai)", "uf = _tanh_clamp(HALF * af)", "uc = _tanh_clamp(ac)",
                "qi = _tanh_den(ui)", "qf = _tanh_den(uf)", "qc = _tanh_den(uc)",
                "cn = ((qf + _tanh_num(uf)) * cp * qi * qc + (qi + _tanh_num(ui)) * _tanh_num(uc) * qf) "
