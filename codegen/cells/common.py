@@ -318,9 +318,14 @@ def panel_rows() -> int:
 ITEMSIZE = {"float32": 4, "float64": 8}
 
 
+def vector_lanes(dtype: str) -> int:
+    """Values of ``dtype`` in one vector (:func:`vector_bytes`)."""
+    return vector_bytes() // ITEMSIZE[dtype]
+
+
 def panel_width(dtype: str) -> int:
     """Output columns per panel of the packed recurrent matrix."""
-    return PANEL_VECTORS * vector_bytes() // ITEMSIZE[dtype]
+    return PANEL_VECTORS * vector_lanes(dtype)
 
 
 def recurrent_bytes(cell: CellSpec, dtype: str, units: int | None = None) -> int:

@@ -106,9 +106,8 @@ def full_width(dtype: str, gate_width: int | None = None) -> bool:
     152, 200 faster too, 8-56 within noise); at 128 rows, 128 units 1.43-1.53
     -> 1.09-1.18 ns, 120 units 1.47-1.57 -> 1.84-1.91.
     """
-    if vector_bytes() != 64:
-        return False
-    return gate_width is None or gate_width % (vector_bytes() // ITEMSIZE[dtype]) == 0
+    width = vector_bytes()
+    return width == 64 and (gate_width is None or gate_width % (width // ITEMSIZE[dtype]) == 0)
 
 
 @contextmanager
@@ -202,10 +201,7 @@ def emit_live_projection(em: Emitter, spec: StackSpec) -> None:
         with _each_live_row(em, live):
             em("n += 1")
         with em.block("if n == T * B:"):
-            with em.block("if n <= packed_rows:"):
-                em(f"{PANEL_PRODUCT}(xs, wxp, xw, np.int64(0), n, np.int64(0))")
-            with em.block("else:"):
-                em(f"{DOT}(xs, wx, xw)")
+            _emit_live_product(em, "xs", "xw")
             em("return")
         em("n = 0")
         with _each_live_row(em, live):
@@ -216,10 +212,7 @@ def emit_live_projection(em: Emitter, spec: StackSpec) -> None:
         with em.block("if n == 0:"):
             em("return")
         em(f"gathered = {VIEW}(xc, 0, (n, xs.shape[1]))", f"projected = {VIEW}(xw, 0, (n, xw.shape[1]))")
-        with em.block("if n <= packed_rows:"):
-            em(f"{PANEL_PRODUCT}(gathered, wxp, projected, np.int64(0), n, np.int64(0))")
-        with em.block("else:"):
-            em(f"{DOT}(gathered, wx, projected)")
+        _emit_live_product(em, "gathered", "projected")
         with em.block("for r in range(T * B - 1, -1, -1):"):
             em("t = r // B", "b = r - t * B")
             with em.block(f"if {live}:"):
@@ -229,6 +222,14 @@ def emit_live_projection(em: Emitter, spec: StackSpec) -> None:
                 with em.block("for k in range(xw.shape[1]):"):
                     em("xw[r, k] = xw[n, k]")
 
+
+
+def _emit_live_product(em: Emitter, rows: str, out: str) -> None:
+    """``_project_live``'s ``out = rows @ wx`` over ``n`` rows: the packed product up to ``packed_rows``, else BLAS."""
+    with em.block("if n <= packed_rows:"):
+        em(f"{PANEL_PRODUCT}({rows}, wxp, {out}, np.int64(0), n, np.int64(0))")
+    with em.block("else:"):
+        em(f"{DOT}({rows}, wx, {out})")
 
 @contextmanager
 def _each_live_row(em: Emitter, live: str):

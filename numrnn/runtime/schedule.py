@@ -192,7 +192,7 @@ import numpy as np
 
 from codegen import StackSpec
 from codegen.cells import emitter_for
-from codegen.cells.common import recurrent_bytes, vector_bytes
+from codegen.cells.common import recurrent_bytes, vector_bytes, vector_lanes
 from codegen.targets.cpu import PACKED_PROJECTION_MAX_ROWS, layers_of
 from codegen.targets.cpu_dirsplit import WORKERS as DIRECTION_WORKERS
 from numrnn.runtime import cpus
@@ -384,7 +384,7 @@ def same_sums_when_split(spec: StackSpec, workers: int) -> bool:
     run time, which LLVM may vectorize otherwise than the serial kernel's
     constant one (not compared).
     """
-    lanes = vector_bytes() // 4
+    lanes = vector_lanes("float32")
     return spec.dtype == "float32" and all(cell.units // workers % lanes == 0 and not cell.proj_units
                                            for cell in spec.cells)
 
