@@ -645,6 +645,9 @@ class LayerContext:
     the worker's own slice of the new one.
     ``fused_projection``: the layer may project its input as it goes, in the
     step's product (:func:`emit_fused_product`).
+    ``staged_projection``: the layer may project its input a few steps at a
+    time into the first rows of ``xw``, which it then reads at ``tx``
+    (``codegen.targets.cpu.emit_stage``).
     ``defer_output``: the step leaves the outputs to :func:`emit_output_pass`,
     which the layer emits where it chooses (the unit split: after sending
     the step's ``h``).
@@ -665,6 +668,7 @@ class LayerContext:
     dtype: str = "float64"
     recurrent_input: str = "h"
     fused_projection: bool = False
+    staged_projection: bool = False
     defer_output: bool = False
     inline_one_row: bool = False
     gather: Callable[[Emitter, str], str] | None = None
@@ -680,10 +684,12 @@ class LayerContext:
         The bias is added here, in the gate loop that reads the projection
         anyway, rather than in a pass of its own over the whole ``(T * B,
         G * units)`` projection (seed000: 1.3 ms per layer and worker).
+        A layer that stages its projection reads the stage's row ``tx``.
         """
+        time = "tx" if self.staged_projection else "t"
         if self.cell.use_bias:
-            return f"(xw[t, b, {column}] + bx[{column}])"
-        return f"xw[t, b, {column}]"
+            return f"(xw[{time}, b, {column}] + bx[{column}])"
+        return f"xw[{time}, b, {column}]"
 
     @property
     def width(self) -> int:

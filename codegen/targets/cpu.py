@@ -11,7 +11,9 @@ with ``numrnn.runtime.views.view`` rather than numba's reshape. Executing a stac
 by layer rather than step by step is exact for every masking mode, because a
 masked step keeps the state of every cell of the stack; it lets each layer's
 input projection be one product over all ``T * B`` rows, hoisted out of the loop
-(a BLAS GEMM, or the packed product for a short call: :func:`emit_input_projection`).
+(a BLAS GEMM, or the packed product for a short call: :func:`emit_input_projection`),
+or, in a long unmasked call, packed products of a few steps' rows at a time
+inside the loop (:func:`stages_projection`).
 
 Kernel signature (all arrays C-contiguous, time-major)::
 
@@ -504,9 +506,10 @@ def _emit_layer_function(em: Emitter, spec: StackSpec, layer: Layer) -> None:
     cell, ctx = layer.cell, layer.context
     emitter = emitter_for(cell)
     fused = fuses_projection(ctx, cell.units)
-    ctx = replace(ctx, fused_projection=fused)
+    staged = stages_projection(spec, ctx)
+    ctx = replace(ctx, fused_projection=fused, staged_projection=staged)
     params = ["xw", *input_bias_args(cell), *recurrent_names(cell), *cell.state_names, *condition_args(spec),
-              "out", "small", *(FUSED_PARAMS if fused else [])]
+              "out", "small", *projection_params(fused, staged)]
     scratch = emitter.scratch_names(cell) + (["op"] if ctx.carries_output else [])
     step_params = ["s", "T", "B", *params, *scratch]
     if spec.unroll is not None:
@@ -522,6 +525,8 @@ def _emit_layer_function(em: Emitter, spec: StackSpec, layer: Layer) -> None:
         emit_scratch_for_output(em, ctx, spec.dtype)
         if fused:
             emit_first_projection_block(em, ctx)
+        if staged:
+            emit_stage_setup(em)
         if spec.unroll is not None:
             rest = ", ".join(step_params[1:])
             for step in range(spec.unroll):
@@ -530,8 +535,7 @@ def _emit_layer_function(em: Emitter, spec: StackSpec, layer: Layer) -> None:
             _emit_partial_unroll(em, ctx, emitter, spec.unroll_steps)
         else:
             with em.block("for s in range(T):"):
-                emit_step_times(em, ctx)
-                emitter.emit_step(em, ctx)
+                _emit_step(em, ctx, emitter)
 
 
 def _emit_partial_unroll(em: Emitter, ctx: LayerContext, emitter, k: int) -> None:
@@ -539,11 +543,17 @@ def _emit_partial_unroll(em: Emitter, ctx: LayerContext, emitter, k: int) -> Non
     with em.block(f"for s0 in range(0, T_main, {k}):"):
         for j in range(k):
             em(f"# step s0 + {j}", f"s = s0 + {j}" if j else "s = s0")
-            emit_step_times(em, ctx)
-            emitter.emit_step(em, ctx)
+            _emit_step(em, ctx, emitter)
     with em.block("for s in range(T_main, T):"):
-        emit_step_times(em, ctx)
-        emitter.emit_step(em, ctx)
+        _emit_step(em, ctx, emitter)
+
+
+def _emit_step(em: Emitter, ctx: LayerContext, emitter) -> None:
+    """Step ``s`` of a layer's loop: its input time, its stage of the projection if it starts one, the step."""
+    emit_step_times(em, ctx)
+    if ctx.staged_projection:
+        emit_stage(em, ctx)
+    emitter.emit_step(em, ctx)
 
 
 def _emit_kernel(em: Emitter, spec: StackSpec, layers: list[Layer], workspace: Workspace) -> None:
@@ -614,7 +624,9 @@ def emit_layer_call(em: Emitter, spec: StackSpec, layer: Layer, *, is_last: bool
     gu = cell.gates * cell.units
     weights = dict(zip(packed_names(cell), layer.weight_args()))
     fused = fuses_projection(layer.context, cell.units)
-    deferred = emit_fuse_flag(em, layer) if fused else None
+    staged = stages_projection(spec, layer.context)
+    flags = [emit_fuse_flag(em, layer) if fused else None, emit_stage_flag(em, spec, layer, fused) if staged else None]
+    deferred = " or ".join(flag for flag in flags if flag) or None
     emit_input_projection(em, spec, layer, weights, buffers, deferred)
     out = "dest" if is_last else "seq"
     if not is_last:
@@ -622,7 +634,7 @@ def emit_layer_call(em: Emitter, spec: StackSpec, layer: Layer, *, is_last: bool
     recurrent = [weights[name] for name in recurrent_names(cell)]
     bias = [weights["b"]] if cell.use_bias else []
     args = [f"{VIEW}(xw, 0, (T, B, {gu}))", *bias, *recurrent, *layer.state_args(), *condition_args(spec), out, "small",
-            *(fused_arguments(weights) if fused else [])]
+            *projection_arguments(weights, fused, staged)]
     em(f"{layer.function}({', '.join(args)})")
     if not is_last:
         em("src = seq")
@@ -693,7 +705,8 @@ def emit_input_projection(em: Emitter, spec: StackSpec, layer: Layer, weights: d
     The GEMM writes into ``xw`` (called through the shared module's C entry
     ``_dot``, as the layers' recurrent products are: ``numrnn.runtime.extern``).
     Where the runtime condition ``deferred`` holds, nothing is projected
-    here: the layer does it in its steps (its fused product).
+    here: the layer does it in its steps (its fused product, or its stages:
+    :func:`stages_projection`, which takes the calls that BLAS would).
     """
     inputs, wx, panels = layer.input_size, weights["wx"], weights[panels_name("wx")]
     rows = packed_projection_rows(layer.cell, inputs, spec.dtype)
@@ -703,7 +716,7 @@ def emit_input_projection(em: Emitter, spec: StackSpec, layer: Layer, weights: d
         packed = f"if T * B <= {PACKED_PROJECTION_MAX_ROWS if masked else rows} and small > 0:"
         if deferred is not None:
             with em.block(f"if {deferred}:"):
-                em("pass  # projected by the layer, step by step")
+                em("pass  # projected by the layer, in its steps")
             packed = f"el{packed}"
         with em.block(packed):
             em(f"{PANEL_PRODUCT}(xs, {panels}, xw, np.int64(0), T * B, np.int64(0))")
@@ -757,7 +770,7 @@ def emit_fuse_flag(em: Emitter, layer: Layer) -> str | None:
 
 def fused_arguments(weights: dict[str, str]) -> list[str]:
     """What a fusing layer's call passes for :data:`FUSED_PARAMS` (``weights``: its packed names -> arguments)."""
-    return ["xs", weights[panels_name("wx")], "xw", "fuse"]
+    return projection_arguments(weights, fused=True, staged=False)
 
 
 def emit_first_projection_block(em: Emitter, ctx: LayerContext) -> None:
@@ -766,6 +779,91 @@ def emit_first_projection_block(em: Emitter, ctx: LayerContext) -> None:
         em(f"first = min({FUSED_ROWS}, T)")
         rows = "T - first, T" if ctx.reverse == "full" else "np.int64(0), first"
         em(f"{PANEL_PRODUCT}(xs, wxp, xwr, {rows}, np.int64(0))")
+
+
+#: Rows (steps times batch rows) a staged projection projects at a time (:func:`stages_projection`), at least a
+#: step's. Stages of 128, 256 and 512 rows all beat the GEMM before the loop on throughput512 (one worker: 32
+#: rows, stages of 4, 8 and 16 steps); between them the host's noise decided (alternating processes, ms:
+#: 172 / 170 / 165, 168 / 167 / 157, 145 / 151 / 146, against the GEMM's 192, 182, 162).
+STAGE_ROWS = 256
+#: The staging layer function's extra parameters: the input rows, the input kernel's panels, the flag.
+STAGED_PARAMS = ["xs", "wxp", "stage"]
+#: What a layer call passes for each parameter of :data:`FUSED_PARAMS` and :data:`STAGED_PARAMS`, in their order
+#: (``wxp``: the input kernel's panels, filled in by :func:`projection_arguments`).
+PROJECTION_ARGUMENTS = {"xs": "xs", "wxp": None, "xwr": "xw", "fuse": "fuse", "stage": "stage"}
+
+
+def stages_projection(spec: StackSpec, ctx: LayerContext) -> bool:
+    """Whether a layer function of ``ctx`` may project its input a stage of steps at a time.
+
+    A call whose projection is too long for one packed product
+    (:func:`packed_projection_rows`) projects :data:`STAGE_ROWS` rows' worth
+    of steps at a time with it, as its steps reach them, into the first rows
+    of ``xw`` (:func:`emit_stage`), rather than all of them by one BLAS GEMM
+    before the loop. The packed product over a few hundred rows keeps its
+    rows in L2 (over all of them, each panel streamed the whole input from
+    memory), and beat OpenBLAS, which packs the kernel again on every call:
+    one thread, Emerald Rapids, rows x inputs x outputs in 256-row calls /
+    one OpenBLAS call, ms: 3200x512x2048 36.1-37.1 / 38.1-39.1, 12544x120x360
+    5.88 / 7.04, 6400x128x512 4.09 / 5.03. The stage's products are then
+    read from L2 rather than memory, and a call never writes the whole
+    projection. Whole calls, alternating processes, GEMM / stages: throughput512
+    157-166 / 151-161 ms (three pairs), lstm128_b256 10.7-11.3 / 9.9-10.2 ms,
+    GRU(120) on 120 inputs B128 T196 20.8-24.7 / 19.0-22.6 ms; seed000 (its
+    first layer a loop over two inputs, its others staged) within the host's
+    noise (39.1-42.0 / 40.2-43.2 ms). Where the packed product has 8-row
+    blocks (AVX-512); unmasked layers in step order or reversed, in a
+    dynamic loop. A layer that may also fuse its projection
+    (:func:`fuses_projection`) does that where it can (one row) and stages
+    other long calls.
+    """
+    return (spec.unroll is None and panel_rows() == WIDE_PANEL_ROWS and ctx.masked_condition() is None
+            and ctx.reverse in ("none", "full"))
+
+
+def emit_stage_flag(em: Emitter, spec: StackSpec, layer: Layer, fused: bool) -> str | None:
+    """Set ``stage`` before a staging layer's call (after ``fuse``, if ``fused``); the condition that defers its
+    projection (``None`` if never)."""
+    if layer.input_size <= LOOP_PROJECTION_MAX_INPUTS:
+        em("stage = np.bool_(False)")  # a bare False types as a literal: a second compile of the layer function
+        return None
+    rows = packed_projection_rows(layer.cell, layer.input_size, spec.dtype)
+    em(f"stage = T * B > {rows} and small > 0{' and not fuse' if fused else ''}")
+    return "stage"
+
+
+def projection_params(fused: bool, staged: bool) -> list[str]:
+    """A layer function's parameters for projecting in its steps: :data:`FUSED_PARAMS`, :data:`STAGED_PARAMS`, both."""
+    wanted = {*(FUSED_PARAMS if fused else []), *(STAGED_PARAMS if staged else [])}
+    return [name for name in PROJECTION_ARGUMENTS if name in wanted]
+
+
+def projection_arguments(weights: dict[str, str], fused: bool, staged: bool) -> list[str]:
+    """What a layer call passes for :func:`projection_params` (``weights``: its packed names -> arguments)."""
+    values = {**PROJECTION_ARGUMENTS, "wxp": weights[panels_name("wx")]}
+    return [values[name] for name in projection_params(fused, staged)]
+
+
+def emit_stage_setup(em: Emitter) -> None:
+    """In a staging layer function, before its loop: ``C``, the steps of a stage, and ``xws``, their rows of ``xw``.
+
+    Without ``stage`` a stage is the whole call (projected before the call).
+    """
+    em(f"C = min(T, max(1, {STAGE_ROWS} // B)) if stage else T", f"xws = {VIEW}(xw, 0, (C * B, xw.shape[2]))")
+
+
+def emit_stage(em: Emitter, ctx: LayerContext) -> None:
+    """At step time ``t``: ``tx``, its row of the stage, and where a stage starts, its projection.
+
+    Stages are aligned to multiples of ``C`` in time, so that in either
+    direction a stage's times ``lo..lo + C - 1`` sit at rows ``t % C``.
+    """
+    em("tx = t % C")
+    starts = "(s == 0 or tx == C - 1)" if ctx.reverse == "full" else "tx == 0"
+    with em.block(f"if stage and {starts}:"):
+        em("lo = t - tx", "n = (min(T, lo + C) - lo) * B",
+           f"{PANEL_PRODUCT}({VIEW}(xs, lo * B * xs.shape[1], (n, xs.shape[1])), wxp, xws, np.int64(0), n, "
+           "np.int64(0))")
 
 
 def merge_expression(merge: str, forward: str, backward: str) -> str:
