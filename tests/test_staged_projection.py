@@ -27,7 +27,7 @@ from test_grid import _run_kernel, assert_bit_equal, assert_matches_reference, f
 from codegen import generate_source
 from codegen.cells.common import WIDE_PANEL_ROWS, panel_rows
 from codegen.spec import BlockSpec, CellSpec, DirectionSpec, StackSpec, simple_stack
-from codegen.targets.cpu import STAGE_ROWS, layers_of, packed_projection_rows, stages_projection
+from codegen.targets.cpu import STAGE_ROWS, fuses_projection, layers_of, packed_projection_rows, stages_projection
 from numrnn.runtime import get_kernel
 from numrnn.runtime.schedule import packed_product_rows
 
@@ -122,6 +122,24 @@ def test_a_call_without_the_packed_product_projects_by_blas(monkeypatch):
     weights = fan_in_weights(spec, rng)
     x = rng.standard_normal((17, 40, spec.input_size)).astype(spec.dtype)
     initial = [tuple(rng.standard_normal((40, n)).astype(spec.dtype) for n in c.state_sizes) for c in spec.cells]
+    expected, expected_states = run_stack(spec, weights, x, initial_states=initial)
+    got, got_states = _run(spec, weights, x, initial, "serial", monkeypatch)
+    assert_matches_reference(spec, got, got_states, expected, expected_states)
+
+
+def test_a_one_row_call_that_fuses_its_projection_does_not_stage_it(monkeypatch):
+    # 200 steps of one row: past the 128 rows that stage, and a layer of LSTM(96) (147 KiB) fuses one-row calls
+    # where fusing is on (the suite's setting): the kernel's stage flag waits for ``not fuse``.
+    spec = CASES["bidir_lstm"]
+    layer = layers_of(spec)[0]
+    assert _staged_call(spec, 200, 1) == [STAGES, STAGES]
+    source = generate_source(spec)
+    if fuses_projection(layer.context, layer.cell.units):
+        assert "and small > 0 and not fuse" in source
+    rng = np.random.default_rng(1)
+    weights = fan_in_weights(spec, rng)
+    x = rng.standard_normal((200, 1, spec.input_size)).astype(spec.dtype)
+    initial = [tuple(rng.standard_normal((1, n)).astype(spec.dtype) for n in c.state_sizes) for c in spec.cells]
     expected, expected_states = run_stack(spec, weights, x, initial_states=initial)
     got, got_states = _run(spec, weights, x, initial, "serial", monkeypatch)
     assert_matches_reference(spec, got, got_states, expected, expected_states)
