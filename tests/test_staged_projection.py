@@ -36,9 +36,10 @@ CASES = {
     # Forward and reversed LSTM(96) on 700 inputs: an input kernel past 1 MiB, so past 128 rows a call stages.
     "bidir_lstm": StackSpec(blocks=(BlockSpec((DirectionSpec((LSTM96,)), DirectionSpec((LSTM96,), "full")),
                                               "concat"),), input_size=700),
-    # float64; a GRU that resets before its product, then a SimpleRNN whose 64-input kernel stages past 2048 rows.
-    "float64_gru_simple": simple_stack([CellSpec("gru", 64, reset_after=False), CellSpec("simple", 32)], 700,
-                                       dtype="float64"),
+    # A GRU that resets before its product (on 1400 inputs: 1 MiB and more), then a SimpleRNN whose 64-input
+    # kernel stages only past 4096 rows.
+    "gru_reset_before_simple": simple_stack([CellSpec("gru", 64, reset_after=False), CellSpec("simple", 32)],
+                                            1400),
     # Three steps an iteration of the partially unrolled loop, each checking whether it starts a stage.
     "lstm_partial_unroll": dataclasses.replace(simple_stack([CellSpec("lstm", 64)], 1100), unroll_steps=3),
 }
@@ -68,6 +69,7 @@ def test_long_unmasked_dynamic_calls_stage_where_blocks_are_wide(name):
     (StackSpec(blocks=(BlockSpec((DirectionSpec((LSTM96,)), DirectionSpec((LSTM96,), "valid")), "concat"),),
                input_size=700, masking="lengths"), "each row's own reversal"),
     (dataclasses.replace(simple_stack([LSTM96], 700), unroll=8), "a static unroll: no loop to stage in"),
+    (simple_stack([LSTM96], 700, dtype="float64"), "float64: BLAS's GEMM is the faster there"),
 ])
 def test_layers_that_cannot_stage_project_before_their_loop(spec, reason):
     assert not any(stages_projection(spec, layer.context) for layer in layers_of(spec)), reason

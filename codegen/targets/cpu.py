@@ -666,11 +666,16 @@ def packed_projection_rows(cell: CellSpec, inputs: int, dtype: str) -> int:
     2140, 1600x120x360 743 / 823; BLAS ahead at 3200x256x512 5020 / 4270,
     3584x128x768 4441 / 4184, 12544x120x360 7260 / 6159 and 6400x512x2048
     86.3 / 74.0 ms. Hence up to :data:`PACKED_PROJECTION_MAX_INPUT_BYTES` of
-    input rows with a kernel of up to :data:`PACKED_PROJECTION_MAX_WEIGHT_BYTES`.
+    input rows with a kernel of up to :data:`PACKED_PROJECTION_MAX_WEIGHT_BYTES`,
+    in float32 only: the float64 packed product multiplies, then adds (exact,
+    no fused multiply-add), at half OpenBLAS's rate or less (one thread, ms,
+    packed / OpenBLAS: 512x64x256 0.34 / 0.28, 2048x64x256 1.50 / 1.23,
+    128x256x1024 1.44 / 0.86).
     """
     itemsize = ITEMSIZE[dtype]
     kernel_bytes = inputs * cell.gates * cell.units * itemsize
-    if panel_rows() < WIDE_PANEL_ROWS or kernel_bytes > PACKED_PROJECTION_MAX_WEIGHT_BYTES:
+    if (dtype != "float32" or panel_rows() < WIDE_PANEL_ROWS
+            or kernel_bytes > PACKED_PROJECTION_MAX_WEIGHT_BYTES):
         return PACKED_PROJECTION_MAX_ROWS
     return max(PACKED_PROJECTION_MAX_ROWS, PACKED_PROJECTION_MAX_INPUT_BYTES // (inputs * itemsize))
 
@@ -812,13 +817,14 @@ def stages_projection(spec: StackSpec, ctx: LayerContext) -> bool:
     GRU(120) on 120 inputs B128 T196 20.8-24.7 / 19.0-22.6 ms; seed000 (its
     first layer a loop over two inputs, its others staged) within the host's
     noise (39.1-42.0 / 40.2-43.2 ms). Where the packed product has 8-row
-    blocks (AVX-512); unmasked layers in step order or reversed, in a
-    dynamic loop. A layer that may also fuse its projection
+    blocks (AVX-512); float32 (float64's packed product runs at about half
+    BLAS's rate: :func:`packed_projection_rows`); unmasked layers in step
+    order or reversed, in a dynamic loop. A layer that may also fuse its projection
     (:func:`fuses_projection`) does that where it can (one row) and stages
     other long calls.
     """
-    return (spec.unroll is None and panel_rows() == WIDE_PANEL_ROWS and ctx.masked_condition() is None
-            and ctx.reverse in ("none", "full"))
+    return (spec.unroll is None and spec.dtype == "float32" and panel_rows() == WIDE_PANEL_ROWS
+            and ctx.masked_condition() is None and ctx.reverse in ("none", "full"))
 
 
 def emit_stage_flag(em: Emitter, spec: StackSpec, layer: Layer, fused: bool) -> str | None:
