@@ -27,7 +27,14 @@ from test_grid import _run_kernel, assert_bit_equal, assert_matches_reference, f
 from codegen import generate_source
 from codegen.cells.common import WIDE_PANEL_ROWS, panel_rows
 from codegen.spec import BlockSpec, CellSpec, DirectionSpec, StackSpec, simple_stack
-from codegen.targets.cpu import STAGE_ROWS, fuses_projection, layers_of, packed_projection_rows, stages_projection
+from codegen.targets.cpu import (
+    STAGE_MAX_WEIGHT_BYTES,
+    STAGE_ROWS,
+    fuses_projection,
+    layers_of,
+    stages_past,
+    stages_projection,
+)
 from numrnn.runtime import get_kernel
 from numrnn.runtime.schedule import packed_product_rows
 
@@ -52,8 +59,8 @@ STAGES = panel_rows() == WIDE_PANEL_ROWS
 
 def _staged_call(spec: StackSpec, steps: int, batch: int) -> list[bool]:
     """Per layer, whether a call of ``steps`` x ``batch`` rows stages its projection (as the kernel decides)."""
-    return [stages_projection(spec, layer.context) and steps * batch > packed_projection_rows(
-        layer.cell, layer.input_size, spec.dtype) for layer in layers_of(spec)]
+    return [stages_projection(spec, layer.context) and stages_past(layer, spec.dtype) is not None
+            and steps * batch > stages_past(layer, spec.dtype) for layer in layers_of(spec)]
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
@@ -74,6 +81,18 @@ def test_long_unmasked_dynamic_calls_stage_where_blocks_are_wide(name):
 def test_layers_that_cannot_stage_project_before_their_loop(spec, reason):
     assert not any(stages_projection(spec, layer.context) for layer in layers_of(spec)), reason
     assert "if stage and " not in generate_source(spec)
+
+
+def test_an_input_kernel_past_4_mib_is_projected_by_one_gemm():
+    # LSTM(512) on 1024 inputs: 8 MiB, which each stage would read again. Its function stages (its layers may);
+    # its call never does.
+    spec = simple_stack([CellSpec("lstm", 512)], 1024)
+    layer = layers_of(spec)[0]
+    assert 1024 * 4 * 512 * 4 > STAGE_MAX_WEIGHT_BYTES and stages_past(layer, "float32") is None
+    source = generate_source(spec)
+    assert ("if stage and " in source) == STAGES
+    assert "stage = np.bool_(False)" in source and "stage = T * B" not in source
+    assert _staged_call(spec, 100, 64) == [False]
 
 
 def test_blocks_of_four_rows_do_not_stage(monkeypatch):

@@ -791,6 +791,11 @@ def emit_first_projection_block(em: Emitter, ctx: LayerContext) -> None:
 #: rows, stages of 4, 8 and 16 steps); between them the host's noise decided (alternating processes, ms:
 #: 172 / 170 / 165, 168 / 167 / 157, 145 / 151 / 146, against the GEMM's 192, 182, 162).
 STAGE_ROWS = 256
+#: The largest input kernel whose projection stages: each stage reads it again (from L3, or memory past it),
+#: where one GEMM packs it once a call. Alternating processes, B64 T50 (32 rows a worker), GEMM / stages:
+#: LSTM(512) on 512 inputs (throughput512's 4 MiB) gains (above); LSTM(1024) on 512 inputs, 8 MiB, 147.6-148.8 /
+#: 148.5-151.0 ms; on 1024 inputs, 16 MiB, 176.6-183.6 / 189.5-205.2 ms.
+STAGE_MAX_WEIGHT_BYTES = 4 << 20
 #: The staging layer function's extra parameters: the input rows, the input kernel's panels, the flag.
 STAGED_PARAMS = ["xs", "wxp", "stage"]
 #: What a layer call passes for each parameter of :data:`FUSED_PARAMS` and :data:`STAGED_PARAMS`, in their order
@@ -801,11 +806,11 @@ PROJECTION_ARGUMENTS = {"xs": "xs", "wxp": None, "xwr": "xw", "fuse": "fuse", "s
 def stages_projection(spec: StackSpec, ctx: LayerContext) -> bool:
     """Whether a layer function of ``ctx`` may project its input a stage of steps at a time.
 
-    A call whose projection is too long for one packed product
-    (:func:`packed_projection_rows`) projects :data:`STAGE_ROWS` rows' worth
-    of steps at a time with it, as its steps reach them, into the first rows
-    of ``xw`` (:func:`emit_stage`), rather than all of them by one BLAS GEMM
-    before the loop. The packed product over a few hundred rows keeps its
+    A call whose projection is too long for one packed product, of an input
+    kernel of up to :data:`STAGE_MAX_WEIGHT_BYTES` (:func:`stages_past`),
+    projects :data:`STAGE_ROWS` rows' worth of steps at a time with it, as
+    its steps reach them, into the first rows of ``xw`` (:func:`emit_stage`),
+    rather than all of them by one BLAS GEMM before the loop. The packed product over a few hundred rows keeps its
     rows in L2 (over all of them, each panel streamed the whole input from
     memory), and beat OpenBLAS, which packs the kernel again on every call:
     one thread, Emerald Rapids, rows x inputs x outputs in 256-row calls /
@@ -827,13 +832,25 @@ def stages_projection(spec: StackSpec, ctx: LayerContext) -> bool:
             and ctx.masked_condition() is None and ctx.reverse in ("none", "full"))
 
 
+def stages_past(layer: Layer, dtype: str) -> int | None:
+    """Rows (T * B) past which a call of a staging layer function stages ``layer``'s projection (``None``: never).
+
+    Past :func:`packed_projection_rows`, for an input kernel of up to
+    :data:`STAGE_MAX_WEIGHT_BYTES` (a loop over a few inputs never stages).
+    """
+    if (layer.input_size <= LOOP_PROJECTION_MAX_INPUTS
+            or layer.input_size * layer.cell.gates * layer.cell.units * ITEMSIZE[dtype] > STAGE_MAX_WEIGHT_BYTES):
+        return None
+    return packed_projection_rows(layer.cell, layer.input_size, dtype)
+
+
 def emit_stage_flag(em: Emitter, spec: StackSpec, layer: Layer, fused: bool) -> str | None:
     """Set ``stage`` before a staging layer's call (after ``fuse``, if ``fused``); the condition that defers its
     projection (``None`` if never)."""
-    if layer.input_size <= LOOP_PROJECTION_MAX_INPUTS:
+    rows = stages_past(layer, spec.dtype)
+    if rows is None:
         em("stage = np.bool_(False)")  # a bare False types as a literal: a second compile of the layer function
         return None
-    rows = packed_projection_rows(layer.cell, layer.input_size, spec.dtype)
     em(f"stage = T * B > {rows} and small > 0{' and not fuse' if fused else ''}")
     return "stage"
 
