@@ -810,23 +810,24 @@ def stages_projection(spec: StackSpec, ctx: LayerContext) -> bool:
     kernel of up to :data:`STAGE_MAX_WEIGHT_BYTES` (:func:`stages_past`),
     projects :data:`STAGE_ROWS` rows' worth of steps at a time with it, as
     its steps reach them, into the first rows of ``xw`` (:func:`emit_stage`),
-    rather than all of them by one BLAS GEMM before the loop. The packed product over a few hundred rows keeps its
-    rows in L2 (over all of them, each panel streamed the whole input from
-    memory), and beat OpenBLAS, which packs the kernel again on every call:
-    one thread, Emerald Rapids, rows x inputs x outputs in 256-row calls /
-    one OpenBLAS call, ms: 3200x512x2048 36.1-37.1 / 38.1-39.1, 12544x120x360
-    5.88 / 7.04, 6400x128x512 4.09 / 5.03. The stage's products are then
-    read from L2 rather than memory, and a call never writes the whole
-    projection. Whole calls, alternating processes, GEMM / stages: throughput512
-    157-166 / 151-161 ms (three pairs), lstm128_b256 10.7-11.3 / 9.9-10.2 ms,
-    GRU(120) on 120 inputs B128 T196 20.8-24.7 / 19.0-22.6 ms; seed000 (its
-    first layer a loop over two inputs, its others staged) within the host's
-    noise (39.1-42.0 / 40.2-43.2 ms). Where the packed product has 8-row
-    blocks (AVX-512); float32 (float64's packed product runs at about half
-    BLAS's rate: :func:`packed_projection_rows`); unmasked layers in step
-    order or reversed, in a dynamic loop. A layer that may also fuse its projection
-    (:func:`fuses_projection`) does that where it can (one row) and stages
-    other long calls.
+    rather than all of them by one BLAS GEMM before the loop. The packed
+    product over a few hundred rows keeps them in L2 (over all of them at
+    once, each panel streamed the whole input from memory), and matched or
+    beat OpenBLAS, which packs the kernel again on every call: one thread,
+    Emerald Rapids, rows x inputs x outputs, 256-row calls / one OpenBLAS
+    call, ms: 3200x512x2048 37.1-39.9 / 38.1-39.1, 12544x120x360 5.88 /
+    7.04, 6400x128x512 4.09 / 5.03. A stage's products are then read from L2
+    rather than memory, and the projection is never written out whole. Whole
+    calls, alternating processes, GEMM / stages: throughput512 157-166 /
+    151-161 ms (three pairs), lstm128_b256 10.7-11.3 / 9.9-10.2 ms, GRU(120)
+    on 120 inputs B128 T196 20.2-24.7 / 18.6-22.6 ms; seed000 (its first
+    layer a loop over two inputs, its others staged) within the host's noise
+    (39.1-43.2 / 39.8-43.6 ms, ten pairs). Where the packed product has
+    8-row blocks (AVX-512); float32 (float64's packed product runs at about
+    half BLAS's rate: :func:`packed_projection_rows`); unmasked layers in
+    step order or reversed, in a dynamic loop. A layer that may also fuse
+    its projection (:func:`fuses_projection`) does that where it can (one
+    row) and stages other long calls.
     """
     return (spec.unroll is None and spec.dtype == "float32" and panel_rows() == WIDE_PANEL_ROWS
             and ctx.masked_condition() is None and ctx.reverse in ("none", "full"))
