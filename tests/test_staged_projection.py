@@ -106,14 +106,27 @@ def _run(spec, weights, x, initial, schedule, monkeypatch):
     return _run_kernel(spec, weights, x, None, None, initial)
 
 
+def _draw(spec: StackSpec, seed: int, steps: int, batch: int):
+    """Weights, time-major inputs and initial states of a call of ``steps`` x ``batch`` rows."""
+    rng = np.random.default_rng(seed)
+    weights = fan_in_weights(spec, rng)
+    x = rng.standard_normal((steps, batch, spec.input_size)).astype(spec.dtype)
+    initial = [tuple(rng.standard_normal((batch, n)).astype(spec.dtype) for n in c.state_sizes) for c in spec.cells]
+    return weights, x, initial
+
+
+def _assert_serial_call_matches_oracle(spec: StackSpec, seed: int, steps: int, batch: int, monkeypatch) -> None:
+    weights, x, initial = _draw(spec, seed, steps, batch)
+    expected, expected_states = run_stack(spec, weights, x, initial_states=initial)
+    got, got_states = _run(spec, weights, x, initial, "serial", monkeypatch)
+    assert_matches_reference(spec, got, got_states, expected, expected_states)
+
+
 @pytest.mark.parametrize("steps, batch", SHAPES)
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_staged_calls_match_the_oracle_and_their_rows_alone_bit_for_bit(name, steps, batch, monkeypatch):
     spec = CASES[name]
-    rng = np.random.default_rng(steps * batch)
-    weights = fan_in_weights(spec, rng)
-    x = rng.standard_normal((steps, batch, spec.input_size)).astype(spec.dtype)
-    initial = [tuple(rng.standard_normal((batch, n)).astype(spec.dtype) for n in c.state_sizes) for c in spec.cells]
+    weights, x, initial = _draw(spec, steps * batch, steps, batch)
     assert _staged_call(spec, steps, batch)[0] == STAGES
     expected, expected_states = run_stack(spec, weights, x, initial_states=initial)
     serial, serial_states = _run(spec, weights, x, initial, "serial", monkeypatch)
@@ -139,13 +152,7 @@ def test_a_call_without_the_packed_product_projects_by_blas(monkeypatch):
     # small > 0), and the call still right.
     spec = CASES["lstm_partial_unroll"]
     monkeypatch.setattr(get_kernel(spec), "_small", 0)
-    rng = np.random.default_rng(0)
-    weights = fan_in_weights(spec, rng)
-    x = rng.standard_normal((17, 40, spec.input_size)).astype(spec.dtype)
-    initial = [tuple(rng.standard_normal((40, n)).astype(spec.dtype) for n in c.state_sizes) for c in spec.cells]
-    expected, expected_states = run_stack(spec, weights, x, initial_states=initial)
-    got, got_states = _run(spec, weights, x, initial, "serial", monkeypatch)
-    assert_matches_reference(spec, got, got_states, expected, expected_states)
+    _assert_serial_call_matches_oracle(spec, 0, 17, 40, monkeypatch)
 
 
 def test_a_one_row_call_that_fuses_its_projection_does_not_stage_it(monkeypatch):
@@ -157,10 +164,4 @@ def test_a_one_row_call_that_fuses_its_projection_does_not_stage_it(monkeypatch)
     source = generate_source(spec)
     if fuses_projection(layer.context, layer.cell.units):
         assert "and small > 0 and not fuse" in source
-    rng = np.random.default_rng(1)
-    weights = fan_in_weights(spec, rng)
-    x = rng.standard_normal((200, 1, spec.input_size)).astype(spec.dtype)
-    initial = [tuple(rng.standard_normal((1, n)).astype(spec.dtype) for n in c.state_sizes) for c in spec.cells]
-    expected, expected_states = run_stack(spec, weights, x, initial_states=initial)
-    got, got_states = _run(spec, weights, x, initial, "serial", monkeypatch)
-    assert_matches_reference(spec, got, got_states, expected, expected_states)
+    _assert_serial_call_matches_oracle(spec, 1, 200, 1, monkeypatch)

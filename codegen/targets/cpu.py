@@ -668,9 +668,9 @@ def packed_projection_rows(cell: CellSpec, inputs: int, dtype: str) -> int:
     86.3 / 74.0 ms. Hence up to :data:`PACKED_PROJECTION_MAX_INPUT_BYTES` of
     input rows with a kernel of up to :data:`PACKED_PROJECTION_MAX_WEIGHT_BYTES`,
     in float32 only: the float64 packed product multiplies, then adds (exact,
-    no fused multiply-add), at half OpenBLAS's rate or less (one thread, ms,
+    no fused multiply-add), at 54-82 % of OpenBLAS's rate (one thread, ms,
     packed / OpenBLAS: 512x64x256 0.34 / 0.28, 2048x64x256 1.50 / 1.23,
-    128x256x1024 1.44 / 0.86).
+    128x256x1024 1.44 / 0.86, in 256-row calls 3200x512x2048 173 / 93.7).
     """
     itemsize = ITEMSIZE[dtype]
     kernel_bytes = inputs * cell.gates * cell.units * itemsize
@@ -823,8 +823,8 @@ def stages_projection(spec: StackSpec, ctx: LayerContext) -> bool:
     on 120 inputs B128 T196 20.2-24.7 / 18.6-22.6 ms; seed000 (its first
     layer a loop over two inputs, its others staged) within the host's noise
     (39.1-43.2 / 39.8-43.6 ms, ten pairs). Where the packed product has
-    8-row blocks (AVX-512); float32 (float64's packed product runs at about
-    half BLAS's rate: :func:`packed_projection_rows`); unmasked layers in
+    8-row blocks (AVX-512); float32 (float64's packed product runs at 54-82 %
+    of BLAS's rate: :func:`packed_projection_rows`); unmasked layers in
     step order or reversed, in a dynamic loop. A layer that may also fuse
     its projection (:func:`fuses_projection`) does that where it can (one
     row) and stages other long calls.
