@@ -672,12 +672,15 @@ def packed_projection_rows(cell: CellSpec, inputs: int, dtype: str) -> int:
     packed / OpenBLAS: 512x64x256 0.34 / 0.28, 2048x64x256 1.50 / 1.23,
     128x256x1024 1.44 / 0.86, in 256-row calls 3200x512x2048 173 / 93.7).
     """
-    itemsize = ITEMSIZE[dtype]
-    kernel_bytes = inputs * cell.gates * cell.units * itemsize
     if (dtype != "float32" or panel_rows() < WIDE_PANEL_ROWS
-            or kernel_bytes > PACKED_PROJECTION_MAX_WEIGHT_BYTES):
+            or input_kernel_bytes(cell, inputs, dtype) > PACKED_PROJECTION_MAX_WEIGHT_BYTES):
         return PACKED_PROJECTION_MAX_ROWS
-    return max(PACKED_PROJECTION_MAX_ROWS, PACKED_PROJECTION_MAX_INPUT_BYTES // (inputs * itemsize))
+    return max(PACKED_PROJECTION_MAX_ROWS, PACKED_PROJECTION_MAX_INPUT_BYTES // (inputs * ITEMSIZE[dtype]))
+
+
+def input_kernel_bytes(cell: CellSpec, inputs: int, dtype: str) -> int:
+    """Bytes of ``cell``'s input kernel on ``inputs`` features."""
+    return inputs * cell.gates * cell.units * ITEMSIZE[dtype]
 
 
 def projections_packed_up_to(spec: StackSpec) -> int:
@@ -766,11 +769,19 @@ def fuses_projection(ctx: LayerContext, units: int) -> bool:
 
 def emit_fuse_flag(em: Emitter, layer: Layer) -> str | None:
     """Set ``fuse`` before a fusing layer's call; the condition that defers its projection (``None`` if never)."""
-    if layer.input_size <= LOOP_PROJECTION_MAX_INPUTS:
-        em("fuse = np.bool_(False)")  # a bare False types as a literal: a second compile of the layer function
+    return _emit_flag(em, "fuse", None if layer.input_size <= LOOP_PROJECTION_MAX_INPUTS else FUSE_CONDITION)
+
+
+def _emit_flag(em: Emitter, flag: str, condition: str | None) -> str | None:
+    """Set a layer call's runtime ``flag`` to ``condition``, or to false where it is ``None``; ``flag`` if it may hold.
+
+    A layer function that takes the flag is compiled once for both values.
+    """
+    if condition is None:
+        em(f"{flag} = np.bool_(False)")  # a bare False types as a literal: a second compile of the layer function
         return None
-    em(f"fuse = {FUSE_CONDITION}")
-    return "fuse"
+    em(f"{flag} = {condition}")
+    return flag
 
 
 def fused_arguments(weights: dict[str, str]) -> list[str]:
@@ -840,7 +851,7 @@ def stages_past(layer: Layer, dtype: str) -> int | None:
     :data:`STAGE_MAX_WEIGHT_BYTES` (a loop over a few inputs never stages).
     """
     if (layer.input_size <= LOOP_PROJECTION_MAX_INPUTS
-            or layer.input_size * layer.cell.gates * layer.cell.units * ITEMSIZE[dtype] > STAGE_MAX_WEIGHT_BYTES):
+            or input_kernel_bytes(layer.cell, layer.input_size, dtype) > STAGE_MAX_WEIGHT_BYTES):
         return None
     return packed_projection_rows(layer.cell, layer.input_size, dtype)
 
@@ -849,11 +860,8 @@ def emit_stage_flag(em: Emitter, spec: StackSpec, layer: Layer, fused: bool) -> 
     """Set ``stage`` before a staging layer's call (after ``fuse``, if ``fused``); the condition that defers its
     projection (``None`` if never)."""
     rows = stages_past(layer, spec.dtype)
-    if rows is None:
-        em("stage = np.bool_(False)")  # a bare False types as a literal: a second compile of the layer function
-        return None
-    em(f"stage = T * B > {rows} and small > 0{' and not fuse' if fused else ''}")
-    return "stage"
+    condition = None if rows is None else f"T * B > {rows} and small > 0{' and not fuse' if fused else ''}"
+    return _emit_flag(em, "stage", condition)
 
 
 def projection_params(fused: bool, staged: bool) -> list[str]:
