@@ -225,13 +225,13 @@ def emit_live_projection(em: Emitter, spec: StackSpec) -> None:
                     em("xw[r, k] = xw[n, k]")
 
 
-
 def _emit_live_product(em: Emitter, rows: str, out: str) -> None:
     """``_project_live``'s ``out = rows @ wx`` over ``n`` rows: the packed product up to ``packed_rows``, else BLAS."""
     with em.block("if n <= packed_rows:"):
         em(f"{PANEL_PRODUCT}({rows}, wxp, {out}, np.int64(0), n, np.int64(0))")
     with em.block("else:"):
         em(f"{DOT}({rows}, wx, {out})")
+
 
 @contextmanager
 def _each_live_row(em: Emitter, live: str):
