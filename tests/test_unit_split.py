@@ -508,6 +508,7 @@ def test_auto_policy_times_both_schedules_for_calls_at_the_edge_of_the_splits_ga
 def test_measured_choice_times_each_option_then_runs_the_faster_and_times_both_again_every_round():
     serial, units = ("serial", 1), ("units", 2)
     choice = schedule.MeasuredChoice((serial, units))
+    choice.WARM_SECONDS = 0.0  # one untimed call an option a round, as calls of a warm-up or longer get (the next test)
     samples, round_calls = choice.SAMPLES, choice.ROUND_CALLS
     clock, seconds = 100.0, {serial: 3.0, units: 2.0}
 
@@ -552,11 +553,41 @@ def test_measured_choice_times_each_option_then_runs_the_faster_and_times_both_a
     assert choice.best == units
 
 
+def test_measured_choice_warms_each_option_before_timing_it():
+    # Short calls: an option's calls in a round stay untimed until WARM_SECONDS have passed since its first
+    # (the split's partner runs slow for a while after serial calls).
+    serial, units = ("serial", 1), ("units", 2)
+    choice = schedule.MeasuredChoice((serial, units))
+    warm, samples = choice.WARM_SECONDS, choice.SAMPLES
+    clock, seconds = 0.0, {serial: warm / 3.5, units: warm / 2.5}  # warmed in 4 and 3 calls
+
+    def call():
+        nonlocal clock
+        option, timed = choice.pick(clock)
+        if timed:
+            choice.record(option, seconds[option])
+        clock += seconds[option]
+        return option, timed
+
+    assert call() == (serial, True)  # no call before it: the static option, outside the rounds
+    first_round = [call() for _ in range(4 + samples + 3 + samples)]
+    assert first_round == [(serial, False)] * 4 + [(serial, True)] * samples + [(units, False)] * 3 + [
+        (units, True)] * samples
+    assert choice.typical() == seconds and choice.best == serial
+    calls = [call() for _ in range(round(2 * choice.ROUND_SECONDS / seconds[serial]))]
+    start = calls.index((units, False))  # the next round: the other option first
+    assert calls[:start] == [(serial, False)] * start
+    assert calls[start:start + 9] == [(units, False)] * 3 + [(units, True)] + [(serial, False)] * 4 + [
+        (serial, True)]
+    assert calls[start + 9:] == [(serial, False)] * (len(calls) - start - 9)
+
+
 def test_a_timed_call_that_ran_otherwise_goes_back_to_its_round():
     # A round's timed split call whose partners were still waking ran serial: its time is not the split's,
     # and the next call takes its place, up to RETRIES times a round.
     serial, units = ("serial", 1), ("units", 2)
     choice = schedule.MeasuredChoice((serial, units))
+    choice.WARM_SECONDS = 0.0  # one untimed call an option a round
     clock = 100.0
 
     def call(split_declined=False):
@@ -585,6 +616,7 @@ def test_measured_choice_runs_the_static_option_for_calls_after_a_pause():
     # more after the last one ended takes the static option, outside the rounds, timed but not counted.
     serial, units = ("serial", 1), ("units", 2)
     choice = schedule.MeasuredChoice((serial, units))
+    choice.WARM_SECONDS = 0.0  # one untimed call an option a round
     clock, seconds = 0.0, {serial: 2e-4, units: 1e-4}
 
     def call(pause=0.0, timing=True):
@@ -621,6 +653,7 @@ def _measured_kernel(monkeypatch, batch: int):
     kernel = get_kernel(MEASURED)
     monkeypatch.setattr(kernel, "_scheduler", schedule.Scheduler(MEASURED))
     monkeypatch.setattr(schedule, "CLOSE_CALL_SECONDS", 60.0)  # the calls come close, whatever packing them takes
+    monkeypatch.setattr(schedule.MeasuredChoice, "WARM_SECONDS", 0.0)  # one untimed call an option a round
     return kernel
 
 

@@ -709,13 +709,18 @@ class MeasuredChoice(_CallGaps):
     it was long, for seconds at a time.
 
     So the calls of such a shape run in rounds. The first round runs each
-    option :data:`SAMPLES` + 1 times; after it, the option that ran its timed
-    calls faster (below) runs every call, untimed, and once
-    :data:`ROUND_SECONDS` and :data:`ROUND_CALLS` calls have passed since the
-    last round, a round of two calls of each option (the others, then the
-    best) adds one timed call to each. The first call of an option in a
-    round is not timed: it pays for the change (a compile or a cache load,
-    partners woken from sleep, weights not yet in cache). A timed call that
+    option untimed, then :data:`SAMPLES` times timed; after it, the option
+    that ran its timed calls faster (below) runs every call, untimed, and
+    once :data:`ROUND_SECONDS` and :data:`ROUND_CALLS` calls have passed
+    since the last round, a round of each option (the others, then the best)
+    adds one timed call to each. An option's calls in a round are not timed
+    until :data:`WARM_SECONDS` have passed since its first (at least one
+    call): they pay for the change (a compile or a cache load, partners
+    woken from sleep, weights not yet in cache, and a partner's core that
+    runs slow for a while after it sat idle). Timed at its second call, the
+    split read 45-60 us where, run on, it took 25-27 us (tiny64 on Emerald
+    Rapids; serial 29-31 us), so serial won rounds that the split would
+    have won warm. A timed call that
     ran otherwise (its partners asleep or still waking, so the split
     declined them; another thread's split call; a compile) goes back to its
     round for the next call, up to :data:`RETRIES` times a round: a split
@@ -755,6 +760,12 @@ class MeasuredChoice(_CallGaps):
     ROUND_SECONDS = 0.05
     ROUND_CALLS = 32
     RETRIES = 64
+    #: Seconds of an option's untimed calls in a round. tiny64's split by its position after 50 ms of serial
+    #: calls (medians of 20 such runs, us): 202, 35, 30, 31 (calls 4-5), 30 (6-10), 29 (11-20), 30 (21-50), 28
+    #: (after 100); after 50 ms of split calls 28, then 25-26. Rounds that warmed each option 20 calls (about
+    #: 0.6 ms), three processes each way: the split timed at 24-27 us against 46-47, calls 27.4-29.6 us against
+    #: 29.0-30.3; in turns as ``numrnn bench`` times them, 27.8 against 30.5 us.
+    WARM_SECONDS = 5e-4
 
     def __init__(self, options: tuple[tuple[str, int], ...]):
         super().__init__(options[0])
@@ -764,6 +775,8 @@ class MeasuredChoice(_CallGaps):
         self._typical: dict[tuple[str, int], float] = {}
         self._round = self._round_of(options, self.SAMPLES)  # the calls left of the current round
         self._retries = 0  # timed calls of the current round put back (RETRIES)
+        self._warming: tuple[str, int] | None = None  # the option whose untimed calls of the round started last
+        self._warm_since = 0.0  # when they started
         self._round_at = 0.0  # when the last round's last call started
         self._since = 0  # calls of the best since then
         self._last_seconds = 0.0  # the last timed call's
@@ -787,16 +800,27 @@ class MeasuredChoice(_CallGaps):
             except IndexError:  # another thread took the round's last call
                 pass
             else:
-                if not self._round:
-                    self._round_at, self._since = now, 0
-                return call
+                return self._warm(call, now)
         self._since += 1
         if self._since < self.ROUND_CALLS or now - self._round_at < self.ROUND_SECONDS:
             return self.best, False
         calls = self._round_of([option for option in self.options if option != self.best] + [self.best], 1)
         call = calls.pop()
-        self._retries = 0
+        self._retries, self._warming = 0, None
         self._round = calls  # stored whole, after its first call is taken: another thread may pop it at once
+        return self._warm(call, now)
+
+    def _warm(self, call: tuple[tuple[str, int], bool], now: float) -> tuple[tuple[str, int], bool]:
+        """The round's ``call`` just taken, or an untimed call of its option in its place (put back) while that
+        option's untimed calls in the round started less than :data:`WARM_SECONDS` before ``now``."""
+        option, timed = call
+        if not timed and option != self._warming:
+            self._warming, self._warm_since = option, now
+        elif timed and option == self._warming and now - self._warm_since < self.WARM_SECONDS:
+            self._round.append(call)
+            return option, False
+        if not self._round:
+            self._round_at, self._since = now, 0
         return call
 
     @staticmethod
