@@ -1,5 +1,7 @@
 """Staged projections: a long unmasked call projects its input a few steps at a time, inside its loop.
 
+(Or inside a static unroll's steps: each call of the step function checks whether it starts a stage.)
+
 ``codegen.targets.cpu.stages_projection``: where the packed product has
 8-row blocks (AVX-512), a call whose input projection is longer than one
 packed product takes (``packed_projection_rows``) projects ``STAGE_ROWS``
@@ -50,6 +52,8 @@ CASES = {
     # Three steps an iteration of the partially unrolled loop, each checking whether it starts a stage.
     "lstm_partial_unroll": dataclasses.replace(simple_stack([CellSpec("lstm", 64)], 1100), unroll_steps=3),
 }
+#: A static unroll of 17 steps, forward and reversed: each step function call checks whether it starts a stage.
+STATIC = dataclasses.replace(CASES["bidir_lstm"], unroll=17)
 #: (steps, batch): stages of 6 steps (the first one reached short when reversed), of 2, one stage of every
 #: step, a stage a step (more rows than ``small``: the steps' products are BLAS's).
 SHAPES = [(17, STAGE_ROWS // 6), (5, STAGE_ROWS // 2), (20, 9), (4, STAGE_ROWS)]
@@ -63,9 +67,8 @@ def _staged_call(spec: StackSpec, steps: int, batch: int) -> list[bool]:
             and steps * batch > stages_past(layer, spec.dtype) for layer in layers_of(spec)]
 
 
-@pytest.mark.parametrize("name", sorted(CASES))
-def test_long_unmasked_dynamic_calls_stage_where_blocks_are_wide(name):
-    spec = CASES[name]
+@pytest.mark.parametrize("spec", [*CASES.values(), STATIC], ids=[*CASES, "static"])
+def test_long_unmasked_calls_stage_where_blocks_are_wide(spec):
     assert all(stages_projection(spec, layer.context) == STAGES for layer in layers_of(spec))
     assert ("if stage and " in generate_source(spec)) == STAGES
     assert _staged_call(spec, 17, 15)[0] == STAGES  # 255 rows, past the 128 of a kernel over 1 MiB
@@ -75,7 +78,6 @@ def test_long_unmasked_dynamic_calls_stage_where_blocks_are_wide(name):
     (simple_stack([LSTM96], 700, masking="carry"), "masked steps: the live rows are projected"),
     (StackSpec(blocks=(BlockSpec((DirectionSpec((LSTM96,)), DirectionSpec((LSTM96,), "valid")), "concat"),),
                input_size=700, masking="lengths"), "each row's own reversal"),
-    (dataclasses.replace(simple_stack([LSTM96], 700), unroll=8), "a static unroll: no loop to stage in"),
     (simple_stack([LSTM96], 700, dtype="float64"), "float64: BLAS's GEMM is the faster there"),
 ])
 def test_layers_that_cannot_stage_project_before_their_loop(spec, reason):
@@ -125,14 +127,24 @@ def _assert_serial_call_matches_oracle(spec: StackSpec, seed: int, steps: int, b
 @pytest.mark.parametrize("steps, batch", SHAPES)
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_staged_calls_match_the_oracle_and_their_rows_alone_bit_for_bit(name, steps, batch, monkeypatch):
-    spec = CASES[name]
+    _check_staged_call(CASES[name], SCHEDULES.get(name, ("serial", "batch")), steps, batch, monkeypatch)
+
+
+@pytest.mark.parametrize("batch", [STAGE_ROWS // 6, STAGE_ROWS])
+def test_a_static_unroll_stages_as_its_loop_would(batch, monkeypatch):
+    _check_staged_call(STATIC, SCHEDULES["bidir_lstm"], STATIC.unroll, batch, monkeypatch)
+
+
+def _check_staged_call(spec: StackSpec, schedules: tuple[str, ...], steps: int, batch: int, monkeypatch) -> None:
+    """A call of ``steps`` x ``batch`` rows stages; serial matches the oracle, ``schedules[1:]`` serial (bit for bit
+    where every product is packed), and its first rows alone, unstaged, give the same bits."""
     weights, x, initial = _draw(spec, steps * batch, steps, batch)
     assert _staged_call(spec, steps, batch)[0] == STAGES
     expected, expected_states = run_stack(spec, weights, x, initial_states=initial)
     serial, serial_states = _run(spec, weights, x, initial, "serial", monkeypatch)
     assert_matches_reference(spec, serial, serial_states, expected, expected_states)
     packed = batch <= packed_product_rows()  # else serial steps take BLAS's product, a worker's half the packed one
-    for schedule in SCHEDULES.get(name, ("serial", "batch"))[1:]:
+    for schedule in schedules[1:]:
         split, split_states = _run(spec, weights, x, initial, schedule, monkeypatch)
         if packed:
             assert_bit_equal(split, split_states, serial, serial_states)
