@@ -750,28 +750,40 @@ def _static_calls_after_pauses(choice, times, clock: float = 10.0) -> float:
     return clock + 10 * schedule.CLOSE_CALL_SECONDS
 
 
-def test_long_calls_split_after_a_pause():
+@pytest.mark.parametrize("static", [("serial", 1), ("batch", 2)])
+def test_long_calls_split_after_a_pause(static):
     # Waking the partners costs less than the split saves on a long call; a fresh sample of the static option
-    # now and then lets a shape whose calls the host held up become short again.
-    units, serial = ("units", 2), ("serial", 1)
+    # now and then lets a shape whose calls the host held up become short again. Only a serial static option
+    # declines partners still asleep (a batch split's threads would run beside them).
+    units, declines = ("units", 2), static == ("serial", 1)
     short, long = 1e-3, 0.019
     samples = schedule.CloseCallsChoice.STATIC_SAMPLES
-    for make in (lambda: schedule.CloseCallsChoice(units, serial), lambda: schedule.MeasuredChoice((serial, units))):
+    for make in (lambda: schedule.CloseCallsChoice(units, static), lambda: schedule.MeasuredChoice((static, units))):
         choice = make()
         if isinstance(choice, schedule.MeasuredChoice):
             choice.best, choice._round = units, []  # past its first round, the split timed faster
         clock = _static_calls_after_pauses(choice, [short] * samples)
-        assert not choice.long_calls and choice.pick(clock)[0] == serial
-        choice.record(serial, short)
+        assert not choice.long_calls and choice.pick(clock)[0] == static
+        choice.record(static, short)
         clock = _static_calls_after_pauses(choice, [long] * samples, clock + short)
-        assert choice.long_calls and choice.declines
+        assert choice.long_calls and choice.declines == declines
         for _ in range(3):  # after pauses, within the refresh time: split, waiting for the partners
             assert choice.pick(clock)[0] == units and not choice.declines
             choice.record(units, long / 2)
             clock += long / 2 + 10 * schedule.CLOSE_CALL_SECONDS
         clock += schedule.STATIC_REFRESH_SECONDS
         _static_calls_after_pauses(choice, [short], clock)  # the fresh sample: a short call
-        assert not choice.long_calls and choice.declines
+        assert not choice.long_calls and choice.declines == declines
+
+
+def test_a_batch_split_static_option_counts_shorter_calls_as_long():
+    # The batch split wakes a thread of its own after a pause: the unit split pays where the calls are shorter.
+    assert schedule.PAUSE_SPLIT_BATCH_SECONDS < 3e-3 < schedule.PAUSE_SPLIT_SECONDS
+    for static, long in [(("serial", 1), False), (("batch", 2), True)]:
+        choice = schedule.CloseCallsChoice(("units", 2), static)
+        clock = _static_calls_after_pauses(choice, [3e-3] * choice.STATIC_SAMPLES)
+        assert choice.long_calls == long
+        assert choice.pick(clock)[0] == (("units", 2) if long else static)
 
 
 def test_one_slow_call_does_not_make_a_shape_long():
@@ -792,10 +804,6 @@ def test_one_slow_call_does_not_make_a_shape_long():
     assert not choice.long_calls
     clock = _static_calls_after_pauses(choice, [0.019], clock + 0.019)
     assert choice.long_calls and choice.pick(clock)[0] == units
-    # Where the static option is the batch split, it stays: the split after a pause was measured against serial.
-    batch = schedule.CloseCallsChoice(units, ("batch", 2))
-    clock = _static_calls_after_pauses(batch, [0.019] * batch.STATIC_SAMPLES)
-    assert not batch.long_calls and batch.pick(clock)[0] == ("batch", 2)
 
 
 def _gaps(choice, calls, start: float = 10.0) -> list:

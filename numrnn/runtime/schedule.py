@@ -566,6 +566,13 @@ SERIAL = ("serial", 1)
 #: (medians of 30): LSTM(256) T100 2.86 / 3.14 ms, LSTM(512) 4.49 / 5.15, LSTM(640) 6.46 / 4.85, LSTM(512) T100
 #: 7.89 / 7.04, LSTM(768) 9.39 / 7.00, LSTM(1024) 18.5 / 10.5.
 PAUSE_SPLIT_SECONDS = 0.006
+#: The same where the static option is the batch split, which wakes a thread of its own after a pause. Four rows,
+#: calls 0.1 s apart, batch / unit split after the pause (the split forced by a threshold of 0, medians of 11-15):
+#: LSTM(64) T60 0.58-0.60 / 0.63-0.71 ms, LSTM(128) T20 0.68-0.74 / 0.70-0.82, LSTM(256) T50 2.04-2.54 /
+#: 1.70-1.80, LSTM(192) T100 2.26-2.40 / 1.97-2.18, LSTM(256) T100 2.59-3.05 / 2.14-2.24, LSTM(512) T25 3.70-4.76 /
+#: 3.08-3.24; at this threshold LSTM(512) T50 7.77 / 5.72, LSTM(1024) T50 31.0-33.0 / 25.2-28.8, GRU(768) B2 T200
+#: 32.9 / 19.9.
+PAUSE_SPLIT_BATCH_SECONDS = 0.002
 #: While a shape's calls count as long, a call after a pause runs the static option again once this long has
 #: passed since the last one did: fresh samples, so that calls the host held up do not keep a short shape long.
 STATIC_REFRESH_SECONDS = 5.0
@@ -586,10 +593,11 @@ class _CallGaps:
     come evenly spaced (two after a pause in a row) do not wake them: they
     would spin their few milliseconds for nothing after every call.
 
-    Long calls are the exception: where the static option is serial and
-    its last :data:`STATIC_SAMPLES` calls each took
-    :data:`PAUSE_SPLIT_SECONDS` or more, every call counts as close
-    (waking the partners costs less than the split saves) and none
+    Long calls are the exception: where the static option's last
+    :data:`STATIC_SAMPLES` calls each took :data:`PAUSE_SPLIT_SECONDS` or
+    more (:data:`PAUSE_SPLIT_BATCH_SECONDS` where it is the batch split,
+    which wakes a thread of its own), every call counts as close (waking
+    the partners costs less than the split saves) and none
     declines them, except one after a pause every
     :data:`STATIC_REFRESH_SECONDS`, which runs the static option again for
     a fresh sample. The shortest of those calls counts, so a call that the
@@ -609,9 +617,10 @@ class _CallGaps:
         #: where that is serial (a batch split's threads would run beside the partners it wakes), unless its calls
         #: are long (the partners would sleep again behind it).
         self.declines = self._serial_static
-        #: Seconds of a serial static option's last calls that ran as picked (STATIC_SAMPLES at most, oldest
-        #: first), and when the last of them started.
+        #: Seconds of the static option's last calls that ran as picked (STATIC_SAMPLES at most, oldest first),
+        #: and when the last of them started.
         self._static_times: list[float] = []
+        self._long_seconds = PAUSE_SPLIT_SECONDS if self._serial_static else PAUSE_SPLIT_BATCH_SECONDS
         self._static_at = -np.inf
         self._after_pause = False  # whether the last call came after a pause
         self._bursts = False  # whether the last call after a pause was followed by a close one
@@ -620,9 +629,10 @@ class _CallGaps:
 
     @property
     def long_calls(self) -> bool:
-        """Whether the static option is serial and its last :data:`STATIC_SAMPLES` calls each took
-        :data:`PAUSE_SPLIT_SECONDS` or more: every call counts as close (but for a fresh sample)."""
-        return len(self._static_times) == self.STATIC_SAMPLES and min(self._static_times) >= PAUSE_SPLIT_SECONDS
+        """Whether the static option's last :data:`STATIC_SAMPLES` calls each took :data:`PAUSE_SPLIT_SECONDS` or
+        more (:data:`PAUSE_SPLIT_BATCH_SECONDS`, the batch split's): every call counts as close (but for a fresh
+        sample)."""
+        return len(self._static_times) == self.STATIC_SAMPLES and min(self._static_times) >= self._long_seconds
 
     def _arrive(self, now: float, split: tuple[str, int] | None) -> bool:
         """A call starts at ``now``: whether it comes close after the last one (every call does where the static
@@ -647,7 +657,7 @@ class _CallGaps:
     def _end(self, option: tuple[str, int], seconds: float, as_picked: bool) -> None:
         """The call started last, picked as ``option``, took ``seconds``; ``as_picked``: it ran that option."""
         self._ends_at = self._started + seconds
-        if as_picked and self._serial_static and option == SERIAL:
+        if as_picked and option == self._static:
             self._static_times = [*self._static_times, seconds][-self.STATIC_SAMPLES:]
             self._static_at = self._started
 
