@@ -505,10 +505,17 @@ def test_auto_policy_times_both_schedules_for_calls_at_the_edge_of_the_splits_ga
     assert schedule.Scheduler(tiny).plan(50, 1) == ("serial", 1, None)
 
 
+def _unwarmed_choice(*options) -> schedule.MeasuredChoice:
+    """A MeasuredChoice of ``options`` with one untimed call an option a round, as calls of a warm-up or longer
+    get (test_measured_choice_warms_each_option_before_timing_it)."""
+    choice = schedule.MeasuredChoice(options)
+    choice.WARM_SECONDS = 0.0
+    return choice
+
+
 def test_measured_choice_times_each_option_then_runs_the_faster_and_times_both_again_every_round():
     serial, units = ("serial", 1), ("units", 2)
-    choice = schedule.MeasuredChoice((serial, units))
-    choice.WARM_SECONDS = 0.0  # one untimed call an option a round, as calls of a warm-up or longer get (the next test)
+    choice = _unwarmed_choice(serial, units)
     samples, round_calls = choice.SAMPLES, choice.ROUND_CALLS
     clock, seconds = 100.0, {serial: 3.0, units: 2.0}
 
@@ -586,8 +593,7 @@ def test_a_timed_call_that_ran_otherwise_goes_back_to_its_round():
     # A round's timed split call whose partners were still waking ran serial: its time is not the split's,
     # and the next call takes its place, up to RETRIES times a round.
     serial, units = ("serial", 1), ("units", 2)
-    choice = schedule.MeasuredChoice((serial, units))
-    choice.WARM_SECONDS = 0.0  # one untimed call an option a round
+    choice = _unwarmed_choice(serial, units)
     clock = 100.0
 
     def call(split_declined=False):
@@ -615,8 +621,7 @@ def test_measured_choice_runs_the_static_option_for_calls_after_a_pause():
     # The partners sleep a few milliseconds after a split call: a call that comes CLOSE_CALL_SECONDS or
     # more after the last one ended takes the static option, outside the rounds, timed but not counted.
     serial, units = ("serial", 1), ("units", 2)
-    choice = schedule.MeasuredChoice((serial, units))
-    choice.WARM_SECONDS = 0.0  # one untimed call an option a round
+    choice = _unwarmed_choice(serial, units)
     clock, seconds = 0.0, {serial: 2e-4, units: 1e-4}
 
     def call(pause=0.0, timing=True):

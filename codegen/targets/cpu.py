@@ -511,8 +511,8 @@ def _emit_layer_function(em: Emitter, spec: StackSpec, layer: Layer) -> None:
     ctx = replace(ctx, fused_projection=fused, staged_projection=staged)
     params = ["xw", *input_bias_args(cell), *recurrent_names(cell), *cell.state_names, *condition_args(spec),
               "out", "small", *projection_params(fused, staged)]
-    scratch = emitter.scratch_names(cell) + (["op"] if ctx.carries_output else []) + (STAGE_NAMES if staged else [])
-    step_params = ["s", "T", "B", *params, *scratch]
+    scratch = emitter.scratch_names(cell) + (["op"] if ctx.carries_output else [])
+    step_params = ["s", "T", "B", *params, *scratch, *(STAGE_NAMES if staged else [])]
     if spec.unroll is not None:
         with njit_function(em, spec.dtype, f"{layer.function}_step({', '.join(step_params)})",
                            gate_width=cell.units):
@@ -882,7 +882,7 @@ def projection_arguments(weights: dict[str, str], fused: bool, staged: bool) -> 
 
 
 def emit_stage_setup(em: Emitter) -> None:
-    """In a staging layer function, before its loop: ``C``, the steps of a stage, and ``xws``, their rows of ``xw``.
+    """In a staging layer function, before its steps: ``C``, the steps of a stage, and ``xws``, their rows of ``xw``.
 
     Without ``stage`` a stage is the whole call (projected before the call).
     """
