@@ -589,6 +589,35 @@ def test_measured_choice_warms_each_option_before_timing_it():
     assert calls[start + 9:] == [(serial, False)] * (len(calls) - start - 9)
 
 
+def test_a_warm_up_starts_again_after_a_call_that_ran_otherwise_or_a_pause():
+    # An untimed split call that declined partners still waking (or compiled) warmed nothing, nor did the calls
+    # before a pause: the option's warm-up starts again at its next call in the round.
+    serial, units = ("serial", 1), ("units", 2)
+    choice = schedule.MeasuredChoice((serial, units))
+    step, samples = choice.WARM_SECONDS / 3.5, choice.SAMPLES  # warmed in 4 calls
+    clock = 0.0
+
+    def call(ran=True, pause=0.0):
+        nonlocal clock
+        clock += pause
+        option, timed = choice.pick(clock)
+        if timed:
+            choice.record(option, step, counted=ran)
+        elif not ran:
+            choice.ran_otherwise(option)
+        clock += step
+        return option, timed
+
+    assert call() == (serial, True)  # no call before it: the static option, outside the rounds
+    assert [call() for _ in range(4 + samples)] == [(serial, False)] * 4 + [(serial, True)] * samples
+    assert call(ran=False) == (units, False)  # the split's first call of the round declined its partners
+    assert [call() for _ in range(2)] == [(units, False)] * 2
+    assert call(pause=10 * schedule.CLOSE_CALL_SECONDS) == (serial, True)  # after a pause, outside the round
+    assert [call() for _ in range(5)] == [(units, False)] * 4 + [(units, True)]
+    assert call(ran=False) == (units, True)  # a timed call that ran otherwise: put back, the warm-up again
+    assert [call() for _ in range(5)] == [(units, False)] * 4 + [(units, True)]
+
+
 def test_a_timed_call_that_ran_otherwise_goes_back_to_its_round():
     # A round's timed split call whose partners were still waking ran serial: its time is not the split's,
     # and the next call takes its place, up to RETRIES times a round.

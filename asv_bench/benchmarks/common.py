@@ -30,12 +30,14 @@ def random_weights(spec, seed: int = 0) -> list[dict]:
     return out
 
 
-#: Calls that warm a :class:`Runner` (up to :data:`WARM_SECONDS`): a shape whose schedule is timed runs each
-#: option four times in its first round (``numrnn.runtime.schedule.MeasuredChoice``), and a unit split that
-#: only calls close together take runs from the second call (``CloseCallsChoice``). Each option's first
-#: call compiles its kernel or loads it from the disk cache: with one warming call, ``--quick``'s one timed
-#: call of latency256 was that load, 32-34 ms against 0.7.
+#: Calls that warm a :class:`Runner`, and for at least :data:`WARM_MIN_SECONDS` (up to :data:`WARM_SECONDS`): a
+#: shape whose schedule is timed runs each option untimed for ``MeasuredChoice.WARM_SECONDS`` and then three
+#: times timed in its first round (``numrnn.runtime.schedule``; tiny64: about 40 calls, 1.2 ms), and a unit
+#: split that only calls close together take runs from the second call (``CloseCallsChoice``). Each option's
+#: first call compiles its kernel or loads it from the disk cache: with one warming call, ``--quick``'s one
+#: timed call of latency256 was that load, 32-34 ms against 0.7.
 WARM_CALLS = 10
+WARM_MIN_SECONDS = 0.05
 WARM_SECONDS = 1.0
 
 
@@ -48,10 +50,11 @@ class Runner:
         self.weights = pack_weights(spec, weights or random_weights(spec))
         B = x.shape[1]
         self.zeros = [np.zeros((B, n), spec.dtype) for cell in spec.cells for n in cell.state_sizes]
-        start = time.perf_counter()
-        for _ in range(WARM_CALLS):  # compile (or load from the disk cache) every schedule the calls take
+        start, calls = time.perf_counter(), 0
+        while True:  # compile (or load from the disk cache) every schedule the calls take
             self()
-            if time.perf_counter() - start > WARM_SECONDS:
+            calls, spent = calls + 1, time.perf_counter() - start
+            if spent > WARM_SECONDS or (calls >= WARM_CALLS and spent >= WARM_MIN_SECONDS):
                 break
 
     def __call__(self):

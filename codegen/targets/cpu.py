@@ -13,7 +13,7 @@ masked step keeps the state of every cell of the stack; it lets each layer's
 input projection be one product over all ``T * B`` rows, hoisted out of the loop
 (a BLAS GEMM, or the packed product for a short call: :func:`emit_input_projection`),
 or, in a long unmasked call, packed products of a few steps' rows at a time
-inside the loop (:func:`stages_projection`).
+inside the loop or a static unroll's steps (:func:`stages_projection`).
 
 Kernel signature (all arrays C-contiguous, time-major)::
 

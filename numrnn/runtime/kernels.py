@@ -199,6 +199,8 @@ class Kernel:
                 # this one's, compile included, would set the shape's last end after the actual one.
                 if timed and not first:
                     measured.record(option, time.perf_counter() - start, counted=as_picked)
+                elif not timed and not as_picked:  # a MeasuredChoice's untimed call that warmed nothing
+                    measured.ran_otherwise(option)
         return y if self._sequences else y[0]
 
     def compiled_kernels(self) -> list[Kernel]:

@@ -571,7 +571,9 @@ PAUSE_SPLIT_SECONDS = 0.006
 #: LSTM(64) T60 0.58-0.60 / 0.63-0.71 ms, LSTM(128) T20 0.68-0.74 / 0.70-0.82, LSTM(256) T50 2.04-2.54 /
 #: 1.70-1.80, LSTM(192) T100 2.26-2.40 / 1.97-2.18, LSTM(256) T100 2.59-3.05 / 2.14-2.24, LSTM(512) T25 3.70-4.76 /
 #: 3.08-3.24; at this threshold LSTM(512) T50 7.77 / 5.72, LSTM(1024) T50 31.0-33.0 / 25.2-28.8, GRU(768) B2 T200
-#: 32.9 / 19.9.
+#: 32.9 / 19.9. Small batches of 8-32 rows, the same way, were within the host's noise: LSTM(256) B8 T50 3.93 /
+#: 2.65, LSTM(128) B16 T100 3.48 / 3.42, GRU(128) B16 T100 3.11 / 3.60, 2.60 / 2.14, 2.21 / 2.25, LSTM(128) B32
+#: T50 3.61 / 4.41, 3.48 / 2.71, 2.64 / 2.82.
 PAUSE_SPLIT_BATCH_SECONDS = 0.002
 #: While a shape's calls count as long, a call after a pause runs the static option again once this long has
 #: passed since the last one did: fresh samples, so that calls the host held up do not keep a short shape long.
@@ -725,7 +727,8 @@ class MeasuredChoice(_CallGaps):
     since the last round, a round of each option (the others, then the best)
     adds one timed call to each. An option's calls in a round are not timed
     until :data:`WARM_SECONDS` have passed since its first (at least one
-    call): they pay for the change (a compile or a cache load, partners
+    call; its warm-up starts again after a call of it that ran otherwise,
+    and after a pause): they pay for the change (a compile or a cache load, partners
     woken from sleep, weights not yet in cache, and a partner's core that
     runs slow for a while after it sat idle). Timed at its second call, the
     split read 45-60 us where, run on, it took 25-27 us (tiny64 on Emerald
@@ -785,8 +788,8 @@ class MeasuredChoice(_CallGaps):
         self._typical: dict[tuple[str, int], float] = {}
         self._round = self._round_of(options, self.SAMPLES)  # the calls left of the current round
         self._retries = 0  # timed calls of the current round put back (RETRIES)
-        self._warming: tuple[str, int] | None = None  # the option whose untimed calls of the round started last
-        self._warm_since = 0.0  # when they started
+        self._warming: tuple[str, int] | None = None  # the option the round is warming or timing
+        self._warm_since: float | None = None  # when its warm-up started (None: at its next call)
         self._round_at = 0.0  # when the last round's last call started
         self._since = 0  # calls of the best since then
         self._last_seconds = 0.0  # the last timed call's
@@ -799,6 +802,7 @@ class MeasuredChoice(_CallGaps):
             self._counted = timed
         else:
             option, timed, self._counted = self.options[0], True, False
+            self._warm_since = None  # a round's warm-up, if one is under way, starts again after the pause
         self._start(now, self._typical.get(option, self._last_seconds))
         return option, timed
 
@@ -822,16 +826,25 @@ class MeasuredChoice(_CallGaps):
 
     def _warm(self, call: tuple[tuple[str, int], bool], now: float) -> tuple[tuple[str, int], bool]:
         """The round's ``call`` just taken, or an untimed call of its option in its place (put back) while that
-        option's untimed calls in the round started less than :data:`WARM_SECONDS` before ``now``."""
+        option's warm-up started less than :data:`WARM_SECONDS` before ``now``: at its first call of the round, or
+        again after a call of it that ran otherwise (:meth:`ran_otherwise`) or a pause."""
         option, timed = call
-        if not timed and option != self._warming:
+        if option != self._warming:
             self._warming, self._warm_since = option, now
-        elif timed and option == self._warming and now - self._warm_since < self.WARM_SECONDS:
+        elif self._warm_since is None:
+            self._warm_since = now
+        if timed and now - self._warm_since < self.WARM_SECONDS:
             self._round.append(call)
             return option, False
         if not self._round:
             self._round_at, self._since = now, 0
         return call
+
+    def ran_otherwise(self, option: tuple[str, int]) -> None:
+        """An untimed call picked as ``option`` ran otherwise (it declined partners still waking, or compiled):
+        it warmed nothing, so a round's warm-up of ``option`` starts again at its next call."""
+        if option == self._warming:
+            self._warm_since = None
 
     @staticmethod
     def _round_of(order, timed: int) -> list[tuple[tuple[str, int], bool]]:
@@ -854,6 +867,7 @@ class MeasuredChoice(_CallGaps):
             if self._retries < self.RETRIES:
                 self._retries += 1
                 self._round.append((option, True))
+                self.ran_otherwise(option)
             return
         times = self._times[option]
         times.append(seconds)
