@@ -560,22 +560,34 @@ def test_measured_choice_times_each_option_then_runs_the_faster_and_times_both_a
     assert choice.best == units
 
 
+def _clocked_calls(choice: schedule.MeasuredChoice, seconds: dict):
+    """``call(ran=True, pause=0.0)``: one call of ``choice`` on a clock that each call advances by its option's
+    ``seconds`` (after ``pause``), reported as ``Kernel.__call__`` reports it (``ran``: whether it ran as picked);
+    it returns ``(option, timed)``."""
+    clock = 0.0
+
+    def call(ran=True, pause=0.0):
+        nonlocal clock
+        clock += pause
+        option, timed = choice.pick(clock)
+        if timed:
+            choice.record(option, seconds[option], counted=ran)
+        elif not ran:
+            choice.ran_otherwise(option)
+        clock += seconds[option]
+        return option, timed
+
+    return call
+
+
 def test_measured_choice_warms_each_option_before_timing_it():
     # Short calls: an option's calls in a round stay untimed until WARM_SECONDS have passed since its first
     # (the split's partner runs slow for a while after serial calls).
     serial, units = ("serial", 1), ("units", 2)
     choice = schedule.MeasuredChoice((serial, units))
     warm, samples = choice.WARM_SECONDS, choice.SAMPLES
-    clock, seconds = 0.0, {serial: warm / 3.5, units: warm / 2.5}  # warmed in 4 and 3 calls
-
-    def call():
-        nonlocal clock
-        option, timed = choice.pick(clock)
-        if timed:
-            choice.record(option, seconds[option])
-        clock += seconds[option]
-        return option, timed
-
+    seconds = {serial: warm / 3.5, units: warm / 2.5}  # warmed in 4 and 3 calls
+    call = _clocked_calls(choice, seconds)
     assert call() == (serial, True)  # no call before it: the static option, outside the rounds
     first_round = [call() for _ in range(4 + samples + 3 + samples)]
     assert first_round == [(serial, False)] * 4 + [(serial, True)] * samples + [(units, False)] * 3 + [
@@ -595,19 +607,7 @@ def test_a_warm_up_starts_again_after_a_call_that_ran_otherwise_or_a_pause():
     serial, units = ("serial", 1), ("units", 2)
     choice = schedule.MeasuredChoice((serial, units))
     step, samples = choice.WARM_SECONDS / 3.5, choice.SAMPLES  # warmed in 4 calls
-    clock = 0.0
-
-    def call(ran=True, pause=0.0):
-        nonlocal clock
-        clock += pause
-        option, timed = choice.pick(clock)
-        if timed:
-            choice.record(option, step, counted=ran)
-        elif not ran:
-            choice.ran_otherwise(option)
-        clock += step
-        return option, timed
-
+    call = _clocked_calls(choice, {serial: step, units: step})
     assert call() == (serial, True)  # no call before it: the static option, outside the rounds
     assert [call() for _ in range(4 + samples)] == [(serial, False)] * 4 + [(serial, True)] * samples
     assert call(ran=False) == (units, False)  # the split's first call of the round declined its partners

@@ -728,9 +728,9 @@ class MeasuredChoice(_CallGaps):
     adds one timed call to each. An option's calls in a round are not timed
     until :data:`WARM_SECONDS` have passed since its first (at least one
     call; its warm-up starts again after a call of it that ran otherwise,
-    and after a pause): they pay for the change (a compile or a cache load, partners
-    woken from sleep, weights not yet in cache, and a partner's core that
-    runs slow for a while after it sat idle). Timed at its second call, the
+    and after a pause): they pay for the change (a compile or a cache load,
+    partners woken from sleep, weights not yet in cache, and a partner's
+    core that runs slow for a while after it sat idle). Timed at its second call, the
     split read 45-60 us where, run on, it took 25-27 us (tiny64 on Emerald
     Rapids; serial 29-31 us), so serial won rounds that the split would
     have won warm. A timed call that
@@ -841,8 +841,9 @@ class MeasuredChoice(_CallGaps):
         return call
 
     def ran_otherwise(self, option: tuple[str, int]) -> None:
-        """An untimed call picked as ``option`` ran otherwise (it declined partners still waking, or compiled):
-        it warmed nothing, so a round's warm-up of ``option`` starts again at its next call."""
+        """A call picked as ``option`` ran otherwise (it declined partners still waking, or compiled): it warmed
+        nothing, so a round's warm-up of ``option`` starts again at its next call (a timed one also goes back to
+        its round: :meth:`record`)."""
         if option == self._warming:
             self._warm_since = None
 
