@@ -363,7 +363,9 @@ def _tensorflow(problem: Problem):
         seqs = shape.return_sequences or not last
         cls = keras.layers.LSTM if kind == "lstm" else keras.layers.GRU
         kwargs = {"reset_after": shape.reset_after} if kind == "gru" else {}
-        layer = cls(units, return_sequences=seqs, return_state=shape.streaming, **kwargs)
+        # Keras carries a row's last output into its padded steps unless told to zero them (Bidirectional
+        # does so itself); numrnn, ONNX Runtime and PyTorch give zeros there.
+        layer = cls(units, return_sequences=seqs, return_state=shape.streaming, zero_output_for_mask=seqs, **kwargs)
         if shape.bidirectional:
             layer = keras.layers.Bidirectional(layer)
         layers.append(layer)
