@@ -10,6 +10,8 @@ def to_numpy(value):
 
     Duck typing keeps torch an optional dependency: numrnn never imports it.
     """
+    if isinstance(value, np.ndarray):
+        return value
     if hasattr(value, "detach") and hasattr(value, "cpu") and hasattr(value, "numpy"):
         return value.detach().cpu().numpy()
     return value
@@ -67,6 +69,8 @@ def as_real_array(name: str, value, dtype: str) -> np.ndarray:
 
 def as_shaped_array(name: str, value, shape: tuple, dtype: str) -> np.ndarray:
     """A fresh C-contiguous array of ``dtype`` and exactly ``shape`` (states, state_dict entries)."""
+    if type(value) is np.ndarray and value.dtype == dtype and value.shape == shape:
+        return value.copy()  # the common case, first: a state at each step of a stream
     array = as_real_array(name, value, dtype)
     if array.shape != tuple(shape):
         raise ValueError(f"{name}: expected shape {tuple(shape)}; got {array.shape}")

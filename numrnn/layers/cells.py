@@ -16,7 +16,7 @@ from codegen.cells import pack
 from codegen.spec import ACTIVATIONS, CellSpec, simple_stack
 from numrnn.compat.weights import keras_cell_arrays, keras_cell_weights
 from numrnn.layers.initializers import make_initializer
-from numrnn.runtime import get_kernel
+from numrnn.runtime import kernel_for
 from numrnn.validation import (
     as_real_array,
     as_shaped_array,
@@ -103,15 +103,16 @@ def one_step(owner: str, cells: list, inputs, states: list) -> tuple[np.ndarray,
     if x.shape[1] != cells[0].input_size:
         raise ValueError(f"{owner}: inputs: expected {cells[0].input_size} features; got {x.shape[1]}")
     check_cell_chain(owner, "cells", cells, x.shape[1])
-    expected = [zero for cell in cells for zero in cell.get_initial_state(x.shape[0])]
-    if len(states) != len(expected):
-        raise ValueError(f"{owner}: states: expected {len(expected)} arrays; got {len(states)}")
-    fresh = [as_shaped_array(f"{owner}: states[{i}]", given, zero.shape, dtype)
-             for i, (given, zero) in enumerate(zip(states, expected))]
-    spec = simple_stack([c.cell_spec() for c in cells], cells[0].input_size, dtype=dtype,
-                        return_sequences=False, unroll=1)
+    specs = tuple(c.cell_spec() for c in cells)
+    kernel = kernel_for(("keras step", dtype, x.shape[1], specs),
+                        lambda: simple_stack(specs, x.shape[1], dtype=dtype, return_sequences=False, unroll=1))
+    sizes = kernel.state_sizes
+    if len(states) != len(sizes):
+        raise ValueError(f"{owner}: states: expected {len(sizes)} arrays; got {len(states)}")
+    fresh = [as_shaped_array(f"{owner}: states[{i}]", states[i], (x.shape[0], sizes[i]), dtype)
+             for i in range(len(sizes))]
     weights = [array for cell in cells for array in cell.packed()]
-    return get_kernel(spec)(np.ascontiguousarray(x[None]), None, fresh, weights), fresh
+    return kernel(np.ascontiguousarray(x[None]), None, fresh, weights), fresh
 
 
 class RNNCell:
@@ -169,9 +170,13 @@ class RNNCell:
 
     # -- description -------------------------------------------------------------------------
     def cell_spec(self) -> CellSpec:
-        """This cell as a :class:`codegen.spec.CellSpec`."""
-        return CellSpec(self.kind, self.units, self.activation, self.recurrent_activation, self.use_bias,
-                        self.reset_after if self.kind == "gru" else True)
+        """This cell as a :class:`codegen.spec.CellSpec`: the same object while the options it is made of stay."""
+        options = (self.kind, self.units, self.activation, self.recurrent_activation, self.use_bias,
+                   self.reset_after if self.kind == "gru" else True)
+        kept = self.__dict__.get("_spec")
+        if kept is None or kept[0] != options:
+            kept = self._spec = (options, CellSpec(*options))
+        return kept[1]
 
     @property
     def state_size(self):

@@ -23,7 +23,7 @@ from numrnn.layers.cells import (
     serialize,
     weight_list,
 )
-from numrnn.runtime import get_kernel
+from numrnn.runtime import Kernel, get_kernel, kernel_for
 from numrnn.runtime.policy import normalize_unroll, resolve_unroll
 from numrnn.validation import (
     as_mask,
@@ -36,9 +36,15 @@ from numrnn.validation import (
 
 
 def _flatten(structure) -> list:
-    if isinstance(structure, (list, tuple)):
-        return [leaf for item in structure for leaf in _flatten(item)]
-    return [structure]
+    if not isinstance(structure, (list, tuple)):
+        return [structure]
+    leaves = []
+    for item in structure:
+        if isinstance(item, (list, tuple)):
+            leaves.extend(_flatten(item))
+        else:
+            leaves.append(item)
+    return leaves
 
 
 class RecurrentLayer:
@@ -122,6 +128,22 @@ class RecurrentLayer:
             unroll_steps=unroll_steps,
         )
 
+    def _kernel(self, directions: list, features: int, steps: int, masking: str) -> Kernel:
+        """The kernel of a call on ``features`` features, ``steps`` steps, ``masking``: :meth:`spec`'s, made (and
+        the cells' widths checked) once per configuration (:func:`kernel_for`). ``directions``: :meth:`_directions`.
+        """
+        key = ["keras layer", None if self.unroll is False else steps, masking, self.return_sequences, self.unroll,
+               self._merge(), directions[0][0][0].dtype, features]
+        for cells, reverse in directions:
+            key.append(reverse)
+            for cell in cells:
+                key += (cell.cell_spec(), cell.input_size)
+        return kernel_for(tuple(key), lambda: self._checked_spec(features, steps, masking))
+
+    def _checked_spec(self, features: int, steps: int, masking: str) -> StackSpec:
+        self._check_cells(features)
+        return self.spec(steps, masking)
+
     def source(self, steps: int = 1, masking: str = "none") -> str:
         """The generated kernel source for ``steps`` steps (only matters when unrolled) and ``masking``."""
         self._require_built("source")
@@ -165,18 +187,18 @@ class RecurrentLayer:
                              "or set_weights() first")
 
     # -- states --------------------------------------------------------------------------------
-    def _state_shapes(self, batch: int) -> list[tuple[int, int]]:
-        sizes = [s for cell in self.all_cells for s in cell.cell_spec().state_sizes]
+    def _state_shapes(self, batch: int, sizes: tuple[int, ...] | None = None) -> list[tuple[int, int]]:
+        """``(batch, width)`` of each state, cell after cell (``sizes``: the widths, if known)."""
+        if sizes is None:
+            sizes = [s for cell in self.all_cells for s in cell.cell_spec().state_sizes]
         return [(batch, size) for size in sizes]
 
-    def _states_from(self, given, batch: int, name: str) -> list[np.ndarray]:
-        shapes = self._state_shapes(batch)
+    def _states_from(self, given, shapes: list[tuple[int, int]], name: str, dtype: str) -> list[np.ndarray]:
         leaves = _flatten(given)
         if len(leaves) != len(shapes):
             raise ValueError(f"{name}: expected {len(shapes)} state arrays (per cell h, or h and c for LSTM); "
                              f"got {len(leaves)}")
-        return [as_shaped_array(f"{name}[{i}]", leaf, shape, self.dtype)
-                for i, (leaf, shape) in enumerate(zip(leaves, shapes))]
+        return [as_shaped_array(f"{name}[{i}]", leaves[i], shapes[i], dtype) for i in range(len(shapes))]
 
     def reset_states(self, states=None) -> None:
         """Stateful layers: zero the kept states, or set them to ``states`` (Keras nesting or flat)."""
@@ -188,20 +210,22 @@ class RecurrentLayer:
             if leaves and np.ndim(leaves[0]) != 2:
                 raise ValueError(f"{name}[0]: expected a (batch, {self._state_shapes(0)[0][1]}) array; "
                                  f"got shape {np.shape(leaves[0])}")
-            self.states = self._states_from(states, np.shape(leaves[0])[0] if leaves else 0, name)
+            shapes = self._state_shapes(np.shape(leaves[0])[0] if leaves else 0)
+            self.states = self._states_from(states, shapes, name, self.dtype)
         elif self.states is not None:
             self.states = [np.zeros_like(s) for s in self.states]
 
-    def _initial_states(self, initial_state, batch: int) -> list[np.ndarray]:
+    def _initial_states(self, initial_state, batch: int, sizes: tuple[int, ...], dtype: str) -> list[np.ndarray]:
+        shapes = self._state_shapes(batch, sizes)
         if initial_state is not None:
-            return self._states_from(initial_state, batch, f"{type(self).__name__}: initial_state")
+            return self._states_from(initial_state, shapes, f"{type(self).__name__}: initial_state", dtype)
         if self.stateful and self.states is not None:
             kept = self.states[0].shape[0]
             if kept != batch:
                 raise ValueError(f"x: this stateful layer keeps states for batch size {kept}; got batch size "
                                  f"{batch}. Call reset_states(states) with states of the new batch size first.")
             return [s.copy() for s in self.states]
-        return [np.zeros(shape, dtype=self.dtype) for shape in self._state_shapes(batch)]
+        return [np.zeros(shape, dtype=dtype) for shape in shapes]
 
     # -- running -------------------------------------------------------------------------------
     def __call__(self, x, mask=None, initial_state=None, training=None):
@@ -214,25 +238,27 @@ class RecurrentLayer:
         (numrnn applies none), else it changes nothing.
         """
         name = type(self).__name__
-        check_inference(name, training, self.all_cells)
+        directions = self._directions()
+        cells = [cell for group, _ in directions for cell in group]
+        if training:
+            check_inference(name, training, cells)
         layout = "(time, batch, features)" if self.time_major else "(batch, time, features)"
-        x = as_real_array(f"{name}: x", x, self.dtype)
-        check_sequence_input(f"{name}: x", x, layout, self.input_size)
-        if not self.built:
+        x = as_real_array(f"{name}: x", x, cells[0].dtype)
+        check_sequence_input(f"{name}: x", x, layout, cells[0].input_size)
+        if not all(cell.built for cell in cells):
             with BUILD_LOCK:
                 if not self.built:
                     self._check_cells(x.shape[-1])  # the built cells, before any other is built around them
                     self.build(x.shape)
-        self._check_cells(x.shape[-1])
         xt = np.ascontiguousarray(x if self.time_major else x.transpose(1, 0, 2))
         steps, batch = xt.shape[0], xt.shape[1]
         condition = None
         if mask is not None:
             condition = np.ascontiguousarray(as_mask(f"{name}: mask", mask, batch, steps).T)
-        spec = self.spec(steps, self._masking(mask is not None))
-        states = self._initial_states(initial_state, batch)
-        weights = [array for cell in self.all_cells for array in cell.packed()]
-        output = get_kernel(spec)(xt, condition, states, weights)
+        kernel = self._kernel(directions, x.shape[-1], steps, self._masking(mask is not None))
+        states = self._initial_states(initial_state, batch, kernel.state_sizes, cells[0].dtype)
+        weights = [array for cell in cells for array in cell.packed()]
+        output = kernel(xt, condition, states, weights)
         if self.stateful:
             self.states = [s.copy() for s in states]
         if self.return_sequences and not self.time_major:

@@ -9,8 +9,9 @@ import os
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from functools import partial
+from functools import cached_property, partial
 from pathlib import Path
 from typing import NamedTuple
 
@@ -202,6 +203,11 @@ class Kernel:
                 elif not timed and not as_picked:  # a MeasuredChoice's untimed call that warmed nothing
                     measured.ran_otherwise(option)
         return y if self._sequences else y[0]
+
+    @cached_property
+    def state_sizes(self) -> tuple[int, ...]:
+        """The width of each state array the kernel takes, cell after cell."""
+        return tuple(size for cell in self.spec.cells for size in cell.state_sizes)
 
     def compiled_kernels(self) -> list[Kernel]:
         """This kernel and the split kernels its calls made, those that have compiled (or loaded from the cache):
@@ -626,6 +632,31 @@ def _partners():
 _partners_of_process = None
 
 
+def kernel_for(key: tuple, make_spec: Callable[[], StackSpec]) -> Kernel:
+    """``get_kernel(make_spec())``, looked up by ``key`` first: a facade's call that runs the kernel it ran before.
+
+    ``key`` is a plain tuple of everything the spec is made from, and a
+    facade tag, so that no two facades' keys for different specs compare
+    equal. Making a spec (its checks) and hashing it had taken a quarter to
+    a half of a one-step call through the facades (LSTM(32), one row: 18-34
+    us a step; the kernel's own call 2.1). ``make_spec`` runs on a miss only:
+    the facade's checks that the key covers can go there. Past
+    ``MAX_KERNEL_KEYS`` keys all are dropped (the kernels stay in
+    :func:`get_kernel`'s memo).
+    """
+    kernel = _KERNEL_OF_KEY.get(key)
+    if kernel is None:
+        kernel = get_kernel(make_spec())
+        if len(_KERNEL_OF_KEY) >= MAX_KERNEL_KEYS:
+            _KERNEL_OF_KEY.clear()
+        _KERNEL_OF_KEY[key] = kernel
+    return kernel
+
+
+_KERNEL_OF_KEY: dict[tuple, Kernel] = {}
+MAX_KERNEL_KEYS = 1024
+
+
 def get_kernel(spec: StackSpec) -> Kernel:
     """The kernel for ``spec``, generated and imported once per process (memoized)."""
     kernel = _KERNELS.get(spec)
@@ -787,3 +818,4 @@ def clear_memory_cache() -> None:
     """Forget the in-process kernels and the workspaces they keep (the disk cache stays)."""
     with _LOCK:
         _KERNELS.clear()
+        _KERNEL_OF_KEY.clear()

@@ -20,7 +20,7 @@ import numpy as np
 
 from codegen.spec import BlockSpec, CellSpec, DirectionSpec, StackSpec
 from numrnn.compat.weights import torch_layer_weights
-from numrnn.runtime import get_kernel, pack_weights
+from numrnn.runtime import Kernel, kernel_for, pack_weights
 from numrnn.runtime.policy import normalize_unroll, resolve_unroll
 from numrnn.validation import (
     as_lengths,
@@ -34,6 +34,12 @@ from numrnn.validation import (
 )
 
 _PARAMS = ("weight_ih", "weight_hh", "bias_ih", "bias_hh", "weight_hr")
+
+
+def _stacked(states: list[np.ndarray]) -> np.ndarray:
+    """The call's fresh per-layer states as one ``(layers, ...)`` array: one layer's as a view (a third of
+    ``np.stack``'s time, in a call of one step)."""
+    return states[0][None] if len(states) == 1 else np.stack(states)
 
 
 class IncompatibleKeys(NamedTuple):
@@ -252,9 +258,16 @@ class RNNBase:
         steps, batch = xt.shape[0], xt.shape[1]
         condition = None if lengths is None else as_lengths(f"{name}: lengths", lengths, batch, steps, minimum=1)
         states = self._initial_states(hx, batch, unbatched)
-        spec = self.spec(steps, packed=condition is not None)
-        y = get_kernel(spec)(xt, condition, states, self._packed_weights(spec))
+        kernel = self._kernel(steps, packed=condition is not None)
+        y = kernel(xt, condition, states, self._packed_weights(kernel.spec))
         return self._structure(y, states, unbatched)
+
+    def _kernel(self, steps: int, packed: bool) -> Kernel:
+        """:meth:`spec`'s kernel, made once per configuration (:func:`kernel_for`)."""
+        key = ("torch", self.kind, self.input_size, self.hidden_size, self.num_layers, self.bias, self.bidirectional,
+               self.proj_size, self.nonlinearity, self.dtype, self.unroll, None if self.unroll is False else steps,
+               packed)
+        return kernel_for(key, lambda: self.spec(steps, packed))
 
     def _state_shapes(self, batch: int) -> list[tuple]:
         n = self.num_layers * self.num_directions
@@ -293,14 +306,14 @@ class RNNBase:
 
     def _structure(self, y: np.ndarray, states: list[np.ndarray], unbatched: bool):
         per = 2 if self.kind == "lstm" else 1
-        h_n = np.stack(states[0::per])
+        h_n = _stacked(states[0::per])
         output = y.transpose(1, 0, 2) if self.batch_first and not unbatched else y
         if unbatched:
             output, h_n = output[:, 0], h_n[:, 0]
         output = np.ascontiguousarray(output)
         if self.kind != "lstm":
             return output, np.ascontiguousarray(h_n)
-        c_n = np.stack(states[1::per])
+        c_n = _stacked(states[1::per])
         if unbatched:
             c_n = c_n[:, 0]
         return output, (np.ascontiguousarray(h_n), np.ascontiguousarray(c_n))

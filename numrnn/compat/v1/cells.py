@@ -10,6 +10,7 @@ unrolled for one step, the same code path as a whole sequence.
 
 from __future__ import annotations
 
+from functools import lru_cache
 from typing import NamedTuple
 
 import numpy as np
@@ -19,7 +20,7 @@ from codegen.spec import ACTIVATIONS, CellSpec, simple_stack
 from numrnn.compat.weights import tf1_cell_arrays, tf1_cell_weights, tf1_weight_names
 from numrnn.layers.cells import BUILD_LOCK, feature_size
 from numrnn.layers.initializers import glorot_uniform
-from numrnn.runtime import get_kernel
+from numrnn.runtime import kernel_for
 from numrnn.validation import (
     as_real_array,
     as_shaped_array,
@@ -186,9 +187,10 @@ class RNNCell:
         check_ndim(f"{owner}: inputs", x, 2, "(batch, features)")
         self.ensure_built(f"{owner}: inputs", x.shape[1])
         states = self.flatten_state(state, f"{owner}: state", x.shape[0], self.dtype)
-        spec = simple_stack([leaf.cell_spec() for leaf in self.leaves()], self.input_size, dtype=self.dtype,
-                            return_sequences=False, unroll=1)
-        output = get_kernel(spec)(np.ascontiguousarray(x[None]), None, states, self.packed_weights(self.dtype))
+        specs, dtype = tuple(leaf.cell_spec() for leaf in self.leaves()), self.dtype
+        kernel = kernel_for(("tf1 step", dtype, x.shape[1], specs),
+                            lambda: simple_stack(specs, x.shape[1], dtype=dtype, return_sequences=False, unroll=1))
+        output = kernel(np.ascontiguousarray(x[None]), None, states, self.packed_weights(dtype))
         return output, self.pack_state(states)
 
 
@@ -217,7 +219,7 @@ class LeafCell(RNNCell):
 
     def cell_spec(self) -> CellSpec:
         """This cell as a :class:`codegen.spec.CellSpec`."""
-        return CellSpec(self.kind, self.num_units, activation=self.activation)
+        return _cell_spec(self.kind, self.num_units, activation=self.activation)
 
     def leaves(self) -> list[LeafCell]:
         """``[self]``."""
@@ -377,7 +379,7 @@ class GRUCell(LeafCell):
 
     def cell_spec(self) -> CellSpec:
         """A reset-before GRU."""
-        return CellSpec("gru", self.num_units, activation=self.activation, reset_after=False)
+        return _cell_spec("gru", self.num_units, activation=self.activation, reset_after=False)
 
 
 class _LSTMBase(LeafCell):
@@ -406,9 +408,14 @@ class _LSTMBase(LeafCell):
     def _lstm_spec(self, **options) -> CellSpec:
         """``CellSpec("lstm", ...)`` of this cell; a bad option is a ``ValueError`` named after the cell's class."""
         try:
-            return CellSpec("lstm", self.num_units, activation=self.activation, **options)
+            return _cell_spec("lstm", self.num_units, activation=self.activation, **options)
         except ValueError as exc:
             raise ValueError(f"{type(self).__name__}: {str(exc).split(': ', 1)[-1]}") from None
+
+
+#: The cells' specs, one object for equal options: a step's call makes them again (making one checks every
+#: option), then hashes them (:func:`numrnn.runtime.kernel_for`).
+_cell_spec = lru_cache(maxsize=256)(CellSpec)
 
 
 def _check_state_is_tuple(owner: str, state_is_tuple) -> None:

@@ -24,7 +24,7 @@ import numpy as np
 
 from codegen.spec import UNROLL_CEILING, BlockSpec, DirectionSpec, StackSpec
 from numrnn.compat.v1.cells import RNNCell
-from numrnn.runtime import get_kernel
+from numrnn.runtime import kernel_for
 from numrnn.validation import as_lengths, as_real_array, check_ndim, check_sequence_input, normalize_dtype
 
 log = logging.getLogger("numrnn")
@@ -58,18 +58,24 @@ def _initial_states(fn: str, name: str, cell: RNNCell, given, batch: int, dtype:
 def _run(directions, xt: np.ndarray, lengths, states: list, dtype: str, unroll: bool) -> np.ndarray:
     """Run one block of ``(cell, reverse)`` directions; ``states`` (flat, per direction) are updated in place."""
     cells = [cell for cell, _ in directions]
-    block = BlockSpec(tuple(DirectionSpec(tuple(leaf.cell_spec() for leaf in cell.leaves()), reverse)
-                            for cell, reverse in directions), merge=None if len(directions) == 2 else "concat")
+    layout = tuple((tuple(leaf.cell_spec() for leaf in cell.leaves()), reverse) for cell, reverse in directions)
     steps = xt.shape[0]
     if unroll and steps > UNROLL_CEILING:
         log.info("static_rnn: %d steps exceed the static unroll ceiling of %d; running the loop kernel", steps,
                  UNROLL_CEILING)
-    spec = StackSpec(blocks=(block,), input_size=xt.shape[2], dtype=dtype,
-                     masking="none" if lengths is None else "lengths", return_sequences=True,
-                     unroll=steps if unroll and steps <= UNROLL_CEILING else None)
+    static = steps if unroll and steps <= UNROLL_CEILING else None
+    masking = "none" if lengths is None else "lengths"
+
+    def spec() -> StackSpec:
+        block = BlockSpec(tuple(DirectionSpec(specs, reverse) for specs, reverse in layout),
+                          merge=None if len(layout) == 2 else "concat")
+        return StackSpec(blocks=(block,), input_size=xt.shape[2], dtype=dtype, masking=masking,
+                         return_sequences=True, unroll=static)
+
+    kernel = kernel_for(("tf1", layout, xt.shape[2], dtype, masking, static), spec)
     weights = [a for cell in cells for a in cell.packed_weights(dtype)]
     flat = [s for per_direction in states for s in per_direction]
-    return get_kernel(spec)(xt, lengths, flat, weights)
+    return kernel(xt, lengths, flat, weights)
 
 
 def _lengths(fn: str, sequence_length, batch: int, steps: int):
