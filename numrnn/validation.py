@@ -56,8 +56,14 @@ def check_dtype_if_given(owner: str, dtype) -> None:
         normalize_dtype(owner, dtype)
 
 
+#: The dtypes the kernels run in, as NumPy's (singleton) descriptors: a check by identity is the cheapest.
+_NUMPY_DTYPES = {name: np.dtype(name) for name in DTYPES}
+
+
 def as_real_array(name: str, value, dtype: str) -> np.ndarray:
     """``value`` (array-like or torch tensor) as an array of ``dtype``; TypeError for non-numeric or complex data."""
+    if type(value) is np.ndarray and value.dtype is _NUMPY_DTYPES.get(dtype):
+        return value  # the common case, first (a facade's step checks its input and states)
     try:
         array = np.asarray(to_numpy(value))
     except Exception as exc:  # ragged lists and the like
@@ -69,7 +75,7 @@ def as_real_array(name: str, value, dtype: str) -> np.ndarray:
 
 def as_shaped_array(name: str, value, shape: tuple, dtype: str) -> np.ndarray:
     """A fresh C-contiguous array of ``dtype`` and exactly ``shape`` (states, state_dict entries)."""
-    if type(value) is np.ndarray and value.dtype == dtype and value.shape == shape:
+    if type(value) is np.ndarray and value.dtype is _NUMPY_DTYPES.get(dtype) and value.shape == shape:
         return value.copy()  # the common case, first: a state at each step of a stream
     array = as_real_array(name, value, dtype)
     if array.shape != tuple(shape):

@@ -302,7 +302,7 @@ class RNNBase:
                 if array.shape != expected:
                     raise ValueError(f"{name}: hx {label}: expected shape {expected}; got {array.shape}")
                 given.append(array[:, None, :] if unbatched else array)
-        return [np.array(g[k], order="C", copy=True) for k in range(shapes[0][0]) for g in given]
+        return [g[k].copy() for k in range(shapes[0][0]) for g in given]  # fresh C-ordered arrays
 
     def _structure(self, y: np.ndarray, states: list[np.ndarray], unbatched: bool):
         per = 2 if self.kind == "lstm" else 1
