@@ -250,7 +250,7 @@ class RecurrentLayer:
                 if not self.built:
                     self._check_cells(x.shape[-1])  # the built cells, before any other is built around them
                     self.build(x.shape)
-        xt = np.ascontiguousarray(x if self.time_major else x.transpose(1, 0, 2))
+        xt = x if self.time_major else x.transpose(1, 0, 2)  # copied by the kernel where its schedule needs
         steps, batch = xt.shape[0], xt.shape[1]
         condition = None
         if mask is not None:
@@ -258,11 +258,14 @@ class RecurrentLayer:
         kernel = self._kernel(directions, x.shape[-1], steps, self._masking(mask is not None))
         states = self._initial_states(initial_state, batch, kernel.state_sizes, cells[0].dtype)
         weights = [array for cell in cells for array in cell.packed()]
-        output = kernel(xt, condition, states, weights)
+        if self.return_sequences and not self.time_major:
+            # The batch split writes its rows here directly: no transposed copy of a whole output after.
+            output = np.empty((batch, steps, kernel.spec.output_size), cells[0].dtype)
+            kernel(xt, condition, states, weights, out=output.transpose(1, 0, 2))
+        else:
+            output = kernel(xt, condition, states, weights)
         if self.stateful:
             self.states = [s.copy() for s in states]
-        if self.return_sequences and not self.time_major:
-            output = np.ascontiguousarray(output.transpose(1, 0, 2))
         return self._structure(output, states, initial_state)
 
     def _cell_states(self, cells: list[RNNCell], states: list[np.ndarray], nested: bool, given=None) -> list:

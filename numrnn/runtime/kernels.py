@@ -149,13 +149,17 @@ class Kernel:
         """Run on time-major ``x``; ``states`` are updated in place; returns ``(T, B, W)`` or ``(B, W)``.
 
         ``condition`` is the ``(T, B)`` bool mask, the ``(B,)`` int64 lengths,
-        or ``None``, per the spec's masking. Inputs must already be validated
-        and C-contiguous in the spec's dtype (the facades do that). Large
-        batches run split over the cores (:mod:`numrnn.runtime.schedule`).
+        or ``None``, per the spec's masking. Inputs must already be validated,
+        in the spec's dtype (the facades do that); the states C-contiguous.
+        Large batches run split over the cores (:mod:`numrnn.runtime.schedule`).
         ``out``: the ``(T or 1, B, W)`` output buffer, allocated when not given.
+        ``x`` and ``out`` may have any strides (a facade's batch-major arrays,
+        transposed): the batch split copies its rows from and to them anyway,
+        other schedules run on contiguous copies.
         """
         T, B, _ = x.shape
-        if B == 1 and T <= STREAMING_MAX_STEPS and self._stream_shapes is not None:
+        if (B == 1 and T <= STREAMING_MAX_STEPS and self._stream_shapes is not None and x.flags.c_contiguous
+                and (out is None or out.flags.c_contiguous)):
             # Fast path (streaming): no split, input projection too small for OpenBLAS to thread, and none
             # of the checks below can fail. LSTM(32), one step per call: the bare numba call takes 1.3 us
             # (0.8 of it numba's dispatch of the 11 arguments), and this path added 1.2 us to it before
@@ -179,6 +183,8 @@ class Kernel:
             raise ValueError(f"{self.spec.kernel_name()}: this kernel is statically unrolled for "
                              f"{self.spec.unroll} time steps; got {T}")
         y = np.empty((T if self._sequences else 1, B, self._width), dtype=self._dtype) if out is None else out
+        if not (x.flags.c_contiguous and y.flags.c_contiguous) and not self._runs_batch_split(T, B):
+            return self._call_contiguous(x, condition, states, weights, y)
         cond = [condition] if self._has_condition else []
         if self.spec.unit_split > 1 or self.spec.direction_split:
             with _SPLIT_LOCK:
@@ -202,6 +208,22 @@ class Kernel:
                     measured.record(option, time.perf_counter() - start, counted=as_picked)
                 elif not timed and not as_picked:  # a MeasuredChoice's untimed call that warmed nothing
                     measured.ran_otherwise(option)
+        return y if self._sequences else y[0]
+
+    def _runs_batch_split(self, T: int, B: int) -> bool:
+        """Whether a call of ``T`` steps of ``B`` rows runs as the batch split and only so (its workers copy
+        their rows of ``x`` and of the output to and from their own buffers, which take any strides)."""
+        if self.compile_seconds is None or self.spec.unit_split > 1 or self.spec.direction_split:
+            return False
+        schedule, workers, measured = self._scheduler.plan(T, B)
+        return schedule == "batch" and workers > 1 and measured is None
+
+    def _call_contiguous(self, x, condition, states, weights, y) -> np.ndarray:
+        """The call on a C-contiguous copy of ``x``, its output copied into ``y``: for schedules whose numba
+        functions take contiguous arrays only."""
+        contiguous = np.empty(y.shape, self._dtype)
+        self(np.ascontiguousarray(x), condition, states, weights, out=contiguous)
+        y[...] = contiguous
         return y if self._sequences else y[0]
 
     @cached_property

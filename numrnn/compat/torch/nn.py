@@ -254,12 +254,18 @@ class RNNBase:
             x = x[:, None, :]
         layout = "(batch, time, input_size)" if self.batch_first else "(time, batch, input_size)"
         check_sequence_input(f"{name}: input", x, layout, self.input_size)
-        xt = np.ascontiguousarray(x.transpose(1, 0, 2) if self.batch_first and not unbatched else x)
+        batch_major = self.batch_first and not unbatched
+        xt = x.transpose(1, 0, 2) if batch_major else x  # copied by the kernel where its schedule needs
         steps, batch = xt.shape[0], xt.shape[1]
         condition = None if lengths is None else as_lengths(f"{name}: lengths", lengths, batch, steps, minimum=1)
         states = self._initial_states(hx, batch, unbatched)
         kernel = self._kernel(steps, packed=condition is not None)
-        y = kernel(xt, condition, states, self._packed_weights(kernel.spec))
+        weights = self._packed_weights(kernel.spec)
+        if batch_major:  # the batch split writes its rows here directly: no transposed copy after
+            y = np.empty((batch, steps, kernel.spec.output_size), self.dtype)
+            kernel(xt, condition, states, weights, out=y.transpose(1, 0, 2))
+        else:
+            y = kernel(xt, condition, states, weights)
         return self._structure(y, states, unbatched)
 
     def _kernel(self, steps: int, packed: bool) -> Kernel:
@@ -307,10 +313,9 @@ class RNNBase:
     def _structure(self, y: np.ndarray, states: list[np.ndarray], unbatched: bool):
         per = 2 if self.kind == "lstm" else 1
         h_n = _stacked(states[0::per])
-        output = y.transpose(1, 0, 2) if self.batch_first and not unbatched else y
         if unbatched:
-            output, h_n = output[:, 0], h_n[:, 0]
-        output = np.ascontiguousarray(output)
+            y, h_n = y[:, 0], h_n[:, 0]
+        output = np.ascontiguousarray(y)
         if self.kind != "lstm":
             return output, np.ascontiguousarray(h_n)
         c_n = _stacked(states[1::per])

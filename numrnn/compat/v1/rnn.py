@@ -46,7 +46,7 @@ def _time_major_input(fn: str, inputs, dtype: str, time_major: bool) -> np.ndarr
     layout = "(time, batch, features)" if time_major else "(batch, time, features)"
     x = as_real_array(f"{fn}: inputs", inputs, dtype)
     check_sequence_input(f"{fn}: inputs", x, layout, None)
-    return np.ascontiguousarray(x if time_major else x.transpose(1, 0, 2))
+    return x if time_major else x.transpose(1, 0, 2)  # copied by the kernel where its schedule needs
 
 
 def _initial_states(fn: str, name: str, cell: RNNCell, given, batch: int, dtype: str) -> list[np.ndarray]:
@@ -55,8 +55,13 @@ def _initial_states(fn: str, name: str, cell: RNNCell, given, batch: int, dtype:
     return cell.flatten_state(given, f"{fn}: {name}", batch, dtype)
 
 
-def _run(directions, xt: np.ndarray, lengths, states: list, dtype: str, unroll: bool) -> np.ndarray:
-    """Run one block of ``(cell, reverse)`` directions; ``states`` (flat, per direction) are updated in place."""
+def _run(directions, xt: np.ndarray, lengths, states: list, dtype: str, unroll: bool,
+         time_major: bool = True) -> np.ndarray:
+    """Run one block of ``(cell, reverse)`` directions; ``states`` (flat, per direction) are updated in place.
+
+    The output is time-major, or batch-major unless ``time_major`` (the batch
+    split writes its rows there directly).
+    """
     cells = [cell for cell, _ in directions]
     layout = tuple((tuple(leaf.cell_spec() for leaf in cell.leaves()), reverse) for cell, reverse in directions)
     steps = xt.shape[0]
@@ -75,17 +80,17 @@ def _run(directions, xt: np.ndarray, lengths, states: list, dtype: str, unroll: 
     kernel = kernel_for(("tf1", layout, xt.shape[2], dtype, masking, static), spec)
     weights = [a for cell in cells for a in cell.packed_weights(dtype)]
     flat = [s for per_direction in states for s in per_direction]
-    return kernel(xt, lengths, flat, weights)
+    if time_major:
+        return kernel(xt, lengths, flat, weights)
+    output = np.empty((xt.shape[1], steps, kernel.spec.output_size), dtype)
+    kernel(xt, lengths, flat, weights, out=output.transpose(1, 0, 2))
+    return output
 
 
 def _lengths(fn: str, sequence_length, batch: int, steps: int):
     if sequence_length is None:
         return None
     return as_lengths(f"{fn}: sequence_length", sequence_length, batch, steps)
-
-
-def _batch_major(y: np.ndarray, time_major: bool) -> np.ndarray:
-    return y if time_major else np.ascontiguousarray(y.transpose(1, 0, 2))
 
 
 def dynamic_rnn(cell, inputs, sequence_length=None, initial_state=None, dtype=None, parallel_iterations=None,
@@ -108,8 +113,8 @@ def dynamic_rnn(cell, inputs, sequence_length=None, initial_state=None, dtype=No
     cell.ensure_built(f"{fn}: inputs", xt.shape[2])
     lengths = _lengths(fn, sequence_length, batch, steps)
     states = _initial_states(fn, "initial_state", cell, initial_state, batch, dtype)
-    y = _run([(cell, "none")], xt, lengths, [states], dtype, unroll=False)
-    return _batch_major(y, bool(time_major)), cell.pack_state(states)
+    y = _run([(cell, "none")], xt, lengths, [states], dtype, unroll=False, time_major=bool(time_major))
+    return y, cell.pack_state(states)
 
 
 def static_rnn(cell, inputs, initial_state=None, dtype=None, sequence_length=None, scope=None):
@@ -162,8 +167,7 @@ def bidirectional_dynamic_rnn(cell_fw, cell_bw, inputs, sequence_length=None, in
     states_fw = _initial_states(fn, "initial_state_fw", cell_fw, initial_state_fw, batch, dtype)
     states_bw = _initial_states(fn, "initial_state_bw", cell_bw, initial_state_bw, batch, dtype)
     y = _run([(cell_fw, "none"), (cell_bw, "full" if lengths is None else "valid")], xt, lengths,
-             [states_fw, states_bw], dtype, unroll=False)
+             [states_fw, states_bw], dtype, unroll=False, time_major=bool(time_major))
     width = cell_fw.output_size
-    outputs = (_batch_major(np.ascontiguousarray(y[..., :width]), bool(time_major)),
-               _batch_major(np.ascontiguousarray(y[..., width:]), bool(time_major)))
+    outputs = (np.ascontiguousarray(y[..., :width]), np.ascontiguousarray(y[..., width:]))
     return outputs, (cell_fw.pack_state(states_fw), cell_bw.pack_state(states_bw))
