@@ -125,24 +125,22 @@ def test_streaming_diff_compares_each_systems_first_call_from_zeros(monkeypatch)
     assert rows["ahead"]["diff"] > 1e-3
 
 
-@pytest.mark.parametrize("peer", sorted(bench.PEERS))
-def test_installed_peers_stream_a_gru(peer, monkeypatch):
-    # Skipped where the peer is not installed (the suite never needs one). TensorFlow's streaming step had
-    # unpacked an LSTM's two states and failed on a GRU's one.
-    pytest.importorskip(bench.PEER_MODULES[peer])
-    monkeypatch.setattr(bench, "SETTLE_SECONDS", 0.0)
-    rows = bench.bench_shape(bench.SHAPES_BY_NAME["gru_streaming"], [peer], 0.0)
-    assert "error" not in rows[1], rows[1]
-    assert rows[1]["diff"] < 1e-5
+#: Shapes a peer got wrong before.
+PEER_REGRESSIONS = (
+    # TensorFlow's streaming step had unpacked an LSTM's two states and failed on a GRU's one.
+    "gru_streaming",
+    # A Keras LSTM outside Bidirectional carries a row's last output into its padded steps unless built with
+    # zero_output_for_mask: TensorFlow's row read max|diff| 0.57 against numrnn's zeros there.
+    "lstm128_b32_masked",
+)
 
 
 @pytest.mark.parametrize("peer", sorted(bench.PEERS))
-def test_installed_peers_zero_a_masked_layers_padded_outputs(peer, monkeypatch):
-    # Skipped where the peer is not installed. A Keras LSTM outside Bidirectional carries a row's last
-    # output into its padded steps unless built with zero_output_for_mask: the TensorFlow row of this
-    # shape read max|diff| 0.57 against numrnn's zeros there.
+@pytest.mark.parametrize("shape", PEER_REGRESSIONS)
+def test_installed_peers_compute_what_numrnn_does(shape, peer, monkeypatch):
+    # Skipped where the peer is not installed (the suite never needs one).
     pytest.importorskip(bench.PEER_MODULES[peer])
     monkeypatch.setattr(bench, "SETTLE_SECONDS", 0.0)
-    rows = bench.bench_shape(bench.SHAPES_BY_NAME["lstm128_b32_masked"], [peer], 0.0)
+    rows = bench.bench_shape(bench.SHAPES_BY_NAME[shape], [peer], 0.0)
     assert "error" not in rows[1], rows[1]
     assert rows[1]["diff"] < 1e-5
