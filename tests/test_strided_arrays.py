@@ -82,15 +82,16 @@ def test_a_one_row_call_on_a_strided_input_leaves_the_fast_path():
 
 
 def test_calls_of_the_batch_split_write_each_rows_output_where_out_puts_it():
-    # Rows dealt longest first, back and forth, go back to their own places of a batch-major output.
-    spec = GRID_CASES["bidir_concat_stack"]
+    # Rows of unequal lengths are dealt longest first, back and forth (index arrays, not ranges): each row's
+    # output goes back to its own place of a batch-major output.
+    spec = GRID_CASES["bidir_none_valid_lengths"]
     rng = np.random.default_rng(4)
     weights = pack_weights(spec, _weights(spec, rng))
-    x, _, _, initial = _inputs(spec, rng, 6)
+    x, _, lengths, initial = _inputs(spec, rng, 6)
     kernel = get_kernel(spec)
     states = [np.array(s) for cell_states in initial for s in cell_states]
-    expected = kernel(x, None, [s.copy() for s in states], weights)
+    expected = kernel(x, lengths, [s.copy() for s in states], weights)
     out = np.full((6, x.shape[0], spec.output_size), np.nan, np.float32)
-    kernel._run_batch_split(2, x.transpose(1, 0, 2).copy().transpose(1, 0, 2), [], states, weights,
+    kernel._run_batch_split(2, x.transpose(1, 0, 2).copy().transpose(1, 0, 2), [lengths], states, weights,
                             out.transpose(1, 0, 2))
     np.testing.assert_array_equal(out.transpose(1, 0, 2), expected)
