@@ -81,6 +81,26 @@ def test_a_one_row_call_on_a_strided_input_leaves_the_fast_path():
     assert len(kernel.function.signatures) == 1  # no kernel compiled for strided arrays
 
 
+def test_a_strided_input_alone_is_copied_alone(monkeypatch):
+    # Where the output is contiguous (a fresh one, or a caller's), only x is copied: the call writes y itself.
+    spec = GRID_CASES["bidir_concat_stack"]
+    rng = np.random.default_rng(8)
+    weights = pack_weights(spec, _weights(spec, rng))
+    x, _, _, initial = _inputs(spec, rng, 4)
+    monkeypatch.setenv("NUMRNN_SCHEDULE", "serial")
+    kernel = get_kernel(spec)
+    states = [np.array(s) for cell_states in initial for s in cell_states]
+    expected = kernel(x, None, [s.copy() for s in states], weights)
+    out = np.empty_like(expected)
+    seen = []
+    real = Kernel.__call__
+    monkeypatch.setattr(Kernel, "__call__", lambda self, *a, **k: seen.append(k.get("out")) or real(self, *a, **k))
+    got = kernel(x.transpose(1, 0, 2).copy().transpose(1, 0, 2), None, states, weights, out=out)
+    assert got is out
+    assert all(o is out for o in seen)  # the contiguous call wrote into out: no buffer of its own
+    np.testing.assert_array_equal(out, expected)
+
+
 def test_calls_of_the_batch_split_write_each_rows_output_where_out_puts_it():
     # Rows of unequal lengths are dealt longest first, back and forth (index arrays, not ranges): each row's
     # output goes back to its own place of a batch-major output.

@@ -1,9 +1,9 @@
 """A call through each facade against the kernel's own: what the facades' checks, layouts and state
 structures cost a call.
 
-Two shapes of the standard set, one row each: streaming (LSTM(32) on 32
-features, one step a call, the state carried) and tiny64 (LSTM(64) on 32
-features, 50 steps, from zero states). The cells' facades run one step, so
+Two shapes of the standard set, one row each, the state carried from call
+to call: streaming (LSTM(32) on 32 features, one step a call) and tiny64
+(LSTM(64) on 32 features, 50 steps). The cells' facades run one step, so
 streaming only. Each setup compiles (or loads) and warms its kernel.
 """
 

@@ -255,7 +255,7 @@ class RNNCell:
     def __getstate__(self) -> dict:
         # The pack is made again after unpickling: its panels are as wide as this process's vectors
         # (codegen.cells.common.vector_bytes), which another process or machine may not share.
-        return {**self.__dict__, "_packed": None}
+        return {**self.__dict__, "_packed": None, "_spec": None}  # the spec too: a later numrnn's may differ
 
     def __setstate__(self, state: dict) -> None:
         # Unpickled (or deep-copied) arrays come back writeable; the weights stay read-only (logical_weights).

@@ -132,7 +132,8 @@ class RecurrentLayer:
         """The kernel of a call on ``features`` features, ``steps`` steps, ``masking``: :meth:`spec`'s, made (and
         the cells' widths checked) once per configuration (:func:`kernel_for`). ``directions``: :meth:`_directions`.
         """
-        key = ["keras layer", None if self.unroll is False else steps, masking, self.return_sequences, self.unroll,
+        # The resolved unroll (the spec's), not the option: unroll=True and unroll=1 compare equal.
+        key = ["keras layer", resolve_unroll(type(self).__name__, self.unroll, steps), masking, self.return_sequences,
                self._merge(), directions[0][0][0].dtype, features]
         for cells, reverse in directions:
             key.append(reverse)
@@ -259,9 +260,7 @@ class RecurrentLayer:
         states = self._initial_states(initial_state, batch, kernel.state_sizes, cells[0].dtype)
         weights = [array for cell in cells for array in cell.packed()]
         if self.return_sequences and not self.time_major:
-            # The batch split writes its rows here directly: no transposed copy of a whole output after.
-            output = np.empty((batch, steps, kernel.spec.output_size), cells[0].dtype)
-            kernel(xt, condition, states, weights, out=output.transpose(1, 0, 2))
+            output = kernel.call_batch_major(xt, condition, states, weights)
         else:
             output = kernel(xt, condition, states, weights)
         if self.stateful:

@@ -219,12 +219,22 @@ class Kernel:
         return schedule == "batch" and workers > 1 and measured is None
 
     def _call_contiguous(self, x, condition, states, weights, y) -> np.ndarray:
-        """The call on a C-contiguous copy of ``x``, its output copied into ``y``: for schedules whose numba
-        functions take contiguous arrays only."""
+        """The call on C-contiguous copies of ``x`` and (unless it is) ``y``, the output copied into ``y``: for
+        schedules whose numba functions take contiguous arrays only."""
+        if y.flags.c_contiguous:
+            return self(np.ascontiguousarray(x), condition, states, weights, out=y)
         contiguous = np.empty(y.shape, self._dtype)
         self(np.ascontiguousarray(x), condition, states, weights, out=contiguous)
         y[...] = contiguous
         return y if self._sequences else y[0]
+
+    def call_batch_major(self, x, condition, states, weights) -> np.ndarray:
+        """A sequence kernel's call whose output comes back ``(B, T, W)``: the batch split writes its rows
+        there directly, other schedules copy it there (a facade's batch-major output, without a transposed
+        copy of a whole output after the call)."""
+        out = np.empty((x.shape[1], x.shape[0], self._width), self._dtype)
+        self(x, condition, states, weights, out=out.transpose(1, 0, 2))
+        return out
 
     @cached_property
     def state_sizes(self) -> tuple[int, ...]:

@@ -261,17 +261,17 @@ class RNNBase:
         states = self._initial_states(hx, batch, unbatched)
         kernel = self._kernel(steps, packed=condition is not None)
         weights = self._packed_weights(kernel.spec)
-        if batch_major:  # the batch split writes its rows here directly: no transposed copy after
-            y = np.empty((batch, steps, kernel.spec.output_size), self.dtype)
-            kernel(xt, condition, states, weights, out=y.transpose(1, 0, 2))
+        if batch_major:
+            y = kernel.call_batch_major(xt, condition, states, weights)
         else:
             y = kernel(xt, condition, states, weights)
         return self._structure(y, states, unbatched)
 
     def _kernel(self, steps: int, packed: bool) -> Kernel:
         """:meth:`spec`'s kernel, made once per configuration (:func:`kernel_for`)."""
+        # The resolved unroll (the spec's), not the option: unroll=True and unroll=1 compare equal.
         key = ("torch", self.kind, self.input_size, self.hidden_size, self.num_layers, self.bias, self.bidirectional,
-               self.proj_size, self.nonlinearity, self.dtype, self.unroll, None if self.unroll is False else steps,
+               self.proj_size, self.nonlinearity, self.dtype, resolve_unroll(type(self).__name__, self.unroll, steps),
                packed)
         return kernel_for(key, lambda: self.spec(steps, packed))
 

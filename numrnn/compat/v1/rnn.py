@@ -59,8 +59,7 @@ def _run(directions, xt: np.ndarray, lengths, states: list, dtype: str, unroll: 
          time_major: bool = True) -> np.ndarray:
     """Run one block of ``(cell, reverse)`` directions; ``states`` (flat, per direction) are updated in place.
 
-    The output is time-major, or batch-major unless ``time_major`` (the batch
-    split writes its rows there directly).
+    The output is time-major, or batch-major unless ``time_major``.
     """
     cells = [cell for cell, _ in directions]
     layout = tuple((tuple(leaf.cell_spec() for leaf in cell.leaves()), reverse) for cell, reverse in directions)
@@ -82,9 +81,7 @@ def _run(directions, xt: np.ndarray, lengths, states: list, dtype: str, unroll: 
     flat = [s for per_direction in states for s in per_direction]
     if time_major:
         return kernel(xt, lengths, flat, weights)
-    output = np.empty((xt.shape[1], steps, kernel.spec.output_size), dtype)
-    kernel(xt, lengths, flat, weights, out=output.transpose(1, 0, 2))
-    return output
+    return kernel.call_batch_major(xt, lengths, flat, weights)
 
 
 def _lengths(fn: str, sequence_length, batch: int, steps: int):
