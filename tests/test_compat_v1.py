@@ -171,3 +171,43 @@ def test_bad_inputs_and_weights():
         LSTMCell(3, cell_clip=-1.0)
     with pytest.raises(ValueError, match="^BasicLSTMCell: forget_bias must be finite; got inf"):
         BasicLSTMCell(3, forget_bias=float("inf"))
+
+
+def test_cells_draw_their_weights_with_the_initializers_given():
+    # TF1's LSTMCell draws its kernel, peephole diagonals and projection with `initializer` (biases zeros);
+    # GRUCell both kernels with `kernel_initializer` and both biases with `bias_initializer`. A TF initializer
+    # object is a callable f(shape, dtype=...), as this one is.
+    def quarter(shape, dtype=None):
+        return np.full(shape, 0.25)
+
+    lstm = LSTMCell(4, use_peepholes=True, num_proj=3, initializer=quarter)
+    lstm.build(D)
+    drawn = dict(zip(lstm.weight_names(), lstm.get_weights()))
+    for name, values in drawn.items():
+        np.testing.assert_array_equal(values, 0.0 if name.endswith("bias") else 0.25, err_msg=name)
+    gru = GRUCell(3, kernel_initializer={"class_name": "Constant", "config": {"value": 0.5}},
+                  bias_initializer="zeros")
+    gru.build(D)
+    for name, values in zip(gru.weight_names(), gru.get_weights()):
+        np.testing.assert_array_equal(values, 0.0 if name.endswith("bias") else 0.5, err_msg=name)
+
+
+def test_cells_without_initializers_keep_tf1_defaults():
+    gru = GRUCell(3)
+    gru.build(D)
+    weights = dict(zip(gru.weight_names(), gru.get_weights()))
+    np.testing.assert_array_equal(weights["gru_cell/gates/bias"], 1.0)  # TF1's GRUCell starts with open gates
+    np.testing.assert_array_equal(weights["gru_cell/candidate/bias"], 0.0)
+    limit = np.sqrt(6 / sum(weights["gru_cell/gates/kernel"].shape))  # glorot-uniform
+    assert 0 < np.abs(weights["gru_cell/gates/kernel"]).max() <= limit
+
+
+@pytest.mark.parametrize("make, match", [
+    (lambda: LSTMCell(3, initializer="nope"), "^LSTMCell: initializer: unknown initializer 'nope'"),
+    (lambda: GRUCell(3, kernel_initializer=3), "^GRUCell: kernel_initializer"),
+    (lambda: GRUCell(3, bias_initializer={"class_name": "Zeros", "config": {"seed": -1}}),
+     "^GRUCell: bias_initializer"),
+])
+def test_an_unknown_initializer_is_refused_when_the_cell_is_made(make, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        make()

@@ -19,7 +19,7 @@ from codegen.cells import pack
 from codegen.spec import ACTIVATIONS, CellSpec, simple_stack
 from numrnn.compat.weights import tf1_cell_arrays, tf1_cell_weights, tf1_weight_names
 from numrnn.layers.cells import BUILD_LOCK, feature_size
-from numrnn.layers.initializers import glorot_uniform
+from numrnn.layers.initializers import glorot_uniform, make_initializer
 from numrnn.runtime import kernel_for
 from numrnn.validation import (
     as_real_array,
@@ -202,10 +202,21 @@ def _state_leaf(name: str, value, shape: tuple[int, int], dtype: str) -> np.ndar
 
 
 class LeafCell(RNNCell):
-    """Base of the plain TF1-style cells (everything but ``MultiRNNCell``)."""
+    """Base of the plain TF1-style cells (everything but ``MultiRNNCell``).
+
+    :meth:`build` draws the weights with the initializers a cell was given
+    (``GRUCell``'s ``kernel_initializer`` and ``bias_initializer``,
+    ``LSTMCell``'s ``initializer``: a Keras name or config, or a callable
+    ``f(shape, dtype=...)`` such as a TF initializer object; see
+    :mod:`numrnn.layers.initializers`), else with TF1's defaults:
+    glorot-uniform kernels, zero biases, a GRU's gate bias one.
+    """
 
     kind = ""
     scope_name = ""
+    # Class-level defaults also serve cells pickled before these options existed.
+    kernel_initializer = None
+    bias_initializer = None
 
     def __init__(self, num_units, activation=None, reuse=None, name=None, dtype=None):
         owner = type(self).__name__
@@ -259,8 +270,17 @@ class LeafCell(RNNCell):
         """Create TF1-default weights: glorot-uniform kernels, zero biases (GRU gate bias one)."""
         size = feature_size(f"{type(self).__name__}.build", inputs_shape, "inputs_shape")
         rng = np.random.default_rng()
-        arrays = [self._initial(rng, n, shape) for n, shape in self._tf1_shapes(size)]
+        owner = type(self).__name__
+        kernels, biases = (None if value is None else make_initializer(owner, argument, value)
+                           for argument, value in self._initializer_arguments)
+        arrays = [self._initial(rng, n, shape, biases if n.endswith("bias") else kernels)
+                  for n, shape in self._tf1_shapes(size)]
         self.assign_logical(tf1_cell_weights(self.cell_spec(), size, arrays))
+
+    @property
+    def _initializer_arguments(self) -> tuple[tuple[str, object], tuple[str, object]]:
+        """``(argument, value)`` of the kernels' initializer and of the biases', as the constructor names them."""
+        return ("kernel_initializer", self.kernel_initializer), ("bias_initializer", self.bias_initializer)
 
     def _tf1_shapes(self, input_size: int) -> list[tuple[str, tuple]]:
         spec, rows = self.cell_spec(), input_size + self.output_size
@@ -271,8 +291,10 @@ class LeafCell(RNNCell):
                   "w_o_diag": (spec.units,), "projection/kernel": (spec.units, spec.output_size)}
         return [(n, shapes[n]) for n in tf1_weight_names(spec)]
 
-    @staticmethod
-    def _initial(rng, name: str, shape: tuple) -> np.ndarray:
+    def _initial(self, rng, name: str, shape: tuple, draw) -> np.ndarray:
+        """Variable ``name``'s first values: ``draw(shape, dtype)`` where the cell was given an initializer."""
+        if draw is not None:
+            return draw(shape, self._dtype)
         if name == "gates/bias":  # TF1 GRUCell starts with open gates
             return np.ones(shape)
         if name.endswith("bias"):
@@ -376,6 +398,8 @@ class GRUCell(LeafCell):
     def __init__(self, num_units, activation=None, reuse=None, kernel_initializer=None, bias_initializer=None,
                  name=None, dtype=None):
         super().__init__(num_units, activation=activation, reuse=reuse, name=name, dtype=dtype)
+        self.kernel_initializer = _initializer(type(self).__name__, "kernel_initializer", kernel_initializer)
+        self.bias_initializer = _initializer(type(self).__name__, "bias_initializer", bias_initializer)
 
     def cell_spec(self) -> CellSpec:
         """A reset-before GRU."""
@@ -413,6 +437,13 @@ class _LSTMBase(LeafCell):
             raise ValueError(f"{type(self).__name__}: {str(exc).split(': ', 1)[-1]}") from None
 
 
+def _initializer(owner: str, argument: str, value):
+    """``value`` kept as given (``None``: TF1's default), after a check that it names an initializer."""
+    if value is not None:
+        make_initializer(owner, argument, value)  # an unknown name or parameter fails here, not at build
+    return value
+
+
 #: The cells' specs, one object for equal options: a step's call makes them again (making one checks every
 #: option), then hashes them (:func:`numrnn.runtime.kernel_for`).
 _cell_spec = lru_cache(maxsize=256)(CellSpec)
@@ -445,8 +476,9 @@ class LSTMCell(_LSTMBase):
     """TF1 ``LSTMCell``: ``BasicLSTMCell`` plus peepholes, cell clipping and an output projection.
 
     The output-gate peephole reads the new (clipped) ``c``; with ``num_proj``
-    the output and ``h`` are ``(o * tanh(c)) @ projection``. ``proj_clip``,
-    sharding and custom initializers are not supported.
+    the output and ``h`` are ``(o * tanh(c)) @ projection``. ``initializer``
+    draws the kernel, the peephole diagonals and the projection (biases start
+    at zero). ``proj_clip`` and sharding are not supported.
     """
 
     scope_name = "lstm_cell"
@@ -465,7 +497,13 @@ class LSTMCell(_LSTMBase):
         self.cell_clip = None if cell_clip is None else _real(owner, "cell_clip", cell_clip)
         self.num_proj = None if num_proj is None else _positive_int(owner, "num_proj", num_proj)
         self.forget_bias = _real(owner, "forget_bias", forget_bias)
+        self.initializer = _initializer(owner, "initializer", initializer)
         self.cell_spec()  # validates cell_clip and forget_bias now, not at the first call
+
+    @property
+    def _initializer_arguments(self) -> tuple[tuple[str, object], tuple[str, object]]:
+        # TF1's LSTMCell draws its kernel, peephole diagonals and projection with ``initializer``; biases are zeros.
+        return ("initializer", self.initializer), ("bias_initializer", None)
 
     def cell_spec(self) -> CellSpec:
         """An LSTM with this cell's peepholes, clip, projection and forget bias."""
