@@ -52,6 +52,13 @@ def _own_copy(value):
     return value
 
 
+def checked_initializer(owner: str, argument: str, value):
+    """An initializer argument as a cell keeps it: checked now, so that an unknown name or parameter fails here
+    and not at build, its dicts and lists copied (a config the caller may edit)."""
+    make_initializer(owner, argument, value)
+    return _own_copy(value)
+
+
 def _positive_units(owner: str, units) -> int:
     if isinstance(units, bool) or not isinstance(units, (int, np.integer)) or units <= 0:
         raise ValueError(f"{owner}: units must be a positive integer; got {units!r}")
@@ -154,8 +161,7 @@ class RNNCell:
         for argument, value in (("kernel_initializer", kernel_initializer),
                                 ("recurrent_initializer", recurrent_initializer),
                                 ("bias_initializer", bias_initializer)):
-            make_initializer(owner, argument, value)  # an unknown name or parameter fails here, not at build
-            setattr(self, argument, _own_copy(value))
+            setattr(self, argument, checked_initializer(owner, argument, value))
         self.dropout = dropout_rate(owner, "dropout", dropout)
         self.recurrent_dropout = dropout_rate(owner, "recurrent_dropout", recurrent_dropout)
         self.training_only = _own_copy({

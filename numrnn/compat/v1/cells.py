@@ -18,7 +18,7 @@ import numpy as np
 from codegen.cells import pack
 from codegen.spec import ACTIVATIONS, CellSpec, simple_stack
 from numrnn.compat.weights import tf1_cell_arrays, tf1_cell_weights, tf1_weight_names
-from numrnn.layers.cells import BUILD_LOCK, feature_size
+from numrnn.layers.cells import BUILD_LOCK, checked_initializer, feature_size
 from numrnn.layers.initializers import glorot_uniform, make_initializer
 from numrnn.runtime import kernel_for
 from numrnn.validation import (
@@ -438,10 +438,8 @@ class _LSTMBase(LeafCell):
 
 
 def _initializer(owner: str, argument: str, value):
-    """``value`` kept as given (``None``: TF1's default), after a check that it names an initializer."""
-    if value is not None:
-        make_initializer(owner, argument, value)  # an unknown name or parameter fails here, not at build
-    return value
+    """``None`` (TF1's default) or the initializer as a cell keeps it (:func:`checked_initializer`)."""
+    return None if value is None else checked_initializer(owner, argument, value)
 
 
 #: The cells' specs, one object for equal options: a step's call makes them again (making one checks every
