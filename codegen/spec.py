@@ -31,7 +31,7 @@ from dataclasses import dataclass
 #: Bump whenever the generated source changes for an unchanged spec, and whenever
 #: ``numrnn.runtime.sync`` changes: numba compiles the barrier and the job hand-off into the
 #: cached machine code of the split kernels and does not notice when they change.
-CODEGEN_VERSION = 49
+CODEGEN_VERSION = 50
 
 ACTIVATIONS = ("tanh", "sigmoid", "hard_sigmoid", "relu", "linear")
 CELL_KINDS = ("simple", "lstm", "gru")

@@ -106,7 +106,7 @@ def test_the_packed_projection_takes_more_rows_with_8_row_blocks_while_they_fit_
     source = generate_source(masked)
     assert f"if T * B <= {PACKED_PROJECTION_MAX_ROWS} and small > 0:" in source
     call = source.split("_project_live(xs, lengths, B, w0_wx, ")[1].split("\n")[0]
-    assert call.startswith("w0_wx_panels, xw, ") and call.endswith("np.int64(1024 if small > 0 else 0))")
+    assert call.startswith("w0_wx_panels, w0_wx_tiles, xw, ") and call.endswith("np.int64(1024 if small > 0 else 0))")
 
 
 def test_direction_split_keeps_the_last_large_buffers_and_reuses_them_exactly(monkeypatch):

@@ -42,7 +42,7 @@ def test_keras_layer(monkeypatch):
     layer.build(X.shape)
     new = [w + 0.25 for w in layer.get_weights()]
     fresh.set_weights(new)
-    _update_while_packing(monkeypatch, keras_cells, "pack", lambda: layer.set_weights(new))
+    _update_while_packing(monkeypatch, keras_cells, "pack_cell", lambda: layer.set_weights(new))
     layer(X)  # the racing call
     np.testing.assert_array_equal(layer(X), fresh(X))
 
@@ -61,7 +61,7 @@ def test_tf1_cell(monkeypatch):
     cell.build(3)
     new = [w + 0.25 for w in cell.get_weights()]
     fresh.set_weights(new)
-    _update_while_packing(monkeypatch, v1_cells, "pack", lambda: cell.set_weights(new))
+    _update_while_packing(monkeypatch, v1_cells, "pack_cell", lambda: cell.set_weights(new))
     v1_nn.dynamic_rnn(cell, X, dtype=np.float32)
     np.testing.assert_array_equal(v1_nn.dynamic_rnn(cell, X, dtype=np.float32)[0],
                                   v1_nn.dynamic_rnn(fresh, X, dtype=np.float32)[0])

@@ -8,18 +8,19 @@ split gathers from its workers within the step (``LayerContext.gather``);
 ``emit_step(em, ctx)``: one time step over every batch row.
 The input side (``kernel`` and ``bias``) is the same for every kind and is
 handled by the target as one hoisted product per layer; the kernel is kept
-twice, as is for a BLAS GEMM and in panels for the packed product of a short
-call.
+three times: as is for a BLAS GEMM, in panels for the packed product of a
+short call, and as AMX tiles where the runtime makes them (empty elsewhere).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import numpy as np
 
 from codegen.cells import gru, lstm, simple
-from codegen.cells.common import PRODUCT_MATRICES, panel_width, panels_name
+from codegen.cells.common import PRODUCT_MATRICES, panel_width, panels_name, tiles_name
 from codegen.spec import CellSpec
 
 EMITTERS = {"simple": simple, "lstm": lstm, "gru": gru}
@@ -47,7 +48,7 @@ def recurrent_names(cell: CellSpec) -> list[str]:
 
 def packed_names(cell: CellSpec) -> list[str]:
     """All packed arrays of one cell in kernel-argument order: input side, then recurrent."""
-    return ["wx", panels_name("wx")] + (["b"] if cell.use_bias else []) + recurrent_names(cell)
+    return ["wx", panels_name("wx"), tiles_name("wx")] + (["b"] if cell.use_bias else []) + recurrent_names(cell)
 
 
 #: Byte alignment of every packed array (a cache line). The packed product loads its vectors from panel
@@ -98,10 +99,23 @@ def to_panels(matrix: np.ndarray) -> np.ndarray:
     return aligned_copy(padded.reshape(inputs, count, width).transpose(1, 0, 2))
 
 
-def _with_panels(cell: CellSpec, arrays: dict[str, np.ndarray]) -> list[np.ndarray]:
-    """``arrays`` (every packed name but the panels) in :func:`packed_names` order, panels added, all aligned."""
-    panels = {panels_name(name): to_panels(arrays[name]) for name in _panel_sources(cell)}  # aligned already
-    return [panels[name] if name in panels else aligned_copy(arrays[name]) for name in packed_names(cell)]
+def no_tiles(matrix: np.ndarray, wanted: bool | None = None) -> np.ndarray:
+    """The tile copy of an input kernel where there is none: empty (the kernels project without tiles)."""
+    return aligned_zeros((0,), matrix.dtype)
+
+
+#: ``tiles(matrix, wanted)``: an input kernel's tile copy, or an empty array (:func:`no_tiles`); ``wanted``
+#: ``None`` leaves it to the function, ``True`` asks for tiles whatever the size (numrnn.runtime.amx.tiles_for).
+Tiler = Callable[[np.ndarray, "bool | None"], np.ndarray]
+
+
+def _with_panels(cell: CellSpec, arrays: dict[str, np.ndarray], tiles: Tiler,
+                 wanted: bool | None = None) -> list[np.ndarray]:
+    """``arrays`` (every packed name but the copies) in :func:`packed_names` order, the panels and the input
+    kernel's tiles (``tiles(wx, wanted)``) added, all aligned."""
+    copies = {panels_name(name): to_panels(arrays[name]) for name in _panel_sources(cell)}  # aligned already
+    copies[tiles_name("wx")] = tiles(arrays["wx"], wanted)
+    return [copies[name] if name in copies else aligned_copy(arrays[name]) for name in packed_names(cell)]
 
 
 #: How each packed array is cut for one worker of the unit split: along which axis, how many blocks that
@@ -112,7 +126,8 @@ _SPLIT_AXES = {"wx": (1, None, False), "b": (0, None, False), "wh": (1, None, Fa
                "whzr": (1, 2, False), "whh": (1, 1, False), "wp": (1, 1, False), "wr": (0, 1, True)}
 
 
-def split_packed(cell: CellSpec, arrays: list[np.ndarray], part: int, parts: int) -> list[np.ndarray]:
+def split_packed(cell: CellSpec, arrays: list[np.ndarray], part: int, parts: int,
+                 tiles: Tiler = no_tiles) -> list[np.ndarray]:
     """Worker ``part`` of ``parts``'s copy of one cell's packed arrays (:func:`packed_names` order).
 
     The worker owns units ``[part * n, (part + 1) * n)`` with ``n = units / parts``:
@@ -121,24 +136,29 @@ def split_packed(cell: CellSpec, arrays: list[np.ndarray], part: int, parts: int
     projection's rows are cut by the outputs instead, ``output_size / parts``
     of them a worker.
     """
-    out, panels = {}, {panels_name(name) for name in _panel_sources(cell)}
+    out, copies, tiled = {}, {tiles_name("wx"), *(panels_name(name) for name in _panel_sources(cell))}, False
     for name, array in zip(packed_names(cell), arrays):
-        if name in panels:
-            continue  # made again from the worker's slice
+        if name in copies:
+            tiled |= name == tiles_name("wx") and array.size > 0
+            continue  # made again from the worker's slice (tiles where the whole kernel has them)
         axis, blocks, by_output = _SPLIT_AXES[name]
         blocks = cell.gates if blocks is None else blocks
         width = cell.output_size if by_output else cell.units
         n = width // parts
         index = np.concatenate([np.arange(g * width + part * n, g * width + (part + 1) * n) for g in range(blocks)])
         out[name] = np.take(array, index, axis=axis)
-    return _with_panels(cell, out)
+    return _with_panels(cell, out, tiles, tiled)
 
 
-def pack(cell: CellSpec, logical: dict, dtype: str) -> list[np.ndarray]:
-    """Logical (Keras-layout) weights -> contiguous arrays in :func:`packed_names` order."""
+def pack(cell: CellSpec, logical: dict, dtype: str, tiles: Tiler = no_tiles) -> list[np.ndarray]:
+    """Logical (Keras-layout) weights -> contiguous arrays in :func:`packed_names` order.
+
+    ``tiles`` makes the input kernel's tile copy (:data:`Tiler`); numrnn
+    passes its process's (``numrnn.runtime.kernels.pack_cell``).
+    """
     packed = {"wx": logical["kernel"]}
     if cell.use_bias:
         packed["b"] = logical["bias"]
     packed.update(emitter_for(cell).pack_recurrent(cell, logical))
     # No copy here: _with_panels copies every array once, aligned.
-    return _with_panels(cell, {name: np.asarray(array, dtype=dtype) for name, array in packed.items()})
+    return _with_panels(cell, {name: np.asarray(array, dtype=dtype) for name, array in packed.items()}, tiles)

@@ -210,6 +210,10 @@ PANEL_PRODUCT = "_panel_product"
 FUSED_PRODUCT = "_fused_product"
 #: ``out = a @ b`` by BLAS (``numrnn.runtime.extern.gemm``), as a kernel module names it (from the shared module).
 DOT = "_dot"
+#: ``out = a @ b`` from ``b``'s AMX tiles (``numrnn.runtime.amx``), as a float32 kernel module names it.
+TILE_PRODUCT = "_tile_product"
+#: LLVM's name for the C function behind :data:`TILE_PRODUCT`, which ``numrnn.runtime.amx.link`` names.
+TILE_SYMBOL = "numrnn_tile_product_f32"
 
 
 @functools.cache
@@ -336,6 +340,11 @@ def recurrent_bytes(cell: CellSpec, dtype: str, units: int | None = None) -> int
 def panels_name(matrix: str) -> str:
     """Packed name of ``matrix``'s panel copy (:func:`codegen.cells.to_panels`)."""
     return f"{matrix}_panels"
+
+
+def tiles_name(matrix: str) -> str:
+    """Packed name of ``matrix``'s AMX tile copy (``numrnn.runtime.amx.tiles_for``; empty where unused)."""
+    return f"{matrix}_tiles"
 
 
 def emit_recurrent_product(em: Emitter, ctx: LayerContext, h: str, w: str, out: str, outputs: int) -> None:

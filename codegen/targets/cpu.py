@@ -57,6 +57,8 @@ from codegen.cells.common import (
     PANEL_PRODUCT,
     PANEL_VECTORS,
     SIMD_NAMES,
+    TILE_PRODUCT,
+    TILE_SYMBOL,
     WIDE_PANEL_ROWS,
     LayerContext,
     emit_extern_functions,
@@ -69,6 +71,7 @@ from codegen.cells.common import (
     panel_width,
     panels_name,
     recurrent_bytes,
+    tiles_name,
     vector_bytes,
 )
 from codegen.emit import Emitter
@@ -196,14 +199,15 @@ def emit_live_projection(em: Emitter, spec: StackSpec) -> None:
     if live is None:
         return
     condition = condition_args(spec)[0]
-    with njit_function(em, spec.dtype, f"_project_live(xs, {condition}, B, wx, wxp, xw, xc, packed_rows)",
+    with njit_function(em, spec.dtype, f"_project_live(xs, {condition}, B, wx, wxp, wxt, xw, xc, packed_rows)",
                        "xw = xs @ wx for the rows of xs ((T * B, D)) a step reads; xc: a buffer as large as xs. "
-                       "Up to packed_rows of them the packed product over wx's panels wxp, else BLAS."):
+                       "From wx's tiles wxt where they are not empty; else up to packed_rows of them the packed "
+                       "product over wx's panels wxp, else BLAS."):
         em("T = xs.shape[0] // B", "n = 0")
         with _each_live_row(em, live):
             em("n += 1")
         with em.block("if n == T * B:"):
-            _emit_live_product(em, "xs", "xw")
+            _emit_live_product(em, spec.dtype, "xs", "xw")
             em("return")
         em("n = 0")
         with _each_live_row(em, live):
@@ -214,7 +218,7 @@ def emit_live_projection(em: Emitter, spec: StackSpec) -> None:
         with em.block("if n == 0:"):
             em("return")
         em(f"gathered = {VIEW}(xc, 0, (n, xs.shape[1]))", f"projected = {VIEW}(xw, 0, (n, xw.shape[1]))")
-        _emit_live_product(em, "gathered", "projected")
+        _emit_live_product(em, spec.dtype, "gathered", "projected")
         with em.block("for r in range(T * B - 1, -1, -1):"):
             em("t = r // B", "b = r - t * B")
             with em.block(f"if {live}:"):
@@ -225,9 +229,15 @@ def emit_live_projection(em: Emitter, spec: StackSpec) -> None:
                     em("xw[r, k] = xw[n, k]")
 
 
-def _emit_live_product(em: Emitter, rows: str, out: str) -> None:
-    """``_project_live``'s ``out = rows @ wx`` over ``n`` rows: the packed product up to ``packed_rows``, else BLAS."""
-    with em.block("if n <= packed_rows:"):
+def _emit_live_product(em: Emitter, dtype: str, rows: str, out: str) -> None:
+    """``_project_live``'s ``out = rows @ wx`` over ``n`` rows: from the tiles where there are (float32), else the
+    packed product up to ``packed_rows``, else BLAS."""
+    branch = "if"
+    if dtype == "float32":
+        with em.block("if wxt.size > 0:"):
+            em(f"{TILE_PRODUCT}({rows}, wxt, {out})")
+        branch = "elif"
+    with em.block(f"{branch} n <= packed_rows:"):
         em(f"{PANEL_PRODUCT}({rows}, wxp, {out}, np.int64(0), n, np.int64(0))")
     with em.block("else:"):
         em(f"{DOT}({rows}, wx, {out})")
@@ -445,6 +455,10 @@ def generate_shared() -> str:
         em.blank()
         em.blank()
         emit_extern_functions(em, dtype, suffix, f", {FAST_MATH}" if dtype == "float32" else "")
+    em.blank()
+    em.blank()
+    em("# out = a @ b from b's AMX tiles: named to LLVM by numrnn.runtime.amx.link (through link_blas).",
+       f'tile_product_call = extern_call("{TILE_SYMBOL}", (2, 1, 2), 0)')
     return em.source()
 
 
@@ -468,6 +482,8 @@ def shared_module_name() -> str:
 def _emit_shared_imports(em: Emitter, spec: StackSpec) -> None:
     suffix = SHARED_SUFFIX[spec.dtype]
     names = ", ".join(f"{extern_name(call, suffix)}_call as {call}" for call in EXTERN_FUNCTIONS)
+    if spec.dtype == "float32":
+        names += f", tile_product_call as {TILE_PRODUCT}"
     em("", "# The numrnn runtime imports this module before the kernel's (numrnn.runtime.kernels).",
        f"from {shared_module_name()} import {names}, link{suffix}",
        "", f"link{suffix}()")
@@ -717,20 +733,26 @@ def emit_input_projection(em: Emitter, spec: StackSpec, layer: Layer, weights: d
     :func:`stages_projection`, which takes the calls that BLAS would).
     """
     inputs, wx, panels = layer.input_size, weights["wx"], weights[panels_name("wx")]
+    tiles = weights[tiles_name("wx")]
     rows = packed_projection_rows(layer.cell, inputs, spec.dtype)
     em(f"xw = {buffers.projection(wx)}", f"xs = {VIEW}(src, 0, (T * B, {inputs}))")
     if inputs > LOOP_PROJECTION_MAX_INPUTS:
         masked = live_condition(spec) is not None
-        packed = f"if T * B <= {PACKED_PROJECTION_MAX_ROWS if masked else rows} and small > 0:"
-        if deferred is not None:
-            with em.block(f"if {deferred}:"):
-                em("pass  # projected by the layer, in its steps")
-            packed = f"el{packed}"
-        with em.block(packed):
-            em(f"{PANEL_PRODUCT}(xs, {panels}, xw, np.int64(0), T * B, np.int64(0))")
+        branches = [f"if {deferred}:"] if deferred is not None else []
+        if spec.dtype == "float32" and not masked:
+            branches.append(f"if {tiles}.size > 0:")
+        branches.append(f"if T * B <= {PACKED_PROJECTION_MAX_ROWS if masked else rows} and small > 0:")
+        for k, branch in enumerate(branches):
+            with em.block(branch if k == 0 else f"el{branch}"):
+                if branch.startswith(f"if {deferred}:"):
+                    em("pass  # projected by the layer, in its steps")
+                elif tiles in branch:
+                    em(f"{TILE_PRODUCT}(xs, {tiles}, xw)")
+                else:
+                    em(f"{PANEL_PRODUCT}(xs, {panels}, xw, np.int64(0), T * B, np.int64(0))")
         with em.block("else:"):
             if masked:
-                em(f"_project_live(xs, {condition_args(spec)[0]}, B, {wx}, {panels}, xw, "
+                em(f"_project_live(xs, {condition_args(spec)[0]}, B, {wx}, {panels}, {tiles}, xw, "
                    f"{buffers.gathered(inputs)}, np.int64({rows} if small > 0 else 0))")
             else:
                 em(f"{DOT}(xs, {wx}, xw)")
@@ -808,13 +830,13 @@ STAGE_ROWS = 256
 #: 148.5-151.0 ms; on 1024 inputs, 16 MiB, 176.6-183.6 / 189.5-205.2 ms.
 STAGE_MAX_WEIGHT_BYTES = 4 << 20
 #: The staging layer function's extra parameters: the input rows, the input kernel's panels, the flag.
-STAGED_PARAMS = ["xs", "wxp", "stage"]
+STAGED_PARAMS = ["xs", "wxp", "wxt", "stage"]
 #: What a staging layer function sets before its steps (:func:`emit_stage_setup`), passed on to a static
 #: unroll's step function.
 STAGE_NAMES = ["C", "xws"]
 #: What a layer call passes for each parameter of :data:`FUSED_PARAMS` and :data:`STAGED_PARAMS`, in their order
 #: (``wxp``: the input kernel's panels, filled in by :func:`projection_arguments`).
-PROJECTION_ARGUMENTS = {"xs": "xs", "wxp": None, "xwr": "xw", "fuse": "fuse", "stage": "stage"}
+PROJECTION_ARGUMENTS = {"xs": "xs", "wxp": None, "wxt": None, "xwr": "xw", "fuse": "fuse", "stage": "stage"}
 
 
 def stages_projection(spec: StackSpec, ctx: LayerContext) -> bool:
@@ -877,7 +899,7 @@ def projection_params(fused: bool, staged: bool) -> list[str]:
 
 def projection_arguments(weights: dict[str, str], fused: bool, staged: bool) -> list[str]:
     """What a layer call passes for :func:`projection_params` (``weights``: its packed names -> arguments)."""
-    values = {**PROJECTION_ARGUMENTS, "wxp": weights[panels_name("wx")]}
+    values = {**PROJECTION_ARGUMENTS, "wxp": weights[panels_name("wx")], "wxt": weights[tiles_name("wx")]}
     return [values[name] for name in projection_params(fused, staged)]
 
 
@@ -899,8 +921,15 @@ def emit_stage(em: Emitter, ctx: LayerContext) -> None:
     starts = "(s == 0 or tx == C - 1)" if ctx.reverse == "full" else "tx == 0"
     with em.block(f"if stage and {starts}:"):
         em("lo = t - tx", "n = (min(T, lo + C) - lo) * B",
-           f"{PANEL_PRODUCT}({VIEW}(xs, lo * B * xs.shape[1], (n, xs.shape[1])), wxp, xws, np.int64(0), n, "
-           "np.int64(0))")
+           f"stage_rows = {VIEW}(xs, lo * B * xs.shape[1], (n, xs.shape[1]))")
+        packed = f"{PANEL_PRODUCT}(stage_rows, wxp, xws, np.int64(0), n, np.int64(0))"
+        if ctx.dtype != "float32":
+            em(packed)
+            return
+        with em.block("if wxt.size > 0:"):
+            em(f"{TILE_PRODUCT}(stage_rows, wxt, {VIEW}(xws, 0, (n, xws.shape[1])))")
+        with em.block("else:"):
+            em(packed)
 
 
 def merge_expression(merge: str, forward: str, backward: str) -> str:

@@ -12,11 +12,10 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from codegen.cells import pack
 from codegen.spec import ACTIVATIONS, CellSpec, simple_stack
 from numrnn.compat.weights import keras_cell_arrays, keras_cell_weights
 from numrnn.layers.initializers import make_initializer
-from numrnn.runtime import kernel_for
+from numrnn.runtime import kernel_for, pack_cell
 from numrnn.validation import (
     as_real_array,
     as_shaped_array,
@@ -280,7 +279,7 @@ class RNNCell:
         logical = self._logical
         kept = self._packed
         if kept is None or kept[0] is not logical:
-            kept = self._packed = (logical, pack(self.cell_spec(), logical, self.dtype))
+            kept = self._packed = (logical, pack_cell(self.cell_spec(), logical, self.dtype))
         return kept[1]
 
     def count_params(self) -> int:

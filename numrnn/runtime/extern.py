@@ -48,7 +48,7 @@ from numba.core import cgutils, sigutils
 from numba.core.ccallback import CFunc
 from numba.extending import intrinsic
 
-from numrnn.runtime import helper
+from numrnn.runtime import amx, helper
 
 log = logging.getLogger("numrnn")
 
@@ -218,15 +218,17 @@ _PENDING: list[_Deferred] = []
 _FORWARDERS: list = []
 
 
-def _forwarders(signatures: list[types.Signature]) -> tuple[object, list[int], list[int]]:
+def _forwarders(signatures: list[types.Signature], fill_symbol: str = "numrnn_finish_links",
+                fill=None) -> tuple[object, list[int], list[int]]:
     """Machine code of one forwarder per C signature: each loads its cell and calls the address it holds,
-    calling :func:`finish_links` first while the cell is empty. Returns the execution engine that holds
-    the code, the forwarders' addresses and their cells'."""
+    calling ``fill`` (a ctypes callback, named ``fill_symbol``; :func:`finish_links` by default) first
+    while the cell is empty. Returns the execution engine that holds the code, the forwarders' addresses
+    and their cells'."""
     llvm.initialize_native_target()
     llvm.initialize_native_asmprinter()
     module = ir.Module("numrnn_forwarders")
     module.triple = llvm.get_process_triple()
-    finish = ir.Function(module, ir.FunctionType(ir.VoidType(), []), _FINISH_SYMBOL)
+    finish = ir.Function(module, ir.FunctionType(ir.VoidType(), []), fill_symbol)
     for i, signature in enumerate(signatures):
         arguments = [ir.IntType(8).as_pointer() if isinstance(t, types.CPointer) else ir.IntType(64)
                      for t in signature.args]
@@ -240,7 +242,7 @@ def _forwarders(signatures: list[types.Signature]) -> tuple[object, list[int], l
             builder.call(finish, [])
         builder.call(builder.load(cell), list(forwarder.args))
         builder.ret_void()
-    llvm.add_symbol(_FINISH_SYMBOL, ctypes.cast(_FINISH_CALLBACK, ctypes.c_void_p).value)
+    llvm.add_symbol(fill_symbol, ctypes.cast(_FINISH_CALLBACK if fill is None else fill, ctypes.c_void_p).value)
     parsed = llvm.parse_assembly(str(module))
     engine = llvm.create_mcjit_compiler(parsed, llvm.Target.from_default_triple().create_target_machine())
     engine.finalize_object()
@@ -272,7 +274,6 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_forget_in_child)
 
 
-_FINISH_SYMBOL = "numrnn_finish_links"
 _FINISH_CALLBACK = ctypes.CFUNCTYPE(None)(_finish_from_kernel)
 
 
@@ -287,7 +288,8 @@ def blas_symbol(name: str, bits: int) -> str:
 
 
 def link_blas() -> None:
-    """Give LLVM the addresses of scipy's BLAS functions that :func:`gemm` calls, once per process.
+    """Give LLVM the addresses of scipy's BLAS functions that :func:`gemm` calls, and the tile product's
+    (``numrnn.runtime.amx.link``), once per process.
 
     Before any function that calls :func:`gemm` is compiled or loaded. They
     are the functions numba's ``np.dot`` calls (through its C helper), from
@@ -305,6 +307,7 @@ def link_blas() -> None:
                      for key, function in BLAS_FUNCTIONS.items()}
         for symbol, address in addresses.items():
             llvm.add_symbol(symbol, address)
+        amx.link()
         _BLAS = blas  # keeps the module, and so its functions, loaded
 
 

@@ -20,6 +20,7 @@ import numpy as np
 from codegen import StackSpec, generate_source
 from codegen.cells import aligned_copy, pack, packed_names, split_packed
 from codegen.cells.common import panel_width, panels_name
+from codegen.spec import CellSpec
 from codegen.targets.cpu import (
     SHARED_SUFFIX,
     condition_args,
@@ -29,7 +30,7 @@ from codegen.targets.cpu import (
     wrong_panels_message,
 )
 from codegen.targets.cpu_dirsplit import WORKERS as DIRECTION_WORKERS
-from numrnn.runtime import helper
+from numrnn.runtime import amx, helper
 from numrnn.runtime.cache import (
     cache_dir,
     drop_compiled,
@@ -457,7 +458,7 @@ class Kernel:
         for cell in self.spec.cells:
             count = len(packed_names(cell))
             for me in range(n):
-                parts[me].extend(split_packed(cell, weights[pos:pos + count], me, n))
+                parts[me].extend(split_packed(cell, weights[pos:pos + count], me, n, amx.tiles_for))
             pos += count
         stacked = [aligned_copy(np.stack(slices)) for slices in zip(*parts)]
         self._last_slices = (list(weights), stacked)
@@ -810,7 +811,13 @@ def _build(spec: StackSpec) -> Kernel:
 
 def pack_weights(spec: StackSpec, logical: list[dict]) -> list[np.ndarray]:
     """Logical weights of every cell (``spec.cells`` order) -> the kernel's weight arguments."""
-    return [array for cell, weights in zip(spec.cells, logical) for array in pack(cell, weights, spec.dtype)]
+    return [array for cell, weights in zip(spec.cells, logical) for array in pack_cell(cell, weights, spec.dtype)]
+
+
+def pack_cell(cell: CellSpec, logical: dict, dtype: str) -> list[np.ndarray]:
+    """One cell's logical weights -> its kernel arguments (``codegen.cells.pack``), with this process's tiles
+    of the input kernel where it projects on AMX (``numrnn.runtime.amx.tiles_for``)."""
+    return pack(cell, logical, dtype, amx.tiles_for)
 
 
 #: Set in a child forked while a thread of its parent compiled: numba's compiler lock (or ours) stays held there.

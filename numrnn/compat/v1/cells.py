@@ -15,12 +15,11 @@ from typing import NamedTuple
 
 import numpy as np
 
-from codegen.cells import pack
 from codegen.spec import ACTIVATIONS, CellSpec, simple_stack
 from numrnn.compat.weights import tf1_cell_arrays, tf1_cell_weights, tf1_weight_names
 from numrnn.layers.cells import BUILD_LOCK, checked_initializer, feature_size
 from numrnn.layers.initializers import glorot_uniform, make_initializer
-from numrnn.runtime import kernel_for
+from numrnn.runtime import kernel_for, pack_cell
 from numrnn.validation import (
     as_real_array,
     as_shaped_array,
@@ -364,7 +363,7 @@ class LeafCell(RNNCell):
         logical = self._logical
         kept = self._packed.get(dtype)
         if kept is None or kept[0] is not logical:  # kept with its weights, as the Keras-style cells keep it
-            kept = self._packed[dtype] = (logical, pack(self.cell_spec(), logical, dtype))
+            kept = self._packed[dtype] = (logical, pack_cell(self.cell_spec(), logical, dtype))
         return kept[1]
 
     def _require_built(self, what: str) -> None:

@@ -1,0 +1,209 @@
+"""The input projection on AMX tiles (``numrnn.runtime.amx``): exact packing, float32 accuracy, every schedule alike.
+
+A float32 matrix is packed as the three bfloat16 parts whose sum it is;
+the packing and its inverse run anywhere. The tile product itself runs only
+where the CPU has AMX-BF16 and Linux grants the tile state: those tests
+skip elsewhere (``amx.why_not()`` says why).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+from reference import run_stack
+from test_grid import assert_bit_equal, assert_matches_reference, fan_in_weights
+
+from codegen.cells import packed_names, tiles_name
+from codegen.spec import BlockSpec, CellSpec, DirectionSpec, StackSpec, simple_stack
+from codegen.targets.cpu import layers_of, stages_past
+from numrnn.runtime import amx, get_kernel, pack_weights
+
+ON_TILES = pytest.mark.skipif(amx.why_not() is not None, reason=f"no AMX tile product here: {amx.why_not()}")
+
+#: Forward and reversed LSTM(128) on 256 inputs: input kernels of 256 x 512, the smallest that are tiled.
+BIDIR = StackSpec(blocks=(BlockSpec((DirectionSpec((CellSpec("lstm", 128),)),
+                                     DirectionSpec((CellSpec("lstm", 128),), "full")), "concat"),), input_size=256)
+
+
+def _awkward(rng, shape) -> np.ndarray:
+    """Normal values with zeros, negative zeros, huge and tiny magnitudes among them.
+
+    The tiniest whose three parts are all normal numbers (2**-110 up): below,
+    a part under 2**-126 is a subnormal, which the tile unit reads as zero,
+    as numrnn's kernels, flushing denormals, do (an error under 1.2e-38).
+    """
+    matrix = rng.standard_normal(shape).astype(np.float32)
+    flat = matrix.reshape(-1)
+    flat[::7] = 0.0
+    flat[1::11] = -0.0
+    flat[2::13] = np.float32(2.0 ** -110)
+    flat[3::17] = np.float32(3.4e38)
+    flat[4::19] = np.float32(-3e-32)
+    return matrix
+
+
+@pytest.mark.parametrize("shape", [(37, 45), (256, 512), (300, 520), (1, 1)])
+def test_tiles_hold_the_matrix_exactly(shape):
+    matrix = _awkward(np.random.default_rng(sum(shape)), shape)
+    tiles = amx.pack_tiles(matrix)
+    assert tiles.dtype == np.float32 and tiles.ctypes.data % 64 == 0
+    np.testing.assert_array_equal(amx.untile(tiles, *shape), matrix)  # to the bit (a zero's sign aside)
+
+
+def test_a_process_without_tiles_computes_from_them_in_float32():
+    # What a kernel handed tiles packed elsewhere calls where the tiles cannot run: the product of the matrix
+    # they hold (as numpy's float32 dot computes it), not zeros or garbage.
+    rng = np.random.default_rng(5)
+    a = rng.standard_normal((40, 300)).astype(np.float32)
+    matrix = rng.standard_normal((300, 520)).astype(np.float32)
+    tiles = amx.pack_tiles(matrix)
+    out = np.full((40, 520), np.nan, np.float32)
+    amx._product_without_tiles(a.ctypes.data, 40, 300, tiles.ctypes.data, tiles.size, out.ctypes.data, 40, 520)
+    np.testing.assert_array_equal(out, a @ matrix)
+
+
+def test_only_large_float32_kernels_are_tiled(monkeypatch):
+    monkeypatch.setattr(amx, "enabled", lambda: True)
+    monkeypatch.setattr(amx, "pack_tiles", lambda matrix: np.ones(1, matrix.dtype))
+    big = np.zeros((amx.MIN_INPUTS, amx.MIN_OUTPUTS), np.float32)
+    assert amx.tiles_for(big).size == 1
+    assert amx.tiles_for(big.astype(np.float64)).size == 0
+    assert amx.tiles_for(big[:-1]).size == 0 and amx.tiles_for(big[:, :-1]).size == 0
+    assert amx.tiles_for(big[:-1], wanted=True).size == 1  # a unit split worker's slice of a tiled kernel
+    assert amx.tiles_for(big, wanted=False).size == 0
+    monkeypatch.setattr(amx, "enabled", lambda: False)
+    assert amx.tiles_for(big).size == 0 and amx.tiles_for(big, wanted=True).size == 0
+
+
+def test_numrnn_amx_chooses(monkeypatch):
+    monkeypatch.setenv("NUMRNN_AMX", "0")
+    assert not amx.enabled()
+    monkeypatch.setenv("NUMRNN_AMX", "sometimes")
+    with pytest.raises(ValueError, match="NUMRNN_AMX must be 'auto', '0' or '1'; got 'sometimes'"):
+        amx.enabled()
+    monkeypatch.setitem(amx._state, "why_not", "the CPU has no AMX-BF16")
+    monkeypatch.setenv("NUMRNN_AMX", "auto")
+    assert not amx.enabled()
+    monkeypatch.setenv("NUMRNN_AMX", "1")
+    with pytest.raises(RuntimeError, match="NUMRNN_AMX=1, but .* cannot run here: the CPU has no AMX-BF16"):
+        amx.enabled()
+
+
+@ON_TILES
+@pytest.mark.parametrize("rows, depth, columns", [(37, 300, 520), (256, 512, 2048), (300, 257, 1000), (1, 256, 512)])
+def test_tile_product_is_as_close_to_float64_as_sgemm(rows, depth, columns):
+    rng = np.random.default_rng(rows + depth)
+    a = rng.standard_normal((rows, depth)).astype(np.float32)
+    b = (rng.standard_normal((depth, columns)) / np.sqrt(depth)).astype(np.float32)
+    out = np.full((rows, columns), np.nan, np.float32)
+    amx.tile_product(a, amx.pack_tiles(b), out)
+    exact = a.astype(np.float64) @ b.astype(np.float64)
+    tile_error, blas_error = np.abs(out - exact).max(), np.abs(a @ b - exact).max()
+    assert tile_error <= 2 * blas_error + 1e-7, (tile_error, blas_error)
+
+
+@ON_TILES
+def test_each_output_sums_alike_whatever_rows_and_columns_come_with_it():
+    # So a batch split (rows) and a unit split (columns of each gate) give the whole product's bits.
+    rng = np.random.default_rng(9)
+    a = rng.standard_normal((200, 300)).astype(np.float32)
+    b = rng.standard_normal((300, 600)).astype(np.float32)
+    whole = np.empty((200, 600), np.float32)
+    amx.tile_product(a, amx.pack_tiles(b), whole)
+    rows = np.empty((45, 600), np.float32)
+    amx.tile_product(np.ascontiguousarray(a[150:195]), amx.pack_tiles(b), rows)
+    np.testing.assert_array_equal(rows, whole[150:195])
+    columns = np.r_[5:70, 300:333, 599]
+    part = np.empty((200, columns.size), np.float32)
+    amx.tile_product(a, amx.pack_tiles(np.ascontiguousarray(b[:, columns])), part)
+    np.testing.assert_array_equal(part, whole[:, columns])
+
+
+def _call(spec, packed, x, initial, schedule, monkeypatch):
+    monkeypatch.setenv("NUMRNN_SCHEDULE", schedule)
+    states = [np.array(s) for cell_states in initial for s in cell_states]
+    out = get_kernel(spec)(x, None, states, packed)
+    return out, [tuple(states[2 * i: 2 * i + 2]) for i in range(len(spec.cells))]
+
+
+def _draw(spec, seed, steps, batch):
+    rng = np.random.default_rng(seed)
+    weights = fan_in_weights(spec, rng)
+    x = rng.standard_normal((steps, batch, spec.input_size)).astype(np.float32)
+    initial = [tuple(rng.standard_normal((batch, n)).astype(np.float32) for n in c.state_sizes) for c in spec.cells]
+    return weights, x, initial
+
+
+@ON_TILES
+@pytest.mark.parametrize("steps, batch", [(40, 32), (3, 4)], ids=["staged", "whole"])
+def test_kernels_project_on_tiles_alike_in_every_schedule(steps, batch, monkeypatch):
+    weights, x, initial = _draw(BIDIR, steps, steps, batch)
+    packed = pack_weights(BIDIR, weights)
+    names = [name for cell in BIDIR.cells for name in packed_names(cell)]
+    assert all(a.size > 0 for a, name in zip(packed, names) if name == tiles_name("wx"))
+    expected, expected_states = run_stack(BIDIR, weights, x, initial_states=initial)
+    serial = _call(BIDIR, packed, x, initial, "serial", monkeypatch)
+    assert_matches_reference(BIDIR, *serial, expected, expected_states)
+    for schedule in ("batch", "directions", "units"):
+        assert_bit_equal(*_call(BIDIR, packed, x, initial, schedule, monkeypatch), *serial)
+
+
+@ON_TILES
+@pytest.mark.parametrize("steps, batch", [(40, 32), (3, 4)], ids=["staged", "whole"])
+def test_kernels_read_the_tiles(steps, batch, monkeypatch):
+    # Tiles of another kernel change the outputs: the projection reads them, not the float32 kernel or its
+    # panels. The unit split tiles its workers' slices of the kernel again (as it cuts the panels again).
+    staged = stages_past(layers_of(BIDIR)[0], "float32")
+    assert (staged is not None and steps * batch > staged) == (steps == 40)
+    weights, x, initial = _draw(BIDIR, 3, steps, batch)
+    packed = pack_weights(BIDIR, weights)
+    swapped = list(packed)
+    at = packed_names(BIDIR.cells[0]).index(tiles_name("wx"))
+    swapped[at] = amx.pack_tiles(-weights[0]["kernel"])
+    for schedule in ("serial", "batch", "directions"):
+        got, _ = _call(BIDIR, swapped, x, initial, schedule, monkeypatch)
+        honest, _ = _call(BIDIR, packed, x, initial, schedule, monkeypatch)
+        assert np.abs(got - honest)[:, :, :128].max() > 0.1, schedule
+    workers = get_kernel(dataclasses.replace(BIDIR, unit_split=2))._worker_weights(packed)
+    kernel = weights[0]["kernel"]
+    for me in range(2):
+        columns = np.concatenate([np.arange(g * 128 + 64 * me, g * 128 + 64 * (me + 1)) for g in range(4)])
+        np.testing.assert_array_equal(workers[at][me], amx.pack_tiles(kernel[:, columns]))
+
+
+@ON_TILES
+def test_small_or_float64_layers_keep_their_float32_projection(monkeypatch):
+    spec = simple_stack([CellSpec("lstm", 64)], 256)  # 256 x 256: below the outputs the tiles take
+    weights, x, initial = _draw(spec, 4, 30, 8)
+    packed = pack_weights(spec, weights)
+    assert packed[packed_names(spec.cells[0]).index(tiles_name("wx"))].size == 0
+    wide = simple_stack([CellSpec("lstm", 128)], 256, dtype="float64")
+    assert pack_weights(wide, fan_in_weights(wide, np.random.default_rng(0)))[2].size == 0
+
+
+def test_every_cell_packs_its_input_kernel_s_tiles_after_its_panels():
+    assert packed_names(CellSpec("gru", 8))[:3] == ["wx", "wx_panels", "wx_tiles"]
+
+
+@ON_TILES
+def test_masked_kernels_project_their_live_rows_on_tiles(monkeypatch):
+    # bidir_masked's path: the rows some step reads are gathered, projected (here on tiles), moved back.
+    spec = dataclasses.replace(BIDIR, masking="lengths")
+    weights, x, initial = _draw(spec, 6, 30, 8)
+    lengths = np.array([30, 0, 7, 29, 1, 30, 15, 3], np.int64)
+    packed = pack_weights(spec, weights)
+    expected, expected_states = run_stack(spec, weights, x, lengths=lengths, initial_states=initial)
+
+    def call(arrays, schedule):
+        monkeypatch.setenv("NUMRNN_SCHEDULE", schedule)
+        states = [np.array(s) for cell_states in initial for s in cell_states]
+        return get_kernel(spec)(x, lengths, states, arrays), [tuple(states[:2]), tuple(states[2:])]
+
+    serial = call(packed, "serial")
+    assert_matches_reference(spec, *serial, expected, expected_states)
+    assert_bit_equal(*call(packed, "directions"), *serial)
+    swapped = list(packed)
+    swapped[packed_names(spec.cells[0]).index(tiles_name("wx"))] = amx.pack_tiles(-weights[0]["kernel"])
+    assert np.abs(call(swapped, "serial")[0] - serial[0])[:, :, :128].max() > 0.1
