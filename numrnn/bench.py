@@ -556,7 +556,7 @@ def _option(option: tuple[str, int]) -> str:
 
 def machine_line(gflops: float) -> str:
     """CPU, cores (numrnn's workers, and the peers' threads; the machine's CPUs where they differ), sgemm rate,
-    the OpenBLAS kernels in use, numpy/numba versions."""
+    the OpenBLAS kernels in use, whether numrnn projects on AMX tiles, numpy/numba versions."""
     import numba
 
     cpu = platform.processor() or platform.machine()
@@ -570,8 +570,17 @@ def machine_line(gflops: float) -> str:
     used = f"{workers} core{'s' if workers > 1 else ''}"
     count = used if workers == os.cpu_count() else f"{used} of {os.cpu_count()} CPUs"
     return (f"machine: {cpu}, {count}; numpy sgemm {gflops:.0f} GFLOP/s (best of 10, 2048^3); "
-            f"OPENBLAS_CORETYPE={blas}; python {platform.python_version()}, numpy {np.__version__}, "
-            f"numba {numba.__version__}")
+            f"OPENBLAS_CORETYPE={blas}; {_tiles_line()}; python {platform.python_version()}, "
+            f"numpy {np.__version__}, numba {numba.__version__}")
+
+
+def _tiles_line() -> str:
+    """Whether numrnn's large float32 projections run on AMX tiles here (``numrnn.runtime.amx``), and if not why."""
+    from numrnn.runtime import amx
+
+    if amx.enabled():
+        return "AMX tiles: on"
+    return f"AMX tiles: off ({'NUMRNN_AMX=0' if amx.why_not() is None else amx.why_not()})"
 
 
 def _seconds(text: str) -> float:

@@ -18,6 +18,7 @@ from test_grid import assert_bit_equal, assert_matches_reference, fan_in_weights
 from codegen.cells import packed_names, tiles_name
 from codegen.spec import BlockSpec, CellSpec, DirectionSpec, StackSpec, simple_stack
 from codegen.targets.cpu import layers_of, stages_past
+from numrnn import bench
 from numrnn.runtime import amx, get_kernel, pack_weights
 
 ON_TILES = pytest.mark.skipif(amx.why_not() is not None, reason=f"no AMX tile product here: {amx.why_not()}")
@@ -207,3 +208,13 @@ def test_masked_kernels_project_their_live_rows_on_tiles(monkeypatch):
     swapped = list(packed)
     swapped[packed_names(spec.cells[0]).index(tiles_name("wx"))] = amx.pack_tiles(-weights[0]["kernel"])
     assert np.abs(call(swapped, "serial")[0] - serial[0])[:, :, :128].max() > 0.1
+
+
+def test_the_bench_machine_line_says_whether_projections_run_on_tiles(monkeypatch):
+    monkeypatch.setenv("NUMRNN_AMX", "auto")
+    monkeypatch.setitem(amx._state, "why_not", "the CPU has no AMX-BF16")
+    assert "; AMX tiles: off (the CPU has no AMX-BF16); " in bench.machine_line(100.0)
+    monkeypatch.setitem(amx._state, "why_not", None)
+    assert "; AMX tiles: on; " in bench.machine_line(100.0)
+    monkeypatch.setenv("NUMRNN_AMX", "0")
+    assert "; AMX tiles: off (NUMRNN_AMX=0); " in bench.machine_line(100.0)
