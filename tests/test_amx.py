@@ -15,9 +15,9 @@ import pytest
 from reference import run_stack
 from test_grid import assert_bit_equal, assert_matches_reference, fan_in_weights
 
-from codegen.cells import packed_names, tiles_name
+from codegen.cells import pack, packed_names, split_packed, tiles_name
 from codegen.spec import BlockSpec, CellSpec, DirectionSpec, StackSpec, simple_stack
-from codegen.targets.cpu import layers_of, stages_past
+from codegen.targets.cpu import TILE_MIN_STEPS, layers_of, stages_past
 from numrnn import bench
 from numrnn.runtime import amx, get_kernel, pack_weights
 
@@ -32,8 +32,8 @@ def _awkward(rng, shape) -> np.ndarray:
     """Normal values with zeros, negative zeros, huge and tiny magnitudes among them.
 
     The tiniest whose three parts are all normal numbers (2**-110 up): below,
-    a part under 2**-126 is a subnormal, which the tile unit reads as zero,
-    as numrnn's kernels, flushing denormals, do (an error under 1.2e-38).
+    a part under 2**-126 is a subnormal, which the tile unit reads as zero
+    (an error under 1.2e-38).
     """
     matrix = rng.standard_normal(shape).astype(np.float32)
     flat = matrix.reshape(-1)
@@ -75,7 +75,9 @@ def test_only_large_float32_kernels_are_tiled(monkeypatch):
     assert amx.tiles_for(big[:-1], wanted=True).size == 1  # a unit split worker's slice of a tiled kernel
     assert amx.tiles_for(big, wanted=False).size == 0
     monkeypatch.setattr(amx, "enabled", lambda: False)
-    assert amx.tiles_for(big).size == 0 and amx.tiles_for(big, wanted=True).size == 0
+    assert amx.tiles_for(big).size == 0
+    # A worker's slice of a kernel tiled elsewhere is tiled here too: every schedule then runs the stand-in.
+    assert amx.tiles_for(big, wanted=True).size == 1
 
 
 def test_numrnn_amx_chooses(monkeypatch):
@@ -92,17 +94,67 @@ def test_numrnn_amx_chooses(monkeypatch):
         amx.enabled()
 
 
+def _operands(data: str, rows: int, depth: int, columns: int, rng):
+    if data == "normal":
+        return (rng.standard_normal((rows, depth)).astype(np.float32),
+                (rng.standard_normal((depth, columns)) / np.sqrt(depth)).astype(np.float32))
+    if data == "positive":  # every term of one sign: parts cut short would all pull one way
+        return rng.random((rows, depth)).astype(np.float32), rng.random((depth, columns)).astype(np.float32)
+    value = np.uint32(0x3F80FFFF).view(np.float32)  # 1 + 2**-8 - 2**-23: large middle and low parts
+    return np.full((rows, depth), value, np.float32), np.full((depth, columns), value, np.float32)
+
+
 @ON_TILES
+@pytest.mark.parametrize("data", ["normal", "positive", "constant"])
 @pytest.mark.parametrize("rows, depth, columns", [(37, 300, 520), (256, 512, 2048), (300, 257, 1000), (1, 256, 512)])
-def test_tile_product_is_as_close_to_float64_as_sgemm(rows, depth, columns):
-    rng = np.random.default_rng(rows + depth)
-    a = rng.standard_normal((rows, depth)).astype(np.float32)
-    b = (rng.standard_normal((depth, columns)) / np.sqrt(depth)).astype(np.float32)
+def test_tile_product_is_as_close_to_float64_as_sgemm(rows, depth, columns, data):
+    a, b = _operands(data, rows, depth, columns, np.random.default_rng(rows + depth))
     out = np.full((rows, columns), np.nan, np.float32)
     amx.tile_product(a, amx.pack_tiles(b), out)
     exact = a.astype(np.float64) @ b.astype(np.float64)
     tile_error, blas_error = np.abs(out - exact).max(), np.abs(a @ b - exact).max()
     assert tile_error <= 2 * blas_error + 1e-7, (tile_error, blas_error)
+
+
+@ON_TILES
+def test_single_products_are_within_float32_rounding_of_the_exact_one():
+    # One term a sum (k = 1): the six part products, added in float32 (five roundings), and what they leave
+    # out stay within a few of float32's roundings of the product (2**-24), and do not lean one way. Parts
+    # cut short (the significand's bytes) left out up to 2**-21, all toward zero: 4.7e-7, mean -4.6e-8 here.
+    rng = np.random.default_rng(14)
+    bits = np.concatenate([[0x3F80FFFF, 0x3FFFFFFF, 0x3F807FFF, 0xBF80FFFF],
+                           rng.integers(0x3F000000, 0x40000000, 60)]).astype(np.uint32)
+    values = bits.view(np.float32)
+    a, b = values[:, None].copy(), values[None, :].copy()
+    out = np.empty((values.size, values.size), np.float32)
+    amx.tile_product(a, amx.pack_tiles(b), out)
+    error = out / (a.astype(np.float64) * b.astype(np.float64)) - 1
+    assert np.abs(error).max() <= 2.0 ** -22 and abs(error.mean()) <= 2.0 ** -27
+
+
+@ON_TILES
+def test_rows_with_infinities_or_nans_come_out_as_in_float32():
+    rng = np.random.default_rng(8)
+    a = rng.standard_normal((40, 300)).astype(np.float32)
+    a[3, 7], a[5, 0], a[9, 2], a[33, 299] = np.inf, -np.inf, np.nan, np.inf
+    b = rng.standard_normal((300, 520)).astype(np.float32)
+    out = np.empty((40, 520), np.float32)
+    amx.tile_product(a, amx.pack_tiles(b), out)
+    expected = a @ b
+    np.testing.assert_array_equal(np.isnan(out), np.isnan(expected))
+    np.testing.assert_array_equal(np.sign(out[np.isinf(expected)]), np.sign(expected[np.isinf(expected)]))
+    finite = ~np.isin(np.arange(40), [3, 5, 9, 33])
+    np.testing.assert_allclose(out[finite], expected[finite], rtol=0, atol=1e-4)
+
+
+def test_tile_product_refuses_what_it_cannot_run(monkeypatch):
+    a, out = np.zeros((4, 40), np.float32), np.zeros((4, 50), np.float32)
+    monkeypatch.setitem(amx._state, "why_not", None)  # the size is checked before any tile runs
+    with pytest.raises(ValueError, match=r"tiles must be 6144 float32 values \(pack_tiles of a 40 x 50 matrix\)"):
+        amx.tile_product(a, np.zeros(10, np.float32), out)
+    monkeypatch.setitem(amx._state, "why_not", "the CPU has no AMX-BF16")
+    with pytest.raises(RuntimeError, match="tile_product: the AMX tile product cannot run here: the CPU has no"):
+        amx.tile_product(a, amx.pack_tiles(np.zeros((40, 50), np.float32)), out)
 
 
 @ON_TILES
@@ -138,7 +190,7 @@ def _draw(spec, seed, steps, batch):
 
 
 @ON_TILES
-@pytest.mark.parametrize("steps, batch", [(40, 32), (3, 4)], ids=["staged", "whole"])
+@pytest.mark.parametrize("steps, batch", [(40, 32), (TILE_MIN_STEPS, 4)], ids=["staged", "whole"])
 def test_kernels_project_on_tiles_alike_in_every_schedule(steps, batch, monkeypatch):
     weights, x, initial = _draw(BIDIR, steps, steps, batch)
     packed = pack_weights(BIDIR, weights)
@@ -152,7 +204,7 @@ def test_kernels_project_on_tiles_alike_in_every_schedule(steps, batch, monkeypa
 
 
 @ON_TILES
-@pytest.mark.parametrize("steps, batch", [(40, 32), (3, 4)], ids=["staged", "whole"])
+@pytest.mark.parametrize("steps, batch", [(40, 32), (TILE_MIN_STEPS, 4)], ids=["staged", "whole"])
 def test_kernels_read_the_tiles(steps, batch, monkeypatch):
     # Tiles of another kernel change the outputs: the projection reads them, not the float32 kernel or its
     # panels. The unit split tiles its workers' slices of the kernel again (as it cuts the panels again).
@@ -218,3 +270,65 @@ def test_the_bench_machine_line_says_whether_projections_run_on_tiles(monkeypatc
     assert "; AMX tiles: on; " in bench.machine_line(100.0)
     monkeypatch.setenv("NUMRNN_AMX", "0")
     assert "; AMX tiles: off (NUMRNN_AMX=0); " in bench.machine_line(100.0)
+
+
+@ON_TILES
+def test_calls_shorter_than_a_tile_of_steps_keep_the_float32_projection(monkeypatch):
+    # A streaming step or a short call projects as it did (a tile takes 32 rows); a call of 16 steps on tiles.
+    weights, x, initial = _draw(BIDIR, 10, 16, 4)
+    packed = pack_weights(BIDIR, weights)
+    untiled = [np.zeros(0, np.float32) if name == tiles_name("wx") else array
+               for array, name in zip(packed, [n for cell in BIDIR.cells for n in packed_names(cell)])]
+    for steps, same in ((1, True), (TILE_MIN_STEPS - 1, True), (TILE_MIN_STEPS, False)):
+        tiled, _ = _call(BIDIR, packed, x[:steps], initial, "serial", monkeypatch)
+        plain, _ = _call(BIDIR, untiled, x[:steps], initial, "serial", monkeypatch)
+        assert np.array_equal(tiled, plain) == same, steps
+
+
+@ON_TILES
+def test_one_row_workers_do_not_fuse_a_tiled_projection(monkeypatch):
+    # The suite fuses wherever it may (NUMRNN_FUSED_PROJECTION=1): the batch split's one-row workers would fuse
+    # their projection, serial's two rows project on tiles, and the two would differ.
+    monkeypatch.setenv("NUMRNN_FUSED_PROJECTION", "1")
+    spec = simple_stack([CellSpec("lstm", 128)], 256)
+    weights, x, initial = _draw(spec, 11, 20, 2)
+    packed = pack_weights(spec, weights)
+    serial = _call(spec, packed, x, initial, "serial", monkeypatch)
+    assert_bit_equal(*_call(spec, packed, x, initial, "batch", monkeypatch), *serial)
+
+
+@ON_TILES
+def test_masked_short_calls_split_by_rows_project_alike(monkeypatch):
+    # 20 steps of 8 rows (160 rows): the whole call gathers its live rows onto tiles; a worker's 80 rows too.
+    spec = dataclasses.replace(BIDIR, masking="lengths")
+    weights, x, initial = _draw(spec, 12, 20, 8)
+    lengths = np.array([20, 3, 17, 20, 1, 0, 9, 20], np.int64)
+    packed = pack_weights(spec, weights)
+    outputs = []
+    for schedule in ("serial", "batch"):
+        monkeypatch.setenv("NUMRNN_SCHEDULE", schedule)
+        states = [np.array(s) for cell_states in initial for s in cell_states]
+        outputs.append(get_kernel(spec)(x, lengths, states, packed))
+    np.testing.assert_array_equal(outputs[1], outputs[0])
+
+
+@ON_TILES
+def test_tiles_of_another_kernel_are_refused(monkeypatch):
+    weights, x, initial = _draw(BIDIR, 13, 20, 4)
+    packed = pack_weights(BIDIR, weights)
+    at = packed_names(BIDIR.cells[0]).index(tiles_name("wx"))
+    packed[at] = amx.pack_tiles(np.zeros((256, 256), np.float32))
+    for schedule in ("serial", "directions"):
+        with pytest.raises(ValueError, match="not the tiles of"):
+            _call(BIDIR, packed, x, initial, schedule, monkeypatch)
+
+
+def test_a_tiled_pack_is_not_cut_without_its_tiler():
+    cell = CellSpec("lstm", 4)
+    packed = pack(cell, fan_in_weights(simple_stack([cell], 3), np.random.default_rng(0))[0], "float32",
+                  lambda matrix, wanted: amx.pack_tiles(matrix))
+    with pytest.raises(ValueError, match="split_packed: the cell's input kernel has tiles; pass the tiling"):
+        split_packed(cell, packed, 0, 2)
+    halves = split_packed(cell, packed, 1, 2, amx.tiles_for)
+    kernel = halves[packed_names(cell).index("wx")]
+    np.testing.assert_array_equal(amx.untile(halves[packed_names(cell).index("wx_tiles")], *kernel.shape), kernel)

@@ -147,6 +147,9 @@ def split_packed(cell: CellSpec, arrays: list[np.ndarray], part: int, parts: int
         n = width // parts
         index = np.concatenate([np.arange(g * width + part * n, g * width + (part + 1) * n) for g in range(blocks)])
         out[name] = np.take(array, index, axis=axis)
+    if tiled and tiles is no_tiles:
+        raise ValueError("split_packed: the cell's input kernel has tiles; pass the tiling function that made "
+                         "them (numrnn.runtime.amx.tiles_for) to tile the worker's slice")
     return _with_panels(cell, out, tiles, tiled)
 
 

@@ -13,7 +13,10 @@ masked step keeps the state of every cell of the stack; it lets each layer's
 input projection be one product over all ``T * B`` rows, hoisted out of the loop
 (a BLAS GEMM, or the packed product for a short call: :func:`emit_input_projection`),
 or, in a long unmasked call, packed products of a few steps' rows at a time
-inside the loop or a static unroll's steps (:func:`stages_projection`).
+inside the loop or a static unroll's steps (:func:`stages_projection`). Where
+the runtime tiled a float32 layer's input kernel for AMX (its ``wx_tiles``,
+``numrnn.runtime.amx``), those products are tile products instead, in calls
+of :data:`TILE_MIN_STEPS` steps or more (:func:`projects_on_tiles`).
 
 Kernel signature (all arrays C-contiguous, time-major)::
 
@@ -234,7 +237,7 @@ def _emit_live_product(em: Emitter, dtype: str, rows: str, out: str) -> None:
     packed product up to ``packed_rows``, else BLAS."""
     branch = "if"
     if dtype == "float32":
-        with em.block("if wxt.size > 0:"):
+        with em.block(f"if {projects_on_tiles('wxt')}:"):
             em(f"{TILE_PRODUCT}({rows}, wxt, {out})")
         branch = "elif"
     with em.block(f"{branch} n <= packed_rows:"):
@@ -614,6 +617,13 @@ def emit_panel_checks(em: Emitter, spec: StackSpec) -> None:
         if argument.endswith(panels_name("")):
             with em.block(f"if {argument}.shape[2] != {width}:"):
                 em(f'raise ValueError("{wrong_panels_message(argument, width)}")')
+        if argument.endswith(tiles_name("wx")) and spec.dtype == "float32":
+            # A pack of another kernel's tiles would have its loads read past them.
+            kernel = argument[:-len(tiles_name("wx"))] + "wx"
+            size = f"{TILE_VALUES} * (({kernel}.shape[0] + 31) // 32) * (({kernel}.shape[1] + 31) // 32)"
+            with em.block(f"if {argument}.size != 0 and {argument}.size != {size}:"):
+                em(f'raise ValueError("{argument}: not the tiles of {kernel} '
+                   '(pack the weights again with numrnn.runtime.pack_weights)")')
 
 
 def wrong_panels_message(argument: str, width: int) -> str:
@@ -641,7 +651,8 @@ def emit_layer_call(em: Emitter, spec: StackSpec, layer: Layer, *, is_last: bool
     weights = dict(zip(packed_names(cell), layer.weight_args()))
     fused = fuses_projection(layer.context, cell.units)
     staged = stages_projection(spec, layer.context)
-    flags = [emit_fuse_flag(em, layer) if fused else None, emit_stage_flag(em, spec, layer, fused) if staged else None]
+    flags = [emit_fuse_flag(em, layer, spec.dtype) if fused else None,
+             emit_stage_flag(em, spec, layer, fused) if staged else None]
     deferred = " or ".join(flag for flag in flags if flag) or None
     emit_input_projection(em, spec, layer, weights, buffers, deferred)
     out = "dest" if is_last else "seq"
@@ -730,7 +741,9 @@ def emit_input_projection(em: Emitter, spec: StackSpec, layer: Layer, weights: d
     ``_dot``, as the layers' recurrent products are: ``numrnn.runtime.extern``).
     Where the runtime condition ``deferred`` holds, nothing is projected
     here: the layer does it in its steps (its fused product, or its stages:
-    :func:`stages_projection`, which takes the calls that BLAS would).
+    :func:`stages_projection`, which takes the calls that BLAS would). Else a
+    float32 layer whose input kernel has tiles projects on them
+    (:func:`projects_on_tiles`), a masked one its live rows.
     """
     inputs, wx, panels = layer.input_size, weights["wx"], weights[panels_name("wx")]
     tiles = weights[tiles_name("wx")]
@@ -738,24 +751,21 @@ def emit_input_projection(em: Emitter, spec: StackSpec, layer: Layer, weights: d
     em(f"xw = {buffers.projection(wx)}", f"xs = {VIEW}(src, 0, (T * B, {inputs}))")
     if inputs > LOOP_PROJECTION_MAX_INPUTS:
         masked = live_condition(spec) is not None
-        branches = [f"if {deferred}:"] if deferred is not None else []
-        if spec.dtype == "float32" and not masked:
-            branches.append(f"if {tiles}.size > 0:")
-        branches.append(f"if T * B <= {PACKED_PROJECTION_MAX_ROWS if masked else rows} and small > 0:")
-        for k, branch in enumerate(branches):
-            with em.block(branch if k == 0 else f"el{branch}"):
-                if branch.startswith(f"if {deferred}:"):
-                    em("pass  # projected by the layer, in its steps")
-                elif tiles in branch:
-                    em(f"{TILE_PRODUCT}(xs, {tiles}, xw)")
-                else:
-                    em(f"{PANEL_PRODUCT}(xs, {panels}, xw, np.int64(0), T * B, np.int64(0))")
+        whole = (f"_project_live(xs, {condition_args(spec)[0]}, B, {wx}, {panels}, {tiles}, xw, "
+                 f"{buffers.gathered(inputs)}, np.int64({rows} if small > 0 else 0))" if masked
+                 else f"{DOT}(xs, {wx}, xw)")
+        branches = []  # (condition, statement), the first that holds runs
+        if deferred is not None:
+            branches.append((deferred, "pass  # projected by the layer, in its steps"))
+        if spec.dtype == "float32":  # _project_live projects on tiles itself, a short call's rows too
+            branches.append((projects_on_tiles(tiles), whole if masked else f"{TILE_PRODUCT}(xs, {tiles}, xw)"))
+        branches.append((f"T * B <= {PACKED_PROJECTION_MAX_ROWS if masked else rows} and small > 0",
+                         f"{PANEL_PRODUCT}(xs, {panels}, xw, np.int64(0), T * B, np.int64(0))"))
+        for k, (condition, statement) in enumerate(branches):
+            with em.block(f"{'el' if k else ''}if {condition}:"):
+                em(statement)
         with em.block("else:"):
-            if masked:
-                em(f"_project_live(xs, {condition_args(spec)[0]}, B, {wx}, {panels}, {tiles}, xw, "
-                   f"{buffers.gathered(inputs)}, np.int64({rows} if small > 0 else 0))")
-            else:
-                em(f"{DOT}(xs, {wx}, xw)")
+            em(whole)
         return
     with em.block("for r in range(T * B):"):
         em(*(f"x{k} = xs[r, {k}]" for k in range(inputs)), "xr = xw[r]")
@@ -769,6 +779,10 @@ def emit_input_projection(em: Emitter, spec: StackSpec, layer: Layer, weights: d
 #: T=256 2451 / 1752, T=300 2701-2966 / 2005-2110; at T=300 LSTM(128) on 128 inputs 673-824 / 581-685,
 #: GRU(256) on 64 1489-2800 / 1309-1623, 2xBiLSTM(128) on 64 1062-1200 / 935-1140.
 FUSE_CONDITION = "B == 1 and small > 0"
+#: float32 values of a tile copy per 32 inputs and 32 outputs of its kernel: three parts of 32 x 32 bfloat16.
+TILE_VALUES = 3 * 32 * 32 // 2
+#: The fewest time steps a call projects with on tiles (:func:`projects_on_tiles`): a tile's rows at one row a step.
+TILE_MIN_STEPS = 16
 #: The fusing layer function's extra parameters: the input rows, the input kernel's panels, the projection, the flag.
 FUSED_PARAMS = ["xs", "wxp", "xwr", "fuse"]
 
@@ -789,9 +803,32 @@ def fuses_projection(ctx: LayerContext, units: int) -> bool:
             and FUSED_MIN_BYTES <= recurrent_bytes(ctx.cell, ctx.dtype, units) <= FUSED_MAX_BYTES)
 
 
-def emit_fuse_flag(em: Emitter, layer: Layer) -> str | None:
-    """Set ``fuse`` before a fusing layer's call; the condition that defers its projection (``None`` if never)."""
-    return _emit_flag(em, "fuse", None if layer.input_size <= LOOP_PROJECTION_MAX_INPUTS else FUSE_CONDITION)
+def emit_fuse_flag(em: Emitter, layer: Layer, dtype: str) -> str | None:
+    """Set ``fuse`` before a fusing layer's call; the condition that defers its projection (``None`` if never).
+
+    Never where the call projects on tiles (:func:`projects_on_tiles`): every
+    schedule of it must sum alike, and a worker of one row would fuse.
+    """
+    if layer.input_size <= LOOP_PROJECTION_MAX_INPUTS:
+        return _emit_flag(em, "fuse", None)
+    condition = FUSE_CONDITION
+    if dtype == "float32":
+        tiles = dict(zip(packed_names(layer.cell), layer.weight_args()))[tiles_name("wx")]
+        condition += f" and not ({projects_on_tiles(tiles)})"
+    return _emit_flag(em, "fuse", condition)
+
+
+def projects_on_tiles(tiles: str) -> str:
+    """The runtime condition under which a float32 layer projects with its input kernel's tiles ``tiles``.
+
+    Where the tiles are not empty (``numrnn.runtime.amx.tiles_for``) and the
+    call has :data:`TILE_MIN_STEPS` steps or more: its time steps, not its
+    rows, which differ between the batch split's workers, so that every
+    schedule of a call projects alike, to the bit. A tile product takes 32
+    rows at least: a short call of one row (a streaming step) keeps the
+    packed product (LSTM(128) on 256 inputs, one row: ~15 us on tiles).
+    """
+    return f"{tiles}.size > 0 and T >= {TILE_MIN_STEPS}"
 
 
 def _emit_flag(em: Emitter, flag: str, condition: str | None) -> str | None:
@@ -829,13 +866,13 @@ STAGE_ROWS = 256
 #: LSTM(512) on 512 inputs (throughput512's 4 MiB) gains (above); LSTM(1024) on 512 inputs, 8 MiB, 147.6-148.8 /
 #: 148.5-151.0 ms; on 1024 inputs, 16 MiB, 176.6-183.6 / 189.5-205.2 ms.
 STAGE_MAX_WEIGHT_BYTES = 4 << 20
-#: The staging layer function's extra parameters: the input rows, the input kernel's panels, the flag.
+#: The staging layer function's extra parameters: the input rows, the input kernel's panels and tiles, the flag.
 STAGED_PARAMS = ["xs", "wxp", "wxt", "stage"]
 #: What a staging layer function sets before its steps (:func:`emit_stage_setup`), passed on to a static
 #: unroll's step function.
 STAGE_NAMES = ["C", "xws"]
 #: What a layer call passes for each parameter of :data:`FUSED_PARAMS` and :data:`STAGED_PARAMS`, in their order
-#: (``wxp``: the input kernel's panels, filled in by :func:`projection_arguments`).
+#: (``wxp``, ``wxt``: the input kernel's panels and tiles, filled in by :func:`projection_arguments`).
 PROJECTION_ARGUMENTS = {"xs": "xs", "wxp": None, "wxt": None, "xwr": "xw", "fuse": "fuse", "stage": "stage"}
 
 
@@ -926,7 +963,7 @@ def emit_stage(em: Emitter, ctx: LayerContext) -> None:
         if ctx.dtype != "float32":
             em(packed)
             return
-        with em.block("if wxt.size > 0:"):
+        with em.block(f"if {projects_on_tiles('wxt')}:"):
             em(f"{TILE_PRODUCT}(stage_rows, wxt, {VIEW}(xws, 0, (n, xws.shape[1])))")
         with em.block("else:"):
             em(packed)

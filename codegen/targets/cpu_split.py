@@ -497,7 +497,7 @@ def _emit_layer_call(em: Emitter, spec: StackSpec, layer: Layer, *, is_last: boo
     weights = dict(zip(packed_names(cell), layer.weight_args()))
     em(f"u0 = me * {n}")
     fused = fuses_projection(layer.context, n)
-    deferred = emit_fuse_flag(em, layer) if fused else None
+    deferred = emit_fuse_flag(em, layer, spec.dtype) if fused else None
     emit_input_projection(em, spec, layer, weights, NewArrays(spec.dtype), deferred)
     out = "dest" if is_last else f"seq{layer.index}"
     recurrent = [weights[name] for name in recurrent_names(cell)]

@@ -5,18 +5,23 @@ rate of its AVX-512 units (``TDPBF16PS``: a 16x32 by 32x16 product, float32
 sums, every 16 cycles). A float32 number is the exact sum of three bfloat16
 numbers (its significand's three bytes: ``x = hi + mid + lo``), so
 
-    a @ b = ah@bh + am@bh + al@bh + am@bm + ah@bm + ah@bl  (+ terms below 2**-24 of a product)
+    a @ b = ah@bh + am@bh + al@bh + am@bm + ah@bm + ah@bl  (+ terms under 2**-24 of a product)
 
 six tile products where one float32 product was, each product of two parts
 exact in float32 and summed in float32. The terms left out (``am@bl``,
-``al@bm``, ``al@bl``) are below float32's rounding of each product, and the
-sums round as a float32 GEMM's do: against a float64 product, the error is
+``al@bm``, ``al@bl``) are under 2**-24 of each product, float32's own
+rounding of it, and the sums round as a float32 GEMM's do: against a float64 product, the error is
 BLAS's sgemm's (tests/test_amx.py). Six products at 16 times the rate are
 2.7 times float32's peak; with ``a``'s packing, a stage of LSTM(512)'s
 projection (256 x 512 by 512 x 2048) runs in 1.7 ms against numpy's 3.0 on
-one core (docs/speed-history.md). A part under 2**-126 (of an ``x`` under
-2**-110) is a subnormal, which the unit reads as zero, as numrnn's kernels,
-with denormals flushed, do.
+one core (docs/speed-history.md). The parts are each the nearest bfloat16
+to what the parts before leave (:func:`_store_split`), so that the terms
+left out cancel on average. Two limits: a part under 2**-126 (of an ``x``
+under about 2**-110) is a subnormal, which the unit reads as zero (an
+absolute error under 1.2e-38 a product); and a row of ``a`` holding an
+infinity or a NaN is computed in float32 instead, since its zero parts
+would make NaNs of ``b``'s (``0 * inf``). Weights must be finite, as the
+facades require.
 
 How kernels reach it: a layer's input kernel has a third packed copy,
 ``wx_tiles`` (:func:`tiles_for`: its parts in tiles, packed once with the
@@ -180,29 +185,53 @@ def _aligned(count):
 
 
 @njit(**_JIT, inline="always")
-def _store_split(packed, parts, at, value):
-    """The three bfloat16 parts whose sum is ``value`` exactly (its significand's bytes), at ``at``, ``parts`` apart.
+def _rounded(bits):
+    """float32 ``bits`` rounded to the nearest bfloat16 (ties to even), as float32 bits."""
+    return (bits + np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1))) & np.uint32(0xFFFF0000)
 
+
+_EXPONENT = np.uint32(0x7F800000)
+
+
+@njit(**_JIT, inline="always")
+def _store_split(packed, parts, at, value):
+    """The three bfloat16 parts whose sum is ``value`` exactly, at ``at``, ``parts`` apart; 1 if ``value`` is
+    not finite (its first part is then itself, the others zeros), else 0.
+
+    Each part is the nearest bfloat16 to what the parts before leave (8
+    significant bits each, 24 in all), so a part is at most 2**-9 of the
+    one before and of either sign: the products the tile product leaves out
+    stay under 2**-24 of the whole and cancel on average, where parts cut
+    short (the bytes of the significand) all pulled toward zero, by up to
+    2**-21. A finite value past the largest bfloat16 takes its first part
+    cut short instead of rounded (which would make it infinite).
     ``at`` and ``parts`` unsigned: a signed index costs numba's negative-index
     check, which keeps LLVM from vectorizing the packing loops (3.8 against
     1.4 ms for 3200 x 512).
     """
     bits = _bits(value)
-    high = bits & np.uint32(0xFFFF0000)
-    rest = value - _float(high)
-    middle = _bits(rest) & np.uint32(0xFFFF0000)
+    finite = (bits & _EXPONENT) != _EXPONENT
+    high = _rounded(bits)
+    if (high & _EXPONENT) == _EXPONENT:
+        high = bits & np.uint32(0xFFFF0000)
+        if not finite and bits & np.uint32(0x007FFFFF):
+            high |= np.uint32(0x00400000)  # a NaN stays one
+    rest = value - _float(high) if finite else np.float32(0.0)
+    middle = _rounded(_bits(rest))
     low = _bits(rest - _float(middle))  # at most 8 significant bits: a bfloat16 exactly
     packed[at] = np.uint16(high >> np.uint32(16))
     packed[parts + at] = np.uint16(middle >> np.uint32(16))
     packed[parts + parts + at] = np.uint16(low >> np.uint32(16))
+    return np.uint8(0) if finite else np.uint8(1)
 
 
 _U = np.uint64
 
 
 @njit(**_JIT)
-def _pack_rows(a, leading, rows, depth, depth_blocks, packed):
-    """The flat ``a`` (``rows`` rows ``leading`` apart) as tiles: ``packed[part, row block, k block, row, k]``.
+def _pack_rows(a, leading, rows, depth, depth_blocks, packed, odd):
+    """The flat ``a`` (``rows`` rows ``leading`` apart) as tiles: ``packed[part, row block, k block, row, k]``;
+    ``odd[r]`` nonzero where row ``r`` holds a value that is not finite.
 
     Each tile (16 rows of 32 k) is 1 KiB in a line, as ``_load`` reads it;
     ``packed`` comes zeroed, and what lies past ``a`` stays so.
@@ -210,10 +239,12 @@ def _pack_rows(a, leading, rows, depth, depth_blocks, packed):
     parts, tile, pair = _U(packed.size // 3), _U(_TILE * _PAIR), _U(_PAIR)
     for r in range(_U(rows)):
         base = (r // _U(_TILE)) * _U(depth_blocks) * tile + (r % _U(_TILE)) * pair
+        flags = np.uint8(0)
         for kb in range(_U(depth_blocks)):
             at, k0 = base + kb * tile, r * _U(leading) + kb * pair
             for c in range(min(pair, _U(depth) - kb * pair)):
-                _store_split(packed, parts, at + c, a[k0 + c])
+                flags |= _store_split(packed, parts, at + c, a[k0 + c])
+        odd[r] = flags
 
 
 @njit(**_JIT)
@@ -229,7 +260,7 @@ def _pack_columns(b, leading, depth, columns, column_blocks, depth_blocks, packe
         for jb in range(_U(column_blocks)):
             at, j0 = jb * _U(depth_blocks) * tile + row, k * _U(leading) + jb * width
             for c in range(min(width, _U(columns) - min(_U(columns), jb * width))):
-                _store_split(packed, parts, at + _U(2) * c, b[j0 + c])
+                _store_split(packed, parts, at + _U(2) * c, b[j0 + c])  # weights are finite (the facades check)
 
 
 @njit(**_JIT)
@@ -338,13 +369,29 @@ def _blocks(size: int, block: int) -> int:
     return (size + block - 1) // block
 
 
-@njit(**_JIT)
-def tile_product(a, tiles, out):
+def tile_product(a: np.ndarray, tiles: np.ndarray, out: np.ndarray) -> None:
     """``out = a @ b`` for C-contiguous float32 ``a`` (m, k) and ``out`` (m, n), ``b`` as :func:`pack_tiles` packs it.
 
-    On AMX tiles: only in a process :func:`enabled` says may use them
-    (elsewhere the CPU faults: SIGILL).
+    On AMX tiles; a ``RuntimeError`` where they cannot run (:func:`why_not`).
     """
+    reason = why_not()
+    if reason is not None:
+        raise RuntimeError(f"tile_product: the AMX tile product cannot run here: {reason}")
+    expected = tiles_size(a.shape[1], out.shape[1])
+    if tiles.dtype != np.float32 or tiles.size != expected:
+        raise ValueError(f"tile_product: tiles must be {expected} float32 values (pack_tiles of a "
+                         f"{a.shape[1]} x {out.shape[1]} matrix); got {tiles.size} {tiles.dtype}")
+    _tile_product_arrays(a, tiles, out)
+
+
+def tiles_size(inputs: int, outputs: int) -> int:
+    """float32 values of :func:`pack_tiles`' copy of an ``(inputs, outputs)`` matrix (``TILE_VALUES`` in
+    ``codegen.targets.cpu`` for each 32 x 32 block)."""
+    return 3 * (2 * _blocks(outputs, 2 * _TILE)) * _blocks(inputs, _PAIR) * _TILE * _PAIR // 2
+
+
+@njit(**_JIT)
+def _tile_product_arrays(a, tiles, out):
     _tile_product(a.ravel(), a.shape[1], a.shape[0], a.shape[1], tiles.view(np.uint16), out.ravel(), out.shape[1],
                   out.shape[1])
 
@@ -363,15 +410,17 @@ def _tile_product(a, lda, rows, depth, bp, out, ldc, columns):
     panel = depth_blocks * tile
     fitting = min(MAX_ROW_BLOCK, ROW_BLOCK_BYTES // (6 * _PAIR * depth_blocks))
     row_block = max(2 * _TILE, fitting // (2 * _TILE) * (2 * _TILE))
+    row_block = min(row_block, (rows + 2 * _TILE - 1) // (2 * _TILE) * (2 * _TILE))  # a short call's rows
     parts_b, parts_a = column_blocks * panel, (row_block // _TILE) * panel
     ap = _aligned(3 * parts_a)
+    odd = np.zeros(row_block, np.uint8)
     edge = np.empty(4 * _TILE * _TILE + 16, np.float32)
     start = ((64 - edge.ctypes.data % 64) % 64) // 4
     edge = edge[start:start + 4 * _TILE * _TILE]
     _load_config(_config())
     for r0 in range(0, rows, row_block):
         block_rows = min(row_block, rows - r0)
-        _pack_rows(a[r0 * lda:], lda, block_rows, depth, depth_blocks, ap)
+        _pack_rows(a[r0 * lda:], lda, block_rows, depth, depth_blocks, ap, odd)
         for cb in range(0, column_blocks, 2):
             for rb in range(0, (block_rows + _TILE - 1) // _TILE, 2):
                 _zero(0)
@@ -381,10 +430,43 @@ def _tile_product(a, lda, rows, depth, bp, out, ldc, columns):
                 _block_products(ap, bp, rb * panel, (rb + 1) * panel, cb * panel, (cb + 1) * panel,
                                 parts_a, parts_b, depth_blocks)
                 _store_block(out, ldc, rows, columns, r0 + rb * _TILE, cb * _TILE, edge)
+        for i in range(block_rows):
+            if odd[i]:
+                _row_in_float32(a[(r0 + i) * lda:], depth, bp, parts_b, depth_blocks, out[(r0 + i) * ldc:], columns)
     _release()
 
 
+@njit(**_JIT)
+def _row_in_float32(a, depth, bp, parts_b, depth_blocks, out, columns):
+    """``out[:columns] = a[:depth] @ b`` in float32, ``b`` summed from its parts: a row with an infinity or a NaN.
+
+    On tiles, an infinite value's zero parts would meet ``b``'s parts and
+    make NaNs (0 * inf) where a float32 product gives infinities.
+    """
+    tile = _TILE * _PAIR
+    for j in range(columns):
+        total = np.float32(0.0)
+        column = (j // _TILE) * depth_blocks * tile + (j % _TILE) * 2
+        for k in range(depth):
+            at = column + (k // _PAIR) * tile + ((k % _PAIR) // 2) * _PAIR + k % 2
+            value = np.float32(0.0)
+            for part in (2, 1, 0):
+                value += _float(np.uint32(bp[part * parts_b + at]) << np.uint32(16))
+            total += a[k] * value
+        out[j] = total
+
+
 _lock = threading.RLock()  # enabled() and the entry are asked for under it too
+
+
+def _forget_in_child() -> None:
+    """After ``fork``: a thread that held the lock (loading the entry) is not in the child."""
+    global _lock
+    _lock = threading.RLock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_in_child)
 _state: dict = {}
 
 
@@ -454,18 +536,24 @@ def tiles_for(matrix: np.ndarray, wanted: bool | None = None) -> np.ndarray:
     """A layer's input kernel ``(inputs, outputs)`` as its tiles, where this process projects with them; else empty.
 
     Tiles where :func:`enabled`, for float32 kernels of at least
-    :data:`MIN_INPUTS` inputs and :data:`MIN_OUTPUTS` outputs, or whatever
-    their size with ``wanted`` (never with ``wanted=False``): a unit split
-    worker's slice of a tiled kernel is tiled too. A kernel projects with
+    :data:`MIN_INPUTS` inputs and :data:`MIN_OUTPUTS` outputs; with
+    ``wanted=True`` whatever the size or the process (a unit split worker's
+    slice of a tiled kernel, which must sum as the whole kernel does, which
+    a process without tiles computes from them in float32); never with
+    ``wanted=False``. A kernel projects with
     the tiles when they are not empty; every schedule gets the same arrays
     (the unit split, tiles of its workers' columns), so that all sum alike.
     """
     inputs, outputs = matrix.shape
-    big = inputs >= MIN_INPUTS and outputs >= MIN_OUTPUTS
-    if matrix.dtype == np.float32 and (big if wanted is None else wanted) and enabled():
-        _fill()
-        return pack_tiles(matrix)
-    return aligned_zeros((0,), matrix.dtype)
+    if matrix.dtype != np.float32 or wanted is False:
+        return aligned_zeros((0,), matrix.dtype)
+    if wanted is None and not (inputs >= MIN_INPUTS and outputs >= MIN_OUTPUTS and enabled()):
+        return aligned_zeros((0,), matrix.dtype)
+    from numrnn.runtime import extern  # it imports this module
+
+    extern.link_blas()  # names the forwarder, which _fill points at the product: not in a kernel's call
+    _fill()
+    return pack_tiles(matrix)
 
 
 def untile(tiles: np.ndarray, inputs: int, outputs: int) -> np.ndarray:
@@ -488,12 +576,15 @@ def _product_without_tiles(a, a0, a1, tiles, t0, out, out0, out1) -> None:
     Reached only by tiles packed in another process (pickled with the rest
     of a pack): this process packs none.
     """
-    def array(address, shape, dtype=np.float32):
+    def array(address, shape):
         count = int(np.prod(shape))
-        return np.ctypeslib.as_array((ctypes.c_float * count).from_address(address)).view(dtype).reshape(shape)
+        return np.ctypeslib.as_array((ctypes.c_float * count).from_address(address)).reshape(shape)
 
-    matrix = untile(array(tiles, (t0,)), a1, out1)
-    np.dot(array(a, (a0, a1)), matrix, out=array(out, (out0, out1)))
+    try:
+        matrix = untile(array(tiles, (t0,)), a1, out1)
+        np.dot(array(a, (a0, a1)), matrix, out=array(out, (out0, out1)))
+    except BaseException:  # it cannot raise into the kernel, which would go on with outputs never written
+        _abort("could not compute the tile product's stand-in")
 
 
 def link() -> None:
@@ -524,8 +615,9 @@ def _fill() -> None:
         return  # not linked yet: link() comes before any kernel, whose calls fill it then
     with _lock:
         cell = ctypes.c_void_p.from_address(_state["cell"])
-        if cell.value is None:
-            cell.value = _entry_address() if enabled() else _stand_in_address()
+        if cell.value is None:  # NUMRNN_AMX=1 without the tiles raised when packing, not here
+            on_tiles = os.environ.get("NUMRNN_AMX", "auto").strip() != "0" and why_not() is None
+            cell.value = _entry_address() if on_tiles else _stand_in_address()
 
 
 def _fill_from_kernel() -> None:
@@ -534,11 +626,15 @@ def _fill_from_kernel() -> None:
     try:
         _fill()
     except BaseException:
-        try:
-            traceback.print_exc()
-            os.write(2, b"numrnn: could not link the tile product a running kernel called; aborting\n")
-        finally:
-            os.abort()
+        _abort("could not link the tile product a running kernel called")
+
+
+def _abort(what: str) -> None:
+    try:
+        traceback.print_exc()
+        os.write(2, f"numrnn: {what}; aborting\n".encode())
+    finally:
+        os.abort()
 
 
 _FILL_SYMBOL = "numrnn_fill_tile_product"

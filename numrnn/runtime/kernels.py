@@ -19,7 +19,7 @@ import numpy as np
 
 from codegen import StackSpec, generate_source
 from codegen.cells import aligned_copy, pack, packed_names, split_packed
-from codegen.cells.common import panel_width, panels_name
+from codegen.cells.common import panel_width, panels_name, tiles_name
 from codegen.spec import CellSpec
 from codegen.targets.cpu import (
     SHARED_SUFFIX,
@@ -294,6 +294,8 @@ class Kernel:
                                 if self.workspace_size is not None else 0)
         names = [f"cell {k} {name}" for k, cell in enumerate(self.spec.cells) for name in packed_names(cell)]
         self._panel_weights = [(i, name) for i, name in enumerate(names) if name.endswith(panels_name(""))]
+        self._tile_weights = [(i, names.index(name[:-len(tiles_name("wx"))] + "wx"), name)
+                              for i, name in enumerate(names) if name.endswith(tiles_name("wx"))]
         self._panel_width = panel_width(self.spec.dtype)
         #: The output's shape of a one-row call of ``T`` (up to STREAMING_MAX_STEPS) steps, by ``T``: set once
         #: compiled, for unsplit kernels of the dynamic loop (a static one checks its T first), which then take
@@ -398,7 +400,8 @@ class Kernel:
         return team.run(self.function, lead, workers, decline)
 
     def _check_panels(self, weights: list[np.ndarray]) -> None:
-        """Raise unless every panel weight is as wide as this process packs them (``emit_panel_checks``).
+        """Raise unless every panel weight is as wide as this process packs them, and every tile copy is its
+        kernel's size or empty (``emit_panel_checks``).
 
         The unsplit kernels check it themselves; a split kernel's workers get
         column slices of the panels, cut in Python, so the check is made here.
@@ -407,6 +410,10 @@ class Kernel:
             if weights[index].shape[-1] != self._panel_width:
                 raise ValueError(f"{wrong_panels_message(f'weights[{index}] ({name})', self._panel_width)}; "
                                  f"got {weights[index].shape[-1]} columns")
+        for index, kernel, name in self._tile_weights:
+            if weights[index].size not in (0, amx.tiles_size(*weights[kernel].shape)):
+                raise ValueError(f"weights[{index}] ({name}): not the tiles of weights[{kernel}] (pack the weights "
+                                 "again with numrnn.runtime.pack_weights)")
 
     def _lead_tail(self, T: int, T_out: int, B: int, team) -> tuple:
         """The end of the lead's arguments (``team.lead_tail``) with the generated ``shared_buffers`` of a call's
