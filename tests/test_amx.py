@@ -227,17 +227,21 @@ def test_kernels_read_the_tiles(steps, batch, monkeypatch):
 
 
 @ON_TILES
-def test_small_or_float64_layers_keep_their_float32_projection(monkeypatch):
-    spec = simple_stack([CellSpec("lstm", 64)], 256)  # 256 x 256: below the outputs the tiles take
-    weights, x, initial = _draw(spec, 4, 30, 8)
-    packed = pack_weights(spec, weights)
+def test_small_or_float64_layers_keep_their_float32_projection():
+    spec = simple_stack([CellSpec("lstm", 128)], 128)  # 128 x 512: fewer inputs than the tiles take
+    packed = pack_weights(spec, fan_in_weights(spec, np.random.default_rng(4)))
     assert packed[packed_names(spec.cells[0]).index(tiles_name("wx"))].size == 0
     wide = simple_stack([CellSpec("lstm", 128)], 256, dtype="float64")
     assert pack_weights(wide, fan_in_weights(wide, np.random.default_rng(0)))[2].size == 0
 
 
-def test_every_cell_packs_its_input_kernel_s_tiles_after_its_panels():
-    assert packed_names(CellSpec("gru", 8))[:3] == ["wx", "wx_panels", "wx_tiles"]
+def test_cells_of_512_outputs_and_more_pack_their_input_kernel_s_tiles_after_its_panels():
+    # Smaller cells have no slot for tiles: their kernels take one argument fewer (streaming's LSTM(32)).
+    assert packed_names(CellSpec("gru", 171))[:3] == ["wx", "wx_panels", "wx_tiles"]
+    assert packed_names(CellSpec("lstm", 127))[:3] == ["wx", "wx_panels", "b"]
+    assert packed_names(CellSpec("simple", 511))[:3] == ["wx", "wx_panels", "b"]
+    spec = simple_stack([CellSpec("lstm", 32)], 32)
+    assert len(pack_weights(spec, fan_in_weights(spec, np.random.default_rng(0)))) == len(packed_names(spec.cells[0]))
 
 
 @ON_TILES
@@ -324,7 +328,7 @@ def test_tiles_of_another_kernel_are_refused(monkeypatch):
 
 
 def test_a_tiled_pack_is_not_cut_without_its_tiler():
-    cell = CellSpec("lstm", 4)
+    cell = CellSpec("lstm", 128)
     packed = pack(cell, fan_in_weights(simple_stack([cell], 3), np.random.default_rng(0))[0], "float32",
                   lambda matrix, wanted: amx.pack_tiles(matrix))
     with pytest.raises(ValueError, match="split_packed: the cell's input kernel has tiles; pass the tiling"):

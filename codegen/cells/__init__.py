@@ -20,7 +20,7 @@ from collections.abc import Callable
 import numpy as np
 
 from codegen.cells import gru, lstm, simple
-from codegen.cells.common import PRODUCT_MATRICES, panel_width, panels_name, tiles_name
+from codegen.cells.common import PRODUCT_MATRICES, has_tiles, panel_width, panels_name, tiles_name
 from codegen.spec import CellSpec
 
 EMITTERS = {"simple": simple, "lstm": lstm, "gru": gru}
@@ -48,7 +48,8 @@ def recurrent_names(cell: CellSpec) -> list[str]:
 
 def packed_names(cell: CellSpec) -> list[str]:
     """All packed arrays of one cell in kernel-argument order: input side, then recurrent."""
-    return ["wx", panels_name("wx"), tiles_name("wx")] + (["b"] if cell.use_bias else []) + recurrent_names(cell)
+    tiles = [tiles_name("wx")] if has_tiles(cell) else []
+    return ["wx", panels_name("wx"), *tiles] + (["b"] if cell.use_bias else []) + recurrent_names(cell)
 
 
 #: Byte alignment of every packed array (a cache line). The packed product loads its vectors from panel
@@ -114,7 +115,8 @@ def _with_panels(cell: CellSpec, arrays: dict[str, np.ndarray], tiles: Tiler,
     """``arrays`` (every packed name but the copies) in :func:`packed_names` order, the panels and the input
     kernel's tiles (``tiles(wx, wanted)``) added, all aligned."""
     copies = {panels_name(name): to_panels(arrays[name]) for name in _panel_sources(cell)}  # aligned already
-    copies[tiles_name("wx")] = tiles(arrays["wx"], wanted)
+    if has_tiles(cell):
+        copies[tiles_name("wx")] = tiles(arrays["wx"], wanted)
     return [copies[name] if name in copies else aligned_copy(arrays[name]) for name in packed_names(cell)]
 
 

@@ -347,6 +347,17 @@ def tiles_name(matrix: str) -> str:
     return f"{matrix}_tiles"
 
 
+#: The fewest outputs (gates x units) of an input kernel that may be tiled (``numrnn.runtime.amx``): cells
+#: with fewer have no tile copy at all, so that their kernels take no argument for one (numba's dispatch
+#: costs about 70 ns an argument, 3 % of a streaming step).
+TILE_MIN_OUTPUTS = 512
+
+
+def has_tiles(cell: CellSpec) -> bool:
+    """Whether ``cell``'s input kernel has a tile copy among its packed arrays (empty where unused)."""
+    return cell.gates * cell.units >= TILE_MIN_OUTPUTS
+
+
 def emit_recurrent_product(em: Emitter, ctx: LayerContext, h: str, w: str, out: str, outputs: int) -> None:
     """``out = h @ w`` for every row (``w`` packed ``(inputs, outputs)``) this step computes.
 

@@ -70,6 +70,7 @@ from codegen.cells.common import (
     emit_step_times,
     extern_name,
     fusion_pays,
+    has_tiles,
     panel_rows,
     panel_width,
     panels_name,
@@ -529,7 +530,7 @@ def _emit_layer_function(em: Emitter, spec: StackSpec, layer: Layer) -> None:
     staged = stages_projection(spec, ctx)
     ctx = replace(ctx, fused_projection=fused, staged_projection=staged)
     params = ["xw", *input_bias_args(cell), *recurrent_names(cell), *cell.state_names, *condition_args(spec),
-              "out", "small", *projection_params(fused, staged)]
+              "out", "small", *projection_params(fused, staged, has_tiles(cell))]
     scratch = emitter.scratch_names(cell) + (["op"] if ctx.carries_output else [])
     step_params = ["s", "T", "B", *params, *scratch, *(STAGE_NAMES if staged else [])]
     if spec.unroll is not None:
@@ -746,7 +747,8 @@ def emit_input_projection(em: Emitter, spec: StackSpec, layer: Layer, weights: d
     (:func:`projects_on_tiles`), a masked one its live rows.
     """
     inputs, wx, panels = layer.input_size, weights["wx"], weights[panels_name("wx")]
-    tiles = weights[tiles_name("wx")]
+    # No tiles: an empty array stands in for _project_live's, of the type of the kernels' arguments.
+    tiles = weights.get(tiles_name("wx"), f"np.empty(0, np.{spec.dtype})")
     rows = packed_projection_rows(layer.cell, inputs, spec.dtype)
     em(f"xw = {buffers.projection(wx)}", f"xs = {VIEW}(src, 0, (T * B, {inputs}))")
     if inputs > LOOP_PROJECTION_MAX_INPUTS:
@@ -757,7 +759,7 @@ def emit_input_projection(em: Emitter, spec: StackSpec, layer: Layer, weights: d
         branches = []  # (condition, statement), the first that holds runs
         if deferred is not None:
             branches.append((deferred, "pass  # projected by the layer, in its steps"))
-        if spec.dtype == "float32":  # _project_live projects on tiles itself, a short call's rows too
+        if spec.dtype == "float32" and has_tiles(layer.cell):  # _project_live tiles itself, short calls too
             branches.append((projects_on_tiles(tiles), whole if masked else f"{TILE_PRODUCT}(xs, {tiles}, xw)"))
         branches.append((f"T * B <= {PACKED_PROJECTION_MAX_ROWS if masked else rows} and small > 0",
                          f"{PANEL_PRODUCT}(xs, {panels}, xw, np.int64(0), T * B, np.int64(0))"))
@@ -812,7 +814,7 @@ def emit_fuse_flag(em: Emitter, layer: Layer, dtype: str) -> str | None:
     if layer.input_size <= LOOP_PROJECTION_MAX_INPUTS:
         return _emit_flag(em, "fuse", None)
     condition = FUSE_CONDITION
-    if dtype == "float32":
+    if dtype == "float32" and has_tiles(layer.cell):
         tiles = dict(zip(packed_names(layer.cell), layer.weight_args()))[tiles_name("wx")]
         condition += f" and not ({projects_on_tiles(tiles)})"
     return _emit_flag(em, "fuse", condition)
@@ -928,16 +930,17 @@ def emit_stage_flag(em: Emitter, spec: StackSpec, layer: Layer, fused: bool) -> 
     return _emit_flag(em, "stage", condition)
 
 
-def projection_params(fused: bool, staged: bool) -> list[str]:
-    """A layer function's parameters for projecting in its steps: :data:`FUSED_PARAMS`, :data:`STAGED_PARAMS`, both."""
-    wanted = {*(FUSED_PARAMS if fused else []), *(STAGED_PARAMS if staged else [])}
+def projection_params(fused: bool, staged: bool, tiled: bool = False) -> list[str]:
+    """A layer function's parameters for projecting in its steps: :data:`FUSED_PARAMS`, :data:`STAGED_PARAMS`, both
+    (``wxt``, the tiles, where its cell has them: ``tiled``)."""
+    wanted = {*(FUSED_PARAMS if fused else []), *(STAGED_PARAMS if staged else [])} - (set() if tiled else {"wxt"})
     return [name for name in PROJECTION_ARGUMENTS if name in wanted]
 
 
 def projection_arguments(weights: dict[str, str], fused: bool, staged: bool) -> list[str]:
     """What a layer call passes for :func:`projection_params` (``weights``: its packed names -> arguments)."""
-    values = {**PROJECTION_ARGUMENTS, "wxp": weights[panels_name("wx")], "wxt": weights[tiles_name("wx")]}
-    return [values[name] for name in projection_params(fused, staged)]
+    values = {**PROJECTION_ARGUMENTS, "wxp": weights[panels_name("wx")], "wxt": weights.get(tiles_name("wx"))}
+    return [values[name] for name in projection_params(fused, staged, tiles_name("wx") in weights)]
 
 
 def emit_stage_setup(em: Emitter) -> None:
@@ -960,7 +963,7 @@ def emit_stage(em: Emitter, ctx: LayerContext) -> None:
         em("lo = t - tx", "n = (min(T, lo + C) - lo) * B",
            f"stage_rows = {VIEW}(xs, lo * B * xs.shape[1], (n, xs.shape[1]))")
         packed = f"{PANEL_PRODUCT}(stage_rows, wxp, xws, np.int64(0), n, np.int64(0))"
-        if ctx.dtype != "float32":
+        if ctx.dtype != "float32" or not has_tiles(ctx.cell):
             em(packed)
             return
         with em.block(f"if {projects_on_tiles('wxt')}:"):

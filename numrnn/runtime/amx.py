@@ -54,7 +54,7 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from codegen.cells import aligned_zeros
-from codegen.cells.common import TILE_SYMBOL
+from codegen.cells.common import TILE_MIN_OUTPUTS, TILE_SYMBOL
 
 #: Bytes of ``a``'s rows packed at a time (three bytes of parts a byte of ``a``, k padded to 32), which stay
 #: in L2 while every column tile of ``b`` passes; at most :data:`MAX_ROW_BLOCK` rows. One thread, 3200 x 512
@@ -66,7 +66,7 @@ ROW_BLOCK_BYTES, MAX_ROW_BLOCK = 3 << 19, 512
 #: units). One thread, rows x inputs x outputs, tiles / numpy's sgemm: 256x512x2048 1.71 / 2.98 ms,
 #: 800x256x512 0.74 / 1.09, 100x256x1024 0.23 / 0.35; below, packing the rows into tiles costs about what
 #: the product saves: 896x128x768 1.11 / 1.01, 6272x120x360 3.59 / 3.25, 896x28x512 0.52 / 0.25.
-MIN_INPUTS, MIN_OUTPUTS = 256, 512
+MIN_INPUTS, MIN_OUTPUTS = 256, TILE_MIN_OUTPUTS
 
 _TILE = 16  # a tile's rows (and float32 columns)
 _PAIR = 32  # bfloat16 along k in a tile row: 64 bytes
