@@ -826,9 +826,9 @@ def projects_on_tiles(tiles: str) -> str:
     Where the tiles are not empty (``numrnn.runtime.amx.tiles_for``) and the
     call has :data:`TILE_MIN_STEPS` steps or more: its time steps, not its
     rows, which differ between the batch split's workers, so that every
-    schedule of a call projects alike, to the bit. A tile product takes 32
-    rows at least: a short call of one row (a streaming step) keeps the
-    packed product (LSTM(128) on 256 inputs, one row: ~15 us on tiles).
+    schedule of a call projects alike, to the bit. A tile product computes
+    32 rows at least, and packs each call's rows: a short call of one row
+    (a streaming step) keeps the packed product.
     """
     return f"{tiles}.size > 0 and T >= {TILE_MIN_STEPS}"
 
