@@ -263,58 +263,52 @@ def _pack_columns(b, leading, depth, columns, column_blocks, depth_blocks, packe
                 _store_split(packed, parts, at + _U(2) * c, b[j0 + c])  # weights are finite (the facades check)
 
 
+@njit(**_JIT, inline="always")
+def _rows(ap, first, second):
+    """Tiles 4 and 5: two row tiles of ``a``'s parts, at ``first`` and ``second``."""
+    _load(4, ap, first, 64)
+    _load(5, ap, second, 64)
+
+
+@njit(**_JIT, inline="always")
+def _columns(bp, first, second):
+    """Tiles 6 and 7: two column tiles of ``b``'s parts, at ``first`` and ``second``."""
+    _load(6, bp, first, 64)
+    _load(7, bp, second, 64)
+
+
+@njit(**_JIT, inline="always")
+def _products():
+    """Tiles 0..3 (rows 4, 5 by columns 6, 7) += the products of the loaded row and column tiles."""
+    _product(0, 4, 6)
+    _product(1, 4, 7)
+    _product(2, 5, 6)
+    _product(3, 5, 7)
+
+
 @njit(**_JIT)
 def _block_products(ap, bp, a0, a1, b0, b1, parts_a, parts_b, depth_blocks):
     """Tiles 0..3 += rows (a0, a1) times columns (b0, b1), all six part products, over every k block.
 
-    Per k block: tile 4 and 5 hold two row tiles of one part of ``a``, 6 and
-    7 two column tiles of one part of ``b``; the order loads 14 tiles for 24
-    products, the small terms first. Four sums in turn keep the unit busy
-    (a product's latency is about three of its issue intervals).
+    Per k block, in this order: high by high, middle by high, low by high,
+    middle by middle, high by middle, high by low; 14 tile loads for 24
+    products. Four sums in turn keep the unit busy (a product's latency is
+    about three of its issue intervals; two sums ran at half the rate).
     """
     tile = _TILE * _PAIR
     for kb in range(depth_blocks):
         s = kb * tile
-        _load(6, bp, b0 + s, 64)
-        _load(7, bp, b1 + s, 64)
-        _load(4, ap, a0 + s, 64)
-        _load(5, ap, a1 + s, 64)
-        _product(0, 4, 6)
-        _product(1, 4, 7)
-        _product(2, 5, 6)
-        _product(3, 5, 7)
-        _load(4, ap, parts_a + a0 + s, 64)
-        _load(5, ap, parts_a + a1 + s, 64)
-        _product(0, 4, 6)
-        _product(1, 4, 7)
-        _product(2, 5, 6)
-        _product(3, 5, 7)
-        _load(4, ap, 2 * parts_a + a0 + s, 64)
-        _load(5, ap, 2 * parts_a + a1 + s, 64)
-        _product(0, 4, 6)
-        _product(1, 4, 7)
-        _product(2, 5, 6)
-        _product(3, 5, 7)
-        _load(6, bp, parts_b + b0 + s, 64)
-        _load(7, bp, parts_b + b1 + s, 64)
-        _load(4, ap, parts_a + a0 + s, 64)
-        _load(5, ap, parts_a + a1 + s, 64)
-        _product(0, 4, 6)
-        _product(1, 4, 7)
-        _product(2, 5, 6)
-        _product(3, 5, 7)
-        _load(4, ap, a0 + s, 64)
-        _load(5, ap, a1 + s, 64)
-        _product(0, 4, 6)
-        _product(1, 4, 7)
-        _product(2, 5, 6)
-        _product(3, 5, 7)
-        _load(6, bp, 2 * parts_b + b0 + s, 64)
-        _load(7, bp, 2 * parts_b + b1 + s, 64)
-        _product(0, 4, 6)
-        _product(1, 4, 7)
-        _product(2, 5, 6)
-        _product(3, 5, 7)
+        _columns(bp, b0 + s, b1 + s)
+        for part in range(3):
+            _rows(ap, part * parts_a + a0 + s, part * parts_a + a1 + s)
+            _products()
+        _columns(bp, parts_b + b0 + s, parts_b + b1 + s)
+        _rows(ap, parts_a + a0 + s, parts_a + a1 + s)
+        _products()
+        _rows(ap, a0 + s, a1 + s)
+        _products()
+        _columns(bp, 2 * parts_b + b0 + s, 2 * parts_b + b1 + s)
+        _products()
 
 
 @njit(**_JIT)
