@@ -245,24 +245,6 @@ def test_cells_of_512_outputs_and_more_pack_their_input_kernel_s_tiles_after_its
     assert len(pack_weights(spec, fan_in_weights(spec, np.random.default_rng(0)))) == len(packed_names(spec.cells[0]))
 
 
-@ON_TILES
-def test_masked_kernels_project_their_live_rows_on_tiles(monkeypatch):
-    # bidir_masked's path: the rows some step reads are gathered, projected (here on tiles), moved back.
-    spec = dataclasses.replace(BIDIR, masking="lengths")
-    weights, x, initial = _draw(spec, 6, 30, 8)
-    lengths = np.array([30, 0, 7, 29, 1, 30, 15, 3], np.int64)
-    packed = pack_weights(spec, weights)
-    expected, expected_states = run_stack(spec, weights, x, lengths=lengths, initial_states=initial)
-
-    serial = _call(spec, packed, x, initial, "serial", monkeypatch, lengths)
-    assert_matches_reference(spec, *serial, expected, expected_states)
-    assert_bit_equal(*_call(spec, packed, x, initial, "directions", monkeypatch, lengths), *serial)
-    swapped = list(packed)
-    swapped[packed_names(spec.cells[0]).index(tiles_name("wx"))] = amx.pack_tiles(-weights[0]["kernel"])
-    got = _call(spec, swapped, x, initial, "serial", monkeypatch, lengths)[0]
-    assert np.abs(got - serial[0])[:, :, :128].max() > 0.1
-
-
 def test_the_bench_machine_line_says_whether_projections_run_on_tiles(monkeypatch):
     monkeypatch.setenv("NUMRNN_AMX", "auto")
     monkeypatch.setitem(amx._state, "why_not", "the CPU has no AMX-BF16")
@@ -299,14 +281,25 @@ def test_one_row_workers_do_not_fuse_a_tiled_projection(monkeypatch):
 
 
 @ON_TILES
-def test_masked_short_calls_split_by_rows_project_alike(monkeypatch):
-    # 20 steps of 8 rows (160 rows): the whole call gathers its live rows onto tiles; a worker's 80 rows too.
+@pytest.mark.parametrize("lengths", [[30, 0, 7, 29, 1, 30, 15, 3], [20, 3, 17, 20, 1, 0, 9, 20]],
+                         ids=["30_steps", "20_steps"])
+def test_masked_kernels_project_their_live_rows_on_tiles(lengths, monkeypatch):
+    # bidir_masked's path: the rows some step reads are gathered, projected (here on tiles), moved back. At 20
+    # steps of 8 rows (160) a call is short enough for the panels whole, but it projects on tiles, and so do
+    # the batch split's workers of 80 rows.
     spec = dataclasses.replace(BIDIR, masking="lengths")
-    weights, x, initial = _draw(spec, 12, 20, 8)
-    lengths = np.array([20, 3, 17, 20, 1, 0, 9, 20], np.int64)
+    lengths = np.array(lengths, np.int64)
+    weights, x, initial = _draw(spec, int(lengths[0]), int(lengths[0]), 8)
     packed = pack_weights(spec, weights)
+    expected, expected_states = run_stack(spec, weights, x, lengths=lengths, initial_states=initial)
     serial = _call(spec, packed, x, initial, "serial", monkeypatch, lengths)
-    assert_bit_equal(*_call(spec, packed, x, initial, "batch", monkeypatch, lengths), *serial)
+    assert_matches_reference(spec, *serial, expected, expected_states)
+    for schedule in ("directions", "batch"):
+        assert_bit_equal(*_call(spec, packed, x, initial, schedule, monkeypatch, lengths), *serial)
+    swapped = list(packed)
+    swapped[packed_names(spec.cells[0]).index(tiles_name("wx"))] = amx.pack_tiles(-weights[0]["kernel"])
+    got = _call(spec, swapped, x, initial, "serial", monkeypatch, lengths)[0]
+    assert np.abs(got - serial[0])[:, :, :128].max() > 0.1
 
 
 @ON_TILES
