@@ -358,6 +358,15 @@ def has_tiles(cell: CellSpec) -> bool:
     return cell.gates * cell.units >= TILE_MIN_OUTPUTS
 
 
+#: float32 values of a tile copy per 32 inputs and 32 outputs of its kernel: three parts of 32 x 32 bfloat16.
+TILE_VALUES = 3 * 32 * 32 // 2
+
+
+def tiles_size(inputs: int, outputs: int) -> int:
+    """float32 values of the tile copy of an ``(inputs, outputs)`` kernel (``numrnn.runtime.amx.pack_tiles``)."""
+    return TILE_VALUES * -(-inputs // 32) * -(-outputs // 32)
+
+
 def emit_recurrent_product(em: Emitter, ctx: LayerContext, h: str, w: str, out: str, outputs: int) -> None:
     """``out = h @ w`` for every row (``w`` packed ``(inputs, outputs)``) this step computes.
 

@@ -62,6 +62,7 @@ from codegen.cells.common import (
     SIMD_NAMES,
     TILE_PRODUCT,
     TILE_SYMBOL,
+    TILE_VALUES,
     WIDE_PANEL_ROWS,
     LayerContext,
     emit_extern_functions,
@@ -781,8 +782,6 @@ def emit_input_projection(em: Emitter, spec: StackSpec, layer: Layer, weights: d
 #: T=256 2451 / 1752, T=300 2701-2966 / 2005-2110; at T=300 LSTM(128) on 128 inputs 673-824 / 581-685,
 #: GRU(256) on 64 1489-2800 / 1309-1623, 2xBiLSTM(128) on 64 1062-1200 / 935-1140.
 FUSE_CONDITION = "B == 1 and small > 0"
-#: float32 values of a tile copy per 32 inputs and 32 outputs of its kernel: three parts of 32 x 32 bfloat16.
-TILE_VALUES = 3 * 32 * 32 // 2
 #: The fewest time steps a call projects with on tiles (:func:`projects_on_tiles`): a tile's rows at one row a step.
 TILE_MIN_STEPS = 16
 #: The fusing layer function's extra parameters: the input rows, the input kernel's panels, the projection, the flag.

@@ -54,7 +54,7 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from codegen.cells import aligned_zeros
-from codegen.cells.common import TILE_MIN_OUTPUTS, TILE_SYMBOL
+from codegen.cells.common import TILE_MIN_OUTPUTS, TILE_SYMBOL, tiles_size
 
 #: Bytes of ``a``'s rows packed at a time (three bytes of parts a byte of ``a``, k padded to 32), which stay
 #: in L2 while every column tile of ``b`` passes; at most :data:`MAX_ROW_BLOCK` rows. One thread, 3200 x 512
@@ -353,7 +353,7 @@ def pack_tiles(matrix: np.ndarray) -> np.ndarray:
     """
     depth, columns = matrix.shape
     depth_blocks, column_blocks = _blocks(depth, _PAIR), 2 * _blocks(columns, 2 * _TILE)
-    packed = _aligned(3 * column_blocks * depth_blocks * _TILE * _PAIR)
+    packed = _aligned(2 * tiles_size(depth, columns))
     _pack_columns(np.ascontiguousarray(matrix, dtype=np.float32).ravel(), columns, depth, columns, column_blocks,
                   depth_blocks, packed)
     return packed.view(np.float32)
@@ -376,12 +376,6 @@ def tile_product(a: np.ndarray, tiles: np.ndarray, out: np.ndarray) -> None:
         raise ValueError(f"tile_product: tiles must be {expected} float32 values (pack_tiles of a "
                          f"{a.shape[1]} x {out.shape[1]} matrix); got {tiles.size} {tiles.dtype}")
     _tile_product_arrays(a, tiles, out)
-
-
-def tiles_size(inputs: int, outputs: int) -> int:
-    """float32 values of :func:`pack_tiles`' copy of an ``(inputs, outputs)`` matrix (``TILE_VALUES`` in
-    ``codegen.targets.cpu`` for each 32 x 32 block)."""
-    return 3 * (2 * _blocks(outputs, 2 * _TILE)) * _blocks(inputs, _PAIR) * _TILE * _PAIR // 2
 
 
 @njit(**_JIT)

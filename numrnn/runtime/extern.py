@@ -218,7 +218,7 @@ _PENDING: list[_Deferred] = []
 _FORWARDERS: list = []
 
 
-def _forwarders(signatures: list[types.Signature], fill_symbol: str = "numrnn_finish_links",
+def _forwarders(signatures: list[types.Signature], fill_symbol: str | None = None,
                 fill=None) -> tuple[object, list[int], list[int]]:
     """Machine code of one forwarder per C signature: each loads its cell and calls the address it holds,
     calling ``fill`` (a ctypes callback, named ``fill_symbol``; :func:`finish_links` by default) first
@@ -228,6 +228,7 @@ def _forwarders(signatures: list[types.Signature], fill_symbol: str = "numrnn_fi
     llvm.initialize_native_asmprinter()
     module = ir.Module("numrnn_forwarders")
     module.triple = llvm.get_process_triple()
+    fill_symbol, fill = (_FINISH_SYMBOL, _FINISH_CALLBACK) if fill is None else (fill_symbol, fill)
     finish = ir.Function(module, ir.FunctionType(ir.VoidType(), []), fill_symbol)
     for i, signature in enumerate(signatures):
         arguments = [ir.IntType(8).as_pointer() if isinstance(t, types.CPointer) else ir.IntType(64)
@@ -242,7 +243,7 @@ def _forwarders(signatures: list[types.Signature], fill_symbol: str = "numrnn_fi
             builder.call(finish, [])
         builder.call(builder.load(cell), list(forwarder.args))
         builder.ret_void()
-    llvm.add_symbol(fill_symbol, ctypes.cast(_FINISH_CALLBACK if fill is None else fill, ctypes.c_void_p).value)
+    llvm.add_symbol(fill_symbol, ctypes.cast(fill, ctypes.c_void_p).value)
     parsed = llvm.parse_assembly(str(module))
     engine = llvm.create_mcjit_compiler(parsed, llvm.Target.from_default_triple().create_target_machine())
     engine.finalize_object()
@@ -274,6 +275,7 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_forget_in_child)
 
 
+_FINISH_SYMBOL = "numrnn_finish_links"
 _FINISH_CALLBACK = ctypes.CFUNCTYPE(None)(_finish_from_kernel)
 
 

@@ -19,7 +19,7 @@ import numpy as np
 
 from codegen import StackSpec, generate_source
 from codegen.cells import aligned_copy, pack, packed_names, split_packed
-from codegen.cells.common import panel_width, panels_name, tiles_name
+from codegen.cells.common import panel_width, panels_name, tiles_name, tiles_size
 from codegen.spec import CellSpec
 from codegen.targets.cpu import (
     SHARED_SUFFIX,
@@ -30,7 +30,7 @@ from codegen.targets.cpu import (
     wrong_panels_message,
 )
 from codegen.targets.cpu_dirsplit import WORKERS as DIRECTION_WORKERS
-from numrnn.runtime import amx, helper
+from numrnn.runtime import helper
 from numrnn.runtime.cache import (
     cache_dir,
     drop_compiled,
@@ -411,7 +411,7 @@ class Kernel:
                 raise ValueError(f"{wrong_panels_message(f'weights[{index}] ({name})', self._panel_width)}; "
                                  f"got {weights[index].shape[-1]} columns")
         for index, kernel, name in self._tile_weights:
-            if weights[index].size not in (0, amx.tiles_size(*weights[kernel].shape)):
+            if weights[index].size not in (0, tiles_size(*weights[kernel].shape)):
                 raise ValueError(f"weights[{index}] ({name}): not the tiles of weights[{kernel}] (pack the weights "
                                  "again with numrnn.runtime.pack_weights)")
 
@@ -465,7 +465,7 @@ class Kernel:
         for cell in self.spec.cells:
             count = len(packed_names(cell))
             for me in range(n):
-                parts[me].extend(split_packed(cell, weights[pos:pos + count], me, n, amx.tiles_for))
+                parts[me].extend(split_packed(cell, weights[pos:pos + count], me, n, _tiles_for))
             pos += count
         stacked = [aligned_copy(np.stack(slices)) for slices in zip(*parts)]
         self._last_slices = (list(weights), stacked)
@@ -824,7 +824,14 @@ def pack_weights(spec: StackSpec, logical: list[dict]) -> list[np.ndarray]:
 def pack_cell(cell: CellSpec, logical: dict, dtype: str) -> list[np.ndarray]:
     """One cell's logical weights -> its kernel arguments (``codegen.cells.pack``), with this process's tiles
     of the input kernel where it projects on AMX (``numrnn.runtime.amx.tiles_for``)."""
-    return pack(cell, logical, dtype, amx.tiles_for)
+    return pack(cell, logical, dtype, _tiles_for)
+
+
+def _tiles_for(matrix: np.ndarray, wanted: bool | None = None) -> np.ndarray:
+    # numrnn.runtime.amx imports numba, which `import numrnn` leaves to the first kernel (150-180 ms).
+    from numrnn.runtime.amx import tiles_for
+
+    return tiles_for(matrix, wanted)
 
 
 #: Set in a child forked while a thread of its parent compiled: numba's compiler lock (or ours) stays held there.
