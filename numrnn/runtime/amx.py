@@ -582,8 +582,9 @@ def link() -> None:
     The name goes to a forwarder that jumps through a cell, which
     :func:`_fill` fills when the process first needs it (:func:`tiles_for`
     packing tiles, or else the forwarder's first call): loading the tile
-    product from numba's disk cache takes 0.3 s, which a process that packs
-    no tiles does not pay.
+    product from numba's disk cache (0.03 s of a first call, up to 0.3 s
+    where it is the first thing numba loads) or compiling it (1-2 s) is for
+    processes that pack tiles only.
     """
     from numrnn.runtime import extern  # it imports this module
 
