@@ -184,6 +184,13 @@ def _aligned(count):
     return raw[start:start + count]
 
 
+@njit(**_JIT)
+def _layout(depth, columns):
+    """``(k blocks, column tiles)`` of the tile copy of a ``(depth, columns)`` matrix: k in 32s, columns in 16s
+    by pairs (a block of outputs is two column tiles wide)."""
+    return (depth + _PAIR - 1) // _PAIR, 2 * ((columns + 2 * _TILE - 1) // (2 * _TILE))
+
+
 @njit(**_JIT, inline="always")
 def _rounded(bits):
     """float32 ``bits`` rounded to the nearest bfloat16 (ties to even), as float32 bits."""
@@ -352,15 +359,11 @@ def pack_tiles(matrix: np.ndarray) -> np.ndarray:
     arrays; 64-byte aligned.
     """
     depth, columns = matrix.shape
-    depth_blocks, column_blocks = _blocks(depth, _PAIR), 2 * _blocks(columns, 2 * _TILE)
+    depth_blocks, column_blocks = _layout(depth, columns)
     packed = _aligned(2 * tiles_size(depth, columns))
     _pack_columns(np.ascontiguousarray(matrix, dtype=np.float32).ravel(), columns, depth, columns, column_blocks,
                   depth_blocks, packed)
     return packed.view(np.float32)
-
-
-def _blocks(size: int, block: int) -> int:
-    return (size + block - 1) // block
 
 
 def tile_product(a: np.ndarray, tiles: np.ndarray, out: np.ndarray) -> None:
@@ -392,8 +395,7 @@ def _tile_product(a, lda, rows, depth, bp, out, ldc, columns):
     column tile of ``b`` passes; blocks of 32 x 32 outputs, each summed over
     all of k in four tiles.
     """
-    depth_blocks = (depth + _PAIR - 1) // _PAIR
-    column_blocks = 2 * ((columns + 2 * _TILE - 1) // (2 * _TILE))
+    depth_blocks, column_blocks = _layout(depth, columns)
     tile = _TILE * _PAIR
     panel = depth_blocks * tile
     fitting = min(MAX_ROW_BLOCK, ROW_BLOCK_BYTES // (6 * _PAIR * depth_blocks))
@@ -402,9 +404,7 @@ def _tile_product(a, lda, rows, depth, bp, out, ldc, columns):
     parts_b, parts_a = column_blocks * panel, (row_block // _TILE) * panel
     ap = _aligned(3 * parts_a)
     odd = np.zeros(row_block, np.uint8)
-    edge = np.empty(4 * _TILE * _TILE + 16, np.float32)
-    start = ((64 - edge.ctypes.data % 64) % 64) // 4
-    edge = edge[start:start + 4 * _TILE * _TILE]
+    edge = _aligned(8 * _TILE * _TILE).view(np.float32)  # a 32 x 32 block of float32 outputs
     _load_config(_config())
     for r0 in range(0, rows, row_block):
         block_rows = min(row_block, rows - r0)
@@ -546,7 +546,7 @@ def tiles_for(matrix: np.ndarray, wanted: bool | None = None) -> np.ndarray:
 
 def untile(tiles: np.ndarray, inputs: int, outputs: int) -> np.ndarray:
     """The float32 matrix :func:`pack_tiles` packed into ``tiles``, exactly (its three parts summed)."""
-    depth_blocks, column_blocks = _blocks(inputs, _PAIR), 2 * _blocks(outputs, 2 * _TILE)
+    depth_blocks, column_blocks = _layout(inputs, outputs)
     bits = tiles.view(np.uint16).astype(np.uint32) << 16
     parts = bits.view(np.float32).reshape(3, column_blocks, depth_blocks, _PAIR // 2, _TILE, 2)
     total = parts[2] + parts[1] + parts[0]  # low + middle, exact; + high, exact (the parts of one float32)
